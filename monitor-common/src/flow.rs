@@ -1,0 +1,89 @@
+//! The flow map's key and value.
+
+/// One connection, whichever way its packets go: endpoint `a` is the smaller of the two
+/// (address, port) pairs, so both directions of a connection share one map entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// IPv4 addresses sit in the first four bytes, the rest zero.
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
+    /// Host byte order. For ICMP: type and counterpart type (or code), as Zeek keys them.
+    pub port_a: u16,
+    pub port_b: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Index into [`FlowValue::dir`].
+pub const DIR_A_TO_B: usize = 0;
+pub const DIR_B_TO_A: usize = 1;
+
+/// What one direction of a connection carried, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirStats {
+    pub pkts: u64,
+    /// IP header + payload of every packet (Zeek's `*_ip_bytes`, NetFlow octets).
+    pub ip_bytes: u64,
+    /// L4 payload.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` of the first and last packet; 0 when none was seen.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Union of the TCP flags seen.
+    pub tcp_flags: u8,
+    /// 1 when a SYN without ACK was seen: its sender is the originator.
+    pub syn_only: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Value of the flow map. The map is per-CPU: each CPU counts into its own copy with
+/// plain adds (the BPF target has no atomic add for u64 that is safe everywhere), and the
+/// agent sums the copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub dir: [DirStats; 2],
+    /// Interface of the first packet this CPU counted.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+impl DirStats {
+    pub const ZERO: Self = Self {
+        pkts: 0,
+        ip_bytes: 0,
+        bytes: 0,
+        first_ns: 0,
+        last_ns: 0,
+        tcp_flags: 0,
+        syn_only: 0,
+        _pad: [0; 6],
+    };
+}
+
+impl FlowValue {
+    pub const ZERO: Self = Self {
+        dir: [DirStats::ZERO; 2],
+        ifindex: 0,
+        _pad: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+}

@@ -1,0 +1,21 @@
+//! Types shared by the kernel programs and the agent, and the packet parser both use.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel rejects map writes of
+//! uninitialised padding, and both sides must agree on every byte.
+#![no_std]
+
+pub mod flow;
+pub mod parse;
+pub mod stats;
+
+/// Names of the kernel objects; the agent looks them up by these names.
+pub mod names {
+    pub const FLOW_MAP: &str = "FLOWS";
+    pub const STATS_MAP: &str = "STATS";
+    pub const XDP_INGRESS: &str = "xdp_ingress";
+    pub const TC_INGRESS: &str = "tc_ingress";
+    pub const TC_EGRESS: &str = "tc_egress";
+}
+
+/// Capacity of the flow map unless the agent asks for another with `--flow-map-size`.
+pub const DEFAULT_FLOW_MAP_SIZE: u32 = 262_144;

@@ -1,0 +1,162 @@
+//! Kernel programs: count every connection's packets and bytes as on the wire.
+//!
+//! They never drop or change a packet: every path ends in `XDP_PASS` / `TC_ACT_OK`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_OK, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::{TcContext, XdpContext},
+};
+use monitor_common::{
+    DEFAULT_FLOW_MAP_SIZE,
+    flow::{DirStats, FlowKey, FlowValue, tcp_flags},
+    parse::{Frame, PacketInfo, parse_frame},
+    stats,
+};
+
+/// Per-CPU, not LRU: a full map must refuse new connections (counted in
+/// `stats::FLOW_MAP_FULL`) rather than silently evict one with its counts.
+#[map(name = "FLOWS")]
+static FLOWS: PerCpuHashMap<FlowKey, FlowValue> =
+    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_MAP_SIZE, 0);
+
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
+
+/// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
+static ZERO_FLOW: FlowValue = FlowValue::ZERO;
+
+/// The linear part of a packet, read through bounds checks the verifier can follow.
+struct Packet {
+    start: usize,
+    end: usize,
+}
+
+/// Larger than any header offset the parser reaches; keeps offsets provably bounded.
+const MAX_HEADER_OFFSET: usize = 32 * 1024;
+
+impl Frame for Packet {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        if off > MAX_HEADER_OFFSET || self.start + off + N > self.end {
+            return None;
+        }
+        // SAFETY: [start + off, start + off + N) lies inside the packet, checked above.
+        Some(unsafe { core::ptr::read_unaligned((self.start + off) as *const [u8; N]) })
+    }
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot; only this CPU writes it while this program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Counts one frame standing for `segs` wire segments; `frame_len` includes L2.
+#[inline(always)]
+fn count(pkt: &Packet, frame_len: u32, segs: u32, ifindex: u32) {
+    let info = match parse_frame(pkt) {
+        Ok(info) => info,
+        Err(reason) => return bump(reason),
+    };
+    account(&info, frame_len, segs, ifindex);
+}
+
+#[inline(always)]
+fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
+    let (key, dir) = info.flow_key();
+    let value = match FLOWS.get_ptr_mut(&key) {
+        Some(value) => value,
+        None => {
+            // Another CPU may have inserted the key meanwhile (EEXIST): the lookup below
+            // still finds it. Only a full map leaves no entry.
+            let _ = FLOWS.insert(&key, &ZERO_FLOW, BPF_NOEXIST as u64);
+            match FLOWS.get_ptr_mut(&key) {
+                Some(value) => value,
+                None => return bump(stats::FLOW_MAP_FULL),
+            }
+        }
+    };
+    let (pkts, ip_bytes, bytes) = info.wire_counts(frame_len, segs);
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `value` is this CPU's copy of the entry.
+    let d: &mut DirStats = unsafe {
+        if dir == 0 {
+            &mut (*value).dir[0]
+        } else {
+            &mut (*value).dir[1]
+        }
+    };
+    d.pkts += pkts;
+    d.ip_bytes += ip_bytes;
+    d.bytes += bytes;
+    if d.first_ns == 0 {
+        d.first_ns = now;
+    }
+    d.last_ns = now;
+    d.tcp_flags |= info.tcp_flags;
+    // SAFETY: as above.
+    unsafe {
+        if (*value).ifindex == 0 {
+            (*value).ifindex = ifindex;
+        }
+    }
+    if info.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+        d.syn_only = 1;
+    }
+}
+
+#[xdp]
+pub fn xdp_ingress(ctx: XdpContext) -> u32 {
+    let pkt = Packet {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // Native XDP sees wire frames, one segment each; the header's length is used.
+    count(&pkt, 0, 1, ifindex);
+    xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    count_skb(&ctx);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    count_skb(&ctx);
+    TC_ACT_OK
+}
+
+/// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.
+#[inline(always)]
+fn count_skb(ctx: &TcContext) {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer is valid for the program's run.
+    let (len, segs, ifindex) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).ifindex) };
+    let pkt = Packet {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    count(&pkt, len, segs, ifindex);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,440 @@
+//! Connections assembled from snapshots: orientation, local/remote, Zeek state, and when
+//! a connection is finished.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use monitor_common::{
+    flow::{DIR_A_TO_B, DIR_B_TO_A, DirStats, FlowKey, tcp_flags},
+    parse::IPPROTO_TCP,
+};
+
+use crate::poller::FlowSnapshot;
+
+/// After FIN both ways or a RST, a connection is finished once quiet this long (Zeek's
+/// `tcp_close_delay`): the last ACK or a repeated RST then joins its record instead of
+/// opening a new one.
+pub const CLOSE_DELAY: Duration = Duration::from_secs(5);
+
+/// One side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+/// A connection as the table knows it: the latest totals of its map entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conn {
+    pub snap: FlowSnapshot,
+    /// Zeek-style unique id, the same in every log line and alert about this connection.
+    pub uid: String,
+}
+
+impl Conn {
+    /// Index of the originator's direction: the sender of a SYN without ACK, else the
+    /// peer of a SYN-ACK sender, else the sender of the first packet.
+    pub fn orig_dir(&self) -> usize {
+        let [ab, ba] = &self.snap.dir;
+        match (ab.syn_only != 0, ba.syn_only != 0) {
+            (true, false) => return DIR_A_TO_B,
+            (false, true) => return DIR_B_TO_A,
+            _ => {}
+        }
+        let syn_ack = |d: &DirStats| {
+            d.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
+        };
+        if self.is_tcp() {
+            match (syn_ack(ab), syn_ack(ba)) {
+                (true, false) => return DIR_B_TO_A,
+                (false, true) => return DIR_A_TO_B,
+                _ => {}
+            }
+        }
+        match (ab.pkts > 0, ba.pkts > 0) {
+            (true, true) if ba.first_ns < ab.first_ns => DIR_B_TO_A,
+            (false, true) => DIR_B_TO_A,
+            _ => DIR_A_TO_B,
+        }
+    }
+
+    pub fn orig(&self) -> &DirStats {
+        &self.snap.dir[self.orig_dir()]
+    }
+
+    pub fn resp(&self) -> &DirStats {
+        &self.snap.dir[1 - self.orig_dir()]
+    }
+
+    /// (originator, responder).
+    pub fn endpoints(&self) -> (Endpoint, Endpoint) {
+        let k = &self.snap.key;
+        let a = Endpoint {
+            addr: key_addr(k.family, &k.addr_a),
+            port: k.port_a,
+        };
+        let b = Endpoint {
+            addr: key_addr(k.family, &k.addr_b),
+            port: k.port_b,
+        };
+        if self.orig_dir() == DIR_A_TO_B {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
+
+    pub fn first_ns(&self) -> u64 {
+        self.snap
+            .dir
+            .iter()
+            .filter(|d| d.pkts > 0)
+            .map(|d| d.first_ns)
+            .min()
+            .unwrap_or(0)
+    }
+
+    pub fn last_ns(&self) -> u64 {
+        self.snap.dir.iter().map(|d| d.last_ns).max().unwrap_or(0)
+    }
+
+    fn is_tcp(&self) -> bool {
+        self.snap.key.proto == IPPROTO_TCP
+    }
+
+    /// TCP whose opening SYN was never seen: it started before the agent looked.
+    pub fn missed_start(&self) -> bool {
+        self.is_tcp() && self.snap.dir.iter().all(|d| d.syn_only == 0)
+    }
+
+    /// Zeek's `conn_state`, derived from the flags each side sent (their order is not
+    /// known, so FIN and RST are weighed as Zeek's state machine would end up).
+    pub fn conn_state(&self) -> &'static str {
+        let (o, r) = (self.orig(), self.resp());
+        if !self.is_tcp() {
+            return if r.pkts > 0 { "SF" } else { "S0" };
+        }
+        let has = |d: &DirStats, flag: u8| d.tcp_flags & flag != 0;
+        let syn = o.syn_only != 0;
+        let syn_ack = has(r, tcp_flags::SYN) && has(r, tcp_flags::ACK);
+        match (syn, syn_ack) {
+            (true, false) if has(r, tcp_flags::RST) => "REJ",
+            (true, false) if has(o, tcp_flags::RST) => "RSTOS0",
+            (true, false) if has(o, tcp_flags::FIN) => "SH",
+            (true, false) => "S0",
+            (false, true) if has(r, tcp_flags::RST) => "RSTRH",
+            (false, true) if has(r, tcp_flags::FIN) => "SHR",
+            (false, _) => "OTH",
+            (true, true) if has(o, tcp_flags::RST) => "RSTO",
+            (true, true) if has(r, tcp_flags::RST) => "RSTR",
+            (true, true) => match (has(o, tcp_flags::FIN), has(r, tcp_flags::FIN)) {
+                (true, true) => "SF",
+                (true, false) => "S2",
+                (false, true) => "S3",
+                (false, false) => "S1",
+            },
+        }
+    }
+
+    /// Closed by the endpoints: FIN both ways, or a RST.
+    fn closed(&self) -> bool {
+        let [ab, ba] = &self.snap.dir;
+        let either = (ab.tcp_flags | ba.tcp_flags) & tcp_flags::RST != 0;
+        let both_fin = ab.tcp_flags & ba.tcp_flags & tcp_flags::FIN != 0;
+        self.is_tcp() && (either || both_fin)
+    }
+
+    /// Finished at kernel time `now_ns`: closed and quiet for [`CLOSE_DELAY`], or idle.
+    pub fn finished(&self, now_ns: u64, idle_timeout: Duration) -> bool {
+        let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
+        quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
+    }
+}
+
+fn key_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+/// The networks that count as local.
+#[derive(Clone, Debug)]
+pub struct LocalNets(Vec<IpNet>);
+
+impl LocalNets {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        Self(nets)
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&addr))
+    }
+}
+
+/// Zeek-like connection ids: `C` and 17 base-62 digits, random per agent run.
+#[derive(Debug, Default)]
+struct UidGen {
+    seed: RandomState,
+    counter: u64,
+}
+
+impl UidGen {
+    fn next(&mut self) -> String {
+        const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        self.counter += 1;
+        let hi = self.seed.hash_one(self.counter) as u128;
+        let lo = self.seed.hash_one(!self.counter) as u128;
+        let mut n = (hi << 64) | lo;
+        let mut uid = String::with_capacity(18);
+        uid.push('C');
+        for _ in 0..17 {
+            uid.push(DIGITS[(n % 62) as usize] as char);
+            n /= 62;
+        }
+        uid
+    }
+}
+
+/// Open connections by key.
+#[derive(Debug)]
+pub struct ConnTable {
+    conns: HashMap<FlowKey, Conn>,
+    idle_timeout: Duration,
+    uids: UidGen,
+}
+
+impl ConnTable {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self {
+            conns: HashMap::new(),
+            idle_timeout,
+            uids: UidGen::default(),
+        }
+    }
+
+    /// Records the latest totals of a connection.
+    pub fn observe(&mut self, snap: FlowSnapshot) {
+        match self.conns.get_mut(&snap.key) {
+            Some(conn) => conn.snap = snap,
+            None => {
+                let uid = self.uids.next();
+                self.conns.insert(snap.key, Conn { snap, uid });
+            }
+        }
+    }
+
+    /// Keys of the connections finished at kernel time `now_ns`.
+    pub fn finished(&self, now_ns: u64) -> Vec<FlowKey> {
+        self.conns
+            .values()
+            .filter(|c| c.finished(now_ns, self.idle_timeout))
+            .map(|c| c.snap.key)
+            .collect()
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
+        self.conns.remove(key)
+    }
+
+    /// Every open connection, leaving the table empty (at shutdown).
+    pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
+        self.conns.drain().map(|(_, c)| c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monitor_common::parse::IPPROTO_UDP;
+    use tcp_flags::{ACK, FIN, RST, SYN};
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn key(proto: u8) -> FlowKey {
+        let mut k = FlowKey {
+            proto,
+            family: 4,
+            port_a: 443,
+            port_b: 50_000,
+            ..FlowKey::default()
+        };
+        k.addr_a[..4].copy_from_slice(&[203, 0, 113, 2]);
+        k.addr_b[..4].copy_from_slice(&[198, 18, 1, 2]);
+        k
+    }
+
+    fn dir(pkts: u64, first: u64, last: u64, flags: u8, syn_only: bool) -> DirStats {
+        DirStats {
+            pkts,
+            ip_bytes: pkts * 52,
+            first_ns: first,
+            last_ns: last,
+            tcp_flags: flags,
+            syn_only: syn_only as u8,
+            ..DirStats::default()
+        }
+    }
+
+    /// A connection from the client (endpoint b, 198.18.1.2:50000) to the server (a).
+    fn conn(proto: u8, client: DirStats, server: DirStats) -> Conn {
+        Conn {
+            snap: FlowSnapshot {
+                key: key(proto),
+                dir: [server, client],
+                ifindex: 1,
+            },
+            uid: "Ctest".into(),
+        }
+    }
+
+    #[test]
+    fn syn_sender_is_orig_even_when_its_first_packet_is_later() {
+        // The server's packet carries an earlier timestamp (clock skew across CPUs), but
+        // the client sent the SYN.
+        let c = conn(
+            IPPROTO_TCP,
+            dir(3, 10 * SEC, 12 * SEC, SYN | ACK, true),
+            dir(2, 9 * SEC, 12 * SEC, SYN | ACK, false),
+        );
+        let (orig, resp) = c.endpoints();
+        assert_eq!(orig.addr.to_string(), "198.18.1.2");
+        assert_eq!(orig.port, 50_000);
+        assert_eq!(resp.port, 443);
+        assert_eq!(c.orig().pkts, 3);
+        assert!(!c.missed_start());
+    }
+
+    #[test]
+    fn first_sender_is_orig_without_syn() {
+        let c = conn(
+            IPPROTO_UDP,
+            dir(1, 5 * SEC, 5 * SEC, 0, false),
+            dir(1, 4 * SEC, 4 * SEC, 0, false),
+        );
+        assert_eq!(c.endpoints().0.port, 443);
+        let only_server = conn(IPPROTO_UDP, DirStats::default(), dir(1, SEC, SEC, 0, false));
+        assert_eq!(only_server.orig_dir(), DIR_A_TO_B);
+        assert_eq!(only_server.conn_state(), "S0");
+    }
+
+    #[test]
+    fn zeek_states() {
+        let t = |c: DirStats, s: DirStats| conn(IPPROTO_TCP, c, s).conn_state();
+        let d = |flags, syn_only| dir(1, SEC, SEC, flags, syn_only);
+        let none = DirStats::default();
+        assert_eq!(t(d(SYN, true), none), "S0");
+        assert_eq!(t(d(SYN | ACK, true), d(SYN | ACK, false)), "S1");
+        assert_eq!(t(d(SYN | ACK | FIN, true), d(SYN | ACK | FIN, false)), "SF");
+        assert_eq!(t(d(SYN, true), d(RST | ACK, false)), "REJ");
+        assert_eq!(t(d(SYN | ACK | RST, true), d(SYN | ACK, false)), "RSTO");
+        assert_eq!(t(d(SYN | ACK, true), d(SYN | ACK | RST, false)), "RSTR");
+        assert_eq!(t(d(SYN | ACK | FIN, true), d(SYN | ACK, false)), "S2");
+        assert_eq!(t(d(SYN | ACK, true), d(SYN | ACK | FIN, false)), "S3");
+        assert_eq!(t(d(SYN | RST, true), none), "RSTOS0");
+        assert_eq!(t(d(SYN | FIN, true), none), "SH");
+        assert_eq!(t(d(ACK, false), d(ACK, false)), "OTH");
+        assert_eq!(t(d(ACK, false), d(SYN | ACK | RST, false)), "RSTRH");
+        assert_eq!(t(d(ACK, false), d(SYN | ACK | FIN, false)), "SHR");
+        assert_eq!(
+            conn(IPPROTO_UDP, d(0, false), d(0, false)).conn_state(),
+            "SF"
+        );
+    }
+
+    #[test]
+    fn syn_ack_sender_is_resp_when_the_syn_was_missed() {
+        // The server's SYN-ACK is the first packet seen.
+        let c = conn(
+            IPPROTO_TCP,
+            dir(2, 2 * SEC, 3 * SEC, ACK, false),
+            dir(2, SEC, 3 * SEC, SYN | ACK, false),
+        );
+        assert_eq!(c.endpoints().0.port, 50_000);
+        assert!(c.missed_start());
+    }
+
+    #[test]
+    fn midstream_tcp_is_marked() {
+        let c = conn(
+            IPPROTO_TCP,
+            dir(4, SEC, SEC, ACK, false),
+            dir(4, SEC, SEC, ACK, false),
+        );
+        assert!(c.missed_start());
+        assert_eq!(c.conn_state(), "OTH");
+    }
+
+    #[test]
+    fn finishes_on_idle_and_after_close_delay() {
+        let idle = Duration::from_secs(60);
+        let open = conn(
+            IPPROTO_TCP,
+            dir(3, SEC, 10 * SEC, SYN | ACK, true),
+            dir(3, SEC, 10 * SEC, SYN | ACK, false),
+        );
+        assert!(!open.finished(69 * SEC, idle));
+        assert!(open.finished(70 * SEC, idle));
+
+        let closed = conn(
+            IPPROTO_TCP,
+            dir(3, SEC, 10 * SEC, SYN | ACK | FIN, true),
+            dir(3, SEC, 10 * SEC, SYN | ACK | FIN, false),
+        );
+        assert!(!closed.finished(14 * SEC, idle));
+        assert!(closed.finished(15 * SEC, idle));
+
+        let half_closed = conn(
+            IPPROTO_TCP,
+            dir(3, SEC, 10 * SEC, SYN | ACK | FIN, true),
+            dir(3, SEC, 10 * SEC, SYN | ACK, false),
+        );
+        assert!(!half_closed.finished(30 * SEC, idle));
+
+        let reset = conn(
+            IPPROTO_TCP,
+            dir(1, SEC, 2 * SEC, SYN, true),
+            dir(1, SEC, 2 * SEC, RST | ACK, false),
+        );
+        assert!(reset.finished(7 * SEC, idle));
+    }
+
+    #[test]
+    fn table_reports_finished_keys() {
+        let mut table = ConnTable::new(Duration::from_secs(30));
+        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
+        table.observe(c.snap);
+        let uid = table.conns[&c.snap.key].uid.clone();
+        assert!(uid.starts_with('C') && uid.len() == 18, "{uid}");
+        table.observe(c.snap);
+        assert_eq!(
+            table.conns[&c.snap.key].uid, uid,
+            "a connection keeps its uid"
+        );
+        assert!(table.finished(30 * SEC).is_empty());
+        assert_eq!(table.finished(31 * SEC), vec![c.snap.key]);
+        assert_eq!(table.remove(&c.snap.key).map(|c| c.snap), Some(c.snap));
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn local_nets() {
+        let nets = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
+        assert!(nets.contains("198.19.255.1".parse().unwrap()));
+        assert!(!nets.contains("203.0.113.2".parse().unwrap()));
+    }
+}

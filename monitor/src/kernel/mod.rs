@@ -1,0 +1,185 @@
+//! Loading, attaching and detaching the kernel programs: the only code that knows their
+//! names.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::Map,
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
+};
+use log::warn;
+use monitor_common::names;
+use thiserror::Error;
+
+use crate::{
+    cli::{IngressHook, XdpMode},
+    iface,
+};
+
+/// The compiled kernel programs (monitor-ebpf), embedded at build time.
+pub fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"))
+}
+
+const PRIVILEGE_HINT: &str = "needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON";
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("loading the kernel programs failed ({PRIVILEGE_HINT}?): {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("loading program {name} failed ({PRIVILEGE_HINT}?): {source}")]
+    LoadProgram {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("no such interface: {0} (see `ip link`)")]
+    NoSuchInterface(String),
+    #[error(
+        "attaching native XDP to {iface} failed: {source}; try --xdp-mode skb or --ingress-hook tc"
+    )]
+    AttachXdp { iface: String, source: ProgramError },
+    #[error("attaching TC {direction} to {iface} failed ({PRIVILEGE_HINT}?): {source}")]
+    AttachTc {
+        iface: String,
+        direction: &'static str,
+        source: ProgramError,
+    },
+    #[error("the kernel object lacks map {0}")]
+    MissingMap(&'static str),
+}
+
+/// How a watched interface's ingress ended up hooked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressAttach {
+    XdpNative,
+    XdpGeneric,
+    Tc,
+}
+
+impl std::fmt::Display for IngressAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::XdpNative => "xdp native",
+            Self::XdpGeneric => "xdp skb (generic: aggregates count as one packet)",
+            Self::Tc => "tc",
+        })
+    }
+}
+
+/// The loaded programs. Dropping it detaches every hook it attached (they are bpf_links
+/// owned by the programs).
+pub struct Kernel {
+    ebpf: Ebpf,
+}
+
+impl Kernel {
+    pub fn load(flow_map_size: u32) -> Result<Self, KernelError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOW_MAP, flow_map_size)
+            .load(object())
+            .map_err(KernelError::Load)?;
+        for name in [names::TC_INGRESS, names::TC_EGRESS] {
+            classifier(&mut ebpf, name)
+                .load()
+                .map_err(|source| KernelError::LoadProgram { name, source })?;
+        }
+        xdp(&mut ebpf)
+            .load()
+            .map_err(|source| KernelError::LoadProgram {
+                name: names::XDP_INGRESS,
+                source,
+            })?;
+        Ok(Self { ebpf })
+    }
+
+    /// Takes a map out, for the poller; it stays valid after the programs detach.
+    pub fn take_map(&mut self, name: &'static str) -> Result<Map, KernelError> {
+        self.ebpf
+            .take_map(name)
+            .ok_or(KernelError::MissingMap(name))
+    }
+
+    /// Hooks egress with TC and ingress as asked; returns how ingress was hooked.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        hook: IngressHook,
+        xdp_mode: XdpMode,
+    ) -> Result<IngressAttach, KernelError> {
+        let index =
+            iface::index(iface).ok_or_else(|| KernelError::NoSuchInterface(iface.to_owned()))?;
+        let iface = Iface { name: iface, index };
+        self.attach_tc(iface, TcAttachType::Egress)?;
+        let ingress = match (hook, xdp_mode) {
+            (IngressHook::Tc, _) => IngressAttach::Tc,
+            (IngressHook::Xdp, XdpMode::Skb) => {
+                warn!(
+                    "{}: generic XDP sees GRO/GSO aggregates as single packets: counts can be inexact",
+                    iface.name
+                );
+                self.attach_xdp(iface, AyaXdpMode::Skb)?;
+                IngressAttach::XdpGeneric
+            }
+            (IngressHook::Xdp, XdpMode::Native) => {
+                self.attach_xdp(iface, AyaXdpMode::Driver)?;
+                IngressAttach::XdpNative
+            }
+            (IngressHook::Xdp, XdpMode::Auto) => match self.attach_xdp(iface, AyaXdpMode::Driver) {
+                Ok(()) => IngressAttach::XdpNative,
+                Err(err) => {
+                    warn!("{}: {err}; using TC ingress instead", iface.name);
+                    IngressAttach::Tc
+                }
+            },
+        };
+        if ingress == IngressAttach::Tc {
+            self.attach_tc(iface, TcAttachType::Ingress)?;
+        }
+        Ok(ingress)
+    }
+
+    fn attach_xdp(&mut self, iface: Iface<'_>, mode: AyaXdpMode) -> Result<(), KernelError> {
+        xdp(&mut self.ebpf)
+            .attach(iface.index, mode)
+            .map(drop)
+            .map_err(|source| KernelError::AttachXdp {
+                iface: iface.name.to_owned(),
+                source,
+            })
+    }
+
+    fn attach_tc(&mut self, iface: Iface<'_>, direction: TcAttachType) -> Result<(), KernelError> {
+        let (name, label) = match direction {
+            TcAttachType::Ingress => (names::TC_INGRESS, "ingress"),
+            TcAttachType::Egress => (names::TC_EGRESS, "egress"),
+        };
+        let program = classifier(&mut self.ebpf, name);
+        let attached = program.attach(iface.index, direction).or_else(|_| {
+            // Kernels before 6.6 have no TCX: the netlink path needs a clsact qdisc.
+            let _ = tc::qdisc_add_clsact(iface.index);
+            program.attach(iface.index, direction)
+        });
+        attached.map(drop).map_err(|source| KernelError::AttachTc {
+            iface: iface.name.to_owned(),
+            direction: label,
+            source,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Iface<'a> {
+    name: &'a str,
+    index: u32,
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("the embedded object has its classifiers")
+}
+
+fn xdp(ebpf: &mut Ebpf) -> &mut Xdp {
+    ebpf.program_mut(names::XDP_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .expect("the embedded object has its XDP program")
+}

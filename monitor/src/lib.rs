@@ -1,0 +1,13 @@
+//! The egress monitor agent: kernel programs count, this crate polls, assembles
+//! connections, and writes what it saw.
+//!
+//! maps -> poller -> connection table -> logs.
+
+pub mod cli;
+pub mod clock;
+pub mod conntable;
+pub mod iface;
+pub mod kernel;
+pub mod logs;
+pub mod poller;
+pub mod run;

@@ -1,0 +1,83 @@
+//! The connection record: Zeek conn.log field names, as JSON.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::{
+    clock::Clock,
+    conntable::{Conn, LocalNets},
+    iface,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnRecord {
+    /// First packet, epoch seconds.
+    pub ts: f64,
+    pub uid: String,
+    #[serde(rename = "id.orig_h")]
+    pub orig_h: IpAddr,
+    #[serde(rename = "id.orig_p")]
+    pub orig_p: u16,
+    #[serde(rename = "id.resp_h")]
+    pub resp_h: IpAddr,
+    #[serde(rename = "id.resp_p")]
+    pub resp_p: u16,
+    pub proto: String,
+    pub duration: f64,
+    pub orig_bytes: u64,
+    pub resp_bytes: u64,
+    pub orig_pkts: u64,
+    pub orig_ip_bytes: u64,
+    pub resp_pkts: u64,
+    pub resp_ip_bytes: u64,
+    pub conn_state: &'static str,
+    pub local_orig: bool,
+    pub local_resp: bool,
+    /// TCP first seen mid-stream (no SYN): counts cover only what was seen.
+    pub missed_start: bool,
+    pub iface: String,
+}
+
+impl ConnRecord {
+    pub fn new(conn: &Conn, local: &LocalNets, clock: &Clock) -> Self {
+        let (orig, resp) = conn.endpoints();
+        let (o, r) = (conn.orig(), conn.resp());
+        let (first, last) = (conn.first_ns(), conn.last_ns());
+        Self {
+            ts: clock.epoch_secs(first),
+            uid: conn.uid.clone(),
+            orig_h: orig.addr,
+            orig_p: orig.port,
+            resp_h: resp.addr,
+            resp_p: resp.port,
+            proto: proto_name(conn.snap.key.proto),
+            duration: last.saturating_sub(first) as f64 / 1e9,
+            orig_bytes: o.bytes,
+            resp_bytes: r.bytes,
+            orig_pkts: o.pkts,
+            orig_ip_bytes: o.ip_bytes,
+            resp_pkts: r.pkts,
+            resp_ip_bytes: r.ip_bytes,
+            conn_state: conn.conn_state(),
+            local_orig: local.contains(orig.addr),
+            local_resp: local.contains(resp.addr),
+            missed_start: conn.missed_start(),
+            iface: iface::name(conn.snap.ifindex),
+        }
+    }
+}
+
+/// Zeek's names where it has them (ICMPv6 is `icmp` there too); the number otherwise.
+fn proto_name(proto: u8) -> String {
+    match proto {
+        1 | 58 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        51 => "ah".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}

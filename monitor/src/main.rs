@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+
+use monitor::{
+    cli::{self, Command},
+    iface, run,
+};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => {
+            let ifaces = watched_interfaces(&args.ifaces);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run::run(args, ifaces)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("monitor: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The interfaces to watch; a missing one is bad input (exit 2).
+fn watched_interfaces(asked: &[String]) -> Vec<String> {
+    if asked.is_empty() {
+        return match iface::default_route() {
+            Some(iface) => vec![iface],
+            None => cli::usage_error(
+                "error: no default route to watch: name the interface with --iface <IFACE>",
+            ),
+        };
+    }
+    for name in asked {
+        if iface::index(name).is_none() {
+            cli::usage_error(&format!(
+                "error: invalid value '{name}' for '--iface <IFACE>': no such interface (see `ip link`)"
+            ));
+        }
+    }
+    asked.to_vec()
+}

@@ -1,0 +1,172 @@
+//! Project tasks: `cargo xtask setup|build|run|test`. `./x` runs them after installing the
+//! pinned Rust toolchain.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker must be built against the LLVM that the pinned rustc ships (22): see
+/// TOOLCHAIN.md. Plain `cargo install bpf-linker` wants LLVM 23 and fails.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links against these.
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // The agent's test labs.
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (apt packages, bpf-linker); safe to run again.
+    Setup,
+    /// Set up, then build the agent (release).
+    Build,
+    /// Set up, build, and run the agent on the default interface; extra arguments go to
+    /// `monitor run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace labs.
+    Test {
+        /// Passed to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "monitor"])
+        }
+        Task::Run { args } => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "monitor"])?;
+            let bin = root.join("target/release/monitor");
+            let mut cmd = as_root(&bin);
+            cmd.arg("run").args(&args);
+            check(cmd.status(), "monitor run")
+        }
+        Task::Test { args } => {
+            setup()?;
+            cargo(&["build", "-p", "monitor"])?;
+            let bin = root.join("target/debug/monitor");
+            let mut cmd = as_root(Path::new("cargo"));
+            cmd.args(["test", "--workspace", "--no-fail-fast"])
+                .args(&args)
+                .env("MONITOR_BIN", &bin);
+            check(cmd.status(), "cargo test")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !apt_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        eprintln!("setup: apt packages present");
+    } else {
+        eprintln!("setup: installing {}", missing.join(" "));
+        check(
+            as_root(Path::new("apt-get")).arg("update").status(),
+            "apt-get update",
+        )?;
+        let mut install = as_root(Path::new("apt-get"));
+        install
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        check(install.status(), "apt-get install")?;
+    }
+
+    if bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION) {
+        eprintln!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"
+        );
+        let features = format!("llvm-{LLVM_MAJOR}");
+        let mut install = Command::new("cargo");
+        install
+            .args(["install", "bpf-linker", "--locked", "--force"])
+            .args(["--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &features])
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"));
+        check(install.status(), "cargo install bpf-linker")?;
+    }
+    Ok(())
+}
+
+fn apt_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+/// The installed bpf-linker's version, if any.
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().last().map(str::to_owned)
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    check(Command::new("cargo").args(args).status(), "cargo")
+}
+
+/// Loading BPF programs, making namespaces and installing packages need root: use sudo
+/// when not root already.
+fn as_root(program: &Path) -> Command {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg("-E").arg(program);
+        cmd
+    }
+}
+
+fn check(status: std::io::Result<ExitStatus>, what: &str) -> anyhow::Result<()> {
+    let status = status.with_context(|| format!("starting {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
