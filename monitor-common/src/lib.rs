@@ -12,10 +12,14 @@ pub mod stats;
 pub mod names {
     pub const FLOW_MAP: &str = "FLOWS";
     pub const STATS_MAP: &str = "STATS";
+    pub const WATCHED_MAP: &str = "WATCHED";
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";
 }
+
+/// Interfaces one agent can watch.
+pub const MAX_WATCHED_IFACES: u32 = 64;
 
 /// Capacity of the flow map unless the agent asks for another with `--flow-map-size`.
 pub const DEFAULT_FLOW_MAP_SIZE: u32 = 262_144;

@@ -9,11 +9,11 @@ use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_OK, xdp_action},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map, xdp},
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
-    DEFAULT_FLOW_MAP_SIZE,
+    DEFAULT_FLOW_MAP_SIZE, MAX_WATCHED_IFACES,
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
     parse::{Frame, PacketInfo, parse_frame},
     stats,
@@ -27,6 +27,12 @@ static FLOWS: PerCpuHashMap<FlowKey, FlowValue> =
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
+
+/// Interfaces whose ingress is hooked (ifindex -> 1), filled by the agent. A forwarded
+/// packet that came in on one of them was counted there: TC egress leaves it alone, so a
+/// gateway watched on several interfaces counts each packet once.
+#[map(name = "WATCHED")]
+static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
 
 /// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
 static ZERO_FLOW: FlowValue = FlowValue::ZERO;
@@ -114,7 +120,7 @@ fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
 }
 
 #[xdp]
-pub fn xdp_ingress(ctx: XdpContext) -> u32 {
+fn xdp_ingress(ctx: XdpContext) -> u32 {
     let pkt = Packet {
         start: ctx.data(),
         end: ctx.data_end(),
@@ -127,14 +133,21 @@ pub fn xdp_ingress(ctx: XdpContext) -> u32 {
 }
 
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+fn tc_ingress(ctx: TcContext) -> i32 {
     count_skb(&ctx);
     TC_ACT_OK
 }
 
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
-    count_skb(&ctx);
+fn tc_egress(ctx: TcContext) -> i32 {
+    let skb = ctx.as_ptr() as *const __sk_buff;
+    // SAFETY: the context pointer is valid for the program's run. ingress_ifindex is 0
+    // for locally sent packets.
+    let came_in = unsafe { (*skb).ingress_ifindex };
+    // SAFETY: a plain read of a value the agent wrote.
+    if came_in == 0 || unsafe { WATCHED.get(&came_in) }.is_none() {
+        count_skb(&ctx);
+    }
     TC_ACT_OK
 }
 
@@ -151,7 +164,8 @@ fn count_skb(ctx: &TcContext) {
     count(&pkt, len, segs, ifindex);
 }
 
-#[cfg(not(test))]
+// On the host (clippy), a dependency brings std and its handler.
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

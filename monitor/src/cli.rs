@@ -129,8 +129,23 @@ pub fn parse() -> Cli {
         {
             err.exit()
         }
-        Err(err) => usage_error(err.render().to_string().lines().next().unwrap_or("error")),
+        Err(err) => usage_error(&one_line(&err.render().to_string())),
     }
+}
+
+/// clap's first line names the flag and the value; for enumerated flags the accepted
+/// values follow on a line of their own, which joins it here.
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let mut line = lines.next().unwrap_or("error").to_owned();
+    if let Some(values) = lines
+        .map(str::trim)
+        .find(|l| l.starts_with("[possible values"))
+    {
+        line.push(' ');
+        line.push_str(values);
+    }
+    line
 }
 
 /// One line on stderr, exit status 2: the contract for bad input.
@@ -172,6 +187,17 @@ mod tests {
         assert_eq!(run.local_nets, default_local_nets());
         assert_eq!(run.ingress_hook, IngressHook::Xdp);
         assert!(run.ifaces.is_empty());
+    }
+
+    #[test]
+    fn enum_errors_list_accepted_values_on_the_same_line() {
+        let err = Cli::try_parse_from(["monitor", "run", "--xdp-mode", "fast"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.contains("'fast'") && line.contains("--xdp-mode"),
+            "{line}"
+        );
+        assert!(line.contains("auto, native, skb"), "{line}");
     }
 
     #[test]

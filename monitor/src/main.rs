@@ -6,7 +6,10 @@ use monitor::{
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // aya's feature probes warn about every failed probe; without privileges that buries
+    // the one line that says what to do.
+    let filter = "info,aya::kernel_features=error";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).init();
     let cli = cli::parse();
     let result = match cli.command {
         Command::Run(args) => {

@@ -3,7 +3,7 @@
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::Map,
+    maps::{HashMap, Map, MapData, MapError},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
 };
 use log::warn;
@@ -20,29 +20,35 @@ pub fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"))
 }
 
-const PRIVILEGE_HINT: &str = "needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON";
+const PRIVILEGES: &str = "CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON";
 
+/// Each message ends with what to try; sources are part of the message, not a chain, so
+/// the advice stays last.
 #[derive(Debug, Error)]
 pub enum KernelError {
-    #[error("loading the kernel programs failed ({PRIVILEGE_HINT}?): {0}")]
-    Load(#[source] aya::EbpfError),
-    #[error("loading program {name} failed ({PRIVILEGE_HINT}?): {source}")]
+    #[error("loading the kernel programs failed: {0}; this needs root, or {PRIVILEGES}")]
+    Load(aya::EbpfError),
+    #[error("loading program {name} failed: {error}; this needs root, or {PRIVILEGES}")]
     LoadProgram {
         name: &'static str,
-        source: ProgramError,
+        error: ProgramError,
     },
     #[error("no such interface: {0} (see `ip link`)")]
     NoSuchInterface(String),
     #[error(
-        "attaching native XDP to {iface} failed: {source}; try --xdp-mode skb or --ingress-hook tc"
+        "attaching native XDP to {iface} failed: {error}; try --xdp-mode skb or --ingress-hook tc"
     )]
-    AttachXdp { iface: String, source: ProgramError },
-    #[error("attaching TC {direction} to {iface} failed ({PRIVILEGE_HINT}?): {source}")]
+    AttachXdp { iface: String, error: ProgramError },
+    #[error(
+        "attaching TC {direction} to {iface} failed: {error}; this needs root, or {PRIVILEGES}"
+    )]
     AttachTc {
         iface: String,
         direction: &'static str,
-        source: ProgramError,
+        error: ProgramError,
     },
+    #[error("marking {iface} as watched failed: {error}")]
+    Watch { iface: String, error: MapError },
     #[error("the kernel object lacks map {0}")]
     MissingMap(&'static str),
 }
@@ -80,13 +86,13 @@ impl Kernel {
         for name in [names::TC_INGRESS, names::TC_EGRESS] {
             classifier(&mut ebpf, name)
                 .load()
-                .map_err(|source| KernelError::LoadProgram { name, source })?;
+                .map_err(|error| KernelError::LoadProgram { name, error })?;
         }
         xdp(&mut ebpf)
             .load()
-            .map_err(|source| KernelError::LoadProgram {
+            .map_err(|error| KernelError::LoadProgram {
                 name: names::XDP_INGRESS,
-                source,
+                error,
             })?;
         Ok(Self { ebpf })
     }
@@ -108,7 +114,8 @@ impl Kernel {
         let index =
             iface::index(iface).ok_or_else(|| KernelError::NoSuchInterface(iface.to_owned()))?;
         let iface = Iface { name: iface, index };
-        self.attach_tc(iface, TcAttachType::Egress)?;
+        // Ingress first, then WATCHED, then egress: a packet forwarded meanwhile is counted
+        // at least once, never twice.
         let ingress = match (hook, xdp_mode) {
             (IngressHook::Tc, _) => IngressAttach::Tc,
             (IngressHook::Xdp, XdpMode::Skb) => {
@@ -125,25 +132,44 @@ impl Kernel {
             }
             (IngressHook::Xdp, XdpMode::Auto) => match self.attach_xdp(iface, AyaXdpMode::Driver) {
                 Ok(()) => IngressAttach::XdpNative,
-                Err(err) => {
-                    warn!("{}: {err}; using TC ingress instead", iface.name);
+                Err(KernelError::AttachXdp { error, .. }) => {
+                    warn!(
+                        "{}: native XDP unavailable ({error}); counting ingress with TC instead",
+                        iface.name
+                    );
                     IngressAttach::Tc
                 }
+                Err(other) => return Err(other),
             },
         };
         if ingress == IngressAttach::Tc {
             self.attach_tc(iface, TcAttachType::Ingress)?;
         }
+        self.watched()?
+            .insert(&index, &1, 0)
+            .map_err(|error| KernelError::Watch {
+                iface: iface.name.to_owned(),
+                error,
+            })?;
+        self.attach_tc(iface, TcAttachType::Egress)?;
         Ok(ingress)
+    }
+
+    fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, KernelError> {
+        let map = self
+            .ebpf
+            .map_mut(names::WATCHED_MAP)
+            .ok_or(KernelError::MissingMap(names::WATCHED_MAP))?;
+        HashMap::try_from(map).map_err(|_| KernelError::MissingMap(names::WATCHED_MAP))
     }
 
     fn attach_xdp(&mut self, iface: Iface<'_>, mode: AyaXdpMode) -> Result<(), KernelError> {
         xdp(&mut self.ebpf)
             .attach(iface.index, mode)
             .map(drop)
-            .map_err(|source| KernelError::AttachXdp {
+            .map_err(|error| KernelError::AttachXdp {
                 iface: iface.name.to_owned(),
-                source,
+                error,
             })
     }
 
@@ -158,10 +184,10 @@ impl Kernel {
             let _ = tc::qdisc_add_clsact(iface.index);
             program.attach(iface.index, direction)
         });
-        attached.map(drop).map_err(|source| KernelError::AttachTc {
+        attached.map(drop).map_err(|error| KernelError::AttachTc {
             iface: iface.name.to_owned(),
             direction: label,
-            source,
+            error,
         })
     }
 }
