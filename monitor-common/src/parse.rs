@@ -165,11 +165,24 @@ pub fn icmp_ports(proto: u8, icmp_type: u8, code: u8) -> (u16, u16) {
 /// Parses an Ethernet frame; the error is the `stats` slot of the reason it failed.
 #[inline(always)]
 pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<PacketInfo, u32> {
+    parse_frame_after_tags(f, 0)
+}
+
+/// Like [`parse_frame`], for a frame whose outer `stripped_tags` VLAN tags the kernel has
+/// already moved out of the data (an skb's `vlan_present` on receive): they count
+/// towards the two-tag limit.
+#[inline(always)]
+pub fn parse_frame_after_tags<F: Frame + ?Sized>(
+    f: &F,
+    stripped_tags: usize,
+) -> Result<PacketInfo, u32> {
     let eth: [u8; ETH_HLEN] = f.load(0).ok_or(stats::TRUNCATED_ETHERNET)?;
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+    for tag in 0..MAX_VLAN_TAGS {
+        if tag + stripped_tags >= MAX_VLAN_TAGS
+            || (ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD)
+        {
             break;
         }
         let tag: [u8; 4] = f.load(off).ok_or(stats::TRUNCATED_VLAN)?;
@@ -269,6 +282,8 @@ fn parse_ipv6<F: Frame + ?Sized>(
     if matches!(next, 0 | 43 | 44 | 51 | 60) {
         return Err(stats::IPV6_EXT_LIMIT);
     }
+    // The last extension header must be whole, whatever follows it.
+    let _: [u8; 1] = f.load(off - 1).ok_or(stats::TRUNCATED_IPV6_EXT)?;
     info.proto = next;
     Ok((off, first_fragment))
 }
@@ -282,6 +297,10 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, off: usize, info: &mut PacketInfo) -> Resu
             if doff < 20 {
                 return Err(stats::BAD_TCP_HEADER);
             }
+            // Options included: aggregates repeat the whole header per segment.
+            let _: [u8; 1] = f
+                .load(off + doff as usize - 1)
+                .ok_or(stats::TRUNCATED_TCP)?;
             info.sport = be16(t[0], t[1]);
             info.dport = be16(t[2], t[3]);
             info.tcp_flags = t[13];

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use monitor_common::{
     DEFAULT_FLOW_MAP_SIZE, MAX_WATCHED_IFACES,
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
-    parse::{Frame, PacketInfo, parse_frame},
+    parse::{Frame, PacketInfo, parse_frame_after_tags},
     stats,
 };
 
@@ -66,9 +66,10 @@ fn bump(slot: u32) {
 }
 
 /// Counts one frame standing for `segs` wire segments; `frame_len` includes L2.
+/// `stripped_tags`: VLAN tags the kernel took out of the data before the hook.
 #[inline(always)]
-fn count(pkt: &Packet, frame_len: u32, segs: u32, ifindex: u32) {
-    let info = match parse_frame(pkt) {
+fn count(pkt: &Packet, frame_len: u32, segs: u32, ifindex: u32, stripped_tags: usize) {
+    let info = match parse_frame_after_tags(pkt, stripped_tags) {
         Ok(info) => info,
         Err(reason) => return bump(reason),
     };
@@ -127,8 +128,10 @@ fn xdp_ingress(ctx: XdpContext) -> u32 {
     };
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    // Native XDP sees wire frames, one segment each; the header's length is used.
-    count(&pkt, 0, 1, ifindex);
+    // Native XDP sees wire frames, one segment each: the header's length counts, and the
+    // frame's where the header has none (generic XDP on a BIG TCP aggregate).
+    let frame_len = (pkt.end - pkt.start) as u32;
+    count(&pkt, frame_len, 1, ifindex, 0);
     xdp_action::XDP_PASS
 }
 
@@ -156,12 +159,22 @@ fn tc_egress(ctx: TcContext) -> i32 {
 fn count_skb(ctx: &TcContext) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run.
-    let (len, segs, ifindex) = unsafe { ((*skb).len, (*skb).gso_segs, (*skb).ifindex) };
+    let (len, segs, ifindex, vlan_present) = unsafe {
+        (
+            (*skb).len,
+            (*skb).gso_segs,
+            (*skb).ifindex,
+            (*skb).vlan_present,
+        )
+    };
     let pkt = Packet {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    count(&pkt, len, segs, ifindex);
+    // On receive the kernel moves the outer VLAN tag into the skb (vlan_present); the
+    // wire frame still had it. Its 4 bytes are L2, which no count includes.
+    let stripped_tags = if vlan_present != 0 { 1 } else { 0 };
+    count(&pkt, len, segs, ifindex, stripped_tags);
 }
 
 // On the host (clippy), a dependency brings std and its handler.
