@@ -51,8 +51,9 @@ pub struct RunArgs {
     #[arg(long = "iface", value_name = "IFACE", help_heading = "Capture")]
     pub ifaces: Vec<String>,
 
-    /// How ingress traffic is hooked.
-    #[arg(long, value_enum, default_value_t = IngressHook::Xdp, help_heading = "Capture")]
+    /// How ingress traffic is hooked. TC sees GRO aggregates and counts their segments;
+    /// native XDP on a veth forces the peer's TSO off (see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = IngressHook::Tc, help_heading = "Capture")]
     pub ingress_hook: IngressHook,
 
     /// XDP attach mode, with --ingress-hook xdp.
@@ -185,7 +186,7 @@ mod tests {
         let Command::Run(run) = cli.command;
         assert_eq!(run.poll_interval, Duration::from_secs(1));
         assert_eq!(run.local_nets, default_local_nets());
-        assert_eq!(run.ingress_hook, IngressHook::Xdp);
+        assert_eq!(run.ingress_hook, IngressHook::Tc);
         assert!(run.ifaces.is_empty());
     }
 
