@@ -1,1 +1,8 @@
+//! Test support: crafted frames, network-namespace labs, and the agent as a child process.
 
+pub mod agent;
+pub mod lab;
+pub mod packet;
+pub mod pcap;
+pub mod replay;
+pub mod traffic;

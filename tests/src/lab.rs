@@ -1,0 +1,774 @@
+//! A gateway lab built from network namespaces:
+//!
+//! ```text
+//! lan host [lan0] --veth-- [gw-lan] gw [gw-wan] --veth-- [wan0] wan host
+//! ```
+//!
+//! Each `Lab` owns three namespaces named uniquely per test and run, and deletes them when
+//! dropped, also on panic. The lab is kept quiet (static neighbours, no DAD, no router
+//! solicitations, no link-local addresses) so interface counters count only a test's own
+//! traffic, and TCP in it retransmits only what was lost (nothing is).
+//!
+//! Both ends of the WAN link have TSO, GSO, UDP segmentation and GSO lists off: the stack
+//! segments before their tx counters, which therefore count wire packets.
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+pub const LAN_HOST_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const GW_LAN_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const GW_WAN_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const WAN_HOST_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const LAN_HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const GW_LAN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const GW_WAN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+pub const WAN_HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+
+/// The local networks as the agent's `--local-net` takes them.
+pub const LOCAL_NET_V4: &str = "198.18.0.0/15";
+pub const LOCAL_NET_V6: &str = "2001:db8:1::/48";
+
+/// Length of an Ethernet header (no VLAN tag).
+pub const ETH_HEADER: u64 = 14;
+
+const LAN_HOST_MAC: &str = "02:00:00:00:01:02";
+const GW_LAN_MAC: &str = "02:00:00:00:01:01";
+const GW_WAN_MAC: &str = "02:00:00:00:02:01";
+const WAN_HOST_MAC: &str = "02:00:00:00:02:02";
+
+/// Limit for one helper command (`ip`, `ethtool`).
+const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+const QUIET_FOR: Duration = Duration::from_secs(1);
+const QUIET_LIMIT: Duration = Duration::from_secs(15);
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+/// Concurrent first-time `ip netns add` calls race on mounting /run/netns.
+static NETNS_ADD: Mutex<()> = Mutex::new(());
+
+/// One interface's counters (`stats64`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl Counters {
+    /// `self - earlier`; panics if a counter went backwards.
+    pub fn since(self, earlier: Counters) -> Counters {
+        let sub = |now: u64, then: u64, what: &str| {
+            now.checked_sub(then)
+                .unwrap_or_else(|| panic!("{what} went backwards: {then} -> {now}"))
+        };
+        Counters {
+            rx_packets: sub(self.rx_packets, earlier.rx_packets, "rx_packets"),
+            rx_bytes: sub(self.rx_bytes, earlier.rx_bytes, "rx_bytes"),
+            tx_packets: sub(self.tx_packets, earlier.tx_packets, "tx_packets"),
+            tx_bytes: sub(self.tx_bytes, earlier.tx_bytes, "tx_bytes"),
+        }
+    }
+
+    /// IP bytes transmitted: the tx byte counter less `l2_bytes` per packet (see
+    /// [`Lab::tx_l2_bytes`]).
+    pub fn tx_ip_bytes(self, l2_bytes: u64) -> u64 {
+        self.tx_bytes
+            .checked_sub(l2_bytes * self.tx_packets)
+            .unwrap_or_else(|| panic!("{self:?}: tx_bytes < {l2_bytes} B per tx packet"))
+    }
+}
+
+/// Counters of both ends of the WAN link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WanCounters {
+    /// gw's WAN-facing veth: its tx is the upload (lan -> wan) direction.
+    pub gw_wan: Counters,
+    /// The wan host's veth: its tx is the download (wan -> lan) direction.
+    pub wan_host: Counters,
+}
+
+impl WanCounters {
+    pub fn since(self, earlier: WanCounters) -> WanCounters {
+        WanCounters {
+            gw_wan: self.gw_wan.since(earlier.gw_wan),
+            wan_host: self.wan_host.since(earlier.wan_host),
+        }
+    }
+}
+
+pub struct Lab {
+    /// Namespace names.
+    pub lan: String,
+    pub gw: String,
+    pub wan: String,
+    /// The lan host's veth (in `lan`).
+    pub lan_if: String,
+    /// gw's LAN-facing veth (in `gw`).
+    pub gw_lan_if: String,
+    /// gw's WAN-facing veth (in `gw`).
+    pub gw_wan_if: String,
+    /// The wan host's veth (in `wan`).
+    pub wan_if: String,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Lab {
+    /// Builds the lab and returns once its interfaces are quiet.
+    pub fn new() -> Lab {
+        let n = NEXT_LAB.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("eml{}-{n}", std::process::id());
+        let lab = Lab {
+            lan: format!("{prefix}-lan"),
+            gw: format!("{prefix}-gw"),
+            wan: format!("{prefix}-wan"),
+            lan_if: "lan0".into(),
+            gw_lan_if: "gw-lan".into(),
+            gw_wan_if: "gw-wan".into(),
+            wan_if: "wan0".into(),
+            children: Mutex::new(Vec::new()),
+        };
+        // From here on Drop removes whatever part was built.
+        lab.build();
+        lab.wait_quiet();
+        lab
+    }
+
+    fn build(&self) {
+        for ns in [&self.lan, &self.gw, &self.wan] {
+            {
+                let _guard = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+                ip(&["netns", "add", ns]);
+            }
+            quiet_sysctls(ns);
+        }
+        set_sysctls(
+            &self.gw,
+            &[
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/ipv6/conf/default/forwarding", "1"),
+            ],
+        );
+
+        // Both ends are created inside their namespaces, so names cannot clash between labs.
+        ip(&[
+            "-n",
+            &self.gw,
+            "link",
+            "add",
+            &self.gw_lan_if,
+            "address",
+            GW_LAN_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.lan_if,
+            "address",
+            LAN_HOST_MAC,
+            "netns",
+            &self.lan,
+        ]);
+        ip(&[
+            "-n",
+            &self.gw,
+            "link",
+            "add",
+            &self.gw_wan_if,
+            "address",
+            GW_WAN_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.wan_if,
+            "address",
+            WAN_HOST_MAC,
+            "netns",
+            &self.wan,
+        ]);
+
+        segmentation_off(&self.gw, &self.gw_wan_if);
+        segmentation_off(&self.wan, &self.wan_if);
+
+        // (ns, dev, own v4, own v6, peer v4, peer v6, peer MAC)
+        let links: [(&str, &str, &str, &str, &str, &str, &str); 4] = [
+            (
+                &self.lan,
+                &self.lan_if,
+                "198.18.1.2/24",
+                "2001:db8:1::2/64",
+                "198.18.1.1",
+                "2001:db8:1::1",
+                GW_LAN_MAC,
+            ),
+            (
+                &self.gw,
+                &self.gw_lan_if,
+                "198.18.1.1/24",
+                "2001:db8:1::1/64",
+                "198.18.1.2",
+                "2001:db8:1::2",
+                LAN_HOST_MAC,
+            ),
+            (
+                &self.gw,
+                &self.gw_wan_if,
+                "203.0.113.1/24",
+                "2001:db8:2::1/64",
+                "203.0.113.2",
+                "2001:db8:2::2",
+                WAN_HOST_MAC,
+            ),
+            (
+                &self.wan,
+                &self.wan_if,
+                "203.0.113.2/24",
+                "2001:db8:2::2/64",
+                "203.0.113.1",
+                "2001:db8:2::1",
+                GW_WAN_MAC,
+            ),
+        ];
+        for (ns, dev, v4, v6, peer4, peer6, peer_mac) in links {
+            ip(&["-n", ns, "addr", "add", v4, "dev", dev]);
+            ip(&["-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            for peer in [peer4, peer6] {
+                ip(&[
+                    "-n",
+                    ns,
+                    "neigh",
+                    "replace",
+                    peer,
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        for (ns, dev) in self.interfaces() {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        for ns in [&self.lan, &self.gw, &self.wan] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n",
+            &self.lan,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "198.18.1.1",
+        ]);
+        ip(&[
+            "-n",
+            &self.lan,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/64",
+            "via",
+            "2001:db8:1::1",
+        ]);
+        ip(&[
+            "-n",
+            &self.wan,
+            "route",
+            "add",
+            LOCAL_NET_V4,
+            "via",
+            "203.0.113.1",
+        ]);
+        ip(&[
+            "-n",
+            &self.wan,
+            "-6",
+            "route",
+            "add",
+            LOCAL_NET_V6,
+            "via",
+            "2001:db8:2::1",
+        ]);
+    }
+
+    /// Every lab veth as (namespace, interface).
+    pub fn interfaces(&self) -> [(&str, &str); 4] {
+        [
+            (&self.lan, &self.lan_if),
+            (&self.gw, &self.gw_lan_if),
+            (&self.gw, &self.gw_wan_if),
+            (&self.wan, &self.wan_if),
+        ]
+    }
+
+    pub fn wan_counters(&self) -> WanCounters {
+        WanCounters {
+            gw_wan: counters(&self.gw, &self.gw_wan_if),
+            wan_host: counters(&self.wan, &self.wan_if),
+        }
+    }
+
+    /// How many bytes beyond the IP packet `dev`'s tx byte counter counts per frame,
+    /// measured by sending one non-IP frame of known size. A veth counts the Ethernet header
+    /// (14) unless its peer receives through NAPI (XDP attached, or GRO on): then the kernel
+    /// counts the frame after stripping the header (0). Call it with the lab quiet.
+    pub fn tx_l2_bytes(&self, ns: &str, dev: &str) -> u64 {
+        const PAYLOAD: usize = 50;
+        let (own, peer) = self.macs(dev);
+        let mut frame = Vec::with_capacity(ETH_HEADER as usize + PAYLOAD);
+        frame.extend(peer);
+        frame.extend(own);
+        // IEEE 802 "local experimental" EtherType: nobody parses it.
+        frame.extend([0x88, 0xb5]);
+        frame.resize(ETH_HEADER as usize + PAYLOAD, 0);
+
+        let before = counters(ns, dev);
+        send_raw_frame(ns, dev, peer, frame);
+        let start = Instant::now();
+        let delta = loop {
+            // The count may land asynchronously (the peer's NAPI poll).
+            let delta = counters(ns, dev).since(before);
+            if delta.tx_packets > 0 {
+                break delta;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{ns}/{dev}: probe frame never counted in tx"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            delta.tx_packets, 1,
+            "{ns}/{dev}: other traffic during the probe: {delta:?}"
+        );
+        let l2 = delta.tx_bytes.checked_sub(PAYLOAD as u64);
+        assert!(
+            l2 == Some(ETH_HEADER) || l2 == Some(0),
+            "{ns}/{dev}: a {} B frame ({PAYLOAD} B after the Ethernet header) added {} tx bytes",
+            ETH_HEADER as usize + PAYLOAD,
+            delta.tx_bytes
+        );
+        l2.unwrap_or_default()
+    }
+
+    /// (own MAC, peer MAC) of a lab veth.
+    fn macs(&self, dev: &str) -> ([u8; 6], [u8; 6]) {
+        let (own, peer) = if dev == self.lan_if {
+            (LAN_HOST_MAC, GW_LAN_MAC)
+        } else if dev == self.gw_lan_if {
+            (GW_LAN_MAC, LAN_HOST_MAC)
+        } else if dev == self.gw_wan_if {
+            (GW_WAN_MAC, WAN_HOST_MAC)
+        } else if dev == self.wan_if {
+            (WAN_HOST_MAC, GW_WAN_MAC)
+        } else {
+            panic!("{dev} is not a lab interface")
+        };
+        (parse_mac(own), parse_mac(peer))
+    }
+
+    /// Waits until no lab interface's counters change for a second; panics after 15 s.
+    pub fn wait_quiet(&self) {
+        let start = Instant::now();
+        let snapshot = || {
+            self.interfaces()
+                .map(|(ns, dev)| counters(ns, dev))
+                .to_vec()
+        };
+        let mut last = snapshot();
+        let mut since = Instant::now();
+        loop {
+            thread::sleep(Duration::from_millis(100));
+            let now = snapshot();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= QUIET_FOR {
+                return;
+            }
+            if start.elapsed() > QUIET_LIMIT {
+                panic!(
+                    "lab {} never went quiet within {QUIET_LIMIT:?}: counters of {:?} still \
+                     changing, last {last:?}",
+                    self.gw,
+                    self.interfaces()
+                );
+            }
+        }
+    }
+
+    /// Starts `args` in `ns` in the background; the lab kills it (by PID) when dropped.
+    pub fn spawn_in(&self, ns: &str, args: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {args:?} in {ns}: {e}"));
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+        pid
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        for mut child in children {
+            if let Ok(None) = child.try_wait() {
+                // Child::kill sends SIGKILL to this child's PID only.
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        for ns in [&self.lan, &self.gw, &self.wan] {
+            if Path::new("/run/netns").join(ns).exists() {
+                let out = run_bounded(Command::new("ip").args(["netns", "del", ns]), COMMAND_LIMIT);
+                if !out.status.success() {
+                    eprintln!(
+                        "lab: ip netns del {ns} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Before any interface exists: no DAD, no router solicitations or advertisements, no
+/// link-local addresses (whose MLD joins would add packets), quick MLD reports at bring-up,
+/// no TCP tail loss probes.
+fn quiet_sysctls(ns: &str) {
+    let mut settings = Vec::new();
+    for conf in ["all", "default"] {
+        for (key, value) in [
+            ("accept_dad", "0"),
+            ("dad_transmits", "0"),
+            ("router_solicitations", "0"),
+            ("accept_ra", "0"),
+            ("addr_gen_mode", "1"),
+            ("ndisc_notify", "0"),
+            ("mldv1_unsolicited_report_interval", "100"),
+            ("mldv2_unsolicited_report_interval", "100"),
+        ] {
+            settings.push((format!("net/ipv6/conf/{conf}/{key}"), value));
+        }
+        settings.push((format!("net/ipv4/conf/{conf}/arp_notify"), "0"));
+    }
+    // On a loaded machine these microsecond-RTT links delay ACKs past the tail loss probe
+    // timeout, and veths reorder packets that different CPUs transmit: the resulting
+    // spurious retransmissions would put more payload on the wire than the generator wrote.
+    // No TLP, no RACK, and a high duplicate-ACK threshold keep TCP from retransmitting
+    // anything that was not lost (the lab loses nothing).
+    for (key, value) in [
+        ("net/ipv4/tcp_early_retrans", "0"),
+        ("net/ipv4/tcp_recovery", "0"),
+        ("net/ipv4/tcp_reordering", "300"),
+    ] {
+        settings.push((key.to_string(), value));
+    }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    set_sysctls(ns, &settings);
+}
+
+/// Writes /proc/sys entries from a thread inside `ns` (/proc/sys/net follows the
+/// writer's network namespace), and reads each back.
+pub fn set_sysctls(ns: &str, settings: &[(&str, &str)]) {
+    let settings: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let ns_name = ns.to_string();
+    run_in_ns(ns, move || {
+        for (key, value) in settings {
+            let path = format!("/proc/sys/{key}");
+            std::fs::write(&path, &value)
+                .unwrap_or_else(|e| panic!("in {ns_name}: write {value} to {path}: {e}"));
+            let back = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("in {ns_name}: read {path}: {e}"));
+            assert_eq!(
+                back.trim(),
+                value,
+                "in {ns_name}: {path} did not take {value}"
+            );
+        }
+    });
+}
+
+/// Turns TSO, GSO, UDP segmentation and GSO lists off where the device lets us, so the
+/// stack segments before the device counts tx packets.
+fn segmentation_off(ns: &str, dev: &str) {
+    const FEATURES: [&str; 4] = [
+        "tcp-segmentation-offload",
+        "generic-segmentation-offload",
+        "tx-udp-segmentation",
+        "tx-gso-list",
+    ];
+    let listing = ns_exec(ns, &["ethtool", "-k", dev]);
+    let state = |feature: &str| {
+        listing.lines().find_map(|line| {
+            line.trim()
+                .strip_prefix(feature)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(|rest| rest.trim().to_string())
+        })
+    };
+    let mut args = vec!["ethtool", "-K", dev];
+    for feature in FEATURES {
+        match state(feature) {
+            Some(s) if s.contains("[fixed]") => {
+                assert!(s.starts_with("off"), "{ns}/{dev}: {feature} is fixed {s}")
+            }
+            Some(_) => args.extend([feature, "off"]),
+            None => {}
+        }
+    }
+    if args.len() > 3 {
+        ns_exec(ns, &args);
+    }
+    let listing = ns_exec(ns, &["ethtool", "-k", dev]);
+    for feature in FEATURES {
+        let line = listing
+            .lines()
+            .find(|l| l.trim().starts_with(&format!("{feature}:")));
+        if let Some(line) = line {
+            assert!(
+                line.contains(": off"),
+                "{ns}/{dev}: {feature} still on after ethtool -K: {line}"
+            );
+        }
+    }
+}
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(part, 16).expect("MAC constant");
+    }
+    mac
+}
+
+/// Sends one raw Ethernet frame out of `dev` in `ns` through an AF_PACKET socket.
+fn send_raw_frame(ns: &str, dev: &str, dst: [u8; 6], frame: Vec<u8>) {
+    let dev = dev.to_string();
+    let ns_name = ns.to_string();
+    run_in_ns(ns, move || {
+        let name = std::ffi::CString::new(dev.clone()).expect("interface name");
+        // SAFETY: `name` is a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex != 0, "in {ns_name}: no interface {dev}");
+        // Protocol 0: the socket sends only, it receives nothing.
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(
+            fd >= 0,
+            "in {ns_name}: AF_PACKET socket: {}",
+            io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst);
+        // SAFETY: buffer and address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "in {ns_name}: send probe frame on {dev}: {}",
+            io::Error::last_os_error()
+        );
+    });
+}
+
+/// Reads an interface's counters with `ip -s -j link show`.
+pub fn counters(ns: &str, dev: &str) -> Counters {
+    let text = ip(&["-n", ns, "-s", "-j", "link", "show", "dev", dev]);
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("ip -j output for {ns}/{dev} is not JSON ({e}): {text}"));
+    let stats = &json[0]["stats64"];
+    let get = |dir: &str, what: &str| {
+        stats[dir][what]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stats64.{dir}.{what} for {ns}/{dev} in {text}"))
+    };
+    Counters {
+        rx_packets: get("rx", "packets"),
+        rx_bytes: get("rx", "bytes"),
+        tx_packets: get("tx", "packets"),
+        tx_bytes: get("tx", "bytes"),
+    }
+}
+
+/// Runs `ip ARGS`; panics with its stderr unless it succeeds. Returns stdout.
+pub fn ip(args: &[&str]) -> String {
+    checked(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+    )
+}
+
+/// Runs `ARGS` inside `ns` (`ip netns exec`); panics with its stderr unless it succeeds.
+pub fn ns_exec(ns: &str, args: &[&str]) -> String {
+    checked(
+        Command::new("ip").args(["netns", "exec", ns]).args(args),
+        &format!("in {ns}: {}", args.join(" ")),
+    )
+}
+
+/// Runs `ARGS` inside `ns`, killed after `limit`; the caller judges the exit status.
+pub fn ns_output(ns: &str, args: &[&str], limit: Duration) -> Output {
+    run_bounded(
+        Command::new("ip").args(["netns", "exec", ns]).args(args),
+        limit,
+    )
+}
+
+fn checked(cmd: &mut Command, what: &str) -> String {
+    let out = run_bounded(cmd, COMMAND_LIMIT);
+    if !out.status.success() {
+        panic!(
+            "{what}: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command to completion with its output captured; kills it (by PID) and panics
+/// if it takes longer than `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} did not finish within {limit:?}");
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("wait for {cmd:?}: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates
+/// belong to `ns` (and keep belonging to it when used from other threads). A panic in
+/// `f` is re-raised here.
+pub fn run_in_ns<T, F>(ns: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    match spawn_in_ns(ns, f).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Like [`run_in_ns`] but returns the thread's handle at once.
+pub fn spawn_in_ns<T, F>(ns: &str, f: F) -> JoinHandle<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let path = format!("/run/netns/{ns}");
+    thread::Builder::new()
+        .name(format!("ns {ns}"))
+        .spawn(move || {
+            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: plain syscall on a valid fd; it changes only this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                panic!(
+                    "setns({path}, CLONE_NEWNET): {}",
+                    io::Error::last_os_error()
+                );
+            }
+            drop(file);
+            f()
+        })
+        .expect("spawn namespace thread")
+}
+
+/// The lan host's and the wan host's address of one family.
+pub fn hosts(v6: bool) -> (IpAddr, IpAddr) {
+    if v6 {
+        (LAN_HOST_V6.into(), WAN_HOST_V6.into())
+    } else {
+        (LAN_HOST_V4.into(), WAN_HOST_V4.into())
+    }
+}

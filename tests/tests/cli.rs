@@ -1,0 +1,117 @@
+//! Bad input and missing privileges: the documented exit status and one actionable line.
+
+use std::process::{Command, Output};
+
+use tests::agent::Agent;
+
+fn monitor(args: &[&str]) -> Output {
+    Command::new(Agent::binary())
+        .args(args)
+        .output()
+        .expect("run the agent binary")
+}
+
+/// Exit status 2 and exactly one line on stderr naming the flag and the value.
+fn assert_usage_error(args: &[&str], flag: &str, value: &str, accepted: &str) {
+    let out = monitor(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: stderr {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one line, got {stderr:?}");
+    for part in [flag, value, accepted] {
+        assert!(
+            lines[0].contains(part),
+            "{args:?}: {part:?} missing from {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn nonexistent_interface() {
+    assert_usage_error(
+        &["run", "--iface", "nosuch0"],
+        "--iface",
+        "nosuch0",
+        "no such interface",
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    assert_usage_error(
+        &["run", "--iface", "lo", "--local-net", "10.0.0.0/33"],
+        "--local-net",
+        "10.0.0.0/33",
+        "network such as",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    for flag in ["--poll-interval", "--idle-timeout"] {
+        assert_usage_error(
+            &["run", "--iface", "lo", flag, "soon"],
+            flag,
+            "soon",
+            "expected a duration",
+        );
+    }
+}
+
+#[test]
+fn bad_hook() {
+    assert_usage_error(
+        &["run", "--iface", "lo", "--ingress-hook", "kprobe"],
+        "--ingress-hook",
+        "kprobe",
+        "xdp",
+    );
+}
+
+#[test]
+fn help_documents_every_flag_with_its_default() {
+    let out = monitor(&["run", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--iface",
+        "--ingress-hook",
+        "--xdp-mode",
+        "--flow-map-size",
+        "--local-net",
+        "--poll-interval",
+        "--idle-timeout",
+        "--conn-log",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    for default in [
+        "[default: tc]",
+        "[default: auto]",
+        "[default: 262144]",
+        "[default: 1s]",
+        "[default: 5m]",
+        "fc00::/7",
+    ] {
+        assert!(help.contains(default), "{default} missing from --help");
+    }
+}
+
+/// Without privileges the agent cannot load its programs: it must say what it needs.
+#[test]
+fn unprivileged_run_says_what_it_needs() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(Agent::binary())
+        .args(["run", "--iface", "lo"])
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON"),
+        "last line should say what privileges are needed: {stderr}"
+    );
+}
