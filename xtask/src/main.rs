@@ -22,10 +22,13 @@ const APT_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
-    // The agent's test labs.
+    // The agent's test labs: namespaces, offload settings, ping, replayed captures.
     "iproute2",
     "ethtool",
     "iputils-ping",
+    "tcpreplay",
+    // Benchmarks.
+    "iperf3",
 ];
 
 #[derive(Parser)]
@@ -47,12 +50,24 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release) and run a benchmark; prints a Markdown table for
+    /// BENCHMARKS.md.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
     /// Set up, then run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace labs.
     Test {
         /// Passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// What each ingress hook (native XDP, TC) costs a veth gateway, against no agent.
+    Ingress,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +86,17 @@ fn main() -> anyhow::Result<()> {
             let mut cmd = as_root(&bin);
             cmd.arg("run").args(&args);
             check(cmd.status(), "monitor run")
+        }
+        Task::Bench { which } => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "monitor"])?;
+            let bin = match which {
+                Bench::Ingress => "bench-ingress",
+            };
+            let mut cmd = as_root(Path::new("cargo"));
+            cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
+                .env("MONITOR_BIN", root.join("target/release/monitor"));
+            check(cmd.status(), bin)
         }
         Task::Test { args } => {
             setup()?;
