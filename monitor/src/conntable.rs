@@ -248,10 +248,6 @@ impl ConnTable {
         self.conns.drain().map(|(_, c)| c)
     }
 
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }

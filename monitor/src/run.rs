@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use log::{info, warn};
-use monitor_common::names;
+use monitor_common::{names, stats};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -21,6 +21,8 @@ struct Pipeline {
     local: LocalNets,
     clock: Clock,
     conn_log: Option<JsonLines>,
+    /// New connections the kernel could not count because the map was full, as last seen.
+    map_full: u64,
 }
 
 impl Pipeline {
@@ -28,6 +30,7 @@ impl Pipeline {
     /// map with its final counts before its record is written.
     fn poll(&mut self) -> anyhow::Result<()> {
         let now = clock::monotonic_ns();
+        self.check_map_full()?;
         for snap in self.poller.snapshot()? {
             self.table.observe(snap);
         }
@@ -52,7 +55,32 @@ impl Pipeline {
             self.finish(conn)?;
         }
         info!("wrote {} connections still open at shutdown", open.len());
+        let counters = self.poller.counters()?;
+        let unparsed: Vec<String> = stats::UNPARSED_REASONS
+            .iter()
+            .zip(counters)
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| format!("{reason}={n}"))
+            .collect();
+        if !unparsed.is_empty() {
+            info!("packets not parsed: {}", unparsed.join(" "));
+        }
+        self.check_map_full()?;
         self.flush()
+    }
+
+    /// A full map loses counts visibly: say so each time more were refused.
+    fn check_map_full(&mut self) -> anyhow::Result<()> {
+        let full = self.poller.counters()?[stats::FLOW_MAP_FULL as usize];
+        if full > self.map_full {
+            warn!(
+                "flow map full: {} packets of new connections not counted ({full} in all); \
+                 raise --flow-map-size",
+                full - self.map_full
+            );
+            self.map_full = full;
+        }
+        Ok(())
     }
 
     fn finish(&mut self, conn: &Conn) -> anyhow::Result<()> {
@@ -90,6 +118,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         local: LocalNets::new(args.local_nets.clone()),
         clock: Clock::new(),
         conn_log,
+        map_full: 0,
     };
 
     let mut watching = Vec::new();
