@@ -142,7 +142,7 @@ impl Conn {
     }
 
     /// Closed by the endpoints: FIN both ways, or a RST.
-    fn closed(&self) -> bool {
+    pub fn closed(&self) -> bool {
         let [ab, ba] = &self.snap.dir;
         let either = (ab.tcp_flags | ba.tcp_flags) & tcp_flags::RST != 0;
         let both_fin = ab.tcp_flags & ba.tcp_flags & tcp_flags::FIN != 0;
@@ -237,6 +237,10 @@ impl ConnTable {
             .filter(|c| c.finished(now_ns, self.idle_timeout))
             .map(|c| c.snap.key)
             .collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Conn> {
+        self.conns.values()
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {

@@ -3,6 +3,7 @@
 //!
 //! maps -> poller -> connection table -> logs.
 
+pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod conntable;
@@ -10,4 +11,6 @@ pub mod iface;
 pub mod kernel;
 pub mod logs;
 pub mod poller;
+pub mod resolve;
+pub mod rules;
 pub mod run;

@@ -1,59 +1,98 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
+use std::{collections::BTreeMap, time::Duration};
+
 use anyhow::Context as _;
 use log::{info, warn};
 use monitor_common::{names, stats};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    alerts::{
+        Alert, Note,
+        dispatch::Dispatcher,
+        sinks::{AlertLog, Sink},
+        suppress::Suppressor,
+    },
     cli::RunArgs,
     clock::{self, Clock},
     conntable::{Conn, ConnTable, LocalNets},
     kernel::Kernel,
     logs::{JsonLines, conn::ConnRecord},
     poller::Poller,
+    resolve,
+    rules::{self, ConnCtx, Names, Now, Rule},
 };
 
-/// One way through: poller -> connection table -> logs.
+/// Alerts a sink may fall behind by before new ones are dropped (and counted).
+const SINK_QUEUE: usize = 10_000;
+/// How long shutdown waits for sinks to take what is queued.
+const SINK_DRAIN: Duration = Duration::from_secs(5);
+
+/// One way through: poller -> connection table -> rules -> suppression -> sinks, with the
+/// connection logs written as connections finish or age.
 struct Pipeline {
     poller: Poller,
     table: ConnTable,
     local: LocalNets,
     clock: Clock,
+    rules: Vec<Box<dyn Rule>>,
+    suppressor: Suppressor,
+    sinks: Vec<Dispatcher>,
     conn_log: Option<JsonLines>,
+    conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
+    raised: BTreeMap<Note, u64>,
+    suppressed: BTreeMap<Note, u64>,
 }
 
 impl Pipeline {
-    /// Reads the map, then finishes what is done: each finished entry is taken out of the
-    /// map with its final counts before its record is written.
+    /// Reads the map, runs the rules on every open connection, then finishes what is done:
+    /// each finished entry is taken out of the map with its final counts, judged by the
+    /// rules once more, and written.
     fn poll(&mut self) -> anyhow::Result<()> {
-        let now = clock::monotonic_ns();
+        let now = Now::new(clock::monotonic_ns(), &self.clock);
         self.check_map_full()?;
         for snap in self.poller.snapshot()? {
             self.table.observe(snap);
         }
-        for key in self.table.finished(now) {
+        let mut alerts = Vec::new();
+        for conn in self.table.iter() {
+            let ctx = ConnCtx::new(conn, &self.clock, &self.local);
+            for rule in &mut self.rules {
+                rule.on_update(&ctx, now, &mut alerts);
+            }
+        }
+        for key in self.table.finished(now.mono_ns) {
             if let Some(last) = self.poller.take(&key)? {
                 self.table.observe(last);
             }
             if let Some(conn) = self.table.remove(&key) {
-                self.finish(&conn)?;
+                self.finish(&conn, now, &mut alerts)?;
             }
         }
+        for rule in &mut self.rules {
+            rule.on_tick(now);
+        }
+        self.suppressor.prune(now.mono_ns);
+        self.emit(alerts, now)?;
         self.flush()
     }
 
-    /// After the programs are detached: every connection still open gets its record.
-    fn shutdown(&mut self) -> anyhow::Result<()> {
+    /// After the programs are detached: every connection still open is judged and gets
+    /// its record, and the sinks get what they can take in a bounded time.
+    fn shutdown(mut self) -> anyhow::Result<()> {
+        let now = Now::new(clock::monotonic_ns(), &self.clock);
         for snap in self.poller.snapshot()? {
             self.table.observe(snap);
         }
         let open: Vec<Conn> = self.table.drain().collect();
+        let mut alerts = Vec::new();
         for conn in &open {
-            self.finish(conn)?;
+            self.finish(conn, now, &mut alerts)?;
         }
+        self.emit(alerts, now)?;
         info!("wrote {} connections still open at shutdown", open.len());
         let counters = self.poller.counters()?;
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
@@ -66,7 +105,71 @@ impl Pipeline {
             info!("packets not parsed: {}", unparsed.join(" "));
         }
         self.check_map_full()?;
-        self.flush()
+        self.flush()?;
+        info!(
+            "alerts sent: {:?}; suppressed: {:?}",
+            self.raised, self.suppressed
+        );
+        for sink in self.sinks {
+            let (name, dropped) = (sink.name(), sink.dropped());
+            let left = sink.shutdown(SINK_DRAIN);
+            if left > 0 || dropped > 0 {
+                warn!(
+                    "{name}: {dropped} alerts dropped (queue full), {left} undelivered at shutdown"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>) -> anyhow::Result<()> {
+        let ctx = ConnCtx::new(conn, &self.clock, &self.local);
+        for rule in &mut self.rules {
+            rule.on_finish(&ctx, now, alerts);
+        }
+        if let Some(log) = &mut self.conn_log {
+            log.write(&ctx.record())
+                .with_context(|| format!("writing {}", log.path().display()))?;
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, alerts: Vec<Alert>, now: Now) -> anyhow::Result<()> {
+        for alert in alerts {
+            if let (Note::LongConnection, Some(log), Some(fields), Some(ts)) = (
+                alert.note,
+                &mut self.conn_long_log,
+                &alert.conn,
+                alert.first_seen,
+            ) {
+                let record = ConnRecord {
+                    ts,
+                    fields: fields.clone(),
+                };
+                log.write(&record)
+                    .with_context(|| format!("writing {}", log.path().display()))?;
+            }
+            if !self.suppressor.admit(&alert, now.mono_ns) {
+                *self.suppressed.entry(alert.note).or_default() += 1;
+                continue;
+            }
+            *self.raised.entry(alert.note).or_default() += 1;
+            for sink in &self.sinks {
+                sink.submit(alert.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        for log in [&mut self.conn_log, &mut self.conn_long_log]
+            .into_iter()
+            .flatten()
+        {
+            log.flush()
+                .with_context(|| format!("writing {}", log.path().display()))?;
+        }
+        Ok(())
     }
 
     /// A full map loses counts visibly: say so each time more were refused.
@@ -82,43 +185,39 @@ impl Pipeline {
         }
         Ok(())
     }
+}
 
-    fn finish(&mut self, conn: &Conn) -> anyhow::Result<()> {
-        if let Some(log) = &mut self.conn_log {
-            let record = ConnRecord::new(conn, &self.local, &self.clock);
-            log.write(&record)
-                .with_context(|| format!("writing {}", log.path().display()))?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> anyhow::Result<()> {
-        if let Some(log) = &mut self.conn_log {
-            log.flush()
-                .with_context(|| format!("writing {}", log.path().display()))?;
-        }
-        Ok(())
-    }
+fn open_log(path: Option<&std::path::Path>) -> anyhow::Result<Option<JsonLines>> {
+    path.map(|path| JsonLines::open(path).with_context(|| format!("opening {}", path.display())))
+        .transpose()
 }
 
 pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
+    let local = LocalNets::new(args.local_nets.clone());
+    let names = Names::default();
+    resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
+    let alert_log: Box<dyn Sink> = Box::new(
+        AlertLog::open(&args.alert_log)
+            .with_context(|| format!("opening {}", args.alert_log.display()))?,
+    );
     let mut kernel = Kernel::load(args.flow_map_size)?;
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     )?;
-    let conn_log = args
-        .conn_log
-        .as_deref()
-        .map(|path| JsonLines::open(path).with_context(|| format!("opening {}", path.display())))
-        .transpose()?;
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(args.idle_timeout),
-        local: LocalNets::new(args.local_nets.clone()),
+        rules: rules::from_args(&args.rules, &local, &names),
+        local,
         clock: Clock::new(),
-        conn_log,
+        suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
+        sinks: vec![Dispatcher::spawn(alert_log, SINK_QUEUE)],
+        conn_log: open_log(args.conn_log.as_deref())?,
+        conn_long_log: open_log(args.conn_long_log.as_deref())?,
         map_full: 0,
+        raised: BTreeMap::new(),
+        suppressed: BTreeMap::new(),
     };
 
     let mut watching = Vec::new();

@@ -14,6 +14,14 @@ use crate::{
 pub struct ConnRecord {
     /// First packet, epoch seconds.
     pub ts: f64,
+    #[serde(flatten)]
+    pub fields: ConnFields,
+}
+
+/// Everything of a connection record but its time: alerts embed these beside their own
+/// `ts`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConnFields {
     pub uid: String,
     #[serde(rename = "id.orig_h")]
     pub orig_h: IpAddr,
@@ -44,8 +52,7 @@ impl ConnRecord {
         let (orig, resp) = conn.endpoints();
         let (o, r) = (conn.orig(), conn.resp());
         let (first, last) = (conn.first_ns(), conn.last_ns());
-        Self {
-            ts: clock.epoch_secs(first),
+        let fields = ConnFields {
             uid: conn.uid.clone(),
             orig_h: orig.addr,
             orig_p: orig.port,
@@ -64,6 +71,10 @@ impl ConnRecord {
             local_resp: local.contains(resp.addr),
             missed_start: conn.missed_start(),
             iface: iface::name(conn.snap.ifindex),
+        };
+        Self {
+            ts: clock.epoch_secs(first),
+            fields,
         }
     }
 }

@@ -1,0 +1,104 @@
+//! Alerts: what the rules raise, suppression, and the sinks they go to.
+
+pub mod dispatch;
+pub mod sinks;
+pub mod suppress;
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::logs::conn::{ConnFields, ConnRecord};
+
+/// The rule that raised an alert (SPEC section 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Note {
+    LargeUpload,
+    UploadRatio,
+    LongConnection,
+    RestrictedOutbound,
+    WindowExceeded,
+    DataLeak,
+}
+
+impl Note {
+    pub const ALL: [Note; 6] = [
+        Note::LargeUpload,
+        Note::UploadRatio,
+        Note::LongConnection,
+        Note::RestrictedOutbound,
+        Note::WindowExceeded,
+        Note::DataLeak,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Note::LargeUpload => "LargeUpload",
+            Note::UploadRatio => "UploadRatio",
+            Note::LongConnection => "LongConnection",
+            Note::RestrictedOutbound => "RestrictedOutbound",
+            Note::WindowExceeded => "WindowExceeded",
+            Note::DataLeak => "DataLeak",
+        }
+    }
+}
+
+/// One alert, serialised as one JSON object: `ts` (now), `note`, `msg`, `src`, `dst`, the
+/// connection's fields where one connection is concerned (with `first_seen`, its first
+/// packet), and the rule's figures.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Alert {
+    pub ts: f64,
+    pub note: Note,
+    pub msg: String,
+    pub src: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<f64>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<ConnFields>,
+    #[serde(flatten)]
+    pub figures: Map<String, Value>,
+    /// What makes two alerts "the same" for suppression: the rule's key.
+    #[serde(skip)]
+    pub key: String,
+}
+
+impl Alert {
+    /// An alert about one connection.
+    pub fn for_conn(
+        ts: f64,
+        note: Note,
+        msg: String,
+        src: IpAddr,
+        dst: IpAddr,
+        record: ConnRecord,
+        key: String,
+    ) -> Self {
+        Self {
+            ts,
+            note,
+            msg,
+            src,
+            dst: Some(dst),
+            first_seen: Some(record.ts),
+            conn: Some(record.fields),
+            figures: Map::new(),
+            key,
+        }
+    }
+
+    /// Sets the suppression key.
+    pub fn keyed(mut self, key: String) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Adds one of the rule's figures (`threshold`, `bytes`, `window`, ...).
+    pub fn with(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.figures.insert(name.to_owned(), value.into());
+        self
+    }
+}

@@ -1,0 +1,112 @@
+//! Suppression: an alert with the same rule and key within the quiet time is not sent
+//! again, only counted. RestrictedOutbound has its own quiet time, which a repeat
+//! restarts (SPEC section 3); for the other rules it runs from the alert that was sent.
+
+use std::{collections::HashMap, time::Duration};
+
+use super::{Alert, Note};
+
+pub struct Suppressor {
+    quiet: Duration,
+    restricted_quiet: Duration,
+    /// Kernel-clock time the quiet time of each (rule, key) runs from.
+    since: HashMap<(Note, String), u64>,
+}
+
+impl Suppressor {
+    pub fn new(quiet: Duration, restricted_quiet: Duration) -> Self {
+        Self {
+            quiet,
+            restricted_quiet,
+            since: HashMap::new(),
+        }
+    }
+
+    fn quiet_for(&self, note: Note) -> Duration {
+        match note {
+            Note::RestrictedOutbound => self.restricted_quiet,
+            _ => self.quiet,
+        }
+    }
+
+    /// Whether `alert` goes out at kernel time `now_ns`.
+    pub fn admit(&mut self, alert: &Alert, now_ns: u64) -> bool {
+        let quiet = self.quiet_for(alert.note).as_nanos() as u64;
+        let slot = (alert.note, alert.key.clone());
+        match self.since.get(&slot) {
+            Some(&since) if now_ns.saturating_sub(since) < quiet => {
+                if alert.note == Note::RestrictedOutbound {
+                    self.since.insert(slot, now_ns);
+                }
+                false
+            }
+            _ => {
+                self.since.insert(slot, now_ns);
+                true
+            }
+        }
+    }
+
+    /// Forgets keys whose quiet time is over.
+    pub fn prune(&mut self, now_ns: u64) {
+        let (quiet, restricted) = (self.quiet, self.restricted_quiet);
+        self.since.retain(|(note, _), since| {
+            let q = if *note == Note::RestrictedOutbound {
+                restricted
+            } else {
+                quiet
+            };
+            now_ns.saturating_sub(*since) < q.as_nanos() as u64
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn alert(note: Note, key: &str) -> Alert {
+        Alert {
+            ts: 0.0,
+            note,
+            msg: String::new(),
+            src: "198.18.1.2".parse().unwrap(),
+            dst: None,
+            first_seen: None,
+            conn: None,
+            figures: Default::default(),
+            key: key.into(),
+        }
+    }
+
+    #[test]
+    fn same_rule_and_key_is_quiet_for_the_suppress_time() {
+        let mut s = Suppressor::new(Duration::from_secs(3600), Duration::from_secs(60));
+        let a = alert(Note::LargeUpload, "k");
+        assert!(s.admit(&a, 0));
+        assert!(!s.admit(&a, 3599 * SEC));
+        assert!(
+            s.admit(&a, 3600 * SEC),
+            "the quiet time runs from the alert sent"
+        );
+        assert!(s.admit(&alert(Note::LargeUpload, "other"), 3601 * SEC));
+        assert!(
+            s.admit(&alert(Note::UploadRatio, "k"), 3601 * SEC),
+            "another rule"
+        );
+    }
+
+    #[test]
+    fn restricted_repeats_restart_the_timer() {
+        let mut s = Suppressor::new(Duration::from_secs(3600), Duration::from_secs(60));
+        let a = alert(Note::RestrictedOutbound, "src>dst:443/6");
+        assert!(s.admit(&a, 0));
+        assert!(!s.admit(&a, 50 * SEC));
+        assert!(!s.admit(&a, 100 * SEC), "restarted at 50 s");
+        assert!(s.admit(&a, 161 * SEC), "quiet for 61 s");
+        s.prune(222 * SEC);
+        assert!(s.since.is_empty());
+    }
+}

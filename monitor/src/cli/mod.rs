@@ -1,0 +1,352 @@
+//! Command-line flags, their value parsers and defaults.
+//!
+//! A bad value exits with status 2 and one line naming the flag, the value and what is
+//! accepted (see [`parse`]).
+
+pub mod values;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum, error::ErrorKind};
+use ipnet::IpNet;
+use monitor_common::DEFAULT_FLOW_MAP_SIZE;
+pub use values::{
+    AddrSpec, AllowPair, AllowService, Durations, Service, Size, parse_cidr, parse_duration,
+    parse_durations, parse_factor,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "monitor",
+    version,
+    about = "eBPF egress monitor: counts every connection leaving the network, as on the wire."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the kernel programs and watch connections until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IngressHook {
+    /// XDP (see --xdp-mode).
+    Xdp,
+    /// TC ingress (clsact/TCX).
+    Tc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum XdpMode {
+    /// Native XDP where the driver has it, else TC ingress (generic XDP cannot count
+    /// aggregated packets exactly).
+    Auto,
+    /// Native (driver) XDP only; fail where the driver lacks it.
+    Native,
+    /// Generic XDP: works everywhere, but sees GRO/GSO aggregates as one packet.
+    Skb,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Interface to watch (repeatable). Default: the interface of the default route.
+    #[arg(long = "iface", value_name = "IFACE", help_heading = "Capture")]
+    pub ifaces: Vec<String>,
+
+    /// How ingress traffic is hooked. TC sees GRO aggregates and counts their segments;
+    /// native XDP on a veth forces the peer's TSO off (see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = IngressHook::Tc, help_heading = "Capture")]
+    pub ingress_hook: IngressHook,
+
+    /// XDP attach mode, with --ingress-hook xdp.
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto, help_heading = "Capture")]
+    pub xdp_mode: XdpMode,
+
+    /// Kernel connection map capacity; connections beyond it are counted in
+    /// flow_map_full, never silently dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_FLOW_MAP_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Capture")]
+    pub flow_map_size: u32,
+
+    /// What is "local" (repeatable; replaces the default list).
+    #[arg(long = "local-net", value_name = "CIDR", value_parser = parse_cidr,
+          default_values_t = default_local_nets(), help_heading = "Connections")]
+    pub local_nets: Vec<IpNet>,
+
+    /// Map polling period.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s",
+          help_heading = "Connections")]
+    pub poll_interval: Duration,
+
+    /// A connection with no packets for this long is finished.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5m",
+          help_heading = "Connections")]
+    pub idle_timeout: Duration,
+
+    /// Finished connections as JSON lines with Zeek conn.log field names (`-`: stdout).
+    /// Default: not written.
+    #[arg(long, value_name = "PATH", help_heading = "Outputs")]
+    pub conn_log: Option<PathBuf>,
+
+    /// Long connections while still active (LongConnection), same fields. Default: not
+    /// written.
+    #[arg(long, value_name = "PATH", help_heading = "Outputs")]
+    pub conn_long_log: Option<PathBuf>,
+
+    /// Alerts as JSON lines, one per alert, flushed at once (`-`: stdout).
+    #[arg(
+        long,
+        value_name = "PATH|-",
+        default_value = "-",
+        help_heading = "Outputs"
+    )]
+    pub alert_log: PathBuf,
+
+    /// An alert with the same rule and key is not repeated within this time (suppressed
+    /// alerts are counted).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1h",
+          help_heading = "Outputs")]
+    pub suppress: Duration,
+
+    #[command(flatten)]
+    pub rules: RuleArgs,
+}
+
+/// Detection rules (SPEC section 5).
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// LargeUpload: payload sent by a local host to a non-local one in one connection,
+    /// alerted while the connection is open.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "100MB",
+        help_heading = "LargeUpload"
+    )]
+    pub upload_threshold: Size,
+
+    /// LargeUpload: packets the local host must have sent as well.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1000,
+        help_heading = "LargeUpload"
+    )]
+    pub upload_min_packets: u64,
+
+    /// UploadRatio: services that normally download (repeatable; replaces the default).
+    #[arg(long = "ratio-port", value_name = "PORT/PROTO", default_values_t = [Service { port: 80, proto: 6 }],
+          help_heading = "UploadRatio")]
+    pub ratio_ports: Vec<Service>,
+
+    /// UploadRatio: alert when a local client sent more than FACTOR times the payload it
+    /// received, when the connection finishes.
+    #[arg(long, value_name = "FACTOR", value_parser = parse_factor, default_value = "1.0",
+          help_heading = "UploadRatio")]
+    pub ratio: f64,
+
+    /// UploadRatio: and at least this much (0: the classic rule, any upload larger than
+    /// the download).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "1MB",
+        help_heading = "UploadRatio"
+    )]
+    pub ratio_min_bytes: Size,
+
+    /// LongConnection: alert as an active connection's age crosses each of these; after
+    /// the last, every last duration.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "10m,30m,1h,12h,24h,3d",
+        help_heading = "LongConnection"
+    )]
+    pub long_durations: Durations,
+
+    /// LongConnection: connections with an endpoint here are not reported (repeatable),
+    /// e.g. a VPN range.
+    #[arg(long = "long-ignore", value_name = "CIDR", value_parser = parse_cidr,
+          help_heading = "LongConnection")]
+    pub long_ignore: Vec<IpNet>,
+
+    /// RestrictedOutbound: hosts here must not open connections outside the local nets
+    /// (repeatable). Default: none, the rule is off.
+    #[arg(long = "restricted-net", value_name = "CIDR", value_parser = parse_cidr,
+          help_heading = "RestrictedOutbound")]
+    pub restricted_nets: Vec<IpNet>,
+
+    /// RestrictedOutbound: destinations allowed to anyone (repeatable). Host names stand
+    /// for all their A/AAAA records, re-resolved every minute.
+    #[arg(
+        long = "allow-dst",
+        value_name = "CIDR|HOST",
+        help_heading = "RestrictedOutbound"
+    )]
+    pub allow_dst: Vec<AddrSpec>,
+
+    /// RestrictedOutbound: a service allowed to anyone (repeatable).
+    #[arg(
+        long = "allow-service",
+        value_name = "CIDR,PORT/PROTO",
+        help_heading = "RestrictedOutbound"
+    )]
+    pub allow_service: Vec<AllowService>,
+
+    /// RestrictedOutbound: a source allowed to reach a destination (repeatable).
+    #[arg(
+        long = "allow-pair",
+        value_name = "SRC,DST",
+        help_heading = "RestrictedOutbound"
+    )]
+    pub allow_pair: Vec<AllowPair>,
+
+    /// RestrictedOutbound: quiet time per (source, destination, port) before the same
+    /// connection alerts again; a repeat inside it restarts it.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s",
+          help_heading = "RestrictedOutbound")]
+    pub restricted_suppress: Duration,
+
+    /// WindowExceeded: windows (aligned to the epoch) over which bytes a local host sends
+    /// to non-local ones are summed per group.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5m",
+          help_heading = "WindowExceeded and DataLeak")]
+    pub window: Duration,
+
+    /// WindowExceeded: IP bytes per group in one window.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "5MB",
+        help_heading = "WindowExceeded and DataLeak"
+    )]
+    pub window_threshold: Size,
+
+    /// DataLeak: period over which exceeded windows are summed per group.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "24h",
+          help_heading = "WindowExceeded and DataLeak")]
+    pub leak_period: Duration,
+
+    /// DataLeak: bytes of exceeded windows per group within one period.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "100MB",
+        help_heading = "WindowExceeded and DataLeak"
+    )]
+    pub leak_threshold: Size,
+
+    /// How WindowExceeded and DataLeak group bytes: per (source, destination), per
+    /// source, or per destination.
+    #[arg(long, value_enum, default_value_t = LeakGroup::Pair,
+          help_heading = "WindowExceeded and DataLeak")]
+    pub leak_group: LeakGroup,
+
+    /// Destinations left out of window and leak accounting (repeatable).
+    #[arg(
+        long = "exclude-dst",
+        value_name = "CIDR|HOST",
+        help_heading = "WindowExceeded and DataLeak"
+    )]
+    pub exclude_dst: Vec<AddrSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum LeakGroup {
+    Pair,
+    Src,
+    Dst,
+}
+
+/// RFC 1918, RFC 6598 (carrier-grade NAT) and RFC 4193 (unique local IPv6).
+pub fn default_local_nets() -> Vec<IpNet> {
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "fc00::/7",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("valid built-in network"))
+    .collect()
+}
+
+/// Parses the command line. Help and version print and exit 0; any other error prints
+/// clap's first line (it names the flag, the value and what is accepted) and exits 2.
+pub fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            err.exit()
+        }
+        Err(err) => usage_error(&one_line(&err.render().to_string())),
+    }
+}
+
+/// clap's first line names the flag and the value; for enumerated flags the accepted
+/// values follow on a line of their own, which joins it here.
+fn one_line(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let mut line = lines.next().unwrap_or("error").to_owned();
+    if let Some(values) = lines
+        .map(str::trim)
+        .find(|l| l.starts_with("[possible values"))
+    {
+        line.push(' ');
+        line.push_str(values);
+    }
+    line
+}
+
+/// One line on stderr, exit status 2: the contract for bad input.
+pub fn usage_error(line: &str) -> ! {
+    eprintln!("{line}");
+    std::process::exit(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from(["monitor", "run"]).unwrap();
+        let Command::Run(run) = cli.command;
+        assert_eq!(run.poll_interval, Duration::from_secs(1));
+        assert_eq!(run.local_nets, default_local_nets());
+        assert_eq!(run.ingress_hook, IngressHook::Tc);
+        assert!(run.ifaces.is_empty());
+    }
+
+    #[test]
+    fn enum_errors_list_accepted_values_on_the_same_line() {
+        let err = Cli::try_parse_from(["monitor", "run", "--xdp-mode", "fast"]).unwrap_err();
+        let line = one_line(&err.render().to_string());
+        assert!(
+            line.contains("'fast'") && line.contains("--xdp-mode"),
+            "{line}"
+        );
+        assert!(line.contains("auto, native, skb"), "{line}");
+    }
+
+    #[test]
+    fn bad_value_names_flag_and_value() {
+        let err = Cli::try_parse_from(["monitor", "run", "--poll-interval", "fast"]).unwrap_err();
+        let first = err.render().to_string();
+        let first = first.lines().next().unwrap();
+        assert!(first.contains("--poll-interval"), "{first}");
+        assert!(first.contains("fast"), "{first}");
+        assert!(first.contains("expected a duration"), "{first}");
+    }
+}

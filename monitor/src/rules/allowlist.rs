@@ -1,0 +1,108 @@
+//! Address matching for allowlists and exclusions: networks, and host names through the
+//! addresses they last resolved to.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use crate::cli::{AddrSpec, AllowPair, AllowService, RuleArgs, Service};
+
+/// The addresses each configured host name resolved to last; filled by the resolver,
+/// read by rules. A name that never resolved matches nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Names(Arc<RwLock<HashMap<String, Vec<IpAddr>>>>);
+
+impl Names {
+    pub fn set(&self, host: &str, addrs: Vec<IpAddr>) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.to_owned(), addrs);
+    }
+
+    pub fn has(&self, host: &str, addr: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(host)
+            .is_some_and(|addrs| addrs.contains(&addr))
+    }
+}
+
+fn spec_matches(spec: &AddrSpec, addr: IpAddr, names: &Names) -> bool {
+    match spec {
+        AddrSpec::Net(net) => net.contains(&addr),
+        AddrSpec::Host(host) => names.has(host, addr),
+    }
+}
+
+/// Any of a list of networks and host names.
+#[derive(Clone, Debug)]
+pub struct AddrMatcher {
+    specs: Vec<AddrSpec>,
+    names: Names,
+}
+
+impl AddrMatcher {
+    pub fn new(specs: Vec<AddrSpec>, names: Names) -> Self {
+        Self { specs, names }
+    }
+
+    pub fn matches(&self, addr: IpAddr) -> bool {
+        self.specs
+            .iter()
+            .any(|s| spec_matches(s, addr, &self.names))
+    }
+}
+
+/// RestrictedOutbound's allowlists: `--allow-dst`, `--allow-service`, `--allow-pair`.
+#[derive(Clone, Debug)]
+pub struct Allowlist {
+    dst: AddrMatcher,
+    services: Vec<AllowService>,
+    pairs: Vec<AllowPair>,
+    names: Names,
+}
+
+impl Allowlist {
+    pub fn new(args: &RuleArgs, names: Names) -> Self {
+        Self {
+            dst: AddrMatcher::new(args.allow_dst.clone(), names.clone()),
+            services: args.allow_service.clone(),
+            pairs: args.allow_pair.clone(),
+            names,
+        }
+    }
+
+    /// Whether a connection from `src` to `dst` on `service` is allowed.
+    pub fn covers(&self, src: IpAddr, dst: IpAddr, service: Service) -> bool {
+        self.dst.matches(dst)
+            || self
+                .services
+                .iter()
+                .any(|s| s.service == service && s.dst.contains(&dst))
+            || self.pairs.iter().any(|p| {
+                spec_matches(&p.src, src, &self.names) && spec_matches(&p.dst, dst, &self.names)
+            })
+    }
+}
+
+/// Every host name the rules' flags mention, for the resolver.
+pub fn host_names(args: &RuleArgs) -> Vec<String> {
+    let pairs = args.allow_pair.iter().flat_map(|p| [&p.src, &p.dst]);
+    let mut hosts: Vec<String> = args
+        .allow_dst
+        .iter()
+        .chain(pairs)
+        .chain(&args.exclude_dst)
+        .filter_map(|spec| match spec {
+            AddrSpec::Host(host) => Some(host.clone()),
+            AddrSpec::Net(_) => None,
+        })
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}

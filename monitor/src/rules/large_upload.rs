@@ -1,0 +1,170 @@
+//! LargeUpload: one connection carries more than the threshold from a local host to a
+//! non-local one. Alerted at the first poll after the crossing, while the connection is
+//! still open; once per connection.
+
+use std::collections::HashSet;
+
+use super::{ConnCtx, Now, Rule, human_bytes, proto_name};
+use crate::alerts::{Alert, Note};
+
+pub struct LargeUpload {
+    threshold: u64,
+    min_pkts: u64,
+    /// Open connections already alerted.
+    alerted: HashSet<String>,
+}
+
+impl LargeUpload {
+    pub fn new(threshold: u64, min_pkts: u64) -> Self {
+        Self {
+            threshold,
+            min_pkts,
+            alerted: HashSet::new(),
+        }
+    }
+
+    fn check(&mut self, conn: &ConnCtx, now: Now, finished: bool, out: &mut Vec<Alert>) {
+        let Some(side) = conn.local_side() else {
+            return;
+        };
+        let sent = conn.sent(side);
+        if sent.bytes <= self.threshold
+            || sent.pkts < self.min_pkts
+            || self.alerted.contains(conn.uid())
+        {
+            return;
+        }
+        self.alerted.insert(conn.uid().to_owned());
+        let open = !finished && !conn.conn.closed();
+        let (local, remote) = conn.local_remote(side);
+        let role = if side == super::LocalSide::Orig {
+            "which it opened"
+        } else {
+            "which the remote host opened"
+        };
+        let state = if open { "still open" } else { "now closed" };
+        let msg = format!(
+            "{} sent {} to {} port {}/{} in one connection {role}, over the {} threshold ({state}, since {:.0} s)",
+            local.addr,
+            human_bytes(sent.bytes),
+            remote.addr,
+            conn.resp.port,
+            proto_name(conn.proto()),
+            human_bytes(self.threshold),
+            conn.age(now).as_secs_f64(),
+        );
+        out.push(
+            conn.alert(now, Note::LargeUpload, msg, local.addr, remote.addr)
+                .with("threshold", self.threshold)
+                .with("bytes", sent.bytes)
+                .with("pkts", sent.pkts)
+                .with("local_side", side.as_str())
+                .with("open", open),
+        );
+    }
+}
+
+impl Rule for LargeUpload {
+    fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        self.check(conn, now, false, out);
+    }
+
+    /// A connection may cross and finish between two polls: check its final totals too.
+    fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        self.check(conn, now, true, out);
+        self.alerted.remove(conn.uid());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::testkit::*;
+
+    const MB: u64 = 1_000_000;
+
+    #[test]
+    fn fires_once_while_open_one_byte_over() {
+        let mut rule = LargeUpload::new(100 * MB, 10);
+        let mut spec = ConnSpec {
+            orig_bytes: 100 * MB,
+            last: 5.0,
+            ..ConnSpec::default()
+        };
+        assert!(
+            update(&mut rule, &spec.conn(), at(5.0)).is_empty(),
+            "exactly at the threshold"
+        );
+        spec.orig_bytes += 1;
+        let alerts = update(&mut rule, &spec.conn(), at(6.0));
+        assert_eq!(alerts.len(), 1);
+        let a = &alerts[0];
+        assert_eq!(a.note, Note::LargeUpload);
+        assert_eq!(a.src.to_string(), "198.18.1.2");
+        assert_eq!(a.dst.unwrap().to_string(), "203.0.113.2");
+        assert_eq!(a.figures["bytes"], 100 * MB + 1);
+        assert_eq!(a.figures["local_side"], "orig");
+        assert_eq!(a.figures["open"], true);
+        assert!(a.msg.contains("still open"), "{}", a.msg);
+        spec.orig_bytes += 50 * MB;
+        assert!(
+            update(&mut rule, &spec.conn(), at(7.0)).is_empty(),
+            "once per connection"
+        );
+        assert!(finish(&mut rule, &spec.conn(), at(8.0)).is_empty());
+    }
+
+    #[test]
+    fn counts_the_local_side_whoever_opened() {
+        let mut rule = LargeUpload::new(MB, 1);
+        // A remote host opened the connection and the local server sends it data.
+        let spec = ConnSpec {
+            orig: ("203.0.113.9", 50000),
+            resp: ("198.18.1.2", 22),
+            resp_bytes: 2 * MB,
+            ..ConnSpec::default()
+        };
+        let alerts = update(&mut rule, &spec.conn(), at(1.0));
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].src.to_string(), "198.18.1.2");
+        assert_eq!(alerts[0].figures["local_side"], "resp");
+    }
+
+    #[test]
+    fn needs_min_packets_and_a_boundary() {
+        // The test connections carry 1000 bytes per packet: 200 KB is 200 packets.
+        let mut rule = LargeUpload::new(100_000, 1000);
+        let few = ConnSpec {
+            orig_bytes: 200_000,
+            ..ConnSpec::default()
+        };
+        assert!(
+            update(&mut rule, &few.conn(), at(1.0)).is_empty(),
+            "too few packets"
+        );
+        let internal = ConnSpec {
+            resp: ("198.18.9.9", 443),
+            orig_bytes: 20 * MB,
+            ..ConnSpec::default()
+        };
+        let mut rule = LargeUpload::new(MB, 1);
+        assert!(
+            update(&mut rule, &internal.conn(), at(1.0)).is_empty(),
+            "local to local"
+        );
+    }
+
+    #[test]
+    fn crossing_between_polls_is_caught_at_finish() {
+        let mut rule = LargeUpload::new(MB, 1);
+        let mut spec = ConnSpec {
+            orig_bytes: MB / 2,
+            ..ConnSpec::default()
+        };
+        assert!(update(&mut rule, &spec.conn(), at(1.0)).is_empty());
+        spec.orig_bytes = 3 * MB;
+        let alerts = finish(&mut rule, &spec.conn(), at(2.0));
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].figures["open"], false);
+    }
+}

@@ -1,0 +1,164 @@
+//! LongConnection: each time an active connection's age (now - first packet, so idle
+//! connections age too) crosses the next of the durations, alert; after the last,
+//! every last duration. The pipeline writes a `--conn-long-log` record for each.
+
+use std::{collections::HashMap, time::Duration};
+
+use ipnet::IpNet;
+
+use super::{ConnCtx, Now, Rule, proto_name};
+use crate::alerts::{Alert, Note};
+
+pub struct LongConnection {
+    durations: Vec<Duration>,
+    ignore: Vec<IpNet>,
+    /// Crossings reported so far per open connection.
+    crossed: HashMap<String, usize>,
+}
+
+impl LongConnection {
+    pub fn new(durations: Vec<Duration>, ignore: Vec<IpNet>) -> Self {
+        assert!(
+            !durations.is_empty(),
+            "the flag parser refuses an empty list"
+        );
+        Self {
+            durations,
+            ignore,
+            crossed: HashMap::new(),
+        }
+    }
+
+    /// The `n`th threshold (from 0): the listed durations, then multiples of the last.
+    fn threshold(&self, n: usize) -> Duration {
+        let last = *self.durations.last().expect("non-empty");
+        match self.durations.get(n) {
+            Some(d) => *d,
+            None => last * (n - self.durations.len() + 2) as u32,
+        }
+    }
+}
+
+impl Rule for LongConnection {
+    fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        let ignored = |addr| self.ignore.iter().any(|net| net.contains(&addr));
+        if ignored(conn.orig.addr) || ignored(conn.resp.addr) {
+            return;
+        }
+        let age = conn.age(now);
+        let done = self.crossed.get(conn.uid()).copied().unwrap_or(0);
+        let mut next = done;
+        while age >= self.threshold(next) {
+            next += 1;
+        }
+        if next == done {
+            return;
+        }
+        // Several crossings at once (the agent started late): one alert, the largest.
+        self.crossed.insert(conn.uid().to_owned(), next);
+        let threshold = self.threshold(next - 1);
+        let msg = format!(
+            "connection from {} to {} port {}/{} has been open {} (over {})",
+            conn.orig.addr,
+            conn.resp.addr,
+            conn.resp.port,
+            proto_name(conn.proto()),
+            humantime::format_duration(Duration::from_secs(age.as_secs())),
+            humantime::format_duration(threshold),
+        );
+        let mut alert = conn
+            .alert(
+                now,
+                Note::LongConnection,
+                msg,
+                conn.orig.addr,
+                conn.resp.addr,
+            )
+            .with("threshold", threshold.as_secs_f64())
+            .with("age", age.as_secs_f64());
+        // The age, not the span of packets: an idle connection is still open.
+        if let Some(fields) = &mut alert.conn {
+            fields.duration = age.as_secs_f64();
+        }
+        alert.key = format!("{}:{}", conn.uid(), threshold.as_secs());
+        out.push(alert);
+    }
+
+    fn on_finish(&mut self, conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {
+        self.crossed.remove(conn.uid());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::testkit::*;
+
+    fn default_rule() -> LongConnection {
+        let list = crate::cli::parse_durations("10m,30m,1h,12h,24h,3d").unwrap();
+        LongConnection::new(list, vec![])
+    }
+
+    #[test]
+    fn crosses_each_duration_then_repeats_the_last() {
+        let mut rule = default_rule();
+        // Idle after its first second: age still grows.
+        let spec = ConnSpec {
+            start: 0.0,
+            last: 1.0,
+            ..ConnSpec::default()
+        };
+        let conn = spec.conn();
+        let mut seen = Vec::new();
+        // Poll every 10 s for 10 days of simulated time.
+        let mut t = 0.0;
+        while t <= 10.0 * 86400.0 {
+            for a in update(&mut rule, &conn, at(t)) {
+                seen.push((t, a.figures["threshold"].as_f64().unwrap()));
+            }
+            t += 10.0;
+        }
+        let hours = |h: f64| h * 3600.0;
+        let expected: Vec<(f64, f64)> = [0.1667, 0.5, 1.0, 12.0, 24.0, 72.0, 144.0, 216.0]
+            .iter()
+            .map(|&h| {
+                let secs = (hours(h) / 60.0).round() * 60.0;
+                (secs, secs)
+            })
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn exactly_at_a_duration_and_late_start() {
+        let mut rule = default_rule();
+        let conn = ConnSpec::default().conn();
+        assert!(update(&mut rule, &conn, at(599.999)).is_empty());
+        let at_ten = update(&mut rule, &conn, at(600.0));
+        assert_eq!(at_ten.len(), 1);
+        assert_eq!(at_ten[0].figures["threshold"], 600.0);
+        assert_eq!(at_ten[0].conn.as_ref().unwrap().duration, 600.0);
+        // Seen first at 2 h: one alert for 1 h, not three.
+        let mut rule = default_rule();
+        let late = update(&mut rule, &conn, at(7200.0));
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].figures["threshold"], 3600.0);
+    }
+
+    #[test]
+    fn ignored_nets_and_finished_connections() {
+        let mut rule = LongConnection::new(
+            vec![Duration::from_secs(60)],
+            vec!["203.0.113.0/24".parse().unwrap()],
+        );
+        let conn = ConnSpec::default().conn();
+        assert!(
+            update(&mut rule, &conn, at(120.0)).is_empty(),
+            "remote in an ignored net"
+        );
+        let mut rule = LongConnection::new(vec![Duration::from_secs(60)], vec![]);
+        assert_eq!(update(&mut rule, &conn, at(61.0)).len(), 1);
+        finish(&mut rule, &conn, at(62.0));
+        assert!(rule.crossed.is_empty());
+    }
+}

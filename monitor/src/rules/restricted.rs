@@ -1,0 +1,175 @@
+//! RestrictedOutbound: a host in a restricted net opened a connection to a non-local
+//! destination that no allowlist covers; any protocol, ICMP included. Alerted at the first
+//! poll that sees the connection; the pipeline's suppressor applies
+//! `--restricted-suppress` per (source, destination, port).
+
+use std::collections::HashSet;
+
+use ipnet::IpNet;
+
+use super::{ConnCtx, Now, Rule, allowlist::Allowlist, human_bytes, proto_name};
+use crate::{
+    alerts::{Alert, Note},
+    cli::Service,
+    conntable::LocalNets,
+};
+
+pub struct RestrictedOutbound {
+    restricted: Vec<IpNet>,
+    local: LocalNets,
+    allow: Allowlist,
+    /// Open connections already judged.
+    judged: HashSet<String>,
+}
+
+impl RestrictedOutbound {
+    pub fn new(restricted: Vec<IpNet>, local: LocalNets, allow: Allowlist) -> Self {
+        Self {
+            restricted,
+            local,
+            allow,
+            judged: HashSet::new(),
+        }
+    }
+}
+
+impl Rule for RestrictedOutbound {
+    fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        if !self.judged.insert(conn.uid().to_owned()) {
+            return;
+        }
+        let (src, dst) = (conn.orig.addr, conn.resp.addr);
+        let Some(net) = self.restricted.iter().find(|n| n.contains(&src)) else {
+            return;
+        };
+        let service = Service {
+            port: conn.resp.port,
+            proto: conn.proto(),
+        };
+        if self.local.contains(dst) || self.allow.covers(src, dst, service) {
+            return;
+        }
+        let sent = conn.conn.orig();
+        let msg = format!(
+            "{src} in restricted net {net} opened a connection to {dst} port {}/{} (sent {} so far), which no allowlist covers",
+            service.port,
+            proto_name(service.proto),
+            human_bytes(sent.bytes),
+        );
+        out.push(
+            conn.alert(now, Note::RestrictedOutbound, msg, src, dst)
+                .with("restricted_net", net.to_string())
+                .with("bytes", sent.bytes),
+        );
+    }
+
+    fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        // A connection that opened and finished between two polls is judged now.
+        self.on_update(conn, now, out);
+        self.judged.remove(conn.uid());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cli::RuleArgs, rules::Names, rules::testkit::*};
+    use clap::Parser;
+
+    fn rule(flags: &[&str], names: Names) -> RestrictedOutbound {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            rules: RuleArgs,
+        }
+        let mut argv = vec!["test", "--restricted-net", "198.18.5.0/24"];
+        argv.extend(flags);
+        let args = Flags::try_parse_from(argv).unwrap().rules;
+        RestrictedOutbound::new(
+            args.restricted_nets.clone(),
+            local(),
+            Allowlist::new(&args, names),
+        )
+    }
+
+    fn from_restricted(resp: (&'static str, u16), proto: u8, uid: &'static str) -> ConnSpec {
+        ConnSpec {
+            orig: ("198.18.5.7", 40000),
+            resp,
+            proto,
+            uid,
+            ..ConnSpec::default()
+        }
+    }
+
+    #[test]
+    fn alerts_once_per_connection_for_any_protocol() {
+        let mut r = rule(&[], Names::default());
+        for (proto, port) in [(6, 443), (17, 53), (1, 0)] {
+            let conn = from_restricted(("203.0.113.2", port), proto, "C1").conn();
+            let alerts = update(&mut r, &conn, at(1.0));
+            assert_eq!(alerts.len(), 1, "proto {proto}");
+            assert_eq!(alerts[0].figures["restricted_net"], "198.18.5.0/24");
+            assert!(
+                update(&mut r, &conn, at(2.0)).is_empty(),
+                "once per connection"
+            );
+            finish(&mut r, &conn, at(3.0));
+        }
+    }
+
+    #[test]
+    fn silent_for_local_unrestricted_and_allowed() {
+        let names = Names::default();
+        names.set("backup.example.com", vec!["192.0.2.7".parse().unwrap()]);
+        let mut r = rule(
+            &[
+                "--allow-dst",
+                "198.51.100.0/24",
+                "--allow-service",
+                "203.0.113.0/24,123/udp",
+                "--allow-pair",
+                "198.18.5.7,backup.example.com",
+            ],
+            names,
+        );
+        let silent = [
+            from_restricted(("198.18.1.1", 443), 6, "Clocal"),
+            from_restricted(("198.51.100.9", 443), 6, "Cdst"),
+            from_restricted(("203.0.113.2", 123), 17, "Csvc"),
+            from_restricted(("192.0.2.7", 22), 6, "Cpair"),
+            ConnSpec {
+                uid: "Cunrestricted",
+                ..ConnSpec::default()
+            },
+        ];
+        for spec in &silent {
+            assert!(
+                update(&mut r, &spec.conn(), at(1.0)).is_empty(),
+                "{}",
+                spec.uid
+            );
+        }
+        // The same service over TCP is not the allowed UDP one; the pair is per source.
+        let loud = [
+            from_restricted(("203.0.113.2", 123), 6, "Ctcp123"),
+            from_restricted(("192.0.2.8", 22), 6, "Cother"),
+        ];
+        for spec in &loud {
+            assert_eq!(
+                update(&mut r, &spec.conn(), at(1.0)).len(),
+                1,
+                "{}",
+                spec.uid
+            );
+        }
+    }
+
+    #[test]
+    fn judged_at_finish_when_never_seen_open() {
+        let mut r = rule(&[], Names::default());
+        let conn = from_restricted(("203.0.113.2", 443), 6, "Cshort").conn();
+        assert_eq!(finish(&mut r, &conn, at(1.0)).len(), 1);
+        assert!(r.judged.is_empty());
+    }
+}

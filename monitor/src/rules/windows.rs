@@ -1,0 +1,342 @@
+//! WindowExceeded and DataLeak (NetFlow practice): IP bytes that local hosts send to
+//! non-local ones are summed per group (pair, source or destination) over windows aligned
+//! to the epoch. A group over the window threshold raises WindowExceeded, once per
+//! window; the bytes of a group's exceeded windows within the leak period, summed, over
+//! the leak threshold raise DataLeak, at most once per leak period.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    time::Duration,
+};
+
+use super::{AddrMatcher, ConnCtx, Now, Rule, human_bytes};
+use crate::{
+    alerts::{Alert, Note},
+    cli::LeakGroup,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub window: Duration,
+    pub threshold: u64,
+    pub leak_period: Duration,
+    pub leak_threshold: u64,
+    pub group: LeakGroup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GroupKey {
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+}
+
+impl std::fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.src, self.dst) {
+            (Some(s), Some(d)) => write!(f, "{s} to {d}"),
+            (Some(s), None) => write!(f, "{s} to anywhere"),
+            (None, Some(d)) => write!(f, "anyone to {d}"),
+            (None, None) => f.write_str("everyone"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Index of the current window (epoch seconds / window).
+    window: u64,
+    bytes: u64,
+    exceeded: bool,
+    /// Earlier exceeded windows: (index, bytes).
+    past: VecDeque<(u64, u64)>,
+    last_leak: Option<f64>,
+}
+
+pub struct Windows {
+    cfg: Config,
+    exclude: AddrMatcher,
+    /// IP bytes each open connection's local side had sent at the last poll.
+    last_sent: HashMap<String, u64>,
+    groups: HashMap<GroupKey, GroupState>,
+}
+
+impl Windows {
+    pub fn new(cfg: Config, exclude: AddrMatcher) -> Self {
+        Self {
+            cfg,
+            exclude,
+            last_sent: HashMap::new(),
+            groups: HashMap::new(),
+        }
+    }
+
+    fn window_secs(&self) -> f64 {
+        self.cfg.window.as_secs_f64()
+    }
+
+    fn index(&self, epoch: f64) -> u64 {
+        (epoch / self.window_secs()).floor() as u64
+    }
+
+    fn account(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        let Some(side) = conn.local_side() else {
+            return;
+        };
+        let total = conn.sent(side).ip_bytes;
+        let before = self
+            .last_sent
+            .insert(conn.uid().to_owned(), total)
+            .unwrap_or(0);
+        let delta = total.saturating_sub(before);
+        let (local, remote) = conn.local_remote(side);
+        if delta == 0 || self.exclude.matches(remote.addr) {
+            return;
+        }
+        let key = match self.cfg.group {
+            LeakGroup::Pair => GroupKey {
+                src: Some(local.addr),
+                dst: Some(remote.addr),
+            },
+            LeakGroup::Src => GroupKey {
+                src: Some(local.addr),
+                dst: None,
+            },
+            LeakGroup::Dst => GroupKey {
+                src: None,
+                dst: Some(remote.addr),
+            },
+        };
+        let window = self.index(now.epoch);
+        let cfg = self.cfg;
+        let window_secs = self.window_secs();
+        let state = self.groups.entry(key).or_default();
+        if state.window != window {
+            if state.exceeded {
+                state.past.push_back((state.window, state.bytes));
+            }
+            *state = GroupState {
+                window,
+                past: std::mem::take(&mut state.past),
+                last_leak: state.last_leak,
+                ..GroupState::default()
+            };
+        }
+        state.bytes += delta;
+        let group = match cfg.group {
+            LeakGroup::Pair => "pair",
+            LeakGroup::Src => "src",
+            LeakGroup::Dst => "dst",
+        };
+        let window_start = window as f64 * window_secs;
+        if !state.exceeded && state.bytes > cfg.threshold {
+            state.exceeded = true;
+            let msg = format!(
+                "{key} sent {} in the {} window from {}, over the {} threshold",
+                human_bytes(state.bytes),
+                humantime::format_duration(cfg.window),
+                humantime::format_rfc3339_seconds(epoch_time(window_start)),
+                human_bytes(cfg.threshold),
+            );
+            out.push(
+                group_alert(now, Note::WindowExceeded, msg, key, local.addr, remote.addr)
+                    .with("group", group)
+                    .with("window", window_secs)
+                    .with("window_start", window_start)
+                    .with("threshold", cfg.threshold)
+                    .with("bytes", state.bytes)
+                    .keyed(format!("{key}@{window}")),
+            );
+        }
+        if !state.exceeded {
+            return;
+        }
+        let oldest = now.epoch - cfg.leak_period.as_secs_f64();
+        while state
+            .past
+            .front()
+            .is_some_and(|&(w, _)| (w as f64) * window_secs < oldest)
+        {
+            state.past.pop_front();
+        }
+        let total: u64 = state.bytes + state.past.iter().map(|&(_, b)| b).sum::<u64>();
+        let quiet = state
+            .last_leak
+            .is_none_or(|t| now.epoch - t >= cfg.leak_period.as_secs_f64());
+        if total > cfg.leak_threshold && quiet {
+            state.last_leak = Some(now.epoch);
+            let windows = state.past.len() + 1;
+            let msg = format!(
+                "{key} sent {} in {windows} windows over the {} threshold within {}: more than {}",
+                human_bytes(total),
+                human_bytes(cfg.threshold),
+                humantime::format_duration(cfg.leak_period),
+                human_bytes(cfg.leak_threshold),
+            );
+            out.push(
+                group_alert(now, Note::DataLeak, msg, key, local.addr, remote.addr)
+                    .with("group", group)
+                    .with("period", cfg.leak_period.as_secs_f64())
+                    .with("threshold", cfg.leak_threshold)
+                    .with("bytes", total)
+                    .with("windows", windows)
+                    .keyed(key.to_string()),
+            );
+        }
+    }
+}
+
+fn epoch_time(secs: f64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0))
+}
+
+/// An alert about a group: `src` and `dst` are the group's where it has them, else those
+/// of the connection that crossed the threshold.
+fn group_alert(
+    now: Now,
+    note: Note,
+    msg: String,
+    key: GroupKey,
+    local: IpAddr,
+    remote: IpAddr,
+) -> Alert {
+    Alert {
+        ts: now.epoch,
+        note,
+        msg,
+        src: key.src.unwrap_or(local),
+        dst: Some(key.dst.unwrap_or(remote)),
+        first_seen: None,
+        conn: None,
+        figures: Default::default(),
+        key: String::new(),
+    }
+}
+
+impl Rule for Windows {
+    fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        self.account(conn, now, out);
+    }
+
+    fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
+        self.account(conn, now, out);
+        self.last_sent.remove(conn.uid());
+    }
+
+    fn on_tick(&mut self, now: Now) {
+        let current = self.index(now.epoch);
+        let oldest = now.epoch - self.cfg.leak_period.as_secs_f64();
+        let window_secs = self.window_secs();
+        self.groups.retain(|_, s| {
+            let recent_leak = s.last_leak.is_some_and(|t| t >= oldest);
+            let recent_past = s
+                .past
+                .back()
+                .is_some_and(|&(w, _)| w as f64 * window_secs >= oldest);
+            s.window == current
+                || recent_leak
+                || recent_past
+                || (s.exceeded && s.window as f64 * window_secs >= oldest)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Names, testkit::*};
+
+    const MB: u64 = 1_000_000;
+
+    fn rule(group: LeakGroup) -> Windows {
+        Windows::new(
+            Config {
+                window: Duration::from_secs(300),
+                threshold: 5 * MB,
+                leak_period: Duration::from_secs(86400),
+                leak_threshold: 100 * MB,
+                group,
+            },
+            AddrMatcher::new(vec!["192.0.2.0/24".parse().unwrap()], Names::default()),
+        )
+    }
+
+    /// A connection whose local side has sent `ip_bytes` in all (payload chosen so).
+    fn sent(uid: &'static str, resp: &'static str, ip_bytes: u64) -> crate::conntable::Conn {
+        let mut conn = ConnSpec {
+            resp: (resp, 443),
+            uid,
+            ..ConnSpec::default()
+        }
+        .conn();
+        conn.snap.dir[0].ip_bytes = ip_bytes;
+        conn.snap.dir[0].pkts = 1;
+        conn
+    }
+
+    fn notes(alerts: &[Alert]) -> Vec<Note> {
+        alerts.iter().map(|a| a.note).collect()
+    }
+
+    #[test]
+    fn window_threshold_edges_and_deltas_across_polls() {
+        let mut r = rule(LeakGroup::Pair);
+        // 00:00:10 into an aligned window: 3 MB, then 5 MB in all (at, not over), then one
+        // byte more.
+        assert!(update(&mut r, &sent("C1", "203.0.113.2", 3 * MB), at(10.0)).is_empty());
+        assert!(update(&mut r, &sent("C1", "203.0.113.2", 5 * MB), at(20.0)).is_empty());
+        let a = update(&mut r, &sent("C1", "203.0.113.2", 5 * MB + 1), at(30.0));
+        assert_eq!(notes(&a), [Note::WindowExceeded]);
+        assert_eq!(a[0].figures["bytes"], 5 * MB + 1);
+        assert_eq!(a[0].figures["window_start"], EPOCH_AT_ZERO);
+        assert!(
+            update(&mut r, &sent("C1", "203.0.113.2", 9 * MB), at(40.0)).is_empty(),
+            "once per window"
+        );
+        // The next window starts from zero: 4 MB more is not enough.
+        assert!(update(&mut r, &sent("C1", "203.0.113.2", 13 * MB), at(300.0)).is_empty());
+    }
+
+    #[test]
+    fn groups_sum_connections_and_exclusions_count_nothing() {
+        let mut r = rule(LeakGroup::Src);
+        assert!(update(&mut r, &sent("C1", "203.0.113.2", 3 * MB), at(1.0)).is_empty());
+        assert!(update(&mut r, &sent("C2", "198.51.100.7", 2 * MB), at(2.0)).is_empty());
+        assert!(
+            update(&mut r, &sent("C3", "192.0.2.7", 50 * MB), at(3.0)).is_empty(),
+            "excluded"
+        );
+        // A connection that finishes between polls still counts, at finish.
+        let a = finish(&mut r, &sent("C4", "198.51.100.8", MB), at(4.0));
+        assert_eq!(notes(&a), [Note::WindowExceeded]);
+        assert_eq!(a[0].figures["group"], "src");
+        assert!(a[0].msg.contains("198.18.1.2 to anywhere"), "{}", a[0].msg);
+    }
+
+    #[test]
+    fn data_leak_over_a_simulated_day_at_most_once_per_period() {
+        let mut r = rule(LeakGroup::Pair);
+        let mut total = 0;
+        let mut leaks = Vec::new();
+        let mut exceeded = 0;
+        // 6 MB every 5-minute window for 2 days, polled each minute.
+        for minute in 0..(2 * 24 * 60) {
+            if minute % 5 == 0 {
+                total += 6 * MB;
+            }
+            let now = at(minute as f64 * 60.0 + 1.0);
+            for a in update(&mut r, &sent("C1", "203.0.113.2", total), now) {
+                match a.note {
+                    Note::WindowExceeded => exceeded += 1,
+                    Note::DataLeak => leaks.push((minute, a.figures["bytes"].as_u64().unwrap())),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            r.on_tick(now);
+        }
+        assert_eq!(exceeded, 2 * 24 * 12, "every window exceeded");
+        // 17 windows of 6 MB = 102 MB > 100 MB: the 17th window (minute 80), then once a
+        // day later at the earliest.
+        assert_eq!(leaks, vec![(80, 102 * MB), (80 + 24 * 60, 6 * MB * 288)]);
+    }
+}
