@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod lab;
+pub mod netlink;
 pub mod packet;
 pub mod pcap;
 pub mod replay;

@@ -33,8 +33,9 @@ pub struct Dispatcher {
     name: &'static str,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    /// Disconnected when the thread ends, however it ends: a bounded join.
-    done: mpsc::Receiver<()>,
+    /// Disconnected when the thread ends, however it ends: a bounded join. (In a mutex so
+    /// that the dispatcher is `Sync`.)
+    done: Mutex<mpsc::Receiver<()>>,
 }
 
 struct Shared {
@@ -104,7 +105,7 @@ impl Dispatcher {
             name,
             shared,
             thread: Some(thread),
-            done,
+            done: Mutex::new(done),
         }
     }
 
@@ -164,7 +165,8 @@ impl Dispatcher {
         let deadline = Instant::now() + limit;
         self.stop(deadline);
         let wait = deadline.saturating_duration_since(Instant::now()) + JOIN_GRACE;
-        match self.done.recv_timeout(wait) {
+        let done = self.done.get_mut().unwrap_or_else(|e| e.into_inner());
+        match done.recv_timeout(wait) {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 warn!(
                     "alert sink {}: delivery still in progress after {limit:?}, not waiting",
@@ -398,6 +400,12 @@ mod tests {
             1000,
             "delivered + undelivered + dropped must be all alerts"
         );
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Dispatcher>();
     }
 
     #[test]
