@@ -11,7 +11,7 @@ use crate::{
     alerts::{
         Alert, Note,
         dispatch::Dispatcher,
-        sinks::{AlertLog, Sink},
+        sinks::{AlertLog, Sink, syslog::SyslogSink},
         suppress::Suppressor,
     },
     cli::RunArgs,
@@ -200,6 +200,11 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         AlertLog::open(&args.alert_log)
             .with_context(|| format!("opening {}", args.alert_log.display()))?,
     );
+    let mut sinks = vec![Dispatcher::spawn(alert_log, SINK_QUEUE)];
+    if let Some(url) = &args.syslog {
+        let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
+        sinks.push(Dispatcher::spawn(Box::new(syslog), SINK_QUEUE));
+    }
     let mut kernel = Kernel::load(args.flow_map_size)?;
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
@@ -212,7 +217,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         local,
         clock: Clock::new(),
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
-        sinks: vec![Dispatcher::spawn(alert_log, SINK_QUEUE)],
+        sinks,
         conn_log: open_log(args.conn_log.as_deref())?,
         conn_long_log: open_log(args.conn_long_log.as_deref())?,
         map_full: 0,

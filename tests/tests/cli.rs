@@ -69,6 +69,34 @@ fn bad_hook() {
 }
 
 #[test]
+fn bad_size_list_and_url() {
+    assert_usage_error(
+        &["run", "--iface", "lo", "--upload-threshold", "5 parsecs"],
+        "--upload-threshold",
+        "5 parsecs",
+        "expected a size",
+    );
+    assert_usage_error(
+        &["run", "--iface", "lo", "--long-durations", "1h,10m"],
+        "--long-durations",
+        "1h,10m",
+        "increasing durations",
+    );
+    assert_usage_error(
+        &["run", "--iface", "lo", "--syslog", "tcp://127.0.0.1:514"],
+        "--syslog",
+        "tcp://127.0.0.1:514",
+        "udp://HOST:PORT or unix:PATH",
+    );
+    assert_usage_error(
+        &["run", "--iface", "lo", "--allow-service", "203.0.113.0/24"],
+        "--allow-service",
+        "203.0.113.0/24",
+        "CIDR,PORT/PROTO",
+    );
+}
+
+#[test]
 fn help_documents_every_flag_with_its_default() {
     let out = monitor(&["run", "--help"]);
     assert!(out.status.success());
@@ -82,6 +110,28 @@ fn help_documents_every_flag_with_its_default() {
         "--poll-interval",
         "--idle-timeout",
         "--conn-log",
+        "--conn-long-log",
+        "--alert-log",
+        "--syslog",
+        "--suppress",
+        "--upload-threshold",
+        "--upload-min-packets",
+        "--ratio-port",
+        "--ratio",
+        "--ratio-min-bytes",
+        "--long-durations",
+        "--long-ignore",
+        "--restricted-net",
+        "--allow-dst",
+        "--allow-service",
+        "--allow-pair",
+        "--restricted-suppress",
+        "--window",
+        "--window-threshold",
+        "--leak-period",
+        "--leak-threshold",
+        "--leak-group",
+        "--exclude-dst",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
@@ -92,6 +142,15 @@ fn help_documents_every_flag_with_its_default() {
         "[default: 1s]",
         "[default: 5m]",
         "fc00::/7",
+        "[default: 100MB]",
+        "[default: 1000]",
+        "[default: 80/tcp]",
+        "[default: 10m,30m,1h,12h,24h,3d]",
+        "[default: 60s]",
+        "[default: 5MB]",
+        "[default: 24h]",
+        "[default: pair]",
+        "[default: 1h]",
     ] {
         assert!(help.contains(default), "{default} missing from --help");
     }

@@ -27,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iputils-ping",
     "tcpreplay",
+    // A real syslog daemon for the syslog sink's tests (started by the tests, not as a
+    // service).
+    "rsyslog",
     // Benchmarks.
     "iperf3",
 ];

@@ -106,6 +106,10 @@ pub struct RunArgs {
     )]
     pub alert_log: PathBuf,
 
+    /// Also send alerts to syslog (RFC 5424): udp://HOST:PORT or unix:PATH.
+    #[arg(long, value_name = "URL", value_parser = parse_syslog_url, help_heading = "Outputs")]
+    pub syslog: Option<String>,
+
     /// An alert with the same rule and key is not repeated within this time (suppressed
     /// alerts are counted).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1h",
@@ -261,6 +265,12 @@ pub enum LeakGroup {
     Pair,
     Src,
     Dst,
+}
+
+fn parse_syslog_url(s: &str) -> Result<String, String> {
+    crate::alerts::sinks::syslog::Target::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|_| "expected udp://HOST:PORT or unix:PATH".to_owned())
 }
 
 /// RFC 1918, RFC 6598 (carrier-grade NAT) and RFC 4193 (unique local IPv6).
