@@ -71,8 +71,8 @@ impl Conn {
         &self.snap.dir[1 - self.orig_dir()]
     }
 
-    /// (originator, responder).
-    pub fn endpoints(&self) -> (Endpoint, Endpoint) {
+    /// The key's endpoints (a, b): the senders of `snap.dir[0]` and `snap.dir[1]`.
+    pub fn key_endpoints(&self) -> (Endpoint, Endpoint) {
         let k = &self.snap.key;
         let a = Endpoint {
             addr: key_addr(k.family, &k.addr_a),
@@ -82,6 +82,12 @@ impl Conn {
             addr: key_addr(k.family, &k.addr_b),
             port: k.port_b,
         };
+        (a, b)
+    }
+
+    /// (originator, responder).
+    pub fn endpoints(&self) -> (Endpoint, Endpoint) {
+        let (a, b) = self.key_endpoints();
         if self.orig_dir() == DIR_A_TO_B {
             (a, b)
         } else {
@@ -250,6 +256,10 @@ impl ConnTable {
     /// Every open connection, leaving the table empty (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
         self.conns.drain().map(|(_, c)| c)
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -10,6 +10,7 @@ pub mod conntable;
 pub mod iface;
 pub mod kernel;
 pub mod logs;
+pub mod metrics;
 pub mod poller;
 pub mod resolve;
 pub mod rules;

@@ -1,6 +1,6 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use log::{info, warn};
@@ -19,6 +19,7 @@ use crate::{
     conntable::{Conn, ConnTable, LocalNets},
     kernel::Kernel,
     logs::{JsonLines, conn::ConnRecord},
+    metrics::{self, Metrics},
     poller::Poller,
     resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
@@ -43,8 +44,7 @@ struct Pipeline {
     conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
-    raised: BTreeMap<Note, u64>,
-    suppressed: BTreeMap<Note, u64>,
+    metrics: Metrics,
 }
 
 impl Pipeline {
@@ -52,8 +52,10 @@ impl Pipeline {
     /// each finished entry is taken out of the map with its final counts, judged by the
     /// rules once more, and written.
     fn poll(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
         let now = Now::new(clock::monotonic_ns(), &self.clock);
-        self.check_map_full()?;
+        let counters = self.poller.counters()?;
+        self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         for snap in self.poller.snapshot()? {
             self.table.observe(snap);
         }
@@ -63,6 +65,7 @@ impl Pipeline {
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
             }
+            self.metrics.observe(conn, &self.local);
         }
         for key in self.table.finished(now.mono_ns) {
             if let Some(last) = self.poller.take(&key)? {
@@ -77,7 +80,10 @@ impl Pipeline {
         }
         self.suppressor.prune(now.mono_ns);
         self.emit(alerts, now)?;
-        self.flush()
+        self.flush()?;
+        self.metrics
+            .polled(self.table.len(), counters, started.elapsed());
+        Ok(())
     }
 
     /// After the programs are detached: every connection still open is judged and gets
@@ -95,6 +101,7 @@ impl Pipeline {
         self.emit(alerts, now)?;
         info!("wrote {} connections still open at shutdown", open.len());
         let counters = self.poller.counters()?;
+        self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
             .iter()
             .zip(counters)
@@ -104,12 +111,7 @@ impl Pipeline {
         if !unparsed.is_empty() {
             info!("packets not parsed: {}", unparsed.join(" "));
         }
-        self.check_map_full()?;
         self.flush()?;
-        info!(
-            "alerts sent: {:?}; suppressed: {:?}",
-            self.raised, self.suppressed
-        );
         for sink in self.sinks {
             let (name, dropped) = (sink.name(), sink.dropped());
             let left = sink.shutdown(SINK_DRAIN);
@@ -127,6 +129,8 @@ impl Pipeline {
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }
+        self.metrics.observe(conn, &self.local);
+        self.metrics.finished(conn);
         if let Some(log) = &mut self.conn_log {
             log.write(&ctx.record())
                 .with_context(|| format!("writing {}", log.path().display()))?;
@@ -150,10 +154,10 @@ impl Pipeline {
                     .with_context(|| format!("writing {}", log.path().display()))?;
             }
             if !self.suppressor.admit(&alert, now.mono_ns) {
-                *self.suppressed.entry(alert.note).or_default() += 1;
+                self.metrics.suppressed(alert.note);
                 continue;
             }
-            *self.raised.entry(alert.note).or_default() += 1;
+            self.metrics.alert(alert.note);
             for sink in &self.sinks {
                 sink.submit(alert.clone());
             }
@@ -173,8 +177,7 @@ impl Pipeline {
     }
 
     /// A full map loses counts visibly: say so each time more were refused.
-    fn check_map_full(&mut self) -> anyhow::Result<()> {
-        let full = self.poller.counters()?[stats::FLOW_MAP_FULL as usize];
+    fn check_map_full(&mut self, full: u64) {
         if full > self.map_full {
             warn!(
                 "flow map full: {} packets of new connections not counted ({full} in all); \
@@ -183,7 +186,6 @@ impl Pipeline {
             );
             self.map_full = full;
         }
-        Ok(())
     }
 }
 
@@ -205,6 +207,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
         sinks.push(Dispatcher::spawn(Box::new(syslog), SINK_QUEUE));
     }
+    let metrics = Metrics::new(args.flow_map_size)?;
+    metrics::serve(args.metrics_addr, metrics.registry()).await?;
     let mut kernel = Kernel::load(args.flow_map_size)?;
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
@@ -221,8 +225,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         conn_log: open_log(args.conn_log.as_deref())?,
         conn_long_log: open_log(args.conn_long_log.as_deref())?,
         map_full: 0,
-        raised: BTreeMap::new(),
-        suppressed: BTreeMap::new(),
+        metrics,
     };
 
     let mut watching = Vec::new();

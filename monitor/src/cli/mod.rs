@@ -110,6 +110,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL", value_parser = parse_syslog_url, help_heading = "Outputs")]
     pub syslog: Option<String>,
 
+    /// Prometheus /metrics.
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:9877",
+        help_heading = "Outputs"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
     /// An alert with the same rule and key is not repeated within this time (suppressed
     /// alerts are counted).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1h",

@@ -1,0 +1,360 @@
+//! Prometheus metrics (SPEC section 4), read from the same snapshots the pipeline sees,
+//! and the `/metrics` endpoint. Labels never carry addresses or ports.
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use monitor_common::{flow::DIR_A_TO_B, stats};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::{
+    alerts::Note,
+    conntable::{Conn, LocalNets},
+};
+
+const PREFIX: &str = "egress_monitor";
+const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
+
+pub struct Metrics {
+    registry: Registry,
+    bytes: IntCounterVec,
+    packets: IntCounterVec,
+    connections_active: IntGauge,
+    connections_total: IntCounter,
+    alerts: IntCounterVec,
+    suppressed: IntCounterVec,
+    flow_map_entries: IntGauge,
+    flow_map_full: IntCounter,
+    unparsed: IntCounterVec,
+    poll_duration: Histogram,
+    /// Per open connection: (pkts, ip_bytes) of each key direction at the last poll.
+    last: HashMap<String, [(u64, u64); 2]>,
+    /// STATS slots as last read, to add only what is new to the counters.
+    last_stats: [u64; stats::SLOTS as usize],
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(PREFIX)
+}
+
+impl Metrics {
+    pub fn new(capacity: u32) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let bytes = IntCounterVec::new(
+            opts(
+                "bytes_total",
+                "IP bytes (headers included, as on the wire) seen, by direction relative to the local nets.",
+            ),
+            &["direction"],
+        )?;
+        let packets = IntCounterVec::new(
+            opts(
+                "packets_total",
+                "Packets seen (aggregates counted as their wire segments), by direction relative to the local nets.",
+            ),
+            &["direction"],
+        )?;
+        let connections_active = IntGauge::with_opts(opts(
+            "connections_active",
+            "Connections open in the connection table.",
+        ))?;
+        let connections_total = IntCounter::with_opts(opts(
+            "connections_total",
+            "Connections seen since the agent started.",
+        ))?;
+        let alerts = IntCounterVec::new(opts("alerts_total", "Alerts sent, by rule."), &["note"])?;
+        let suppressed = IntCounterVec::new(
+            opts(
+                "alerts_suppressed_total",
+                "Alerts not sent because the same rule and key alerted within the suppress time, by rule.",
+            ),
+            &["note"],
+        )?;
+        let flow_map_entries = IntGauge::with_opts(opts(
+            "flow_map_entries",
+            "Entries in the kernel connection map at the last poll.",
+        ))?;
+        let flow_map_capacity = IntGauge::with_opts(opts(
+            "flow_map_capacity",
+            "Capacity of the kernel connection map (--flow-map-size).",
+        ))?;
+        let flow_map_full = IntCounter::with_opts(opts(
+            "flow_map_full_total",
+            "Packets of new connections not counted because the connection map was full.",
+        ))?;
+        let unparsed = IntCounterVec::new(
+            opts(
+                "packets_unparsed_total",
+                "Packets passed without counting because they could not be parsed, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let poll_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "poll_duration_seconds",
+                "Time one poll takes: map read, rules, logs.",
+            )
+            .namespace(PREFIX)
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        let build_info = IntGaugeVec::new(
+            opts("build_info", "Version of the agent; always 1."),
+            &["version"],
+        )?;
+        for collector in [
+            Box::new(bytes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(packets.clone()),
+            Box::new(connections_active.clone()),
+            Box::new(connections_total.clone()),
+            Box::new(alerts.clone()),
+            Box::new(suppressed.clone()),
+            Box::new(flow_map_entries.clone()),
+            Box::new(flow_map_capacity.clone()),
+            Box::new(flow_map_full.clone()),
+            Box::new(unparsed.clone()),
+            Box::new(poll_duration.clone()),
+            Box::new(build_info.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+        // Every label value exists from the start, so rates work from the first scrape.
+        for direction in DIRECTIONS {
+            bytes.with_label_values(&[direction]);
+            packets.with_label_values(&[direction]);
+        }
+        for note in Note::ALL {
+            alerts.with_label_values(&[note.as_str()]);
+            suppressed.with_label_values(&[note.as_str()]);
+        }
+        for reason in stats::UNPARSED_REASONS {
+            unparsed.with_label_values(&[reason]);
+        }
+        flow_map_capacity.set(i64::from(capacity));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            registry,
+            bytes,
+            packets,
+            connections_active,
+            connections_total,
+            alerts,
+            suppressed,
+            flow_map_entries,
+            flow_map_full,
+            unparsed,
+            poll_duration,
+            last: HashMap::new(),
+            last_stats: [0; stats::SLOTS as usize],
+        })
+    }
+
+    /// Adds what a connection carried since the last poll.
+    pub fn observe(&mut self, conn: &Conn, local: &LocalNets) {
+        let now = conn.snap.dir.map(|d| (d.pkts, d.ip_bytes));
+        let before = match self.last.insert(conn.uid.clone(), now) {
+            Some(before) => before,
+            None => {
+                self.connections_total.inc();
+                [(0, 0); 2]
+            }
+        };
+        let (a, b) = conn.key_endpoints();
+        let (local_a, local_b) = (local.contains(a.addr), local.contains(b.addr));
+        for (i, (&(pkts, ip_bytes), &(pkts0, ip_bytes0))) in now.iter().zip(&before).enumerate() {
+            let (from_local, to_local) = if i == DIR_A_TO_B {
+                (local_a, local_b)
+            } else {
+                (local_b, local_a)
+            };
+            let direction = match (from_local, to_local) {
+                (true, false) => "outbound",
+                (false, true) => "inbound",
+                (true, true) => "internal",
+                (false, false) => "external",
+            };
+            self.packets
+                .with_label_values(&[direction])
+                .inc_by(pkts.saturating_sub(pkts0));
+            self.bytes
+                .with_label_values(&[direction])
+                .inc_by(ip_bytes.saturating_sub(ip_bytes0));
+        }
+    }
+
+    /// A connection left the table (after its last [`observe`](Self::observe)).
+    pub fn finished(&mut self, conn: &Conn) {
+        self.last.remove(&conn.uid);
+    }
+
+    pub fn alert(&self, note: Note) {
+        self.alerts.with_label_values(&[note.as_str()]).inc();
+    }
+
+    pub fn suppressed(&self, note: Note) {
+        self.suppressed.with_label_values(&[note.as_str()]).inc();
+    }
+
+    /// After a poll: the table's and map's sizes, the kernel's STATS and the poll's time.
+    pub fn polled(&mut self, open: usize, counters: [u64; stats::SLOTS as usize], took: Duration) {
+        self.connections_active.set(open as i64);
+        self.flow_map_entries.set(open as i64);
+        for (slot, (&now, before)) in counters.iter().zip(&mut self.last_stats).enumerate() {
+            let new = now.saturating_sub(*before);
+            *before = now;
+            if slot == stats::FLOW_MAP_FULL as usize {
+                self.flow_map_full.inc_by(new);
+            } else if let Some(reason) = stats::UNPARSED_REASONS.get(slot) {
+                self.unparsed.with_label_values(&[reason]).inc_by(new);
+            }
+        }
+        self.poll_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
+    }
+}
+
+/// The Prometheus text exposition of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("encoding to a Vec cannot fail");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// Binds `addr` now (so a taken port fails at start-up) and serves `/metrics` from a task
+/// on the current runtime.
+pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("--metrics-addr {addr}: cannot listen (choose another address)")
+    })?;
+    let app =
+        Router::new().route(
+            "/metrics",
+            get(move || {
+                let body = render(&registry);
+                async move {
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            log::warn!("metrics endpoint stopped: {err}");
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::testkit::{ConnSpec, local};
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    }
+
+    #[test]
+    fn directions_deltas_and_names() {
+        let mut m = Metrics::new(1024).unwrap();
+        let mut spec = ConnSpec {
+            orig_bytes: 10_000,
+            resp_bytes: 2_000,
+            ..ConnSpec::default()
+        };
+        m.observe(&spec.conn(), &local());
+        spec.orig_bytes = 30_000;
+        m.observe(&spec.conn(), &local());
+        let internal = ConnSpec {
+            resp: ("198.18.9.9", 22),
+            orig_bytes: 1_000,
+            uid: "Cinternal",
+            ..ConnSpec::default()
+        };
+        m.observe(&internal.conn(), &local());
+        m.alert(Note::LargeUpload);
+        m.suppressed(Note::RestrictedOutbound);
+        let mut counters = [0; stats::SLOTS as usize];
+        counters[stats::NOT_IP as usize] = 3;
+        counters[stats::FLOW_MAP_FULL as usize] = 7;
+        m.polled(2, counters, Duration::from_millis(3));
+        let text = render(&m.registry());
+        // The test connections carry 1000 bytes of payload + 52 of headers per packet.
+        assert_eq!(
+            value(&text, "egress_monitor_bytes_total{direction=\"outbound\"}"),
+            30_000.0 + 30.0 * 52.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_packets_total{direction=\"outbound\"}"
+            ),
+            30.0
+        );
+        assert_eq!(
+            value(&text, "egress_monitor_bytes_total{direction=\"inbound\"}"),
+            2_000.0 + 2.0 * 52.0
+        );
+        // Both directions of a local-to-local connection (the reply: one empty packet).
+        assert_eq!(
+            value(&text, "egress_monitor_bytes_total{direction=\"internal\"}"),
+            1_000.0 + 52.0 + 52.0
+        );
+        assert_eq!(
+            value(&text, "egress_monitor_bytes_total{direction=\"external\"}"),
+            0.0
+        );
+        assert_eq!(value(&text, "egress_monitor_connections_total"), 2.0);
+        assert_eq!(value(&text, "egress_monitor_connections_active"), 2.0);
+        assert_eq!(
+            value(&text, "egress_monitor_alerts_total{note=\"LargeUpload\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "egress_monitor_alerts_total{note=\"DataLeak\"}"),
+            0.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_alerts_suppressed_total{note=\"RestrictedOutbound\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_packets_unparsed_total{reason=\"not_ip\"}"
+            ),
+            3.0
+        );
+        assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
+        assert_eq!(value(&text, "egress_monitor_flow_map_capacity"), 1024.0);
+        assert_eq!(
+            value(&text, "egress_monitor_poll_duration_seconds_count"),
+            1.0
+        );
+        assert!(
+            text.contains("egress_monitor_build_info{version="),
+            "{text}"
+        );
+        assert!(!text.contains("198.18."), "no addresses in labels");
+        // Counters only grow by what is new.
+        m.polled(2, counters, Duration::from_millis(3));
+        let text = render(&m.registry());
+        assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
+    }
+}
