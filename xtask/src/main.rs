@@ -30,6 +30,8 @@ const APT_PACKAGES: &[&str] = &[
     // A real syslog daemon for the syslog sink's tests (started by the tests, not as a
     // service).
     "rsyslog",
+    // A real Prometheus scrapes the agent in a lab test; promtool checks the alert rules.
+    "prometheus",
     // Benchmarks.
     "iperf3",
 ];
