@@ -11,7 +11,7 @@ use crate::{
     alerts::{
         Alert, Note,
         dispatch::Dispatcher,
-        sinks::{AlertLog, Sink, syslog::SyslogSink},
+        sinks::{AlertLog, Sink, alertmanager::AlertmanagerSink, syslog::SyslogSink},
         suppress::Suppressor,
     },
     cli::RunArgs,
@@ -209,6 +209,10 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     }
     let metrics = Metrics::new(args.flow_map_size)?;
     metrics::serve(args.metrics_addr, metrics.registry()).await?;
+    if let Some(url) = &args.alertmanager_url {
+        let sink = AlertmanagerSink::new(url);
+        sinks.push(Dispatcher::spawn(Box::new(sink), SINK_QUEUE));
+    }
     let mut kernel = Kernel::load(args.flow_map_size)?;
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,

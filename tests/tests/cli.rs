@@ -113,6 +113,8 @@ fn help_documents_every_flag_with_its_default() {
         "--conn-long-log",
         "--alert-log",
         "--syslog",
+        "--alertmanager-url",
+        "--metrics-addr",
         "--suppress",
         "--upload-threshold",
         "--upload-min-packets",
@@ -150,6 +152,7 @@ fn help_documents_every_flag_with_its_default() {
         "[default: 5MB]",
         "[default: 24h]",
         "[default: pair]",
+        "[default: 127.0.0.1:9877]",
         "[default: 1h]",
     ] {
         assert!(help.contains(default), "{default} missing from --help");

@@ -32,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "rsyslog",
     // A real Prometheus scrapes the agent in a lab test; promtool checks the alert rules.
     "prometheus",
+    "prometheus-alertmanager",
     // Benchmarks.
     "iperf3",
 ];

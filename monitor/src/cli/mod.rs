@@ -110,6 +110,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL", value_parser = parse_syslog_url, help_heading = "Outputs")]
     pub syslog: Option<String>,
 
+    /// Also post alerts to Alertmanager's v2 API (http://HOST:PORT).
+    #[arg(long, value_name = "URL", value_parser = crate::alerts::sinks::alertmanager::parse_url,
+          help_heading = "Outputs")]
+    pub alertmanager_url: Option<String>,
+
     /// Prometheus /metrics.
     #[arg(
         long,

@@ -1,6 +1,7 @@
 //! Where alerts go. Each sink runs behind its own [`Dispatcher`](super::dispatch), so a
 //! slow or unreachable one never holds up polling or the other sinks.
 
+pub mod alertmanager;
 pub mod syslog;
 
 use std::{io, path::Path};
