@@ -1,7 +1,11 @@
 //! Prometheus metrics (SPEC section 4), read from the same snapshots the pipeline sees,
 //! and the `/metrics` endpoint. Labels never carry addresses or ports.
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use axum::{Router, http::header, response::IntoResponse, routing::get};
@@ -35,6 +39,51 @@ pub struct Metrics {
     last: HashMap<String, [(u64, u64); 2]>,
     /// STATS slots as last read, to add only what is new to the counters.
     last_stats: [u64; stats::SLOTS as usize],
+    top: TopTalkers,
+}
+
+/// `--top-talkers N`: the N local hosts that sent the most IP bytes to non-local ones in
+/// the last complete window, as a gauge with a `host` label: at most N series, replaced
+/// each window.
+struct TopTalkers {
+    n: usize,
+    window: f64,
+    /// Index of the window being summed.
+    current: Option<u64>,
+    sums: HashMap<IpAddr, u64>,
+    gauge: IntGaugeVec,
+}
+
+impl TopTalkers {
+    fn add(&mut self, host: IpAddr, bytes: u64) {
+        if self.n > 0 && bytes > 0 {
+            *self.sums.entry(host).or_default() += bytes;
+        }
+    }
+
+    /// At a new window, publishes the last one's top N.
+    fn roll(&mut self, epoch: f64) {
+        if self.n == 0 {
+            return;
+        }
+        let index = (epoch / self.window).floor() as u64;
+        match self.current {
+            Some(current) if current == index => return,
+            Some(_) => {
+                let mut ranked: Vec<(IpAddr, u64)> = self.sums.drain().collect();
+                ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                self.gauge.reset();
+                for (host, bytes) in ranked.into_iter().take(self.n) {
+                    self.gauge
+                        .with_label_values(&[&host.to_string()])
+                        .set(bytes as i64);
+                }
+            }
+            // The first window is partial: it starts when the agent did.
+            None => self.sums.clear(),
+        }
+        self.current = Some(index);
+    }
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -42,7 +91,7 @@ fn opts(name: &str, help: &str) -> Opts {
 }
 
 impl Metrics {
-    pub fn new(capacity: u32) -> anyhow::Result<Self> {
+    pub fn new(capacity: u32, top_talkers: usize, window: Duration) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let bytes = IntCounterVec::new(
             opts(
@@ -103,6 +152,13 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
         )?;
+        let top_talkers_gauge = IntGaugeVec::new(
+            opts(
+                "top_talker_bytes",
+                "IP bytes the busiest local senders sent to non-local hosts in the last complete window (--top-talkers hosts at most).",
+            ),
+            &["host"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts("build_info", "Version of the agent; always 1."),
             &["version"],
@@ -120,6 +176,7 @@ impl Metrics {
             Box::new(unparsed.clone()),
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
+            Box::new(top_talkers_gauge.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -153,6 +210,13 @@ impl Metrics {
             poll_duration,
             last: HashMap::new(),
             last_stats: [0; stats::SLOTS as usize],
+            top: TopTalkers {
+                n: top_talkers,
+                window: window.as_secs_f64(),
+                current: None,
+                sums: HashMap::new(),
+                gauge: top_talkers_gauge,
+            },
         })
     }
 
@@ -183,9 +247,12 @@ impl Metrics {
             self.packets
                 .with_label_values(&[direction])
                 .inc_by(pkts.saturating_sub(pkts0));
-            self.bytes
-                .with_label_values(&[direction])
-                .inc_by(ip_bytes.saturating_sub(ip_bytes0));
+            let new_bytes = ip_bytes.saturating_sub(ip_bytes0);
+            self.bytes.with_label_values(&[direction]).inc_by(new_bytes);
+            if direction == "outbound" {
+                let sender = if i == DIR_A_TO_B { a.addr } else { b.addr };
+                self.top.add(sender, new_bytes);
+            }
         }
     }
 
@@ -203,7 +270,14 @@ impl Metrics {
     }
 
     /// After a poll: the table's and map's sizes, the kernel's STATS and the poll's time.
-    pub fn polled(&mut self, open: usize, counters: [u64; stats::SLOTS as usize], took: Duration) {
+    pub fn polled(
+        &mut self,
+        open: usize,
+        counters: [u64; stats::SLOTS as usize],
+        took: Duration,
+        epoch: f64,
+    ) {
+        self.top.roll(epoch);
         self.connections_active.set(open as i64);
         self.flow_map_entries.set(open as i64);
         for (slot, (&now, before)) in counters.iter().zip(&mut self.last_stats).enumerate() {
@@ -269,7 +343,7 @@ mod tests {
 
     #[test]
     fn directions_deltas_and_names() {
-        let mut m = Metrics::new(1024).unwrap();
+        let mut m = Metrics::new(1024, 0, Duration::from_secs(300)).unwrap();
         let mut spec = ConnSpec {
             orig_bytes: 10_000,
             resp_bytes: 2_000,
@@ -290,7 +364,7 @@ mod tests {
         let mut counters = [0; stats::SLOTS as usize];
         counters[stats::NOT_IP as usize] = 3;
         counters[stats::FLOW_MAP_FULL as usize] = 7;
-        m.polled(2, counters, Duration::from_millis(3));
+        m.polled(2, counters, Duration::from_millis(3), 0.0);
         let text = render(&m.registry());
         // The test connections carry 1000 bytes of payload + 52 of headers per packet.
         assert_eq!(
@@ -353,8 +427,50 @@ mod tests {
         );
         assert!(!text.contains("198.18."), "no addresses in labels");
         // Counters only grow by what is new.
-        m.polled(2, counters, Duration::from_millis(3));
+        m.polled(2, counters, Duration::from_millis(3), 0.0);
         let text = render(&m.registry());
         assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
+        assert!(!text.contains("top_talker_bytes{"), "off by default");
+    }
+
+    #[test]
+    fn top_talkers_are_bounded_and_replaced_each_window() {
+        let mut m = Metrics::new(1024, 2, Duration::from_secs(60)).unwrap();
+        let counters = [0; stats::SLOTS as usize];
+        let poll = |m: &mut Metrics, epoch: f64| m.polled(0, counters, Duration::ZERO, epoch);
+        poll(&mut m, 0.0);
+        for (i, host) in ["198.18.1.2", "198.18.1.3", "198.18.1.4"]
+            .into_iter()
+            .enumerate()
+        {
+            let spec = ConnSpec {
+                orig: (host, 40000),
+                orig_bytes: (i as u64 + 1) * 10_000,
+                uid: ["C1", "C2", "C3"][i],
+                ..ConnSpec::default()
+            };
+            m.observe(&spec.conn(), &local());
+        }
+        poll(&mut m, 30.0);
+        assert!(
+            !render(&m.registry()).contains("top_talker_bytes{"),
+            "window not over"
+        );
+        poll(&mut m, 61.0);
+        let text = render(&m.registry());
+        let top = |host: &str| {
+            value(
+                &text,
+                &format!("egress_monitor_top_talker_bytes{{host=\"{host}\"}}"),
+            )
+        };
+        assert_eq!(top("198.18.1.4"), 30_000.0 + 30.0 * 52.0);
+        assert_eq!(top("198.18.1.3"), 20_000.0 + 20.0 * 52.0);
+        assert!(!text.contains("198.18.1.2"), "at most N series:\n{text}");
+        poll(&mut m, 121.0);
+        assert!(
+            !render(&m.registry()).contains("top_talker_bytes{"),
+            "a quiet window replaces them"
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     clock::{self, Clock},
     conntable::{Conn, ConnTable, LocalNets},
     kernel::Kernel,
-    logs::{JsonLines, conn::ConnRecord},
+    logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
     poller::Poller,
     resolve,
@@ -82,7 +82,7 @@ impl Pipeline {
         self.emit(alerts, now)?;
         self.flush()?;
         self.metrics
-            .polled(self.table.len(), counters, started.elapsed());
+            .polled(self.table.len(), counters, started.elapsed(), now.epoch);
         Ok(())
     }
 
@@ -207,7 +207,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
         sinks.push(Dispatcher::spawn(Box::new(syslog), SINK_QUEUE));
     }
-    let metrics = Metrics::new(args.flow_map_size)?;
+    let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
     metrics::serve(args.metrics_addr, metrics.registry()).await?;
     if let Some(url) = &args.alertmanager_url {
         let sink = AlertmanagerSink::new(url);
@@ -241,6 +241,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     eprintln!("monitor: watching {}", watching.join(", "));
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -249,6 +250,10 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                 if let Err(err) = pipeline.poll() {
                     warn!("poll failed: {err:#}");
                 }
+            }
+            _ = sighup.recv() => {
+                logs::request_reopen();
+                info!("SIGHUP: log files reopen before their next line");
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

@@ -124,6 +124,11 @@ pub struct RunArgs {
     )]
     pub metrics_addr: std::net::SocketAddr,
 
+    /// Export the N local hosts that sent the most to non-local ones in the last
+    /// --window as egress_monitor_top_talker_bytes{host} (at most N series; 0: off).
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Outputs")]
+    pub top_talkers: usize,
+
     /// An alert with the same rule and key is not repeated within this time (suppressed
     /// alerts are counted).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1h",
