@@ -62,6 +62,9 @@ enum Task {
         #[arg(value_enum)]
         which: Bench,
     },
+    /// Set up, then build a namespace lab (LAN, gateway running the agent, Internet host),
+    /// play a short exfiltration story and show the alerts and metrics it produced.
+    Demo,
     /// Set up, then run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace labs.
     Test {
         /// Passed to `cargo test` (e.g. a test name filter).
@@ -103,6 +106,14 @@ fn main() -> anyhow::Result<()> {
             cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
                 .env("MONITOR_BIN", root.join("target/release/monitor"));
             check(cmd.status(), bin)
+        }
+        Task::Demo => {
+            setup()?;
+            cargo(&["build", "-p", "monitor"])?;
+            let mut cmd = as_root(Path::new("cargo"));
+            cmd.args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
+                .env("MONITOR_BIN", root.join("target/debug/monitor"));
+            check(cmd.status(), "demo")
         }
         Task::Test { args } => {
             setup()?;

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use super::{ConnCtx, Now, Rule, human_bytes, proto_name};
+use super::{ConnCtx, Now, Rule, human_bytes};
 use crate::alerts::{Alert, Note};
 
 pub struct LargeUpload {
@@ -44,12 +44,11 @@ impl LargeUpload {
         };
         let state = if open { "still open" } else { "now closed" };
         let msg = format!(
-            "{} sent {} to {} port {}/{} in one connection {role}, over the {} threshold ({state}, since {:.0} s)",
+            "{} sent {} to {} {} in one connection {role}, over the {} threshold ({state}, since {:.0} s)",
             local.addr,
             human_bytes(sent.bytes),
             remote.addr,
-            conn.resp.port,
-            proto_name(conn.proto()),
+            conn.service(),
             human_bytes(self.threshold),
             conn.age(now).as_secs_f64(),
         );

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, proto_name};
+use super::{ConnCtx, Now, Rule};
 use crate::alerts::{Alert, Note};
 
 pub struct LongConnection {
@@ -42,7 +42,8 @@ impl LongConnection {
 impl Rule for LongConnection {
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         let ignored = |addr| self.ignore.iter().any(|net| net.contains(&addr));
-        if ignored(conn.orig.addr) || ignored(conn.resp.addr) {
+        // Closed by FIN or RST, it only waits out the close delay: not active any more.
+        if conn.conn.closed() || ignored(conn.orig.addr) || ignored(conn.resp.addr) {
             return;
         }
         let age = conn.age(now);
@@ -58,11 +59,10 @@ impl Rule for LongConnection {
         self.crossed.insert(conn.uid().to_owned(), next);
         let threshold = self.threshold(next - 1);
         let msg = format!(
-            "connection from {} to {} port {}/{} has been open {} (over {})",
+            "connection from {} to {} {} has been open {} (over {})",
             conn.orig.addr,
             conn.resp.addr,
-            conn.resp.port,
-            proto_name(conn.proto()),
+            conn.service(),
             humantime::format_duration(Duration::from_secs(age.as_secs())),
             humantime::format_duration(threshold),
         );
@@ -143,6 +143,15 @@ mod tests {
         let late = update(&mut rule, &conn, at(7200.0));
         assert_eq!(late.len(), 1);
         assert_eq!(late[0].figures["threshold"], 3600.0);
+    }
+
+    #[test]
+    fn closed_connections_are_not_long() {
+        let mut rule = default_rule();
+        let mut conn = ConnSpec::default().conn();
+        conn.snap.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
+        conn.snap.dir[1].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
+        assert!(update(&mut rule, &conn, at(3600.0)).is_empty());
     }
 
     #[test]

@@ -113,6 +113,14 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
+    /// What the responder offers, for messages: `port 443/tcp`, `icmp type 8`.
+    pub fn service(&self) -> String {
+        match self.proto() {
+            1 | 58 => format!("icmp type {}", self.orig.port),
+            proto => format!("port {}/{}", self.resp.port, proto_name(proto)),
+        }
+    }
+
     pub fn uid(&self) -> &str {
         &self.conn.uid
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, allowlist::Allowlist, human_bytes, proto_name};
+use super::{ConnCtx, Now, Rule, allowlist::Allowlist, human_bytes};
 use crate::{
     alerts::{Alert, Note},
     cli::Service,
@@ -51,9 +51,8 @@ impl Rule for RestrictedOutbound {
         }
         let sent = conn.conn.orig();
         let msg = format!(
-            "{src} in restricted net {net} opened a connection to {dst} port {}/{} (sent {} so far), which no allowlist covers",
-            service.port,
-            proto_name(service.proto),
+            "{src} in restricted net {net} opened a connection to {dst} {} (sent {} so far), which no allowlist covers",
+            conn.service(),
             human_bytes(sent.bytes),
         );
         out.push(
