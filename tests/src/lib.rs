@@ -6,4 +6,5 @@ pub mod netlink;
 pub mod packet;
 pub mod pcap;
 pub mod replay;
+pub mod rules_lab;
 pub mod traffic;
