@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     // A real Prometheus scrapes the agent in a lab test; promtool checks the alert rules.
     "prometheus",
     "prometheus-alertmanager",
+    // systemd-analyze verifies the unit in deploy/.
+    "systemd",
     // Benchmarks.
     "iperf3",
 ];
