@@ -15,3 +15,4 @@ pub mod poller;
 pub mod resolve;
 pub mod rules;
 pub mod run;
+pub mod top;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use monitor::{
     cli::{self, Command},
-    iface, run,
+    iface, run, top,
 };
 
 fn main() -> ExitCode {
@@ -20,6 +20,7 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run::run(args, ifaces)))
         }
+        Command::Top(args) => top::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,10 +14,12 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use tokio::sync::watch;
 
 use crate::{
     alerts::Note,
     conntable::{Conn, LocalNets},
+    top,
 };
 
 const PREFIX: &str = "egress_monitor";
@@ -306,20 +308,33 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
-/// Binds `addr` now (so a taken port fails at start-up) and serves `/metrics` from a task
-/// on the current runtime.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+/// Binds `addr` now (so a taken port fails at start-up) and serves `/metrics`, and `/top`
+/// (the busiest connections as JSON, for `monitor top`), from a task on the current
+/// runtime.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    top: watch::Receiver<top::View>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("--metrics-addr {addr}: cannot listen (choose another address)")
     })?;
-    let app =
-        Router::new().route(
+    let app = Router::new()
+        .route(
             "/metrics",
             get(move || {
                 let body = render(&registry);
                 async move {
                     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
                 }
+            }),
+        )
+        .route(
+            "/top",
+            get(move || {
+                let body = serde_json::to_string(&*top.borrow())
+                    .expect("a view has only strings and finite numbers");
+                async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
             }),
         );
     tokio::spawn(async move {

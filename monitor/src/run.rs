@@ -23,6 +23,7 @@ use crate::{
     poller::Poller,
     resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
+    top,
 };
 
 /// Alerts a sink may fall behind by before new ones are dropped (and counted).
@@ -45,6 +46,7 @@ struct Pipeline {
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
     metrics: Metrics,
+    top: top::Tracker,
 }
 
 impl Pipeline {
@@ -83,6 +85,7 @@ impl Pipeline {
         self.flush()?;
         self.metrics
             .polled(self.table.len(), counters, started.elapsed(), now.epoch);
+        self.top.update(&self.table, &self.local, now);
         Ok(())
     }
 
@@ -208,7 +211,9 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         sinks.push(Dispatcher::spawn(Box::new(syslog), SINK_QUEUE));
     }
     let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
-    metrics::serve(args.metrics_addr, metrics.registry()).await?;
+    // Before the programs load: the first poll's rates run from here.
+    let top = top::Tracker::new(clock::monotonic_ns());
+    metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
     if let Some(url) = &args.alertmanager_url {
         let sink = AlertmanagerSink::new(url);
         sinks.push(Dispatcher::spawn(Box::new(sink), SINK_QUEUE));
@@ -230,6 +235,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         conn_long_log: open_log(args.conn_long_log.as_deref())?,
         map_full: 0,
         metrics,
+        top,
     };
 
     let mut watching = Vec::new();

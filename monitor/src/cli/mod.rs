@@ -27,9 +27,36 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process: its size does not matter"
+)]
 pub enum Command {
     /// Attach the kernel programs and watch connections until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Show the running agent's busiest connections, refreshed in the terminal until
+    /// Ctrl-C.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The agent's --metrics-addr: its /top endpoint is served there.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9877")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// Refresh period.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+
+    /// Connections shown (the agent keeps the busiest 100).
+    #[arg(long, value_name = "N", default_value_t = 20,
+          value_parser = clap::value_parser!(u16).range(1..=crate::top::MAX_ROWS as i64))]
+    pub count: u16,
+
+    /// Print one frame as plain text (no screen control) and exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -351,11 +378,29 @@ mod tests {
     #[test]
     fn defaults() {
         let cli = Cli::try_parse_from(["monitor", "run"]).unwrap();
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!("`monitor run` parsed as another command");
+        };
         assert_eq!(run.poll_interval, Duration::from_secs(1));
         assert_eq!(run.local_nets, default_local_nets());
         assert_eq!(run.ingress_hook, IngressHook::Tc);
         assert!(run.ifaces.is_empty());
+    }
+
+    #[test]
+    fn top_defaults_and_count_range() {
+        let cli = Cli::try_parse_from(["monitor", "top"]).unwrap();
+        let Command::Top(top) = cli.command else {
+            panic!("`monitor top` parsed as another command");
+        };
+        assert_eq!(top.metrics_addr.to_string(), "127.0.0.1:9877");
+        assert_eq!(top.interval, Duration::from_secs(1));
+        assert_eq!(top.count, 20);
+        assert!(!top.once);
+        for bad in ["0", "101"] {
+            let err = Cli::try_parse_from(["monitor", "top", "--count", bad]).unwrap_err();
+            assert!(err.render().to_string().contains("--count"), "{err}");
+        }
     }
 
     #[test]
