@@ -438,24 +438,33 @@ impl Default for Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        for mut child in children {
-            if let Ok(None) = child.try_wait() {
-                // Child::kill sends SIGKILL to this child's PID only.
-                let _ = child.kill();
-            }
-            let _ = child.wait();
+        kill_children(&self.children);
+        delete_namespaces(&[&self.lan, &self.gw, &self.wan]);
+    }
+}
+
+/// Kills (SIGKILL, each by its own PID) and reaps the children still running.
+pub fn kill_children(children: &Mutex<Vec<Child>>) {
+    let children = std::mem::take(&mut *children.lock().unwrap_or_else(|e| e.into_inner()));
+    for mut child in children {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
         }
-        for ns in [&self.lan, &self.gw, &self.wan] {
-            if Path::new("/run/netns").join(ns).exists() {
-                let out = run_bounded(Command::new("ip").args(["netns", "del", ns]), COMMAND_LIMIT);
-                if !out.status.success() {
-                    eprintln!(
-                        "lab: ip netns del {ns} failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
+        let _ = child.wait();
+    }
+}
+
+/// Deletes the namespaces that still exist. Called from drops: a failure is reported on
+/// stderr, not raised.
+pub fn delete_namespaces(names: &[&str]) {
+    for ns in names {
+        if Path::new("/run/netns").join(ns).exists() {
+            let out = run_bounded(Command::new("ip").args(["netns", "del", ns]), COMMAND_LIMIT);
+            if !out.status.success() {
+                eprintln!(
+                    "lab: ip netns del {ns} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
     }

@@ -23,7 +23,7 @@ use std::{
 
 use crate::{
     agent::ConnRecord,
-    lab::{Counters, counters, ip, run_bounded, set_sysctls},
+    lab::{self, Counters, counters, ip, set_sysctls},
 };
 
 const TCP: u8 = 6;
@@ -544,7 +544,6 @@ pub fn assert_records(context: &str, expected: &[Expected], actual: &[ConnRecord
 
 const SRC_MAC: &str = "02:00:00:00:aa:01";
 const MON_MAC: &str = "02:00:00:00:aa:02";
-const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 const QUIET_FOR: Duration = Duration::from_secs(1);
 const QUIET_LIMIT: Duration = Duration::from_secs(15);
 const REPLAY_LIMIT: Duration = Duration::from_secs(60);
@@ -754,26 +753,8 @@ impl Default for ReplayLab {
 
 impl Drop for ReplayLab {
     fn drop(&mut self) {
-        let children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        for mut child in children {
-            if let Ok(None) = child.try_wait() {
-                // Child::kill sends SIGKILL to this child's PID only.
-                let _ = child.kill();
-            }
-            let _ = child.wait();
-        }
-        for ns in [&self.src_ns, &self.mon_ns] {
-            if Path::new("/run/netns").join(ns).exists() {
-                let out = run_bounded(Command::new("ip").args(["netns", "del", ns]), COMMAND_LIMIT);
-                if !out.status.success() {
-                    eprintln!(
-                        "replay lab: ip netns del {ns} failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
-            }
-        }
+        lab::kill_children(&self.children);
+        lab::delete_namespaces(&[&self.src_ns, &self.mon_ns]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::{
     agent::{Agent, ConnRecord},
     lab::{self, Lab, ip, run_in_ns},
+    traffic,
 };
 
 /// A second address of the wan host (a /32 on its veth), for a destination that differs
@@ -395,23 +396,9 @@ pub fn listen(ns: &str, addr: SocketAddr) -> TcpListener {
 
 /// Accepts one connection within [`ACCEPT_LIMIT`]; panics otherwise.
 pub fn accept(listener: &TcpListener) -> TcpStream {
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
-    let start = Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream.set_nonblocking(false).expect("blocking stream");
-                set_timeouts(&stream);
-                return stream;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && start.elapsed() < ACCEPT_LIMIT => {
-                thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("accept on {:?}: {e}", listener.local_addr()),
-        }
-    }
+    let stream = traffic::accept_within(listener, ACCEPT_LIMIT);
+    set_timeouts(&stream);
+    stream
 }
 
 /// A TCP connection from `ns` to `server`, established.

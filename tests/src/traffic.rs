@@ -258,7 +258,8 @@ fn pin_to_cpu(cpu: usize) {
     );
 }
 
-fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
+/// Accepts one connection within `limit`; panics otherwise.
+pub fn accept_within(listener: &TcpListener, limit: Duration) -> TcpStream {
     listener
         .set_nonblocking(true)
         .expect("nonblocking listener");

@@ -1,51 +1,17 @@
 //! Alerts posted to a real Alertmanager (Debian's prometheus-alertmanager) in the lab,
 //! read back from its v2 API.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    thread,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use serde_json::Value;
 use tests::{
     agent::Agent,
+    http::{self, eventually},
     lab::{self, Lab},
     traffic,
 };
 
 const ALERTMANAGER: &str = "127.0.0.1:9093";
-
-/// The body of a GET from inside `ns`, or None if nothing answers 200 yet.
-fn http_get(ns: &str, path: &'static str) -> Option<String> {
-    lab::run_in_ns(ns, move || {
-        let mut stream = TcpStream::connect(ALERTMANAGER).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("set timeout");
-        write!(
-            stream,
-            "GET {path} HTTP/1.0\r\nHost: {ALERTMANAGER}\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.contains(" 200 ").then(|| body.to_owned())
-    })
-}
-
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        thread::sleep(Duration::from_millis(250));
-    }
-}
 
 #[test]
 fn restricted_host_alert_reaches_alertmanager() {
@@ -74,7 +40,7 @@ fn restricted_host_alert_reaches_alertmanager() {
         ],
     );
     eventually("Alertmanager answers", Duration::from_secs(60), || {
-        http_get(&lab.gw, "/api/v2/status")
+        http::get(&lab.gw, ALERTMANAGER, "/api/v2/status")
     });
     let agent = Agent::start(
         &lab.gw,
@@ -100,7 +66,8 @@ fn restricted_host_alert_reaches_alertmanager() {
         "the RestrictedOutbound alert in Alertmanager",
         Duration::from_secs(30),
         || {
-            let alerts: Value = serde_json::from_str(&http_get(&lab.gw, "/api/v2/alerts")?).ok()?;
+            let alerts: Value =
+                serde_json::from_str(&http::get(&lab.gw, ALERTMANAGER, "/api/v2/alerts")?).ok()?;
             alerts
                 .as_array()?
                 .iter()

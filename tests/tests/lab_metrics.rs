@@ -1,36 +1,17 @@
 //! The agent's /metrics scraped by a real Prometheus (Debian's package) in the lab, and
 //! read back through Prometheus's HTTP API after real traffic crossed the gateway.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use tests::{
     agent::Agent,
+    http::{self, eventually},
     lab::{self, Lab},
     traffic,
 };
 
 const PROMETHEUS: &str = "127.0.0.1:9090";
-
-/// A GET over plain HTTP/1.0 from inside `ns`; the body, or None if nothing listens yet.
-fn http_get(ns: &str, addr: &'static str, path: String) -> Option<String> {
-    lab::run_in_ns(ns, move || {
-        let mut stream = TcpStream::connect(addr).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("set timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.contains(" 200 ").then(|| body.to_owned())
-    })
-}
 
 /// The value of an instant query's single series, if it has one.
 fn query(ns: &str, expr: &str) -> Option<f64> {
@@ -41,22 +22,10 @@ fn query(ns: &str, expr: &str) -> Option<f64> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let body = http_get(ns, PROMETHEUS, format!("/api/v1/query?query={encoded}"))?;
+    let body = http::get(ns, PROMETHEUS, &format!("/api/v1/query?query={encoded}"))?;
     let json: Value = serde_json::from_str(&body).ok()?;
     let value = json["data"]["result"].get(0)?["value"][1].as_str()?;
     value.parse().ok()
-}
-
-/// Polls `f` until it returns Some, at most `limit`.
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]

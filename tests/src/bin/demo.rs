@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 use tests::{
     agent::Agent,
+    http,
     lab::{self, Lab},
     traffic,
 };
@@ -210,16 +211,9 @@ fn main() {
     thread::sleep(Duration::from_secs(1));
 
     step("Metrics excerpt (egress_monitor_* from http://127.0.0.1:9877/metrics in the gateway)");
-    let metrics = lab::run_in_ns(&lab.gw, || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect("127.0.0.1:9877")?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
-    });
+    let metrics = http::get(&lab.gw, "127.0.0.1:9877", "/metrics");
     match metrics {
-        Ok(text) => {
+        Some(text) => {
             let wanted = [
                 "bytes_total",
                 "connections_total",
@@ -235,7 +229,7 @@ fn main() {
                 }
             }
         }
-        Err(err) => println!("  (could not read the metrics: {err})"),
+        None => println!("  (could not read the metrics)"),
     }
 
     let records = agent.stop();
