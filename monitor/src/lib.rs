@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod logs;
 pub mod metrics;
 pub mod poller;
+pub mod privileges;
 pub mod resolve;
 pub mod rules;
 pub mod run;

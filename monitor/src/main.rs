@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let cli = cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
+            check_consistent(&args);
             let ifaces = watched_interfaces(&args.ifaces);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -27,6 +28,18 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("monitor: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Flags that parse but contradict each other are bad input too (exit 2).
+fn check_consistent(args: &cli::RunArgs) {
+    for net in &args.rules.restricted_nets {
+        if !args.local_nets.iter().any(|local| local.contains(net)) {
+            cli::usage_error(&format!(
+                "error: invalid value '{net}' for '--restricted-net <CIDR>': not inside any --local-net \
+                 (restricted hosts are local hosts; add --local-net for it)"
+            ));
         }
     }
 }

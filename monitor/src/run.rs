@@ -21,7 +21,7 @@ use crate::{
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
     poller::Poller,
-    resolve,
+    privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
     top,
 };
@@ -198,31 +198,41 @@ fn open_log(path: Option<&std::path::Path>) -> anyhow::Result<Option<JsonLines>>
 }
 
 pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
-    let local = LocalNets::new(args.local_nets.clone());
-    let names = Names::default();
-    resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
-    let alert_log: Box<dyn Sink> = Box::new(
-        AlertLog::open(&args.alert_log)
-            .with_context(|| format!("opening {}", args.alert_log.display()))?,
-    );
-    let mut sinks = vec![Dispatcher::spawn(alert_log, SINK_QUEUE)];
+    // Everything that can fail on the operator's input fails here, before the kernel is
+    // touched: log paths, sink URLs, the metrics address.
+    let alert_log = AlertLog::open(&args.alert_log)
+        .with_context(|| format!("opening {}", args.alert_log.display()))?;
+    let conn_log = open_log(args.conn_log.as_deref())?;
+    let conn_long_log = open_log(args.conn_long_log.as_deref())?;
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
     if let Some(url) = &args.syslog {
         let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
-        sinks.push(Dispatcher::spawn(Box::new(syslog), SINK_QUEUE));
+        sinks.push(Box::new(syslog));
+    }
+    if let Some(url) = &args.alertmanager_url {
+        sinks.push(Box::new(AlertmanagerSink::new(url)));
     }
     let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
     // Before the programs load: the first poll's rates run from here.
     let top = top::Tracker::new(clock::monotonic_ns());
     metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
-    if let Some(url) = &args.alertmanager_url {
-        let sink = AlertmanagerSink::new(url);
-        sinks.push(Dispatcher::spawn(Box::new(sink), SINK_QUEUE));
-    }
+
     let mut kernel = Kernel::load(args.flow_map_size)?;
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     )?;
+    let mut watching = Vec::new();
+    for iface in &ifaces {
+        let ingress = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
+        watching.push(format!("{iface} (ingress: {ingress}, egress: tc)"));
+    }
+    // No thread exists yet: the ones started below inherit the reduced capabilities.
+    privileges::drop_after_attach().context("dropping capabilities after attaching")?;
+
+    let local = LocalNets::new(args.local_nets.clone());
+    let names = Names::default();
+    resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(args.idle_timeout),
@@ -230,19 +240,16 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         local,
         clock: Clock::new(),
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
-        sinks,
-        conn_log: open_log(args.conn_log.as_deref())?,
-        conn_long_log: open_log(args.conn_long_log.as_deref())?,
+        sinks: sinks
+            .into_iter()
+            .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
+            .collect(),
+        conn_log,
+        conn_long_log,
         map_full: 0,
         metrics,
         top,
     };
-
-    let mut watching = Vec::new();
-    for iface in &ifaces {
-        let ingress = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
-        watching.push(format!("{iface} (ingress: {ingress}, egress: tc)"));
-    }
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", watching.join(", "));
 

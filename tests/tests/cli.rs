@@ -97,6 +97,39 @@ fn bad_size_list_and_url() {
 }
 
 #[test]
+fn contradictory_flags() {
+    assert_usage_error(
+        &["run", "--iface", "lo", "--restricted-net", "203.0.113.0/24"],
+        "--restricted-net",
+        "203.0.113.0/24",
+        "not inside any --local-net",
+    );
+}
+
+/// Log paths are checked before anything is loaded: a path that cannot be written
+/// fails at start with its name, not at the first alert.
+#[test]
+fn unwritable_log_path_fails_at_start() {
+    let out = monitor(&[
+        "run",
+        "--iface",
+        "lo",
+        "--conn-log",
+        "/proc/no-such-dir/conn.log",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("opening /proc/no-such-dir/conn.log"),
+        "names the path: {stderr}"
+    );
+    assert!(
+        !stderr.contains("monitor: watching"),
+        "nothing attached: {stderr}"
+    );
+}
+
+#[test]
 fn help_documents_every_flag_with_its_default() {
     let out = monitor(&["run", "--help"]);
     assert!(out.status.success());

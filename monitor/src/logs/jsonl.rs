@@ -1,6 +1,7 @@
 use std::{
     fs::OpenOptions,
     io::{self, BufWriter, Write},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -28,7 +29,12 @@ fn open_out(path: &Path) -> io::Result<Box<dyn Write + Send>> {
     if path == Path::new("-") {
         return Ok(Box::new(io::stdout()));
     }
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    // Owner and group only: records name hosts and what they sent.
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
     Ok(Box::new(file))
 }
 
