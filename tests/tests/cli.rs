@@ -96,6 +96,57 @@ fn bad_size_list_and_url() {
     );
 }
 
+/// Every `monitor run` flag that takes a value refuses a bad one: exit status 2 and one
+/// line naming the flag and the value.
+#[test]
+fn every_flag_refuses_a_bad_value() {
+    let cases: &[(&str, &str)] = &[
+        ("--ingress-hook", "bpf"),
+        ("--xdp-mode", "fast"),
+        ("--flow-map-size", "0"),
+        ("--flow-map-size", "lots"),
+        ("--local-net", "10.0.0.0/40"),
+        ("--poll-interval", "0s"),
+        ("--idle-timeout", "never"),
+        ("--metrics-addr", "localhost"),
+        ("--alertmanager-url", "https://am.example:9093"),
+        ("--syslog", "udp://"),
+        ("--top-talkers", "ten"),
+        ("--suppress", "1 fortnight"),
+        ("--upload-threshold", "100 MB!"),
+        ("--upload-min-packets", "many"),
+        ("--ratio-port", "80"),
+        ("--ratio-port", "80/gre"),
+        ("--ratio", "0"),
+        ("--ratio", "NaN"),
+        ("--ratio-min-bytes", "1XB"),
+        ("--long-durations", "10m,5m"),
+        ("--long-ignore", "vpn"),
+        ("--restricted-net", "10.0.0.0/99"),
+        ("--allow-dst", "not_a_host!"),
+        ("--allow-service", "203.0.113.0/24,https"),
+        ("--allow-pair", "198.18.1.2"),
+        ("--restricted-suppress", "forever"),
+        ("--window", "0m"),
+        ("--window-threshold", "five"),
+        ("--leak-period", "1 eon"),
+        ("--leak-threshold", "5 MBs"),
+        ("--leak-group", "host"),
+        ("--exclude-dst", "under_score"),
+    ];
+    for (flag, value) in cases {
+        let out = monitor(&["run", "--iface", "lo", flag, value]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{flag} {value}: one line, got {stderr:?}");
+        assert!(
+            lines[0].contains(flag) && lines[0].contains(value),
+            "{flag} {value}: the line names both: {stderr:?}"
+        );
+    }
+}
+
 #[test]
 fn contradictory_flags() {
     assert_usage_error(
