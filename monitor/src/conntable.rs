@@ -21,6 +21,10 @@ use crate::poller::FlowSnapshot;
 /// opening a new one.
 pub const CLOSE_DELAY: Duration = Duration::from_secs(5);
 
+/// Under map pressure, connections quiet for at least this long may be finished before
+/// their idle timeout (see [`ConnTable::pressure_relief`]).
+pub const PRESSURE_MIN_IDLE: Duration = Duration::from_secs(2);
+
 /// One side of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -249,6 +253,28 @@ impl ConnTable {
         self.conns.values()
     }
 
+    /// When the kernel map holds more than 90% of `capacity` entries, the connections to
+    /// finish early, longest idle first, to bring it down to 80%: only those quiet for
+    /// [`PRESSURE_MIN_IDLE`], so active transfers keep their entries (the kernel never
+    /// displaces an entry; a full map refuses new ones and counts them). Their records are
+    /// written as usual: nothing counted is lost.
+    pub fn pressure_relief(&self, now_ns: u64, capacity: u32) -> Vec<FlowKey> {
+        let (len, capacity) = (self.conns.len() as u64, u64::from(capacity));
+        if len * 10 <= capacity * 9 {
+            return Vec::new();
+        }
+        let excess = (len - capacity * 8 / 10) as usize;
+        let min_idle = PRESSURE_MIN_IDLE.as_nanos() as u64;
+        let mut idle: Vec<(u64, FlowKey)> = self
+            .conns
+            .values()
+            .map(|c| (c.last_ns(), c.snap.key))
+            .filter(|(last, _)| now_ns.saturating_sub(*last) >= min_idle)
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().take(excess).map(|(_, key)| key).collect()
+    }
+
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
         self.conns.remove(key)
     }
@@ -439,6 +465,37 @@ mod tests {
         assert_eq!(table.finished(31 * SEC), vec![c.snap.key]);
         assert_eq!(table.remove(&c.snap.key).map(|c| c.snap), Some(c.snap));
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn pressure_relief_finishes_the_longest_idle_first() {
+        let mut table = ConnTable::new(Duration::from_secs(300));
+        // 10 connections: number i last sent at i seconds.
+        let keys: Vec<FlowKey> = (0..10u16)
+            .map(|i| {
+                let mut c = conn(
+                    IPPROTO_UDP,
+                    dir(1, 0, u64::from(i) * SEC, 0, false),
+                    DirStats::default(),
+                );
+                c.snap.key.port_b = 50_000 + i;
+                table.observe(c.snap);
+                c.snap.key
+            })
+            .collect();
+        assert!(
+            table.pressure_relief(20 * SEC, 12).is_empty(),
+            "10 of 12 is under 90%"
+        );
+        // 10 of 10: down to 8, the two longest idle.
+        assert_eq!(table.pressure_relief(20 * SEC, 10), keys[..2].to_vec());
+        // At 9.5 s only connections 0..=7 have been quiet for 2 s: the busy ones stay.
+        assert_eq!(table.pressure_relief(9_500_000_000, 5), keys[..6].to_vec());
+        assert_eq!(
+            table.pressure_relief(SEC, 5),
+            Vec::<FlowKey>::new(),
+            "nothing idle"
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ struct Pipeline {
     conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
+    /// The kernel map's capacity (--flow-map-size), for pressure relief.
+    capacity: u32,
     metrics: Metrics,
     top: top::Tracker,
 }
@@ -69,7 +71,18 @@ impl Pipeline {
             }
             self.metrics.observe(conn, &self.local);
         }
-        for key in self.table.finished(now.mono_ns) {
+        let mut done = self.table.finished(now.mono_ns);
+        let relief = self.table.pressure_relief(now.mono_ns, self.capacity);
+        if !relief.is_empty() {
+            warn!(
+                "flow map over 90% full: finishing {} idle connections early (their records are written)",
+                relief.len()
+            );
+            done.extend(relief);
+            done.sort_unstable();
+            done.dedup();
+        }
+        for key in done {
             if let Some(last) = self.poller.take(&key)? {
                 self.table.observe(last);
             }
@@ -115,15 +128,20 @@ impl Pipeline {
             info!("packets not parsed: {}", unparsed.join(" "));
         }
         self.flush()?;
-        for sink in self.sinks {
-            let (name, dropped) = (sink.name(), sink.dropped());
-            let left = sink.shutdown(SINK_DRAIN);
-            if left > 0 || dropped > 0 {
-                warn!(
-                    "{name}: {dropped} alerts dropped (queue full), {left} undelivered at shutdown"
-                );
+        // All sinks drain at once: two that are down cost one wait, not two.
+        std::thread::scope(|scope| {
+            for sink in self.sinks {
+                scope.spawn(move || {
+                    let (name, dropped) = (sink.name(), sink.dropped());
+                    let left = sink.shutdown(SINK_DRAIN);
+                    if left > 0 || dropped > 0 {
+                        warn!(
+                            "{name}: {dropped} alerts dropped (queue full), {left} undelivered at shutdown"
+                        );
+                    }
+                });
             }
-        }
+        });
         Ok(())
     }
 
@@ -247,6 +265,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         conn_log,
         conn_long_log,
         map_full: 0,
+        capacity: args.flow_map_size,
         metrics,
         top,
     };
