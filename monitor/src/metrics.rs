@@ -42,6 +42,8 @@ pub struct Metrics {
     /// STATS slots as last read, to add only what is new to the counters.
     last_stats: [u64; stats::SLOTS as usize],
     top: TopTalkers,
+    sink_dropped: IntCounterVec,
+    sink_failures: IntCounterVec,
 }
 
 /// `--top-talkers N`: the N local hosts that sent the most IP bytes to non-local ones in
@@ -161,6 +163,20 @@ impl Metrics {
             ),
             &["host"],
         )?;
+        let sink_dropped = IntCounterVec::new(
+            opts(
+                "alerts_dropped_total",
+                "Alerts a sink's bounded queue could not take while the sink was slow or down, by sink.",
+            ),
+            &["sink"],
+        )?;
+        let sink_failures = IntCounterVec::new(
+            opts(
+                "alert_delivery_failures_total",
+                "Failed attempts to deliver an alert to a sink (each is retried), by sink.",
+            ),
+            &["sink"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts("build_info", "Version of the agent; always 1."),
             &["version"],
@@ -179,6 +195,8 @@ impl Metrics {
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
             Box::new(top_talkers_gauge.clone()),
+            Box::new(sink_dropped.clone()),
+            Box::new(sink_failures.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -219,6 +237,8 @@ impl Metrics {
                 sums: HashMap::new(),
                 gauge: top_talkers_gauge,
             },
+            sink_dropped,
+            sink_failures,
         })
     }
 
@@ -292,6 +312,17 @@ impl Metrics {
             }
         }
         self.poll_duration.observe(took.as_secs_f64());
+    }
+
+    /// A sink's totals as its dispatcher counts them (they only grow).
+    pub fn sink(&self, name: &str, dropped: u64, failures: u64) {
+        for (counter, total) in [
+            (&self.sink_dropped, dropped),
+            (&self.sink_failures, failures),
+        ] {
+            let counter = counter.with_label_values(&[name]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     pub fn registry(&self) -> Registry {
@@ -446,6 +477,23 @@ mod tests {
         let text = render(&m.registry());
         assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
         assert!(!text.contains("top_talker_bytes{"), "off by default");
+        m.sink("syslog", 2, 5);
+        m.sink("syslog", 3, 5);
+        let text = render(&m.registry());
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_alerts_dropped_total{sink=\"syslog\"}"
+            ),
+            3.0
+        );
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_alert_delivery_failures_total{sink=\"syslog\"}"
+            ),
+            5.0
+        );
     }
 
     #[test]

@@ -96,6 +96,10 @@ impl Pipeline {
         self.suppressor.prune(now.mono_ns);
         self.emit(alerts, now)?;
         self.flush()?;
+        for sink in &self.sinks {
+            self.metrics
+                .sink(sink.name(), sink.dropped(), sink.failures());
+        }
         self.metrics
             .polled(self.table.len(), counters, started.elapsed(), now.epoch);
         self.top.update(&self.table, &self.local, now);

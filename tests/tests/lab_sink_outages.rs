@@ -834,8 +834,17 @@ fn polling_and_detection_go_on_with_both_sinks_down() {
         Some(raised as f64),
         "alerts_total counts every alert raised"
     );
+    // The outage is visible in /metrics while it lasts, not only in the log.
+    for sink in ["syslog", "alertmanager"] {
+        let series = format!("egress_monitor_alert_delivery_failures_total{{sink=\"{sink}\"}}");
+        let failures = metric(&text, &series);
+        assert!(
+            failures.is_some_and(|f| f >= 1.0),
+            "{series} is {failures:?} during the outage:\n{text}"
+        );
+    }
 
-    // Shutdown gives each sink up to 5 s, then reports what it could not deliver.
+    // Shutdown gives the sinks up to 5 s, then reports what it could not deliver.
     let stopped = agent.stop();
     eprintln!(
         "both sinks down at SIGTERM: the agent exited after {:?}",
