@@ -253,14 +253,15 @@ fn keep_lines(
         // Bytes, not `lines()`: invalid UTF-8 must not stop the reading and block the agent.
         while matches!(reader.read_until(b'\n', &mut raw), Ok(n) if n > 0) {
             let line = String::from_utf8_lossy(&raw);
+            into.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&format!("{}\n", line.trim_end_matches('\n')));
+            // After the line is kept: whoever waits for it may read it at once.
             if let Some(ready) = &ready
                 && line.contains(READY_MARKER)
             {
                 let _ = ready.send(());
             }
-            let mut text = into.lock().unwrap_or_else(|e| e.into_inner());
-            text.push_str(line.trim_end_matches('\n'));
-            text.push('\n');
             raw.clear();
         }
     })
