@@ -1,6 +1,7 @@
 //! Test support: crafted frames, network-namespace labs, and the agent as a child process.
 
 pub mod agent;
+pub mod bpf;
 pub mod http;
 pub mod lab;
 pub mod netlink;

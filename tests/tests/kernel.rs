@@ -20,12 +20,7 @@
 //! - An skb's `gso_segs` is 0 unless the `__sk_buff` context passed in sets it: that is
 //!   how the GSO aggregate tests make TC see an aggregate.
 
-use std::{
-    cell::Cell,
-    collections::BTreeMap,
-    fmt,
-    net::{Ipv4Addr, Ipv6Addr},
-};
+use std::{cell::Cell, collections::BTreeMap, net::Ipv6Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -38,6 +33,7 @@ use monitor_common::{
     parse::{MAX_IPV6_EXT, parse_frame},
     stats,
 };
+use tests::bpf::{K, loopback_ifindex};
 use tests::packet::{
     ETH_HLEN, Frame, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, TCP_HLEN, UDP_HLEN, ethertype, ipproto,
     tcp_flags::{ACK, FIN, PSH, RST, SYN},
@@ -162,30 +158,6 @@ fn key6(a: Ipv6Addr, port_a: u16, b: Ipv6Addr, port_b: u16, proto: u8) -> FlowKe
     }
 }
 
-/// A readable key for messages.
-struct K<'a>(&'a FlowKey);
-
-impl fmt::Display for K<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let k = self.0;
-        let (a, b) = if k.family == 4 {
-            let a: [u8; 4] = k.addr_a[..4].try_into().unwrap();
-            let b: [u8; 4] = k.addr_b[..4].try_into().unwrap();
-            (Ipv4Addr::from(a).to_string(), Ipv4Addr::from(b).to_string())
-        } else {
-            (
-                Ipv6Addr::from(k.addr_a).to_string(),
-                Ipv6Addr::from(k.addr_b).to_string(),
-            )
-        };
-        write!(
-            f,
-            "proto {} family {}: [{a}]:{} <-> [{b}]:{}",
-            k.proto, k.family, k.port_a, k.port_b
-        )
-    }
-}
-
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -195,13 +167,6 @@ fn monotonic_ns() -> u64 {
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn loopback_ifindex() -> u32 {
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
-    assert_ne!(index, 0, "this network namespace has no lo");
-    index
 }
 
 /// `struct __sk_buff` offsets (include/uapi/linux/bpf.h) of the fields test_run takes in.

@@ -39,7 +39,7 @@
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::{Ipv4Addr, Ipv6Addr},
+    net::Ipv6Addr,
     time::{Duration, Instant},
 };
 
@@ -52,6 +52,7 @@ use monitor_common::{
     flow::{FlowKey, FlowValue},
     names, stats,
 };
+use tests::bpf::{K, loopback_ifindex};
 use tests::packet::{ETH_HLEN, Frame, IPV4_HLEN, IPV6_HLEN, Layout, ethertype, ipproto};
 
 const XDP_PASS: u32 = 2;
@@ -1035,13 +1036,6 @@ fn hooks_of(mask: u8) -> impl Iterator<Item = Hook> {
     Hook::ALL.into_iter().filter(move |h| mask & h.bit() != 0)
 }
 
-fn loopback_ifindex() -> u32 {
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
-    assert_ne!(index, 0, "this network namespace has no lo");
-    index
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter()
         .fold(String::with_capacity(2 * b.len()), |mut s, x| {
@@ -1269,30 +1263,6 @@ impl Kernel {
             s.push_str(" (nothing)");
         }
         s
-    }
-}
-
-/// A readable key.
-struct K<'a>(&'a FlowKey);
-
-impl fmt::Display for K<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let k = self.0;
-        let (a, b) = if k.family == 4 {
-            let a: [u8; 4] = k.addr_a[..4].try_into().unwrap();
-            let b: [u8; 4] = k.addr_b[..4].try_into().unwrap();
-            (Ipv4Addr::from(a).to_string(), Ipv4Addr::from(b).to_string())
-        } else {
-            (
-                Ipv6Addr::from(k.addr_a).to_string(),
-                Ipv6Addr::from(k.addr_b).to_string(),
-            )
-        };
-        write!(
-            f,
-            "proto {} family {}: [{a}]:{} <-> [{b}]:{}",
-            k.proto, k.family, k.port_a, k.port_b
-        )
     }
 }
 
