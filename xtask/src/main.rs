@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     // systemd-analyze verifies the unit in deploy/.
     "systemd",
+    // nfcapd and nfdump: a real IPFIX collector for the export tests.
+    "nfdump",
     // Benchmarks.
     "iperf3",
 ];

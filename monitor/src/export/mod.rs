@@ -1,0 +1,9 @@
+//! Flow export to the collectors operators already run (SPEC section 7).
+//!
+//! The exporter is fed by the connection table, never by the kernel maps: the poller calls
+//! [`IpfixExporter::update`] for open connections and [`IpfixExporter::finish`] for the
+//! finished ones, then [`IpfixExporter::flush`] once per poll.
+
+pub mod ipfix;
+
+pub use ipfix::{Collector, EndReason, ExportStats, IpfixConfig, IpfixExporter};
