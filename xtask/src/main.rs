@@ -81,6 +81,9 @@ enum Task {
 enum Bench {
     /// What each ingress hook (native XDP, TC) costs a veth gateway, against no agent.
     Ingress,
+    /// The agent's memory, CPU and conn log over a 10-minute mixed-traffic run
+    /// (`SOAK_SECS` overrides the length, e.g. 60 for a quick check).
+    Soak,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--release", "-p", "monitor"])?;
             let bin = match which {
                 Bench::Ingress => "bench-ingress",
+                Bench::Soak => "bench-soak",
             };
             let mut cmd = as_root(Path::new("cargo"));
             cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
