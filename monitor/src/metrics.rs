@@ -44,6 +44,9 @@ pub struct Metrics {
     top: TopTalkers,
     sink_dropped: IntCounterVec,
     sink_failures: IntCounterVec,
+    ipfix_records: IntCounter,
+    ipfix_messages: IntCounter,
+    ipfix_errors: IntCounter,
 }
 
 /// `--top-talkers N`: the N local hosts that sent the most IP bytes to non-local ones in
@@ -177,6 +180,18 @@ impl Metrics {
             ),
             &["sink"],
         )?;
+        let ipfix_records = IntCounter::with_opts(opts(
+            "ipfix_records_total",
+            "IPFIX data records sent, all collectors together.",
+        ))?;
+        let ipfix_messages = IntCounter::with_opts(opts(
+            "ipfix_messages_total",
+            "IPFIX messages sent, all collectors together.",
+        ))?;
+        let ipfix_errors = IntCounter::with_opts(opts(
+            "ipfix_export_errors_total",
+            "IPFIX messages not sent: send errors, and messages dropped from a full queue.",
+        ))?;
         let build_info = IntGaugeVec::new(
             opts("build_info", "Version of the agent; always 1."),
             &["version"],
@@ -197,6 +212,9 @@ impl Metrics {
             Box::new(top_talkers_gauge.clone()),
             Box::new(sink_dropped.clone()),
             Box::new(sink_failures.clone()),
+            Box::new(ipfix_records.clone()),
+            Box::new(ipfix_messages.clone()),
+            Box::new(ipfix_errors.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -239,6 +257,9 @@ impl Metrics {
             },
             sink_dropped,
             sink_failures,
+            ipfix_records,
+            ipfix_messages,
+            ipfix_errors,
         })
     }
 
@@ -321,6 +342,17 @@ impl Metrics {
             (&self.sink_failures, failures),
         ] {
             let counter = counter.with_label_values(&[name]);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    /// The exporters' totals (they only grow).
+    pub fn ipfix(&self, records: u64, messages: u64, errors: u64) {
+        for (counter, total) in [
+            (&self.ipfix_records, records),
+            (&self.ipfix_messages, messages),
+            (&self.ipfix_errors, errors),
+        ] {
             counter.inc_by(total.saturating_sub(counter.get()));
         }
     }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use log::{info, warn};
-use monitor_common::{names, stats};
+use monitor_common::{flow::FlowKey, names, stats};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -17,6 +17,7 @@ use crate::{
     cli::RunArgs,
     clock::{self, Clock},
     conntable::{Conn, ConnTable, LocalNets},
+    export::{EndReason, IpfixConfig, IpfixExporter},
     kernel::Kernel,
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
@@ -45,6 +46,8 @@ struct Pipeline {
     conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
+    /// One per --ipfix-collector.
+    exporters: Vec<IpfixExporter>,
     /// The kernel map's capacity (--flow-map-size), for pressure relief.
     capacity: u32,
     metrics: Metrics,
@@ -70,25 +73,44 @@ impl Pipeline {
                 rule.on_update(&ctx, now, &mut alerts);
             }
             self.metrics.observe(conn, &self.local);
+            for exporter in &mut self.exporters {
+                exporter.update(conn, now.mono_ns);
+            }
         }
-        let mut done = self.table.finished(now.mono_ns);
-        let relief = self.table.pressure_relief(now.mono_ns, self.capacity);
+        let finished = self.table.finished(now.mono_ns);
+        let relief: Vec<FlowKey> = self
+            .table
+            .pressure_relief(now.mono_ns, self.capacity)
+            .into_iter()
+            .filter(|key| !finished.contains(key))
+            .collect();
         if !relief.is_empty() {
             warn!(
                 "flow map over 90% full: finishing {} idle connections early (their records are written)",
                 relief.len()
             );
-            done.extend(relief);
-            done.sort_unstable();
-            done.dedup();
         }
-        for key in done {
+        let done = finished.into_iter().map(|key| (key, None)).chain(
+            relief
+                .into_iter()
+                .map(|key| (key, Some(EndReason::LackOfResources))),
+        );
+        for (key, reason) in done {
             if let Some(last) = self.poller.take(&key)? {
                 self.table.observe(last);
             }
             if let Some(conn) = self.table.remove(&key) {
-                self.finish(&conn, now, &mut alerts)?;
+                // Closed by the endpoints, else idle, unless the map's pressure ended it.
+                let reason = reason.unwrap_or(if conn.closed() {
+                    EndReason::EndOfFlow
+                } else {
+                    EndReason::Idle
+                });
+                self.finish(&conn, now, &mut alerts, reason)?;
             }
+        }
+        for exporter in &mut self.exporters {
+            exporter.flush();
         }
         for rule in &mut self.rules {
             rule.on_tick(now);
@@ -100,6 +122,14 @@ impl Pipeline {
             self.metrics
                 .sink(sink.name(), sink.dropped(), sink.failures());
         }
+        let (records, messages, errors) = self
+            .exporters
+            .iter()
+            .map(|e| e.stats())
+            .fold((0, 0, 0), |(r, m, e), s| {
+                (r + s.records, m + s.messages, e + s.errors)
+            });
+        self.metrics.ipfix(records, messages, errors);
         self.metrics
             .polled(self.table.len(), counters, started.elapsed(), now.epoch);
         self.top.update(&self.table, &self.local, now);
@@ -116,7 +146,14 @@ impl Pipeline {
         let open: Vec<Conn> = self.table.drain().collect();
         let mut alerts = Vec::new();
         for conn in &open {
-            self.finish(conn, now, &mut alerts)?;
+            self.finish(conn, now, &mut alerts, EndReason::ForcedEnd)?;
+        }
+        for exporter in std::mem::take(&mut self.exporters) {
+            let stats = exporter.shutdown();
+            info!(
+                "IPFIX: {} records in {} messages, {} errors",
+                stats.records, stats.messages, stats.errors
+            );
         }
         self.emit(alerts, now)?;
         info!("wrote {} connections still open at shutdown", open.len());
@@ -149,7 +186,16 @@ impl Pipeline {
         Ok(())
     }
 
-    fn finish(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>) -> anyhow::Result<()> {
+    fn finish(
+        &mut self,
+        conn: &Conn,
+        now: Now,
+        alerts: &mut Vec<Alert>,
+        reason: EndReason,
+    ) -> anyhow::Result<()> {
+        for exporter in &mut self.exporters {
+            exporter.finish(conn, reason, now.mono_ns);
+        }
         let ctx = ConnCtx::new(conn, &self.clock, &self.local);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
@@ -251,6 +297,24 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     }
     // No thread exists yet: the ones started below inherit the reduced capabilities.
     privileges::drop_after_attach().context("dropping capabilities after attaching")?;
+    let clock = Clock::new();
+    let exporters = args
+        .ipfix
+        .collectors
+        .iter()
+        .map(|collector| {
+            let mut config = IpfixConfig::new(
+                collector.clone(),
+                LocalNets::new(args.local_nets.clone()),
+                clock,
+            );
+            config.active_timeout = args.ipfix.flow_active_timeout;
+            config.template_refresh = args.ipfix.ipfix_template_refresh;
+            config.domain_id = args.ipfix.ipfix_domain_id;
+            config.biflow = args.ipfix.ipfix_biflow;
+            IpfixExporter::new(config).with_context(|| format!("--ipfix-collector {collector}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let local = LocalNets::new(args.local_nets.clone());
     let names = Names::default();
@@ -260,8 +324,9 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         table: ConnTable::new(args.idle_timeout),
         rules: rules::from_args(&args.rules, &local, &names),
         local,
-        clock: Clock::new(),
+        clock,
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
+        exporters,
         sinks: sinks
             .into_iter()
             .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))

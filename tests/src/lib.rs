@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod http;
 pub mod lab;
 pub mod netlink;
+pub mod nfdump;
 pub mod packet;
 pub mod pcap;
 pub mod replay;

@@ -133,6 +133,11 @@ fn every_flag_refuses_a_bad_value() {
         ("--leak-threshold", "5 MBs"),
         ("--leak-group", "host"),
         ("--exclude-dst", "under_score"),
+        ("--ipfix-collector", "tcp://127.0.0.1:4739"),
+        ("--ipfix-collector", "127.0.0.1:4739"),
+        ("--flow-active-timeout", "often"),
+        ("--ipfix-template-refresh", "0s"),
+        ("--ipfix-domain-id", "domain"),
     ];
     for (flag, value) in cases {
         let out = monitor(&["run", "--iface", "lo", flag, value]);
@@ -218,6 +223,11 @@ fn help_documents_every_flag_with_its_default() {
         "--leak-threshold",
         "--leak-group",
         "--exclude-dst",
+        "--ipfix-collector",
+        "--flow-active-timeout",
+        "--ipfix-template-refresh",
+        "--ipfix-domain-id",
+        "--ipfix-biflow",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
@@ -237,6 +247,7 @@ fn help_documents_every_flag_with_its_default() {
         "[default: 24h]",
         "[default: pair]",
         "[default: 127.0.0.1:9877]",
+        "[default: 60s]",
         "[default: 1h]",
     ] {
         assert!(help.contains(default), "{default} missing from --help");

@@ -5,12 +5,9 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    net::{IpAddr, UdpSocket},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    net::IpAddr,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use monitor::{
@@ -23,182 +20,9 @@ use monitor_common::{
     flow::{DirStats, FlowKey, tcp_flags},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
+use tests::nfdump::{Nfcapd, read_flows};
 
 const SECOND: u64 = 1_000_000_000;
-
-/// `nfcapd` listening on 127.0.0.1, writing into its own temporary directory; killed and
-/// the directory removed on drop.
-struct Nfcapd {
-    child: Option<Child>,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Nfcapd {
-    fn start() -> Nfcapd {
-        let dir = std::env::temp_dir().join(format!("ipfix-nfcapd-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        // A free port: bound here, released, then taken by nfcapd.
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free UDP port")
-            .port();
-        let child = Command::new("nfcapd")
-            .args([
-                "-b",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-t",
-                "3600",
-                "-w",
-            ])
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting nfcapd (install Debian's nfdump package): {e}"));
-        let collector = Nfcapd {
-            child: Some(child),
-            dir,
-            port,
-        };
-        // Ready once the port is taken.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "nfcapd did not bind 127.0.0.1:{port} within 10 s"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        collector
-    }
-
-    /// SIGTERM makes nfcapd close its file at once; returns the flow files it wrote.
-    fn stop(&mut self) -> Vec<PathBuf> {
-        let mut child = self.child.take().expect("nfcapd running");
-        // SAFETY: signalling our own child by its PID.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match child.try_wait().expect("waiting for nfcapd") {
-                Some(_) => break,
-                None if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                None => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("nfcapd did not exit within 10 s of SIGTERM");
-                }
-            }
-        }
-        let mut files: Vec<PathBuf> = walk(&self.dir)
-            .into_iter()
-            .filter(|p| {
-                let name = p.file_name().unwrap().to_string_lossy();
-                name.starts_with("nfcapd.") && !name.starts_with("nfcapd.current")
-            })
-            .collect();
-        files.sort();
-        files
-    }
-}
-
-impl Drop for Nfcapd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// One flow as nfdump prints it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Flow {
-    src: IpAddr,
-    dst: IpAddr,
-    src_port: u16,
-    dst_port: u16,
-    proto: u8,
-    packets: u64,
-    bytes: u64,
-}
-
-/// `nfdump -r FILE -q -N -o fmt:...`: one line per record, fields separated by `|`.
-fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
-    let mut flows = Vec::new();
-    for file in files {
-        let out = Command::new("nfdump")
-            .arg("-r")
-            .arg(file)
-            .args(["-q", "-N", "-o", "fmt:%pr|%sa|%da|%sp|%dp|%pkt|%byt"])
-            .output()
-            .unwrap_or_else(|e| panic!("running nfdump: {e}"));
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "nfdump -r {file:?} failed: {}\n{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let f: Vec<&str> = line.split('|').map(str::trim).collect();
-            assert_eq!(f.len(), 7, "nfdump line {line:?}");
-            let num = |i: usize| {
-                f[i].parse::<u64>()
-                    .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
-            };
-            let addr = |i: usize| {
-                f[i].parse::<IpAddr>()
-                    .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
-            };
-            let proto = match f[0] {
-                "TCP" => IPPROTO_TCP,
-                "UDP" => IPPROTO_UDP,
-                "ICMP" => IPPROTO_ICMP,
-                other => other
-                    .parse()
-                    .unwrap_or_else(|e| panic!("protocol {other:?} in {line:?}: {e}")),
-            };
-            flows.push(Flow {
-                src: addr(1),
-                dst: addr(2),
-                src_port: num(3) as u16,
-                // ICMP: nfdump shows "type.code".
-                dst_port: match f[4].split_once('.') {
-                    Some((t, c)) => {
-                        let part = |p: &str| {
-                            p.parse::<u16>()
-                                .unwrap_or_else(|e| panic!("ICMP type.code in {line:?}: {e}"))
-                        };
-                        part(t) << 8 | part(c)
-                    }
-                    None => num(4) as u16,
-                },
-                proto,
-                packets: num(5),
-                bytes: num(6),
-            });
-        }
-    }
-    flows
-}
 
 fn key_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {
@@ -361,11 +185,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     // nfcapd reads its socket on its own time: let it drain before stopping it.
     thread::sleep(Duration::from_millis(500));
     let files = nfcapd.stop();
-    assert!(
-        !files.is_empty(),
-        "nfcapd wrote no file in {:?}",
-        nfcapd.dir
-    );
+    assert!(!files.is_empty(), "nfcapd wrote no file");
     let flows = read_flows(&files);
     assert_eq!(
         flows.len() as u64,

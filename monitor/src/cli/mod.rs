@@ -164,6 +164,46 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub rules: RuleArgs,
+
+    #[command(flatten)]
+    pub ipfix: IpfixArgs,
+}
+
+/// Flow export (SPEC section 7).
+#[derive(Debug, Args)]
+pub struct IpfixArgs {
+    /// Export connections as IPFIX (RFC 7011) to udp://HOST:PORT (repeatable). Default:
+    /// none.
+    #[arg(
+        long = "ipfix-collector",
+        value_name = "URL",
+        help_heading = "IPFIX export"
+    )]
+    pub collectors: Vec<crate::export::Collector>,
+
+    /// An open connection is exported at least this often (its deltas since the last
+    /// export).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s",
+          help_heading = "IPFIX export")]
+    pub flow_active_timeout: Duration,
+
+    /// Templates are sent again this often.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s",
+          help_heading = "IPFIX export")]
+    pub ipfix_template_refresh: Duration,
+
+    /// Observation domain ID.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "IPFIX export"
+    )]
+    pub ipfix_domain_id: u32,
+
+    /// One RFC 5103 biflow record per connection instead of one per direction.
+    #[arg(long, help_heading = "IPFIX export")]
+    pub ipfix_biflow: bool,
 }
 
 /// Detection rules (SPEC section 5).

@@ -1,0 +1,131 @@
+//! The agent exporting IPFIX to a real nfcapd in the lab: for every connection, the
+//! deltas of all its exports sum exactly to its conn-log record, and a long transfer is
+//! exported while it runs (active timeout).
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use tests::{
+    agent::Agent,
+    lab::{self, Lab},
+    nfdump::{Nfcapd, read_flows},
+    traffic,
+};
+
+const IPFIX_PORT: u16 = 4739;
+
+/// 3 MB from the lan host to the wan host, 100 KB every 100 ms: about 3 s.
+fn paced_upload(lab: &Lab, server: SocketAddr) -> u16 {
+    let listener = lab::run_in_ns(&lab.wan, move || TcpListener::bind(server)).expect("bind");
+    let reader = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut buf = [0u8; 65536];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let port = lab::run_in_ns(&lab.lan, move || {
+        let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let chunk = vec![0x11u8; 100_000];
+        for _ in 0..30 {
+            stream.write_all(&chunk)?;
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok::<_, std::io::Error>(stream.local_addr()?.port())
+    })
+    .expect("paced upload");
+    reader.join().expect("reader");
+    port
+}
+
+#[test]
+fn exports_sum_to_the_conn_log_records() {
+    let lab = Lab::new();
+    let mut nfcapd = Nfcapd::start_in(Some(&lab.gw), IPFIX_PORT);
+    let collector = format!("udp://127.0.0.1:{IPFIX_PORT}");
+    let agent = Agent::start(
+        &lab.gw,
+        &lab.gw_wan_if,
+        &[
+            "--local-net",
+            lab::LOCAL_NET_V4,
+            "--poll-interval",
+            "200ms",
+            "--ipfix-collector",
+            &collector,
+            "--flow-active-timeout",
+            "1s",
+        ],
+    );
+    let upload_port = paced_upload(&lab, (lab::WAN_HOST_V4, 5401).into());
+    traffic::tcp_download(
+        &lab.lan,
+        &lab.wan,
+        (lab::WAN_HOST_V4, 5402).into(),
+        1_000_000,
+    );
+    traffic::udp_exchange(&lab.lan, &lab.wan, (lab::WAN_HOST_V4, 5403).into(), 20, 800);
+    let records = agent.stop();
+    // nfcapd reads its socket on its own time: let it drain before stopping it.
+    thread::sleep(Duration::from_millis(500));
+    let files = nfcapd.stop();
+    assert!(!files.is_empty(), "nfcapd wrote no file");
+    let flows = read_flows(&files);
+
+    let mut checked = 0;
+    for r in records
+        .iter()
+        .filter(|r| matches!(r.str("proto"), "tcp" | "udp"))
+    {
+        let proto = if r.str("proto") == "tcp" { 6 } else { 17 };
+        let (orig_h, resp_h): (IpAddr, IpAddr) = (
+            r.str("id.orig_h").parse().expect("orig_h"),
+            r.str("id.resp_h").parse().expect("resp_h"),
+        );
+        let (orig_p, resp_p) = (r.u64("id.orig_p") as u16, r.u64("id.resp_p") as u16);
+        let sum = |src: IpAddr, sport: u16, dst: IpAddr, dport: u16| {
+            let parts: Vec<_> = flows
+                .iter()
+                .filter(|f| {
+                    f.proto == proto
+                        && (f.src, f.src_port, f.dst, f.dst_port) == (src, sport, dst, dport)
+                })
+                .collect();
+            let total = parts
+                .iter()
+                .fold((0, 0), |(p, b), f| (p + f.packets, b + f.bytes));
+            (parts.len(), total)
+        };
+        let (orig_exports, orig) = sum(orig_h, orig_p, resp_h, resp_p);
+        let (_, resp) = sum(resp_h, resp_p, orig_h, orig_p);
+        let name = format!("{} {orig_h}:{orig_p} -> {resp_h}:{resp_p}", r.str("proto"));
+        assert_eq!(
+            orig,
+            (r.u64("orig_pkts"), r.u64("orig_ip_bytes")),
+            "{name}: originator's exports (packets, octets) against the conn log"
+        );
+        assert_eq!(
+            resp,
+            (r.u64("resp_pkts"), r.u64("resp_ip_bytes")),
+            "{name}: responder's exports against the conn log"
+        );
+        if orig_p == upload_port {
+            assert!(
+                orig_exports >= 2,
+                "{name}: a 3 s transfer with a 1 s active timeout is exported while it runs, \
+                 got {orig_exports} export(s)"
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "the upload, the download and the UDP exchange: {checked}"
+    );
+}
