@@ -298,16 +298,13 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     // No thread exists yet: the ones started below inherit the reduced capabilities.
     privileges::drop_after_attach().context("dropping capabilities after attaching")?;
     let clock = Clock::new();
+    let local = LocalNets::new(args.local_nets.clone());
     let exporters = args
         .ipfix
         .collectors
         .iter()
         .map(|collector| {
-            let mut config = IpfixConfig::new(
-                collector.clone(),
-                LocalNets::new(args.local_nets.clone()),
-                clock,
-            );
+            let mut config = IpfixConfig::new(collector.clone(), local.clone(), clock);
             config.active_timeout = args.ipfix.flow_active_timeout;
             config.template_refresh = args.ipfix.ipfix_template_refresh;
             config.domain_id = args.ipfix.ipfix_domain_id;
@@ -316,7 +313,6 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let local = LocalNets::new(args.local_nets.clone());
     let names = Names::default();
     resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
     let mut pipeline = Pipeline {
