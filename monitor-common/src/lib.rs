@@ -4,6 +4,7 @@
 //! uninitialised padding, and both sides must agree on every byte.
 #![no_std]
 
+pub mod dns;
 pub mod flow;
 pub mod parse;
 pub mod stats;
@@ -13,6 +14,7 @@ pub mod names {
     pub const FLOW_MAP: &str = "FLOWS";
     pub const STATS_MAP: &str = "STATS";
     pub const WATCHED_MAP: &str = "WATCHED";
+    pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";

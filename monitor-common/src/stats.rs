@@ -1,5 +1,5 @@
 //! Slots of the per-CPU `STATS` array: why packets were not parsed, and updates lost to
-//! a full flow map.
+//! a full flow map or ring buffer.
 
 pub const TRUNCATED_ETHERNET: u32 = 0;
 pub const TRUNCATED_VLAN: u32 = 1;
@@ -16,7 +16,9 @@ pub const TRUNCATED_UDP: u32 = 11;
 pub const TRUNCATED_ICMP: u32 = 12;
 /// Not a parse failure: a new connection that found the flow map full.
 pub const FLOW_MAP_FULL: u32 = 13;
-pub const SLOTS: u32 = 14;
+/// Not a parse failure: a DNS message not copied because the ring buffer was full.
+pub const DNS_EVENTS_LOST: u32 = 14;
+pub const SLOTS: u32 = 15;
 
 /// The `reason` label of `packets_unparsed_total`, indexed by slot.
 pub const UNPARSED_REASONS: [&str; FLOW_MAP_FULL as usize] = [

@@ -6,14 +6,21 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_OK, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_OK, xdp_action, xdp_md},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+    },
     macros::{classifier, map, xdp},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
     DEFAULT_FLOW_MAP_SIZE, MAX_WATCHED_IFACES,
+    dns::{
+        DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE_MAX, DNS_RING_BYTES, DnsEvent,
+        DnsEventHeader, dns_span, flags as dns_flags, is_dns_port,
+    },
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
     parse::{Frame, PacketInfo, parse_frame_after_tags},
     stats,
@@ -33,6 +40,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 /// gateway watched on several interfaces counts each packet once.
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
+
+/// DNS messages (port 53) for the agent; a full buffer counts `stats::DNS_EVENTS_LOST`.
+#[map(name = "DNS_EVENTS")]
+static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 
 /// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
 static ZERO_FLOW: FlowValue = FlowValue::ZERO;
@@ -65,15 +76,108 @@ fn bump(slot: u32) {
     }
 }
 
+/// Copies packet bytes the way the hook allows: the helpers also reach data outside the
+/// linear part of an skb or an XDP frame, and take offsets the verifier need not track.
+trait Copier {
+    /// 0 on success.
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> i64;
+}
+
+struct XdpCopier(*mut xdp_md);
+
+impl Copier for XdpCopier {
+    #[inline(always)]
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> i64 {
+        // SAFETY: `to` points to at least `len` writable bytes.
+        unsafe { bpf_xdp_load_bytes(self.0, offset, to.cast(), len) }
+    }
+}
+
+struct SkbCopier(*mut __sk_buff);
+
+impl Copier for SkbCopier {
+    #[inline(always)]
+    fn copy(&self, offset: u32, to: *mut u8, len: u32) -> i64 {
+        // SAFETY: as above.
+        unsafe { bpf_skb_load_bytes(self.0.cast(), offset, to.cast(), len) }
+    }
+}
+
+/// Reads through a copier: what locating a DNS message needs.
+struct Copied<'a, C>(&'a C);
+
+impl<C: Copier> Frame for Copied<'_, C> {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        (self.0.copy(off as u32, out.as_mut_ptr(), N as u32) == 0).then_some(out)
+    }
+}
+
 /// Counts one frame standing for `segs` wire segments; `frame_len` includes L2.
 /// `stripped_tags`: VLAN tags the kernel took out of the data before the hook.
 #[inline(always)]
-fn count(pkt: &Packet, frame_len: u32, segs: u32, ifindex: u32, stripped_tags: usize) {
+fn count<C: Copier>(
+    pkt: &Packet,
+    frame_len: u32,
+    segs: u32,
+    ifindex: u32,
+    stripped_tags: usize,
+    hook: (u8, &C),
+) {
     let info = match parse_frame_after_tags(pkt, stripped_tags) {
         Ok(info) => info,
         Err(reason) => return bump(reason),
     };
+    if is_dns_port(&info) {
+        copy_dns(&info, frame_len, ifindex, hook);
+    }
     account(&info, frame_len, segs, ifindex);
+}
+
+/// Hands a DNS message to the agent. Never touches the packet.
+#[inline(always)]
+fn copy_dns<C: Copier>(
+    info: &PacketInfo,
+    frame_len: u32,
+    ifindex: u32,
+    (direction, copier): (u8, &C),
+) {
+    let Some(span) = dns_span(&Copied(copier), info, frame_len) else {
+        return;
+    };
+    let Some(mut entry) = DNS_EVENTS.reserve::<DnsEvent>(0) else {
+        return bump(stats::DNS_EVENTS_LOST);
+    };
+    let mut len = span.present;
+    if len > DNS_CAPTURE_MAX as u32 {
+        len = DNS_CAPTURE_MAX as u32;
+    }
+    let event = entry.as_mut_ptr();
+    let mut flags = span.flags;
+    // SAFETY: `event` is the reserved entry, large enough for a DnsEvent; `len` is at
+    // most the size of its data array.
+    unsafe {
+        if len > 0 && copier.copy(span.offset, (*event).data.as_mut_ptr(), len) != 0 {
+            flags |= dns_flags::COPY_FAILED;
+            len = 0;
+        }
+        (*event).header = DnsEventHeader {
+            ts_ns: bpf_ktime_get_ns(),
+            src: info.src,
+            dst: info.dst,
+            sport: info.sport,
+            dport: info.dport,
+            ifindex,
+            family: info.family,
+            proto: info.proto,
+            direction,
+            flags,
+            msg_len: span.msg_len as u16,
+            captured_len: len as u16,
+        };
+    }
+    entry.submit(0);
 }
 
 #[inline(always)]
@@ -131,13 +235,14 @@ fn xdp_ingress(ctx: XdpContext) -> u32 {
     // Native XDP sees wire frames, one segment each: the header's length counts, and the
     // frame's where the header has none (generic XDP on a BIG TCP aggregate).
     let frame_len = (pkt.end - pkt.start) as u32;
-    count(&pkt, frame_len, 1, ifindex, 0);
+    let copier = XdpCopier(ctx.ctx);
+    count(&pkt, frame_len, 1, ifindex, 0, (DIRECTION_INGRESS, &copier));
     xdp_action::XDP_PASS
 }
 
 #[classifier]
 fn tc_ingress(ctx: TcContext) -> i32 {
-    count_skb(&ctx);
+    count_skb(&ctx, DIRECTION_INGRESS);
     TC_ACT_OK
 }
 
@@ -149,14 +254,14 @@ fn tc_egress(ctx: TcContext) -> i32 {
     let came_in = unsafe { (*skb).ingress_ifindex };
     // SAFETY: a plain read of a value the agent wrote.
     if came_in == 0 || unsafe { WATCHED.get(&came_in) }.is_none() {
-        count_skb(&ctx);
+        count_skb(&ctx, DIRECTION_EGRESS);
     }
     TC_ACT_OK
 }
 
 /// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.
 #[inline(always)]
-fn count_skb(ctx: &TcContext) {
+fn count_skb(ctx: &TcContext, direction: u8) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run.
     let (len, segs, ifindex, vlan_present) = unsafe {
@@ -174,7 +279,15 @@ fn count_skb(ctx: &TcContext) {
     // On receive the kernel moves the outer VLAN tag into the skb (vlan_present); the
     // wire frame still had it. Its 4 bytes are L2, which no count includes.
     let stripped_tags = if vlan_present != 0 { 1 } else { 0 };
-    count(&pkt, len, segs, ifindex, stripped_tags);
+    let copier = SkbCopier(ctx.as_ptr().cast());
+    count(
+        &pkt,
+        len,
+        segs,
+        ifindex,
+        stripped_tags,
+        (direction, &copier),
+    );
 }
 
 // On the host (clippy), a dependency brings std and its handler.

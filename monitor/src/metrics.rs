@@ -35,6 +35,7 @@ pub struct Metrics {
     suppressed: IntCounterVec,
     flow_map_entries: IntGauge,
     flow_map_full: IntCounter,
+    dns_events_lost: IntCounter,
     unparsed: IntCounterVec,
     poll_duration: Histogram,
     /// Per open connection: (pkts, ip_bytes) of each key direction at the last poll.
@@ -142,6 +143,10 @@ impl Metrics {
             "flow_map_full_total",
             "Packets of new connections not counted because the connection map was full.",
         ))?;
+        let dns_events_lost = IntCounter::with_opts(opts(
+            "dns_events_lost_total",
+            "DNS messages the kernel could not hand over because the ring buffer was full.",
+        ))?;
         let unparsed = IntCounterVec::new(
             opts(
                 "packets_unparsed_total",
@@ -206,6 +211,7 @@ impl Metrics {
             Box::new(flow_map_entries.clone()),
             Box::new(flow_map_capacity.clone()),
             Box::new(flow_map_full.clone()),
+            Box::new(dns_events_lost.clone()),
             Box::new(unparsed.clone()),
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
@@ -244,6 +250,7 @@ impl Metrics {
             suppressed,
             flow_map_entries,
             flow_map_full,
+            dns_events_lost,
             unparsed,
             poll_duration,
             last: HashMap::new(),
@@ -328,6 +335,8 @@ impl Metrics {
             *before = now;
             if slot == stats::FLOW_MAP_FULL as usize {
                 self.flow_map_full.inc_by(new);
+            } else if slot == stats::DNS_EVENTS_LOST as usize {
+                self.dns_events_lost.inc_by(new);
             } else if let Some(reason) = stats::UNPARSED_REASONS.get(slot) {
                 self.unparsed.with_label_values(&[reason]).inc_by(new);
             }
@@ -442,6 +451,7 @@ mod tests {
         let mut counters = [0; stats::SLOTS as usize];
         counters[stats::NOT_IP as usize] = 3;
         counters[stats::FLOW_MAP_FULL as usize] = 7;
+        counters[stats::DNS_EVENTS_LOST as usize] = 4;
         m.polled(2, counters, Duration::from_millis(3), 0.0);
         let text = render(&m.registry());
         // The test connections carry 1000 bytes of payload + 52 of headers per packet.
@@ -494,6 +504,7 @@ mod tests {
             3.0
         );
         assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
+        assert_eq!(value(&text, "egress_monitor_dns_events_lost_total"), 4.0);
         assert_eq!(value(&text, "egress_monitor_flow_map_capacity"), 1024.0);
         assert_eq!(
             value(&text, "egress_monitor_poll_duration_seconds_count"),
