@@ -275,6 +275,10 @@ impl ConnTable {
         idle.into_iter().take(excess).map(|(_, key)| key).collect()
     }
 
+    pub fn get(&self, key: &FlowKey) -> Option<&Conn> {
+        self.conns.get(key)
+    }
+
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
         self.conns.remove(key)
     }

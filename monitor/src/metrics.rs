@@ -19,11 +19,13 @@ use tokio::sync::watch;
 use crate::{
     alerts::Note,
     conntable::{Conn, LocalNets},
+    dns::DnsCounts,
     top,
 };
 
 const PREFIX: &str = "egress_monitor";
 const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
+const DNS_TYPES: [&str; 3] = ["query", "response", "malformed"];
 
 pub struct Metrics {
     registry: Registry,
@@ -36,6 +38,9 @@ pub struct Metrics {
     flow_map_entries: IntGauge,
     flow_map_full: IntCounter,
     dns_events_lost: IntCounter,
+    dns_messages: IntCounterVec,
+    dns_cache_entries: IntGauge,
+    last_dns: DnsCounts,
     unparsed: IntCounterVec,
     poll_duration: Histogram,
     /// Per open connection: (pkts, ip_bytes) of each key direction at the last poll.
@@ -147,6 +152,17 @@ impl Metrics {
             "dns_events_lost_total",
             "DNS messages the kernel could not hand over because the ring buffer was full.",
         ))?;
+        let dns_messages = IntCounterVec::new(
+            opts(
+                "dns_messages_total",
+                "DNS messages from the kernel, by type: query, response, malformed (not DNS, or an IP fragment).",
+            ),
+            &["type"],
+        )?;
+        let dns_cache_entries = IntGauge::with_opts(opts(
+            "dns_cache_entries",
+            "Entries of the passive DNS map (client, address) -> name.",
+        ))?;
         let unparsed = IntCounterVec::new(
             opts(
                 "packets_unparsed_total",
@@ -212,6 +228,8 @@ impl Metrics {
             Box::new(flow_map_capacity.clone()),
             Box::new(flow_map_full.clone()),
             Box::new(dns_events_lost.clone()),
+            Box::new(dns_messages.clone()),
+            Box::new(dns_cache_entries.clone()),
             Box::new(unparsed.clone()),
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
@@ -236,6 +254,9 @@ impl Metrics {
         for reason in stats::UNPARSED_REASONS {
             unparsed.with_label_values(&[reason]);
         }
+        for kind in DNS_TYPES {
+            dns_messages.with_label_values(&[kind]);
+        }
         flow_map_capacity.set(i64::from(capacity));
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -251,6 +272,9 @@ impl Metrics {
             flow_map_entries,
             flow_map_full,
             dns_events_lost,
+            dns_messages,
+            dns_cache_entries,
+            last_dns: DnsCounts::default(),
             unparsed,
             poll_duration,
             last: HashMap::new(),
@@ -342,6 +366,21 @@ impl Metrics {
             }
         }
         self.poll_duration.observe(took.as_secs_f64());
+    }
+
+    /// The DNS module's totals (they only grow) and its cache size.
+    pub fn dns(&mut self, counts: DnsCounts, cache_entries: usize) {
+        let before = std::mem::replace(&mut self.last_dns, counts);
+        for (kind, now, was) in [
+            ("query", counts.query, before.query),
+            ("response", counts.response, before.response),
+            ("malformed", counts.malformed, before.malformed),
+        ] {
+            self.dns_messages
+                .with_label_values(&[kind])
+                .inc_by(now.saturating_sub(was));
+        }
+        self.dns_cache_entries.set(cache_entries as i64);
     }
 
     /// A sink's totals as its dispatcher counts them (they only grow).

@@ -17,6 +17,10 @@ use crate::{
     cli::RunArgs,
     clock::{self, Clock},
     conntable::{Conn, ConnTable, LocalNets},
+    dns::{
+        Dns,
+        events::{Batch, DnsEvents},
+    },
     export::{EndReason, IpfixConfig, IpfixExporter},
     kernel::Kernel,
     logs::{self, JsonLines, conn::ConnRecord},
@@ -52,6 +56,7 @@ struct Pipeline {
     capacity: u32,
     metrics: Metrics,
     top: top::Tracker,
+    dns: Dns,
 }
 
 impl Pipeline {
@@ -115,6 +120,17 @@ impl Pipeline {
         for rule in &mut self.rules {
             rule.on_tick(now);
         }
+        let (clock, table) = (self.clock, &self.table);
+        self.dns
+            .poll(
+                now,
+                |ns| clock.epoch_secs(ns),
+                |key| table.get(key).map(|c| c.uid.clone()),
+                &mut alerts,
+            )
+            .context("writing --dns-log")?;
+        self.metrics
+            .dns(self.dns.counts(), self.dns.cache_entries());
         self.suppressor.prune(now.mono_ns);
         self.emit(alerts, now)?;
         self.flush()?;
@@ -156,6 +172,10 @@ impl Pipeline {
             );
         }
         self.emit(alerts, now)?;
+        let clock = self.clock;
+        self.dns
+            .shutdown(|ns| clock.epoch_secs(ns), |_| None)
+            .context("writing --dns-log")?;
         info!("wrote {} connections still open at shutdown", open.len());
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
@@ -203,14 +223,18 @@ impl Pipeline {
         self.metrics.observe(conn, &self.local);
         self.metrics.finished(conn);
         if let Some(log) = &mut self.conn_log {
-            log.write(&ctx.record())
+            let mut record = ctx.record();
+            let (local, remote) = record.fields.local_remote();
+            record.fields.remote_fqdn = self.dns.fqdn(local, remote, now.mono_ns);
+            log.write(&record)
                 .with_context(|| format!("writing {}", log.path().display()))?;
         }
         Ok(())
     }
 
     fn emit(&mut self, alerts: Vec<Alert>, now: Now) -> anyhow::Result<()> {
-        for alert in alerts {
+        for mut alert in alerts {
+            self.name_remote(&mut alert, now);
             if let (Note::LongConnection, Some(log), Some(fields), Some(ts)) = (
                 alert.note,
                 &mut self.conn_long_log,
@@ -234,6 +258,19 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Passive DNS's name for the remote endpoint: in the connection fields, else beside
+    /// `dst`.
+    fn name_remote(&mut self, alert: &mut Alert, now: Now) {
+        if let Some(fields) = &mut alert.conn {
+            let (local, remote) = fields.local_remote();
+            fields.remote_fqdn = self.dns.fqdn(local, remote, now.mono_ns);
+        } else if let Some(dst) = alert.dst
+            && let Some(name) = self.dns.fqdn(alert.src, dst, now.mono_ns)
+        {
+            alert.figures.insert("remote_fqdn".into(), name.into());
+        }
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
@@ -272,6 +309,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", args.alert_log.display()))?;
     let conn_log = open_log(args.conn_log.as_deref())?;
     let conn_long_log = open_log(args.conn_long_log.as_deref())?;
+    let dns_log = open_log(args.dns.dns_log.as_deref())?;
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
     if let Some(url) = &args.syslog {
         let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
@@ -290,6 +328,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     )?;
+    let mut dns_events = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
     let mut watching = Vec::new();
     for iface in &ifaces {
         let ingress = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
@@ -315,6 +354,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
 
     let names = Names::default();
     resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
+    let dns = Dns::new(&args.dns, args.rules.window, local.clone(), dns_log);
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(args.idle_timeout),
@@ -333,6 +373,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         capacity: args.flow_map_size,
         metrics,
         top,
+        dns,
     };
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", watching.join(", "));
@@ -341,8 +382,16 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dns_batch = Batch::default();
     loop {
         tokio::select! {
+            read = dns_events.read(&mut dns_batch) => {
+                if let Err(err) = read {
+                    warn!("reading DNS events failed: {err:#}");
+                }
+                let clock = pipeline.clock;
+                dns_batch.drain(|record| pipeline.dns.record(record, |ns| clock.epoch_secs(ns)));
+            }
             _ = ticks.tick() => {
                 if let Err(err) = pipeline.poll() {
                     warn!("poll failed: {err:#}");

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod dns_lab;
 pub mod http;
 pub mod lab;
 pub mod netlink;

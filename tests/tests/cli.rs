@@ -138,6 +138,14 @@ fn every_flag_refuses_a_bad_value() {
         ("--flow-active-timeout", "often"),
         ("--ipfix-template-refresh", "0s"),
         ("--ipfix-domain-id", "domain"),
+        ("--dns-log", ""),
+        ("--dns-cache-size", "0"),
+        ("--dns-cache-size", "big"),
+        ("--dns-min-ttl", "forever"),
+        ("--dns-resolver", "resolver1"),
+        ("--dns-tunnel-threshold", "4 KBs"),
+        ("--dns-tunnel-period", "daily"),
+        ("--dns-nxdomain-threshold", "0"),
     ];
     for (flag, value) in cases {
         let out = monitor(&["run", "--iface", "lo", flag, value]);
@@ -228,6 +236,13 @@ fn help_documents_every_flag_with_its_default() {
         "--ipfix-template-refresh",
         "--ipfix-domain-id",
         "--ipfix-biflow",
+        "--dns-log",
+        "--dns-cache-size",
+        "--dns-min-ttl",
+        "--dns-resolver",
+        "--dns-tunnel-threshold",
+        "--dns-tunnel-period",
+        "--dns-nxdomain-threshold",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
@@ -249,6 +264,9 @@ fn help_documents_every_flag_with_its_default() {
         "[default: 127.0.0.1:9877]",
         "[default: 60s]",
         "[default: 1h]",
+        "[default: 100000]",
+        "[default: 4KB]",
+        "[default: 100]",
     ] {
         assert!(help.contains(default), "{default} missing from --help");
     }

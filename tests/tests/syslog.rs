@@ -303,6 +303,7 @@ fn alert(n: u32) -> Alert {
                 local_resp: false,
                 missed_start: false,
                 iface: "eth0".to_owned(),
+                remote_fqdn: None,
             },
         };
         Alert::for_conn(ts, note, msg, src, dst, record, format!("k{n}"))

@@ -39,6 +39,11 @@ const APT_PACKAGES: &[&str] = &[
     "nfdump",
     // Benchmarks.
     "iperf3",
+    // DNS labs: a resolver with static answers (dnsmasq-base is the binary without the
+    // system service, which would take port 53 on the host), and real DNS tunnels.
+    "dnsmasq-base",
+    "iodine",
+    "dns2tcp",
 ];
 
 #[derive(Parser)]

@@ -20,16 +20,18 @@ pub enum Note {
     RestrictedOutbound,
     WindowExceeded,
     DataLeak,
+    DnsTunnel,
 }
 
 impl Note {
-    pub const ALL: [Note; 6] = [
+    pub const ALL: [Note; 7] = [
         Note::LargeUpload,
         Note::UploadRatio,
         Note::LongConnection,
         Note::RestrictedOutbound,
         Note::WindowExceeded,
         Note::DataLeak,
+        Note::DnsTunnel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +42,7 @@ impl Note {
             Note::RestrictedOutbound => "RestrictedOutbound",
             Note::WindowExceeded => "WindowExceeded",
             Note::DataLeak => "DataLeak",
+            Note::DnsTunnel => "DnsTunnel",
         }
     }
 }

@@ -167,6 +167,50 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub ipfix: IpfixArgs,
+
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// DNS: passive DNS, dns.log, DnsTunnel (SPEC section 8).
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// DNS transactions as JSON lines with Zeek dns.log field names (`-`: stdout).
+    /// Default: not written.
+    #[arg(long, value_name = "PATH", help_heading = "DNS")]
+    pub dns_log: Option<PathBuf>,
+
+    /// Entries of the passive DNS map (client, address) -> name; the least recently
+    /// used go first.
+    #[arg(long, value_name = "N", default_value = "100000", help_heading = "DNS")]
+    pub dns_cache_size: std::num::NonZeroUsize,
+
+    /// Keep an answer at least this long, whatever its TTL (connections often start
+    /// after a short TTL ran out).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1h",
+          help_heading = "DNS")]
+    pub dns_min_ttl: Duration,
+
+    /// The site's own resolvers (repeatable): never "non-DNS on port 53". Default: none.
+    #[arg(long = "dns-resolver", value_name = "CIDR", value_parser = parse_cidr,
+          help_heading = "DNS")]
+    pub dns_resolvers: Vec<IpNet>,
+
+    /// DnsTunnel: information (compressed distinct query names) one client sends to one
+    /// registered domain within --dns-tunnel-period.
+    #[arg(long, value_name = "SIZE", default_value = "4KB", help_heading = "DNS")]
+    pub dns_tunnel_threshold: Size,
+
+    /// DnsTunnel: the period over which information is summed.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "24h",
+          help_heading = "DNS")]
+    pub dns_tunnel_period: Duration,
+
+    /// DnsTunnel: NXDOMAIN answers to one client for one registered domain within
+    /// --window.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "DNS")]
+    pub dns_nxdomain_threshold: u64,
 }
 
 /// Flow export (SPEC section 7).

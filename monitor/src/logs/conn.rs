@@ -45,6 +45,21 @@ pub struct ConnFields {
     /// TCP first seen mid-stream (no SYN): counts cover only what was seen.
     pub missed_start: bool,
     pub iface: String,
+    /// The name the local endpoint resolved for the remote one, else anyone's name for
+    /// it (passive DNS); absent when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_fqdn: Option<String>,
+}
+
+impl ConnFields {
+    /// (local, remote) where exactly one side is local; else (orig, resp).
+    pub fn local_remote(&self) -> (IpAddr, IpAddr) {
+        if self.local_resp && !self.local_orig {
+            (self.resp_h, self.orig_h)
+        } else {
+            (self.orig_h, self.resp_h)
+        }
+    }
 }
 
 impl ConnRecord {
@@ -71,6 +86,7 @@ impl ConnRecord {
             local_resp: local.contains(resp.addr),
             missed_start: conn.missed_start(),
             iface: iface::name(conn.snap.ifindex),
+            remote_fqdn: None,
         };
         Self {
             ts: clock.epoch_secs(first),

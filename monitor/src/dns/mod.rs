@@ -1,0 +1,173 @@
+//! DNS (SPEC section 8): messages from the kernel's ring buffer are parsed, teach the
+//! passive DNS map (names for conn records and alerts, and for name allowlists), go to
+//! `--dns-log`, and feed the DnsTunnel detector.
+//!
+//! events (ring buffer) -> parse -> cache (passive DNS), log (dns.log), tunnel (alerts)
+
+pub mod cache;
+pub mod events;
+pub mod log;
+pub mod parse;
+pub mod tunnel;
+
+use std::{io, net::IpAddr};
+
+use monitor_common::{flow::FlowKey, parse::PacketInfo};
+
+use crate::{alerts::Alert, cli::DnsArgs, conntable::LocalNets, logs::JsonLines, rules::Now};
+use cache::PassiveDns;
+use log::{DnsRecord, Transactions};
+use parse::Payload;
+use tunnel::{TunnelConfig, TunnelDetector};
+
+/// Messages by kind since the agent started: `dns_messages_total{type}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsCounts {
+    pub query: u64,
+    pub response: u64,
+    /// Not parsable as DNS, or one IP fragment of a message.
+    pub malformed: u64,
+}
+
+pub struct Dns {
+    cache: PassiveDns,
+    log: Option<(JsonLines, Transactions)>,
+    /// Records completed since the last poll: written then, when their connection (and
+    /// its uid) is in the table.
+    ready: Vec<DnsRecord>,
+    tunnel: TunnelDetector,
+    counts: DnsCounts,
+}
+
+impl Dns {
+    pub fn new(
+        args: &DnsArgs,
+        window: std::time::Duration,
+        local: LocalNets,
+        log: Option<JsonLines>,
+    ) -> Self {
+        Self {
+            cache: PassiveDns::new(args.dns_cache_size, args.dns_min_ttl),
+            log: log.map(|l| (l, Transactions::default())),
+            ready: Vec::new(),
+            tunnel: TunnelDetector::new(TunnelConfig {
+                threshold: args.dns_tunnel_threshold.0,
+                period: args.dns_tunnel_period,
+                nxdomain_threshold: args.dns_nxdomain_threshold,
+                window,
+                resolvers: args.dns_resolvers.clone(),
+                local,
+                max_keys: tunnel::MAX_KEYS,
+            }),
+            counts: DnsCounts::default(),
+        }
+    }
+
+    /// One ring buffer record; `epoch` converts kernel time for the log.
+    pub fn record(&mut self, bytes: &[u8], epoch: impl Fn(u64) -> f64) {
+        let Some((meta, payload)) = parse::decode(bytes) else {
+            self.counts.malformed += 1;
+            return;
+        };
+        match payload {
+            Payload::Message(msg) => {
+                if msg.response {
+                    self.counts.response += 1;
+                    let ((client, _), _) = meta.client_server(true);
+                    self.cache.learn(client, &msg, meta.ts_ns);
+                } else {
+                    self.counts.query += 1;
+                }
+                self.tunnel.message(&meta, &msg);
+                if let Some((_, tx)) = &mut self.log {
+                    self.ready.extend(tx.add(meta, &msg, epoch));
+                }
+            }
+            Payload::Fragment => self.counts.malformed += 1,
+            Payload::NotDns => {
+                self.counts.malformed += 1;
+                self.tunnel.not_dns(&meta, bytes.len());
+            }
+        }
+    }
+
+    /// At each poll: DnsTunnel alerts, expired cache entries, and the dns.log records
+    /// completed meanwhile, with the uid of their connection where `uid` knows it.
+    pub fn poll(
+        &mut self,
+        now: Now,
+        epoch: impl Fn(u64) -> f64,
+        uid: impl Fn(&FlowKey) -> Option<String>,
+        alerts: &mut Vec<Alert>,
+    ) -> io::Result<()> {
+        self.tunnel.poll(now, alerts);
+        self.cache.prune(now.mono_ns);
+        if let Some((out, tx)) = &mut self.log {
+            self.ready.extend(tx.expire(now.mono_ns, epoch));
+            for mut rec in self.ready.drain(..) {
+                rec.uid = uid(&flow_key(&rec));
+                out.write(&rec)?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// At shutdown: every query still waiting is written unanswered.
+    pub fn shutdown(
+        &mut self,
+        epoch: impl Fn(u64) -> f64,
+        uid: impl Fn(&FlowKey) -> Option<String>,
+    ) -> io::Result<()> {
+        if let Some((out, tx)) = &mut self.log {
+            self.ready.extend(tx.drain(epoch));
+            for mut rec in self.ready.drain(..) {
+                rec.uid = uid(&flow_key(&rec));
+                out.write(&rec)?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The name `local` resolved for `remote` (else anyone's name for it).
+    pub fn fqdn(&mut self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
+        self.cache.name(local, remote, now_ns)
+    }
+
+    pub fn counts(&self) -> DnsCounts {
+        self.counts
+    }
+
+    pub fn cache_entries(&self) -> usize {
+        self.cache.entries()
+    }
+
+    pub fn log_path(&self) -> Option<&std::path::Path> {
+        self.log.as_ref().map(|(l, _)| l.path())
+    }
+}
+
+/// The flow map key of the connection that carried a transaction.
+fn flow_key(rec: &DnsRecord) -> FlowKey {
+    let octets = |a: IpAddr| -> [u8; 16] {
+        match a {
+            IpAddr::V4(v4) => {
+                let mut o = [0; 16];
+                o[..4].copy_from_slice(&v4.octets());
+                o
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    };
+    let info = PacketInfo {
+        family: if rec.orig_h.is_ipv4() { 4 } else { 6 },
+        proto: if rec.proto == "tcp" { 6 } else { 17 },
+        src: octets(rec.orig_h),
+        dst: octets(rec.resp_h),
+        sport: rec.orig_p,
+        dport: rec.resp_p,
+        ..PacketInfo::default()
+    };
+    info.flow_key().0
+}

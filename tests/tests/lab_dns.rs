@@ -1,0 +1,171 @@
+//! DNS in a gateway lab (SPEC section 8): dnsmasq answers on the wan host, the lan host
+//! resolves a name and then uploads to the address it got; the agent on gw's WAN-facing
+//! veth must name the remote host in the alert and in the conn-log record, and log the
+//! transaction in `--dns-log`. Over UDP and TCP, through a CNAME, and over IPv6.
+
+use std::{
+    net::{IpAddr, Shutdown, SocketAddr},
+    time::Duration,
+};
+
+use tests::{
+    dns_lab::{self, TYPE_A, TYPE_AAAA, add_wan_address, resolve, start_dnsmasq},
+    lab::{self, Lab},
+    rules_lab::{
+        RulesAgent, Scratch, connect, join, listen, listing, read_json_lines, send, spawn_discard,
+    },
+};
+
+const ALERT_LIMIT: Duration = Duration::from_secs(30);
+const FINISH_LIMIT: Duration = Duration::from_secs(40);
+const UPLOAD: u64 = 3_000_000;
+
+const FILES_V4: &str = "203.0.113.10";
+const FILES_V6: &str = "2001:db8:2::10";
+const EDGE_V4: &str = "203.0.113.11";
+
+/// dnsmasq's static answers: a whole zone for both families, and a CNAME to a host record
+/// (dnsmasq answers CNAMEs only for local targets).
+const ANSWERS: [&str; 4] = [
+    "--address=/example.test/203.0.113.10",
+    "--address=/example.test/2001:db8:2::10",
+    "--host-record=edge.cdn.test,203.0.113.11,2001:db8:2::11",
+    "--cname=share.corp.test,edge.cdn.test",
+];
+
+struct Case {
+    /// The resolver's address family, and the answer's.
+    v6: bool,
+    tcp: bool,
+    name: &'static str,
+    target: &'static str,
+}
+
+fn resolve_then_upload(case: Case) {
+    let lab = Lab::new();
+    let resolver_v4 = start_dnsmasq(&lab, &ANSWERS);
+    let target: IpAddr = case.target.parse().expect("address");
+    add_wan_address(&lab, target);
+    let scratch = Scratch::new("dns");
+    let dns_log = scratch.path("dns.jsonl");
+    let dns_arg = dns_log.to_str().expect("UTF-8").to_owned();
+    let agent = RulesAgent::start(
+        &lab,
+        &[
+            "--upload-threshold",
+            "1MB",
+            "--upload-min-packets",
+            "100",
+            "--dns-log",
+            &dns_arg,
+        ],
+    );
+    let (resolver, qtype) = if case.v6 {
+        (dns_lab::resolver_v6(), TYPE_AAAA)
+    } else {
+        (resolver_v4, TYPE_A)
+    };
+    let answer = resolve(&lab.lan, resolver, case.name, qtype, case.tcp);
+    assert_eq!(answer.rcode, 0, "{} answered {answer:?}", case.name);
+    assert_eq!(answer.addrs, vec![target], "{} resolved", case.name);
+
+    let server = SocketAddr::new(target, 5001);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let mut sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    send(&mut sender, UPLOAD);
+    let alerts = agent.wait_alerts("LargeUpload", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", client, server)
+    });
+    sender.shutdown(Shutdown::Write).expect("close the sender");
+    drop(sender);
+    assert_eq!(join(discard), vec![UPLOAD], "bytes the wan host received");
+    assert_eq!(
+        alerts[0].str("remote_fqdn"),
+        case.name,
+        "the alert names the host: {}",
+        alerts[0]
+    );
+    let record = agent.wait_finished("tcp", client, server, FINISH_LIMIT);
+    assert_eq!(record.str("remote_fqdn"), case.name, "conn record {record}");
+
+    let stopped = agent.stop();
+    let lan: IpAddr = if case.v6 {
+        lab::LAN_HOST_V6.into()
+    } else {
+        lab::LAN_HOST_V4.into()
+    };
+    let logged = read_json_lines(&dns_log);
+    let tx = logged
+        .iter()
+        .find(|r| r["query"] == case.name)
+        .unwrap_or_else(|| panic!("no dns.log record for {}: {logged:?}", case.name));
+    assert_eq!(tx["id.orig_h"], lan.to_string(), "{tx}");
+    assert_eq!(tx["id.resp_h"], resolver.ip().to_string(), "{tx}");
+    assert_eq!(tx["id.resp_p"], 53, "{tx}");
+    assert_eq!(tx["proto"], if case.tcp { "tcp" } else { "udp" }, "{tx}");
+    assert_eq!(tx["trans_id"], 0x4242, "{tx}");
+    assert_eq!(tx["rcode_name"], "NOERROR", "{tx}");
+    assert_eq!(tx["qtype_name"], if case.v6 { "AAAA" } else { "A" }, "{tx}");
+    let answers: Vec<&str> = tx["answers"]
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a.as_str().expect("text"))
+        .collect();
+    assert!(answers.contains(&case.target), "{tx}");
+    assert_eq!(
+        tx["TTLs"].as_array().expect("TTLs").len(),
+        answers.len(),
+        "{tx}"
+    );
+    assert!(
+        tx["uid"].as_str().is_some_and(|u| u.starts_with('C')),
+        "{tx}"
+    );
+    assert!(
+        stopped.alerts.iter().all(|a| a.note() != "DnsTunnel"),
+        "{}",
+        listing(&stopped.alerts)
+    );
+}
+
+#[test]
+fn names_in_alert_and_conn_record_over_udp() {
+    resolve_then_upload(Case {
+        v6: false,
+        tcp: false,
+        name: "files.example.test",
+        target: FILES_V4,
+    });
+}
+
+#[test]
+fn names_in_alert_and_conn_record_over_tcp() {
+    resolve_then_upload(Case {
+        v6: false,
+        tcp: true,
+        name: "files.example.test",
+        target: FILES_V4,
+    });
+}
+
+#[test]
+fn names_through_a_cname() {
+    resolve_then_upload(Case {
+        v6: false,
+        tcp: false,
+        name: "share.corp.test",
+        target: EDGE_V4,
+    });
+}
+
+#[test]
+fn names_over_ipv6() {
+    resolve_then_upload(Case {
+        v6: true,
+        tcp: false,
+        name: "files.example.test",
+        target: FILES_V6,
+    });
+}
