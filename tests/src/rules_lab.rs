@@ -294,6 +294,10 @@ impl RulesAgent {
         self.agent.stderr()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.agent.pid()
+    }
+
     /// SIGTERM (the agent judges what is still open, drains its sinks and exits 0), then
     /// everything it wrote.
     pub fn stop(self) -> Stopped {
