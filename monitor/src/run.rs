@@ -1,6 +1,9 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use log::{info, warn};
@@ -19,6 +22,7 @@ use crate::{
     conntable::{Conn, ConnTable, LocalNets},
     dns::{
         Dns,
+        cache::PassiveDns,
         events::{Batch, DnsEvents},
     },
     export::{EndReason, IpfixConfig, IpfixExporter},
@@ -352,9 +356,19 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let names = Names::default();
+    let passive = Arc::new(RwLock::new(PassiveDns::new(
+        args.dns.dns_cache_size,
+        args.dns.dns_min_ttl,
+    )));
+    let names = Names::with_passive(passive.clone());
     resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
-    let dns = Dns::new(&args.dns, args.rules.window, local.clone(), dns_log);
+    let dns = Dns::new(
+        &args.dns,
+        args.rules.window,
+        local.clone(),
+        dns_log,
+        passive,
+    );
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(args.idle_timeout),

@@ -1,7 +1,8 @@
 //! DNS in a gateway lab (SPEC section 8): dnsmasq answers on the wan host, the lan host
 //! resolves a name and then uploads to the address it got; the agent on gw's WAN-facing
 //! veth must name the remote host in the alert and in the conn-log record, and log the
-//! transaction in `--dns-log`. Over UDP and TCP, through a CNAME, and over IPv6.
+//! transaction in `--dns-log`. Over UDP and TCP, through a CNAME, and over IPv6. And a
+//! name allowlist (`*.example.test`) follows what the restricted client itself resolved.
 
 use std::{
     net::{IpAddr, Shutdown, SocketAddr},
@@ -168,4 +169,58 @@ fn names_over_ipv6() {
         name: "files.example.test",
         target: FILES_V6,
     });
+}
+
+/// `--allow-dst '*.example.test'` for a restricted host: a connection to an address it
+/// resolved from a matching name is allowed, one to an address it did not resolve alerts.
+#[test]
+fn allowlist_by_name_follows_what_the_client_resolved() {
+    let lab = Lab::new();
+    let resolver = start_dnsmasq(&lab, &ANSWERS);
+    let resolved: IpAddr = FILES_V4.parse().expect("address");
+    let unresolved: IpAddr = "203.0.113.12".parse().expect("address");
+    add_wan_address(&lab, resolved);
+    add_wan_address(&lab, unresolved);
+    let agent = RulesAgent::start(
+        &lab,
+        &[
+            "--restricted-net",
+            "198.18.1.0/24",
+            "--allow-dst",
+            "*.example.test",
+            "--allow-service",
+            "203.0.113.2/32,53/udp",
+        ],
+    );
+    let answer = resolve(&lab.lan, resolver, "files.example.test", TYPE_A, false);
+    assert_eq!(answer.addrs, vec![resolved], "{answer:?}");
+    let mut clients = Vec::new();
+    for target in [resolved, unresolved] {
+        let server = SocketAddr::new(target, 5001);
+        let discard = spawn_discard(listen(&lab.wan, server), 1);
+        let mut sender = connect(&lab.lan, server);
+        clients.push((sender.local_addr().expect("client address"), server));
+        send(&mut sender, 10_000);
+        sender.shutdown(Shutdown::Write).expect("close");
+        drop(sender);
+        assert_eq!(join(discard), vec![10_000], "bytes {target} received");
+    }
+    let (loud_client, loud_server) = clients[1];
+    agent.wait_alerts("RestrictedOutbound", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", loud_client, loud_server)
+    });
+    let (quiet_client, quiet_server) = clients[0];
+    agent.wait_finished("tcp", quiet_client, quiet_server, FINISH_LIMIT);
+    let stopped = agent.stop();
+    let restricted: Vec<_> = stopped
+        .alerts
+        .iter()
+        .filter(|a| a.note() == "RestrictedOutbound")
+        .collect();
+    assert_eq!(restricted.len(), 1, "{}", listing(&stopped.alerts));
+    assert!(
+        restricted[0].is_conn("tcp", loud_client, loud_server),
+        "{}",
+        restricted[0]
+    );
 }

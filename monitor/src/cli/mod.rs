@@ -316,7 +316,9 @@ pub struct RuleArgs {
     pub restricted_nets: Vec<IpNet>,
 
     /// RestrictedOutbound: destinations allowed to anyone (repeatable). Host names stand
-    /// for all their A/AAAA records, re-resolved every minute.
+    /// for all their A/AAAA records, re-resolved every minute, and for any address the
+    /// client itself resolved the name to (passive DNS); `*.domain` matches what the
+    /// client resolved from any name under the domain.
     #[arg(
         long = "allow-dst",
         value_name = "CIDR|HOST",
@@ -332,7 +334,8 @@ pub struct RuleArgs {
     )]
     pub allow_service: Vec<AllowService>,
 
-    /// RestrictedOutbound: a source allowed to reach a destination (repeatable).
+    /// RestrictedOutbound: a source allowed to reach a destination (repeatable); names and
+    /// `*.domain` as for --allow-dst.
     #[arg(
         long = "allow-pair",
         value_name = "SRC,DST",
@@ -381,7 +384,8 @@ pub struct RuleArgs {
           help_heading = "WindowExceeded and DataLeak")]
     pub leak_group: LeakGroup,
 
-    /// Destinations left out of window and leak accounting (repeatable).
+    /// Destinations left out of window and leak accounting (repeatable); names and
+    /// `*.domain` as for --allow-dst.
     #[arg(
         long = "exclude-dst",
         value_name = "CIDR|HOST",

@@ -130,11 +130,14 @@ impl fmt::Display for Service {
     }
 }
 
-/// An address, a network, or a host name that stands for all its A/AAAA records.
+/// An address, a network, a host name that stands for all its A/AAAA records (actively
+/// resolved, or resolved by the client itself), or `*.suffix`: any name under the suffix
+/// that the client itself resolved.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum AddrSpec {
     Net(IpNet),
     Host(String),
+    Suffix(String),
 }
 
 impl FromStr for AddrSpec {
@@ -151,15 +154,22 @@ impl FromStr for AddrSpec {
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         };
-        let name = s.trim_end_matches('.');
+        let (wildcard, name) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let name = name.trim_end_matches('.');
         let is_name = !name.is_empty()
             && name.len() <= 253
             && name.split('.').all(valid_label)
             && !name.chars().all(|c| c.is_ascii_digit() || c == '.');
-        if is_name {
-            Ok(AddrSpec::Host(name.to_ascii_lowercase()))
-        } else {
-            Err("expected an IP address, a network such as 203.0.113.0/24, or a host name".into())
+        match (is_name, wildcard) {
+            (true, false) => Ok(AddrSpec::Host(name.to_ascii_lowercase())),
+            (true, true) => Ok(AddrSpec::Suffix(name.to_ascii_lowercase())),
+            (false, _) => Err(
+                "expected an IP address, a network such as 203.0.113.0/24, a host name or *.domain"
+                    .into(),
+            ),
         }
     }
 }
@@ -169,6 +179,7 @@ impl fmt::Display for AddrSpec {
         match self {
             AddrSpec::Net(net) => net.fmt(f),
             AddrSpec::Host(name) => f.write_str(name),
+            AddrSpec::Suffix(suffix) => write!(f, "*.{suffix}"),
         }
     }
 }
@@ -287,6 +298,17 @@ mod tests {
             Ok(AddrSpec::Net("203.0.113.9/32".parse().unwrap()))
         );
         assert!("bad_name!".parse::<AddrSpec>().is_err());
+        assert_eq!(
+            "*.Example.test".parse(),
+            Ok(AddrSpec::Suffix("example.test".into()))
+        );
+        assert_eq!(
+            AddrSpec::Suffix("example.test".into()).to_string(),
+            "*.example.test"
+        );
+        for bad in ["*", "*.", "*.bad_label", "a.*.test", "**.test"] {
+            assert!(bad.parse::<AddrSpec>().is_err(), "{bad}");
+        }
         assert!("300.1.1.1".parse::<AddrSpec>().is_err());
         let svc: AllowService = "203.0.113.0/24,443/tcp".parse().unwrap();
         assert_eq!(svc.service.port, 443);

@@ -14,6 +14,7 @@ struct Entry {
     expires_ns: u64,
 }
 
+#[derive(Debug)]
 pub struct PassiveDns {
     /// (client, answer address) -> the name the client asked for.
     by_pair: LruCache<(IpAddr, IpAddr), Entry>,

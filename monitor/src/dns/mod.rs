@@ -10,7 +10,11 @@ pub mod log;
 pub mod parse;
 pub mod tunnel;
 
-use std::{io, net::IpAddr};
+use std::{
+    io,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
 
 use monitor_common::{flow::FlowKey, parse::PacketInfo};
 
@@ -30,7 +34,8 @@ pub struct DnsCounts {
 }
 
 pub struct Dns {
-    cache: PassiveDns,
+    /// Shared with the rules' name matching.
+    cache: Arc<RwLock<PassiveDns>>,
     log: Option<(JsonLines, Transactions)>,
     /// Records completed since the last poll: written then, when their connection (and
     /// its uid) is in the table.
@@ -45,9 +50,10 @@ impl Dns {
         window: std::time::Duration,
         local: LocalNets,
         log: Option<JsonLines>,
+        cache: Arc<RwLock<PassiveDns>>,
     ) -> Self {
         Self {
-            cache: PassiveDns::new(args.dns_cache_size, args.dns_min_ttl),
+            cache,
             log: log.map(|l| (l, Transactions::default())),
             ready: Vec::new(),
             tunnel: TunnelDetector::new(TunnelConfig {
@@ -74,7 +80,7 @@ impl Dns {
                 if msg.response {
                     self.counts.response += 1;
                     let ((client, _), _) = meta.client_server(true);
-                    self.cache.learn(client, &msg, meta.ts_ns);
+                    self.cache_mut().learn(client, &msg, meta.ts_ns);
                 } else {
                     self.counts.query += 1;
                 }
@@ -101,7 +107,7 @@ impl Dns {
         alerts: &mut Vec<Alert>,
     ) -> io::Result<()> {
         self.tunnel.poll(now, alerts);
-        self.cache.prune(now.mono_ns);
+        self.cache_mut().prune(now.mono_ns);
         if let Some((out, tx)) = &mut self.log {
             self.ready.extend(tx.expire(now.mono_ns, epoch));
             for mut rec in self.ready.drain(..) {
@@ -132,7 +138,11 @@ impl Dns {
 
     /// The name `local` resolved for `remote` (else anyone's name for it).
     pub fn fqdn(&mut self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
-        self.cache.name(local, remote, now_ns)
+        self.cache_mut().name(local, remote, now_ns)
+    }
+
+    fn cache_mut(&self) -> std::sync::RwLockWriteGuard<'_, PassiveDns> {
+        self.cache.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn counts(&self) -> DnsCounts {
@@ -140,11 +150,10 @@ impl Dns {
     }
 
     pub fn cache_entries(&self) -> usize {
-        self.cache.entries()
-    }
-
-    pub fn log_path(&self) -> Option<&std::path::Path> {
-        self.log.as_ref().map(|(l, _)| l.path())
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries()
     }
 }
 

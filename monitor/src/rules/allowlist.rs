@@ -1,5 +1,6 @@
 //! Address matching for allowlists and exclusions: networks, and host names through the
-//! addresses they last resolved to.
+//! addresses they last resolved to, or through what the client itself resolved (passive
+//! DNS), which `*.suffix` patterns match only.
 
 use std::{
     collections::HashMap,
@@ -7,34 +8,72 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::cli::{AddrSpec, AllowPair, AllowService, RuleArgs, Service};
+use crate::{
+    cli::{AddrSpec, AllowPair, AllowService, RuleArgs, Service},
+    dns::cache::PassiveDns,
+};
 
-/// The addresses each configured host name resolved to last; filled by the resolver,
-/// read by rules. A name that never resolved matches nothing.
+/// The addresses each configured host name resolved to last (filled by the resolver),
+/// and the passive DNS map (filled from the client's own lookups); read by rules. A name
+/// that never resolved matches nothing.
 #[derive(Clone, Debug, Default)]
-pub struct Names(Arc<RwLock<HashMap<String, Vec<IpAddr>>>>);
+pub struct Names {
+    active: Arc<RwLock<HashMap<String, Vec<IpAddr>>>>,
+    passive: Option<Arc<RwLock<PassiveDns>>>,
+}
 
 impl Names {
+    pub fn with_passive(passive: Arc<RwLock<PassiveDns>>) -> Self {
+        Self {
+            active: Arc::default(),
+            passive: Some(passive),
+        }
+    }
+
     pub fn set(&self, host: &str, addrs: Vec<IpAddr>) {
-        self.0
+        self.active
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(host.to_owned(), addrs);
     }
 
     pub fn has(&self, host: &str, addr: IpAddr) -> bool {
-        self.0
+        self.active
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(host)
             .is_some_and(|addrs| addrs.contains(&addr))
     }
+
+    /// Whether `client` itself resolved a name that `matches` accepts to `addr`.
+    fn client_resolved(
+        &self,
+        client: IpAddr,
+        addr: IpAddr,
+        matches: impl Fn(&str) -> bool,
+    ) -> bool {
+        self.passive.as_ref().is_some_and(|p| {
+            p.read()
+                .unwrap_or_else(|e| e.into_inner())
+                .client_resolved(client, addr, matches)
+        })
+    }
 }
 
-fn spec_matches(spec: &AddrSpec, addr: IpAddr, names: &Names) -> bool {
+/// `name` is `suffix` or a name under it.
+fn is_under(name: &str, suffix: &str) -> bool {
+    name.strip_suffix(suffix)
+        .is_some_and(|head| head.ends_with('.'))
+}
+
+/// Whether `addr`, as reached by `client`, matches `spec`.
+fn spec_matches(spec: &AddrSpec, client: IpAddr, addr: IpAddr, names: &Names) -> bool {
     match spec {
         AddrSpec::Net(net) => net.contains(&addr),
-        AddrSpec::Host(host) => names.has(host, addr),
+        AddrSpec::Host(host) => {
+            names.has(host, addr) || names.client_resolved(client, addr, |n| n == host)
+        }
+        AddrSpec::Suffix(suffix) => names.client_resolved(client, addr, |n| is_under(n, suffix)),
     }
 }
 
@@ -50,10 +89,11 @@ impl AddrMatcher {
         Self { specs, names }
     }
 
-    pub fn matches(&self, addr: IpAddr) -> bool {
+    /// Whether `addr`, as reached by `client`, matches any spec.
+    pub fn matches(&self, client: IpAddr, addr: IpAddr) -> bool {
         self.specs
             .iter()
-            .any(|s| spec_matches(s, addr, &self.names))
+            .any(|s| spec_matches(s, client, addr, &self.names))
     }
 }
 
@@ -78,13 +118,14 @@ impl Allowlist {
 
     /// Whether a connection from `src` to `dst` on `service` is allowed.
     pub fn covers(&self, src: IpAddr, dst: IpAddr, service: Service) -> bool {
-        self.dst.matches(dst)
+        self.dst.matches(src, dst)
             || self
                 .services
                 .iter()
                 .any(|s| s.service == service && s.dst.contains(&dst))
             || self.pairs.iter().any(|p| {
-                spec_matches(&p.src, src, &self.names) && spec_matches(&p.dst, dst, &self.names)
+                spec_matches(&p.src, src, src, &self.names)
+                    && spec_matches(&p.dst, src, dst, &self.names)
             })
     }
 }
@@ -99,7 +140,7 @@ pub fn host_names(args: &RuleArgs) -> Vec<String> {
         .chain(&args.exclude_dst)
         .filter_map(|spec| match spec {
             AddrSpec::Host(host) => Some(host.clone()),
-            AddrSpec::Net(_) => None,
+            AddrSpec::Net(_) | AddrSpec::Suffix(_) => None,
         })
         .collect();
     hosts.sort();

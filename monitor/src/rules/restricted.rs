@@ -164,6 +164,89 @@ mod tests {
         }
     }
 
+    /// A response teaching `client` that `name` is at `addr`.
+    fn resolved(
+        passive: &std::sync::RwLock<crate::dns::cache::PassiveDns>,
+        client: &str,
+        name: &str,
+        addr: [u8; 4],
+    ) {
+        let wire = crate::dns::parse::tests::message(
+            1,
+            true,
+            0,
+            name.as_bytes(),
+            1,
+            &[(name.as_bytes(), 60, 1, addr.to_vec())],
+        );
+        let msg = crate::dns::parse::parse_message(&wire).unwrap();
+        passive
+            .write()
+            .unwrap()
+            .learn(client.parse().unwrap(), &msg, 0);
+    }
+
+    #[test]
+    fn names_match_what_the_client_itself_resolved() {
+        let passive =
+            std::sync::Arc::new(std::sync::RwLock::new(crate::dns::cache::PassiveDns::new(
+                std::num::NonZeroUsize::new(100).unwrap(),
+                std::time::Duration::from_secs(3600),
+            )));
+        let names = Names::with_passive(passive.clone());
+        // Active resolution knows one address of the CDN; the client got another.
+        names.set("files.cdn.test", vec!["192.0.2.1".parse().unwrap()]);
+        let mut r = rule(
+            &[
+                "--allow-dst",
+                "*.example.test",
+                "--allow-dst",
+                "files.cdn.test",
+                "--allow-pair",
+                "198.18.5.7,*.pair.test",
+            ],
+            names,
+        );
+        resolved(
+            &passive,
+            "198.18.5.7",
+            "www.example.test",
+            [203, 0, 113, 10],
+        );
+        resolved(&passive, "198.18.5.7", "files.cdn.test", [203, 0, 113, 11]);
+        resolved(&passive, "198.18.5.7", "api.pair.test", [203, 0, 113, 12]);
+        resolved(
+            &passive,
+            "198.18.5.7",
+            "example.test.evil.test",
+            [203, 0, 113, 13],
+        );
+        // Another host resolved this one: not the restricted client's own answer.
+        resolved(
+            &passive,
+            "198.18.5.8",
+            "www.example.test",
+            [203, 0, 113, 14],
+        );
+        for (addr, uid) in [
+            ("203.0.113.10", "Cwild"),
+            ("203.0.113.11", "Cexact"),
+            ("192.0.2.1", "Cactive"),
+            ("203.0.113.12", "Cpair"),
+        ] {
+            let conn = from_restricted((addr, 443), 6, uid).conn();
+            assert!(update(&mut r, &conn, at(1.0)).is_empty(), "{uid}");
+        }
+        for (addr, uid) in [
+            ("203.0.113.13", "Cnot_under"),
+            ("203.0.113.14", "Cnot_own"),
+            ("203.0.113.99", "Cunresolved"),
+        ] {
+            let conn = from_restricted((addr, 443), 6, uid).conn();
+            assert_eq!(update(&mut r, &conn, at(1.0)).len(), 1, "{uid}");
+        }
+    }
+
     #[test]
     fn judged_at_finish_when_never_seen_open() {
         let mut r = rule(&[], Names::default());

@@ -90,7 +90,7 @@ impl Windows {
             .unwrap_or(0);
         let delta = total.saturating_sub(before);
         let (local, remote) = conn.local_remote(side);
-        if delta == 0 || self.exclude.matches(remote.addr) {
+        if delta == 0 || self.exclude.matches(local.addr, remote.addr) {
             return;
         }
         let key = match self.cfg.group {
