@@ -180,7 +180,23 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"));
         check(install.status(), "cargo install bpf-linker")?;
     }
-    Ok(())
+    mount_bpf_fs()
+}
+
+/// `--pin-path` needs a BPF filesystem at /sys/fs/bpf, which not every machine mounts.
+fn mount_bpf_fs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .context("reading /proc/self/mounts")?
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+    if mounted {
+        eprintln!("setup: /sys/fs/bpf mounted");
+        return Ok(());
+    }
+    eprintln!("setup: mounting a BPF filesystem on /sys/fs/bpf");
+    let mut mount = as_root(Path::new("mount"));
+    mount.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    check(mount.status(), "mount -t bpf bpf /sys/fs/bpf")
 }
 
 fn apt_installed(pkg: &str) -> bool {
