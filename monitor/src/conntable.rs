@@ -188,20 +188,49 @@ impl LocalNets {
     }
 }
 
-/// Zeek-like connection ids: `C` and 17 base-62 digits, random per agent run.
-#[derive(Debug, Default)]
-struct UidGen {
-    seed: RandomState,
-    counter: u64,
+/// Zeek-like connection ids: `C` and 17 base-62 digits, derived from the connection's key
+/// and first packet time under a seed. Another agent with the same seed (a restart with
+/// `--state-dir`) names the connections it takes over as the last one did.
+#[derive(Debug, Clone, Copy)]
+pub struct Uids {
+    seed: [u64; 2],
 }
 
-impl UidGen {
-    fn next(&mut self) -> String {
+impl Uids {
+    pub fn new(seed: [u64; 2]) -> Self {
+        Self { seed }
+    }
+
+    /// A seed of this process's own.
+    pub fn random_seed() -> [u64; 2] {
+        let state = RandomState::new();
+        [state.hash_one(1u8), state.hash_one(2u8)]
+    }
+
+    pub fn seed(&self) -> [u64; 2] {
+        self.seed
+    }
+
+    fn uid(&self, key: &FlowKey, first_ns: u64) -> String {
         const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        self.counter += 1;
-        let hi = self.seed.hash_one(self.counter) as u128;
-        let lo = self.seed.hash_one(!self.counter) as u128;
-        let mut n = (hi << 64) | lo;
+        let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+        let words = [
+            word(&key.addr_a[..8]),
+            word(&key.addr_a[8..]),
+            word(&key.addr_b[..8]),
+            word(&key.addr_b[8..]),
+            u64::from(key.port_a) << 32
+                | u64::from(key.port_b) << 16
+                | u64::from(key.proto) << 8
+                | u64::from(key.family),
+            first_ns,
+        ];
+        let hash = |seed: u64| {
+            words.iter().fold(seed, |h, w| {
+                splitmix(h ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15)
+            })
+        };
+        let mut n = (u128::from(hash(self.seed[0])) << 64) | u128::from(hash(self.seed[1]));
         let mut uid = String::with_capacity(18);
         uid.push('C');
         for _ in 0..17 {
@@ -212,21 +241,32 @@ impl UidGen {
     }
 }
 
+/// splitmix64's finaliser: every input bit moves every output bit.
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Open connections by key.
 #[derive(Debug)]
 pub struct ConnTable {
     conns: HashMap<FlowKey, Conn>,
     idle_timeout: Duration,
-    uids: UidGen,
+    uids: Uids,
 }
 
 impl ConnTable {
-    pub fn new(idle_timeout: Duration) -> Self {
+    pub fn new(idle_timeout: Duration, uids: Uids) -> Self {
         Self {
             conns: HashMap::new(),
             idle_timeout,
-            uids: UidGen::default(),
+            uids,
         }
+    }
+
+    pub fn uids(&self) -> Uids {
+        self.uids
     }
 
     /// Records the latest totals of a connection.
@@ -234,8 +274,12 @@ impl ConnTable {
         match self.conns.get_mut(&snap.key) {
             Some(conn) => conn.snap = snap,
             None => {
-                let uid = self.uids.next();
-                self.conns.insert(snap.key, Conn { snap, uid });
+                let mut conn = Conn {
+                    snap,
+                    uid: String::new(),
+                };
+                conn.uid = self.uids.uid(&snap.key, conn.first_ns());
+                self.conns.insert(snap.key, conn);
             }
         }
     }
@@ -455,7 +499,7 @@ mod tests {
 
     #[test]
     fn table_reports_finished_keys() {
-        let mut table = ConnTable::new(Duration::from_secs(30));
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
         table.observe(c.snap);
         let uid = table.conns[&c.snap.key].uid.clone();
@@ -472,8 +516,32 @@ mod tests {
     }
 
     #[test]
+    fn uids_follow_seed_key_and_start() {
+        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
+        let uid = |seed, first_ns| Uids::new(seed).uid(&c.snap.key, first_ns);
+        assert_eq!(
+            uid([1, 2], SEC),
+            uid([1, 2], SEC),
+            "a restart names it again"
+        );
+        assert_ne!(
+            uid([1, 2], SEC),
+            uid([1, 3], SEC),
+            "another seed, another name"
+        );
+        assert_ne!(
+            uid([1, 2], SEC),
+            uid([1, 2], 2 * SEC),
+            "the same key reused later is another connection"
+        );
+        let mut other = c.snap.key;
+        other.port_a += 1;
+        assert_ne!(uid([1, 2], SEC), Uids::new([1, 2]).uid(&other, SEC));
+    }
+
+    #[test]
     fn pressure_relief_finishes_the_longest_idle_first() {
-        let mut table = ConnTable::new(Duration::from_secs(300));
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         // 10 connections: number i last sent at i seconds.
         let keys: Vec<FlowKey> = (0..10u16)
             .map(|i| {

@@ -18,4 +18,5 @@ pub mod privileges;
 pub mod resolve;
 pub mod rules;
 pub mod run;
+pub mod state;
 pub mod top;

@@ -1,8 +1,13 @@
 use std::process::ExitCode;
 
+use std::path::Path;
+
+use anyhow::Context as _;
 use monitor::{
     cli::{self, Command},
-    iface, run, top,
+    iface,
+    kernel::pins,
+    run, top,
 };
 
 fn main() -> ExitCode {
@@ -22,6 +27,7 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(run::run(args, ifaces)))
         }
         Command::Top(args) => top::run(&args),
+        Command::Detach(args) => detach(&args.pin_path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -30,6 +36,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `monitor detach`: the pinned links go, and with them the programs and their maps.
+fn detach(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        eprintln!("monitor: nothing pinned under {}", dir.display());
+        return Ok(());
+    }
+    let removed = pins::remove(dir).with_context(|| format!("removing {}", dir.display()))?;
+    eprintln!(
+        "monitor: removed {} links and {} maps pinned under {}",
+        removed.links,
+        removed.maps,
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Flags that parse but contradict each other are bad input too (exit 2).

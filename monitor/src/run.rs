@@ -19,19 +19,20 @@ use crate::{
     },
     cli::RunArgs,
     clock::{self, Clock},
-    conntable::{Conn, ConnTable, LocalNets},
+    conntable::{Conn, ConnTable, LocalNets, Uids},
     dns::{
         Dns,
         cache::PassiveDns,
         events::{Batch, DnsEvents},
     },
     export::{EndReason, IpfixConfig, IpfixExporter},
-    kernel::Kernel,
+    kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
     poller::Poller,
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
+    state::{Saved, StateDir},
     top,
 };
 
@@ -60,6 +61,8 @@ struct Pipeline {
     capacity: u32,
     metrics: Metrics,
     top: top::Tracker,
+    /// `--state-dir`, rewritten after every poll that changed what the rules know.
+    state: Option<StateDir>,
     dns: Dns,
 }
 
@@ -153,7 +156,43 @@ impl Pipeline {
         self.metrics
             .polled(self.table.len(), counters, started.elapsed(), now.epoch);
         self.top.update(&self.table, &self.local, now);
+        self.save_state();
         Ok(())
+    }
+
+    fn save_state(&mut self) {
+        let Some(dir) = &mut self.state else { return };
+        let mut saved = Saved::new(self.table.uids().seed());
+        for rule in &self.rules {
+            rule.save(&mut saved.rules);
+        }
+        saved.suppressor = self.suppressor.save();
+        if let Err(err) = dir.save(&saved) {
+            warn!("saving rule state: {err}");
+        }
+    }
+
+    /// Takes back an earlier run's rule state; per-connection state only when that run's
+    /// connections are still in the (pinned) map.
+    fn restore(&mut self, saved: Saved, conns_resumed: bool) {
+        for rule in &mut self.rules {
+            rule.restore(&saved.rules, conns_resumed);
+        }
+        self.suppressor.restore(saved.suppressor);
+    }
+
+    /// With `--pin-path`: the programs keep counting and the open connections are left,
+    /// unfinished, to the next run; what the rules know is saved, the sinks drained.
+    fn suspend(mut self, pins: &std::path::Path) -> anyhow::Result<()> {
+        self.save_state();
+        info!(
+            "{} open connections left to the next run: the programs stay attached, pinned under {} \
+             (`monitor detach --pin-path {}` removes them)",
+            self.table.len(),
+            pins.display(),
+            pins.display()
+        );
+        self.close()
     }
 
     /// After the programs are detached: every connection still open is judged and gets
@@ -168,6 +207,14 @@ impl Pipeline {
         for conn in &open {
             self.finish(conn, now, &mut alerts, EndReason::ForcedEnd)?;
         }
+        self.emit(alerts, now)?;
+        info!("wrote {} connections still open at shutdown", open.len());
+        self.save_state();
+        self.close()
+    }
+
+    /// The last words: counters, logs flushed, sinks drained in a bounded time.
+    fn close(mut self) -> anyhow::Result<()> {
         for exporter in std::mem::take(&mut self.exporters) {
             let stats = exporter.shutdown();
             info!(
@@ -175,12 +222,10 @@ impl Pipeline {
                 stats.records, stats.messages, stats.errors
             );
         }
-        self.emit(alerts, now)?;
         let clock = self.clock;
         self.dns
             .shutdown(|ns| clock.epoch_secs(ns), |_| None)
             .context("writing --dns-log")?;
-        info!("wrote {} connections still open at shutdown", open.len());
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
@@ -314,6 +359,24 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let conn_log = open_log(args.conn_log.as_deref())?;
     let conn_long_log = open_log(args.conn_long_log.as_deref())?;
     let dns_log = open_log(args.dns.dns_log.as_deref())?;
+    let (state, saved) = match &args.state_dir {
+        Some(dir) => {
+            let (state, saved) = StateDir::open(dir)?;
+            (Some(state), saved)
+        }
+        None => (None, None),
+    };
+    let pins = args
+        .pin_path
+        .as_deref()
+        .map(|dir| {
+            PinDir::create(dir)
+                .with_context(|| format!("--pin-path {}: creating it", dir.display()))
+        })
+        .transpose()?;
+    if pins.is_some() && state.is_none() {
+        warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
+    }
     let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
     if let Some(url) = &args.syslog {
         let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
@@ -327,7 +390,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let top = top::Tracker::new(clock::monotonic_ns());
     metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
 
-    let mut kernel = Kernel::load(args.flow_map_size)?;
+    let mut kernel = Kernel::load(args.flow_map_size, pins)?;
+    let resumed = kernel.resumed();
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
@@ -335,8 +399,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let mut dns_events = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
     let mut watching = Vec::new();
     for iface in &ifaces {
-        let ingress = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
-        watching.push(format!("{iface} (ingress: {ingress}, egress: tc)"));
+        let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
+        watching.push(format!("{iface} ({attached})"));
     }
     // No thread exists yet: the ones started below inherit the reduced capabilities.
     privileges::drop_after_attach().context("dropping capabilities after attaching")?;
@@ -371,7 +435,14 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     );
     let mut pipeline = Pipeline {
         poller,
-        table: ConnTable::new(args.idle_timeout),
+        table: ConnTable::new(
+            args.idle_timeout,
+            Uids::new(
+                saved
+                    .as_ref()
+                    .map_or_else(Uids::random_seed, |saved| saved.uid_seed),
+            ),
+        ),
         rules: rules::from_args(&args.rules, &local, &names),
         local,
         clock,
@@ -387,8 +458,15 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         capacity: args.flow_map_size,
         metrics,
         top,
+        state,
         dns,
     };
+    if let Some(saved) = saved {
+        pipeline.restore(saved, resumed);
+    }
+    if resumed {
+        info!("resuming the connections counted while no agent ran");
+    }
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", watching.join(", "));
 
@@ -419,8 +497,11 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    // Detach first: the last read then holds every packet that was counted.
     drop(kernel);
+    if let Some(pins) = &args.pin_path {
+        return pipeline.suspend(pins);
+    }
+    // Detached (dropped) first: the last read then holds every packet that was counted.
     info!("detached from {}", ifaces.join(", "));
     pipeline.shutdown()
 }

@@ -325,7 +325,10 @@ pub fn human_age(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::testkit::{ConnSpec, at, local};
+    use crate::{
+        conntable::Uids,
+        rules::testkit::{ConnSpec, at, local},
+    };
 
     fn observe(table: &mut ConnTable, specs: &[ConnSpec]) {
         for spec in specs {
@@ -343,7 +346,7 @@ mod tests {
 
     #[test]
     fn rows_by_rate_then_bytes_with_rates_over_the_poll_interval() {
-        let mut table = ConnTable::new(Duration::from_secs(300));
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         let mut tracker = Tracker::new(0);
         let view = tracker.subscribe();
         observe(&mut table, &uploads([1_000, 50_000, 9_000]));
@@ -371,7 +374,7 @@ mod tests {
 
     #[test]
     fn local_responder_sends_out() {
-        let mut table = ConnTable::new(Duration::from_secs(300));
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         let inbound = ConnSpec {
             orig: ("203.0.113.9", 50_000),
             resp: ("198.18.1.5", 22),
@@ -390,7 +393,7 @@ mod tests {
 
     #[test]
     fn keeps_only_the_busiest_and_forgets_finished() {
-        let mut table = ConnTable::new(Duration::from_secs(300));
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         let specs: Vec<ConnSpec> = (0..3 * MAX_ROWS as u16)
             .map(|i| ConnSpec {
                 orig: ("198.18.1.2", 10_000 + i),

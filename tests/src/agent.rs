@@ -59,6 +59,20 @@ impl Agent {
     /// Starts `monitor run --iface IFACE --conn-log PATH EXTRA...` in namespace `ns` and
     /// returns once it reports being attached.
     pub fn start(ns: &str, iface: &str, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]);
+        Self::launch(cmd, ns, iface, extra)
+    }
+
+    /// Like [`start`](Self::start), but entering only the namespace's network: `ip netns
+    /// exec` mounts a /sys of its own, which hides the pins under /sys/fs/bpf.
+    pub fn start_seeing_pins(ns: &str, iface: &str, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"));
+        Self::launch(cmd, ns, iface, extra)
+    }
+
+    fn launch(mut cmd: Command, ns: &str, iface: &str, extra: &[&str]) -> Agent {
         let binary = Self::binary();
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("monitor-agent-{}-{n}", std::process::id()));
@@ -68,9 +82,7 @@ impl Agent {
             .unwrap_or_else(|e| panic!("create agent dir {}: {e}", dir.display()));
         let conn_log = dir.join("conn.log");
 
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(&binary)
+        cmd.arg(&binary)
             .args(["run", "--iface", iface, "--conn-log"])
             .arg(&conn_log)
             .args(extra)
@@ -80,7 +92,7 @@ impl Agent {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn agent {cmd:?}: {e}"));
-        // `ip netns exec` execs the command, so this PID is the agent's.
+        // `ip netns exec` and `nsenter` exec the command, so this PID is the agent's.
         let pid = child.id();
 
         let stderr = Arc::new(Mutex::new(String::new()));
@@ -161,6 +173,15 @@ impl Agent {
             self.iface,
             self.stderr()
         )
+    }
+
+    /// SIGKILL: the agent gets no chance to write or detach anything. Returns what it
+    /// printed.
+    pub fn kill(mut self) -> String {
+        signal(self.pid, libc::SIGKILL);
+        let _ = self.child.wait();
+        self.join_readers();
+        self.output()
     }
 
     /// SIGTERM, waits for a clean exit (status 0), and returns the conn-log records.

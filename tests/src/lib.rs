@@ -9,6 +9,7 @@ pub mod netlink;
 pub mod nfdump;
 pub mod packet;
 pub mod pcap;
+pub mod procfs;
 pub mod replay;
 pub mod rules_lab;
 pub mod traffic;

@@ -146,6 +146,8 @@ fn every_flag_refuses_a_bad_value() {
         ("--dns-tunnel-threshold", "4 KBs"),
         ("--dns-tunnel-period", "daily"),
         ("--dns-nxdomain-threshold", "0"),
+        ("--pin-path", "/tmp/monitor-pins"),
+        ("--pin-path", "sys/fs/bpf/monitor"),
     ];
     for (flag, value) in cases {
         let out = monitor(&["run", "--iface", "lo", flag, value]);
@@ -191,6 +193,37 @@ fn unwritable_log_path_fails_at_start() {
         !stderr.contains("monitor: watching"),
         "nothing attached: {stderr}"
     );
+}
+
+/// The state directory too: checked before anything is loaded.
+#[test]
+fn unwritable_state_dir_fails_at_start() {
+    let out = monitor(&["run", "--iface", "lo", "--state-dir", "/proc/monitor-state"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("--state-dir /proc/monitor-state"),
+        "names the flag and path: {stderr}"
+    );
+    assert!(
+        !stderr.contains("monitor: watching"),
+        "nothing attached: {stderr}"
+    );
+}
+
+#[test]
+fn detach_refuses_a_path_off_bpffs_and_accepts_nothing_pinned() {
+    assert_usage_error(
+        &["detach", "--pin-path", "/tmp"],
+        "--pin-path",
+        "/tmp",
+        "not on a BPF filesystem",
+    );
+    let dir = format!("/sys/fs/bpf/monitor-nothing-{}", std::process::id());
+    let out = monitor(&["detach", "--pin-path", &dir]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(stderr.contains("nothing pinned under"), "says so: {stderr}");
 }
 
 #[test]
@@ -243,6 +276,8 @@ fn help_documents_every_flag_with_its_default() {
         "--dns-tunnel-threshold",
         "--dns-tunnel-period",
         "--dns-nxdomain-threshold",
+        "--pin-path",
+        "--state-dir",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

@@ -65,11 +65,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build (release) and run a benchmark; prints a Markdown table for
-    /// BENCHMARKS.md.
+    /// Set up, build (release) and run the benchmark suite (kernel cost per packet, poll
+    /// cost, end to end against peers, detection latency) and write its section of
+    /// BENCHMARKS.md; or one named benchmark, which prints a Markdown table.
     Bench {
         #[arg(value_enum)]
-        which: Bench,
+        which: Option<Bench>,
+        /// A smaller suite (under 3 minutes) to run before and after a change; prints its
+        /// report and writes nothing.
+        #[arg(long, conflicts_with = "which")]
+        quick: bool,
     },
     /// Set up, then build a namespace lab (LAN, gateway running the agent, Internet host),
     /// play a short exfiltration story and show the alerts and metrics it produced.
@@ -108,16 +113,34 @@ fn main() -> anyhow::Result<()> {
             cmd.arg("run").args(&args);
             check(cmd.status(), "monitor run")
         }
-        Task::Bench { which } => {
+        Task::Bench { which, quick } => {
             setup()?;
             cargo(&["build", "--release", "-p", "monitor"])?;
-            let bin = match which {
-                Bench::Ingress => "bench-ingress",
-                Bench::Soak => "bench-soak",
+            let (bin, args): (&str, Vec<String>) = match (which, quick) {
+                (Some(Bench::Ingress), _) => ("bench-ingress", Vec::new()),
+                (Some(Bench::Soak), _) => ("bench-soak", Vec::new()),
+                (None, true) => ("bench-suite", vec!["--quick".into()]),
+                (None, false) => (
+                    "bench-suite",
+                    vec![
+                        "--write".into(),
+                        root.join("BENCHMARKS.md").display().to_string(),
+                    ],
+                ),
             };
             let mut cmd = as_root(Path::new("cargo"));
-            cmd.args(["run", "--quiet", "--release", "-p", "tests", "--bin", bin])
-                .env("MONITOR_BIN", root.join("target/release/monitor"));
+            cmd.args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "tests",
+                "--bin",
+                bin,
+                "--",
+            ])
+            .args(&args)
+            .env("MONITOR_BIN", root.join("target/release/monitor"));
             check(cmd.status(), bin)
         }
         Task::Demo => {
@@ -185,7 +208,23 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"));
         check(install.status(), "cargo install bpf-linker")?;
     }
-    Ok(())
+    mount_bpf_fs()
+}
+
+/// `--pin-path` needs a BPF filesystem at /sys/fs/bpf, which not every machine mounts.
+fn mount_bpf_fs() -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .context("reading /proc/self/mounts")?
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some("/sys/fs/bpf"));
+    if mounted {
+        eprintln!("setup: /sys/fs/bpf mounted");
+        return Ok(());
+    }
+    eprintln!("setup: mounting a BPF filesystem on /sys/fs/bpf");
+    let mut mount = as_root(Path::new("mount"));
+    mount.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    check(mount.status(), "mount -t bpf bpf /sys/fs/bpf")
 }
 
 fn apt_installed(pkg: &str) -> bool {

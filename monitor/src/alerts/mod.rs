@@ -6,13 +6,13 @@ pub mod suppress;
 
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::logs::conn::{ConnFields, ConnRecord};
 
 /// The rule that raised an alert (SPEC section 4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Note {
     LargeUpload,
     UploadRatio,

@@ -47,6 +47,33 @@ impl Suppressor {
         }
     }
 
+    /// The quiet times running, sorted, for `--state-dir`.
+    pub fn save(&self) -> serde_json::Value {
+        let mut since: Vec<(&Note, &String, u64)> = self
+            .since
+            .iter()
+            .map(|((note, key), since)| (note, key, *since))
+            .collect();
+        since.sort_unstable();
+        serde_json::to_value(since).expect("plain data")
+    }
+
+    /// Takes back what `save` gave in an earlier run of this boot.
+    pub fn restore(&mut self, saved: serde_json::Value) {
+        if saved.is_null() {
+            return;
+        }
+        match serde_json::from_value::<Vec<(Note, String, u64)>>(saved) {
+            Ok(since) => {
+                self.since = since
+                    .into_iter()
+                    .map(|(note, key, since)| ((note, key), since))
+                    .collect();
+            }
+            Err(err) => log::warn!("saved suppression state unreadable ({err}); not restored"),
+        }
+    }
+
     /// Forgets keys whose quiet time is over.
     pub fn prune(&mut self, now_ns: u64) {
         let (quiet, restricted) = (self.quiet, self.restricted_quiet);

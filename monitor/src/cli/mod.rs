@@ -37,6 +37,15 @@ pub enum Command {
     /// Show the running agent's busiest connections, refreshed in the terminal until
     /// Ctrl-C.
     Top(TopArgs),
+    /// Remove what `monitor run --pin-path DIR` left pinned: its programs stop counting.
+    Detach(DetachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The directory given to `monitor run --pin-path`.
+    #[arg(long, value_name = "DIR", value_parser = parse_pin_path)]
+    pub pin_path: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +171,20 @@ pub struct RunArgs {
           help_heading = "Outputs")]
     pub suppress: Duration,
 
+    /// Pin the programs, their links and maps under this directory on a BPF filesystem
+    /// (e.g. /sys/fs/bpf/monitor). Counting goes on while no agent runs; the next `monitor
+    /// run --pin-path DIR` takes over the open connections, and SIGINT/SIGTERM leave them
+    /// to it instead of finishing them. `monitor detach --pin-path DIR` removes all.
+    /// Default: none (exit detaches everything).
+    #[arg(long, value_name = "DIR", value_parser = parse_pin_path, help_heading = "Restarts")]
+    pub pin_path: Option<PathBuf>,
+
+    /// Keep rule state here (alerted connections, window sums, suppression timers),
+    /// rewritten after every poll that changes it, so that a restart neither repeats nor
+    /// forgets. Default: none.
+    #[arg(long, value_name = "DIR", help_heading = "Restarts")]
+    pub state_dir: Option<PathBuf>,
+
     #[command(flatten)]
     pub rules: RuleArgs,
 
@@ -211,6 +234,24 @@ pub struct DnsArgs {
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "DNS")]
     pub dns_nxdomain_threshold: u64,
+}
+
+/// `--pin-path`: a directory on a BPF filesystem, or one to be made there.
+fn parse_pin_path(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if !path.is_absolute() {
+        return Err("an absolute path is needed, e.g. /sys/fs/bpf/monitor".into());
+    }
+    // The directory itself, or where it would be made.
+    let existing = path.ancestors().find(|p| p.exists()).expect("/ exists");
+    if crate::kernel::pins::on_bpf_fs(existing) {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is not on a BPF filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+            existing.display()
+        ))
+    }
 }
 
 /// Flow export (SPEC section 7).

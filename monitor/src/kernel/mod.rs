@@ -1,10 +1,19 @@
 //! Loading, attaching and detaching the kernel programs: the only code that knows their
 //! names.
 
+pub mod pins;
+
+use std::{io, path::PathBuf};
+
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode, tc},
+    pin::PinError,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, LinkError},
+        tc,
+    },
 };
 use log::warn;
 use monitor_common::names;
@@ -14,6 +23,7 @@ use crate::{
     cli::{IngressHook, XdpMode},
     iface,
 };
+use pins::{Hook, PinDir};
 
 /// The compiled kernel programs (monitor-ebpf), embedded at build time.
 pub fn object() -> &'static [u8] {
@@ -51,6 +61,46 @@ pub enum KernelError {
     Watch { iface: String, error: MapError },
     #[error("the kernel object lacks map {0}")]
     MissingMap(&'static str),
+    #[error(
+        "the maps pinned under {dir} do not fit this agent: {error}; remove them with `monitor detach --pin-path {dir}`"
+    )]
+    PinnedMaps {
+        dir: PathBuf,
+        error: Box<aya::EbpfError>,
+    },
+    #[error("reading the links pinned under {dir}: {error}")]
+    PinnedLinks { dir: PathBuf, error: io::Error },
+    #[error(
+        "pinning the {hook:?} link of {iface} failed: {error}; --pin-path needs TCX and XDP links (Linux >= 6.6)"
+    )]
+    PinLink {
+        iface: String,
+        hook: Hook,
+        error: PinLinkError,
+    },
+}
+
+#[derive(Debug, Error)]
+pub enum PinLinkError {
+    #[error(transparent)]
+    Program(#[from] ProgramError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// With its cause (`PinError` alone says only which call failed).
+    #[error("{0}")]
+    Pin(String),
+}
+
+impl From<PinError> for PinLinkError {
+    fn from(error: PinError) -> Self {
+        let mut text = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        Self::Pin(text)
+    }
 }
 
 /// How a watched interface's ingress ended up hooked.
@@ -71,18 +121,51 @@ impl std::fmt::Display for IngressAttach {
     }
 }
 
+/// How an interface got hooked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attached {
+    pub ingress: IngressAttach,
+    /// Left pinned by an earlier agent, and kept as it was.
+    pub kept: bool,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ingress: {}, egress: tc", self.ingress)?;
+        if self.kept {
+            f.write_str(", pinned by an earlier run")?;
+        }
+        Ok(())
+    }
+}
+
 /// The loaded programs. Dropping it detaches every hook it attached (they are bpf_links
-/// owned by the programs).
+/// owned by the programs), except those pinned under `--pin-path`.
 pub struct Kernel {
     ebpf: Ebpf,
+    pins: Option<PinDir>,
+    resumed: bool,
 }
 
 impl Kernel {
-    pub fn load(flow_map_size: u32) -> Result<Self, KernelError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOW_MAP, flow_map_size)
-            .load(object())
-            .map_err(KernelError::Load)?;
+    /// Loads the programs; with `pins`, their maps are the ones pinned there (made and
+    /// pinned if missing).
+    pub fn load(flow_map_size: u32, pins: Option<PinDir>) -> Result<Self, KernelError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOW_MAP, flow_map_size);
+        let resumed = pins.as_ref().is_some_and(PinDir::has_flows);
+        if let Some(pins) = &pins {
+            for name in pins::MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(object()).map_err(|error| match &pins {
+            Some(pins) if resumed => KernelError::PinnedMaps {
+                dir: pins.root().to_owned(),
+                error: Box::new(error),
+            },
+            _ => KernelError::Load(error),
+        })?;
         for name in [names::TC_INGRESS, names::TC_EGRESS] {
             classifier(&mut ebpf, name)
                 .load()
@@ -94,7 +177,16 @@ impl Kernel {
                 name: names::XDP_INGRESS,
                 error,
             })?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            pins,
+            resumed,
+        })
+    }
+
+    /// Whether the maps were pinned by an earlier agent: its connections go on here.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     /// Takes a map out, for the poller; it stays valid after the programs detach.
@@ -104,15 +196,28 @@ impl Kernel {
             .ok_or(KernelError::MissingMap(name))
     }
 
-    /// Hooks egress with TC and ingress as asked; returns how ingress was hooked.
+    /// Hooks egress with TC and ingress as asked, unless an earlier agent's pinned links
+    /// still hook the interface.
     pub fn attach(
         &mut self,
         iface: &str,
         hook: IngressHook,
         xdp_mode: XdpMode,
-    ) -> Result<IngressAttach, KernelError> {
+    ) -> Result<Attached, KernelError> {
         let index =
             iface::index(iface).ok_or_else(|| KernelError::NoSuchInterface(iface.to_owned()))?;
+        if let Some(pins) = &self.pins {
+            let kept = pins.kept(iface).map_err(|error| KernelError::PinnedLinks {
+                dir: pins.root().to_owned(),
+                error,
+            })?;
+            if let Some(ingress) = kept {
+                return Ok(Attached {
+                    ingress,
+                    kept: true,
+                });
+            }
+        }
         let iface = Iface { name: iface, index };
         // Ingress first, then WATCHED, then egress: a packet forwarded meanwhile is counted
         // at least once, never twice.
@@ -152,7 +257,10 @@ impl Kernel {
                 error,
             })?;
         self.attach_tc(iface, TcAttachType::Egress)?;
-        Ok(ingress)
+        Ok(Attached {
+            ingress,
+            kept: false,
+        })
     }
 
     fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, KernelError> {
@@ -164,13 +272,24 @@ impl Kernel {
     }
 
     fn attach_xdp(&mut self, iface: Iface<'_>, mode: AyaXdpMode) -> Result<(), KernelError> {
-        xdp(&mut self.ebpf)
+        let program = xdp(&mut self.ebpf);
+        let id = program
             .attach(iface.index, mode)
-            .map(drop)
             .map_err(|error| KernelError::AttachXdp {
                 iface: iface.name.to_owned(),
                 error,
-            })
+            })?;
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let hook = if mode == AyaXdpMode::Skb {
+            Hook::XdpGeneric
+        } else {
+            Hook::XdpNative
+        };
+        pin_link(pins, iface, hook, || {
+            Ok(FdLink::try_from(program.take_link(id)?)?)
+        })
     }
 
     fn attach_tc(&mut self, iface: Iface<'_>, direction: TcAttachType) -> Result<(), KernelError> {
@@ -184,12 +303,39 @@ impl Kernel {
             let _ = tc::qdisc_add_clsact(iface.index);
             program.attach(iface.index, direction)
         });
-        attached.map(drop).map_err(|error| KernelError::AttachTc {
+        let id = attached.map_err(|error| KernelError::AttachTc {
             iface: iface.name.to_owned(),
             direction: label,
             error,
+        })?;
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let hook = match direction {
+            TcAttachType::Ingress => Hook::TcIngress,
+            TcAttachType::Egress => Hook::TcEgress,
+        };
+        pin_link(pins, iface, hook, || {
+            Ok(FdLink::try_from(program.take_link(id)?)?)
         })
     }
+}
+
+/// Pins the link that `take` hands over; once pinned, it outlives the agent.
+fn pin_link(
+    pins: &PinDir,
+    iface: Iface<'_>,
+    hook: Hook,
+    take: impl FnOnce() -> Result<FdLink, PinLinkError>,
+) -> Result<(), KernelError> {
+    take()
+        .and_then(|link| Ok(link.pin(pins.link(iface.name, hook))?))
+        .map(drop)
+        .map_err(|error| KernelError::PinLink {
+            iface: iface.name.to_owned(),
+            hook,
+            error,
+        })
 }
 
 #[derive(Clone, Copy)]

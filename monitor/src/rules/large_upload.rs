@@ -2,9 +2,9 @@
 //! non-local one. Alerted at the first poll after the crossing, while the connection is
 //! still open; once per connection.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
-use super::{ConnCtx, Now, Rule, human_bytes};
+use super::{ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved};
 use crate::alerts::{Alert, Note};
 
 pub struct LargeUpload {
@@ -73,6 +73,20 @@ impl Rule for LargeUpload {
         self.check(conn, now, true, out);
         self.alerted.remove(conn.uid());
     }
+
+    fn save(&self, state: &mut Saved) {
+        save_as(
+            state,
+            "LargeUpload",
+            self.alerted.iter().collect::<BTreeSet<_>>(),
+        );
+    }
+
+    fn restore(&mut self, state: &Saved, conns_resumed: bool) {
+        if conns_resumed && let Some(alerted) = saved(state, "LargeUpload") {
+            self.alerted = alerted;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +125,27 @@ mod tests {
             "once per connection"
         );
         assert!(finish(&mut rule, &spec.conn(), at(8.0)).is_empty());
+    }
+
+    #[test]
+    fn a_restart_with_the_connection_resumed_does_not_repeat() {
+        let spec = ConnSpec {
+            orig_bytes: 2 * MB,
+            ..ConnSpec::default()
+        };
+        let mut before = LargeUpload::new(MB, 1);
+        assert_eq!(update(&mut before, &spec.conn(), at(1.0)).len(), 1);
+        let mut saved = Saved::new();
+        before.save(&mut saved);
+
+        let mut resumed = LargeUpload::new(MB, 1);
+        resumed.restore(&saved, true);
+        assert!(update(&mut resumed, &spec.conn(), at(2.0)).is_empty());
+
+        // The map was not kept: the connections it held are gone, and so is the state.
+        let mut fresh = LargeUpload::new(MB, 1);
+        fresh.restore(&saved, false);
+        assert_eq!(update(&mut fresh, &spec.conn(), at(2.0)).len(), 1);
     }
 
     #[test]

@@ -2,11 +2,14 @@
 //! connections age too) crosses the next of the durations, alert; after the last,
 //! every last duration. The pipeline writes a `--conn-long-log` record for each.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule};
+use super::{ConnCtx, Now, Rule, Saved, save_as, saved};
 use crate::alerts::{Alert, Note};
 
 pub struct LongConnection {
@@ -86,6 +89,20 @@ impl Rule for LongConnection {
 
     fn on_finish(&mut self, conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {
         self.crossed.remove(conn.uid());
+    }
+
+    fn save(&self, state: &mut Saved) {
+        save_as(
+            state,
+            "LongConnection",
+            self.crossed.iter().collect::<BTreeMap<_, _>>(),
+        );
+    }
+
+    fn restore(&mut self, state: &Saved, conns_resumed: bool) {
+        if conns_resumed && let Some(crossed) = saved(state, "LongConnection") {
+            self.crossed = crossed;
+        }
     }
 }
 

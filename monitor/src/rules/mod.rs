@@ -160,6 +160,29 @@ pub trait Rule {
     fn on_finish(&mut self, _conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {}
     /// After every poll's updates and finishes: forget what has aged out.
     fn on_tick(&mut self, _now: Now) {}
+    /// Writes what must survive a restart (`--state-dir`) under the rule's own name.
+    /// Sorted: unchanged state must give unchanged bytes (the file is rewritten on change).
+    fn save(&self, _saved: &mut Saved) {}
+    /// Takes back what `save` wrote in an earlier run; per-connection state only when
+    /// `conns_resumed` (that run's connections are still in the pinned map).
+    fn restore(&mut self, _saved: &Saved, _conns_resumed: bool) {}
+}
+
+/// Rule states by rule name, as `--state-dir` keeps them.
+pub type Saved = serde_json::Map<String, serde_json::Value>;
+
+/// Rule `name`'s saved state, if any and readable (a warning when it is not).
+pub fn saved<T: serde::de::DeserializeOwned>(saved: &Saved, name: &str) -> Option<T> {
+    let value = saved.get(name)?;
+    serde_json::from_value(value.clone())
+        .inspect_err(|err| log::warn!("saved state of {name} unreadable ({err}); not restored"))
+        .ok()
+}
+
+/// Stores `state` under `name`.
+pub fn save_as(saved: &mut Saved, name: &str, state: impl serde::Serialize) {
+    let value = serde_json::to_value(state).expect("rule state is plain data");
+    saved.insert(name.to_owned(), value);
 }
 
 /// Every rule the flags turn on.

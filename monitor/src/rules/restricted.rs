@@ -3,11 +3,11 @@
 //! poll that sees the connection; the pipeline's suppressor applies
 //! `--restricted-suppress` per (source, destination, port).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, allowlist::Allowlist, human_bytes};
+use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     cli::Service,
@@ -18,7 +18,7 @@ pub struct RestrictedOutbound {
     restricted: Vec<IpNet>,
     local: LocalNets,
     allow: Allowlist,
-    /// Open connections already judged.
+    /// Open connections from restricted hosts already judged.
     judged: HashSet<String>,
 }
 
@@ -35,13 +35,13 @@ impl RestrictedOutbound {
 
 impl Rule for RestrictedOutbound {
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
-        if !self.judged.insert(conn.uid().to_owned()) {
-            return;
-        }
         let (src, dst) = (conn.orig.addr, conn.resp.addr);
         let Some(net) = self.restricted.iter().find(|n| n.contains(&src)) else {
             return;
         };
+        if !self.judged.insert(conn.uid().to_owned()) {
+            return;
+        }
         let service = Service {
             port: conn.resp.port,
             proto: conn.proto(),
@@ -66,6 +66,20 @@ impl Rule for RestrictedOutbound {
         // A connection that opened and finished between two polls is judged now.
         self.on_update(conn, now, out);
         self.judged.remove(conn.uid());
+    }
+
+    fn save(&self, state: &mut Saved) {
+        save_as(
+            state,
+            "RestrictedOutbound",
+            self.judged.iter().collect::<BTreeSet<_>>(),
+        );
+    }
+
+    fn restore(&mut self, state: &Saved, conns_resumed: bool) {
+        if conns_resumed && let Some(judged) = saved(state, "RestrictedOutbound") {
+            self.judged = judged;
+        }
     }
 }
 

@@ -5,12 +5,14 @@
 //! the leak threshold raise DataLeak, at most once per leak period.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
     time::Duration,
 };
 
-use super::{AddrMatcher, ConnCtx, Now, Rule, human_bytes};
+use serde::{Deserialize, Serialize};
+
+use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     cli::LeakGroup,
@@ -25,7 +27,7 @@ pub struct Config {
     pub group: LeakGroup,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 struct GroupKey {
     src: Option<IpAddr>,
     dst: Option<IpAddr>,
@@ -42,7 +44,7 @@ impl std::fmt::Display for GroupKey {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct GroupState {
     /// Index of the current window (epoch seconds / window).
     window: u64,
@@ -223,6 +225,30 @@ impl Rule for Windows {
         self.last_sent.remove(conn.uid());
     }
 
+    fn save(&self, state: &mut Saved) {
+        let groups: Vec<(&GroupKey, &GroupState)> = self
+            .groups
+            .iter()
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        save_as(state, "Windows.groups", groups);
+        save_as(
+            state,
+            "Windows.last_sent",
+            self.last_sent.iter().collect::<BTreeMap<_, _>>(),
+        );
+    }
+
+    fn restore(&mut self, state: &Saved, conns_resumed: bool) {
+        if let Some(groups) = saved::<Vec<(GroupKey, GroupState)>>(state, "Windows.groups") {
+            self.groups = groups.into_iter().collect();
+        }
+        if conns_resumed && let Some(last_sent) = saved(state, "Windows.last_sent") {
+            self.last_sent = last_sent;
+        }
+    }
+
     fn on_tick(&mut self, now: Now) {
         let current = self.index(now.epoch);
         let oldest = now.epoch - self.cfg.leak_period.as_secs_f64();
@@ -295,6 +321,29 @@ mod tests {
         );
         // The next window starts from zero: 4 MB more is not enough.
         assert!(update(&mut r, &sent("C1", "203.0.113.2", 13 * MB), at(300.0)).is_empty());
+    }
+
+    #[test]
+    fn a_restart_keeps_window_sums_and_connection_baselines() {
+        let mut before = rule(LeakGroup::Pair);
+        assert!(update(&mut before, &sent("C1", "203.0.113.2", 4 * MB), at(10.0)).is_empty());
+        let mut saved = Saved::new();
+        before.save(&mut saved);
+
+        // The same connection, resumed: only its 1 MB since the last poll counts, on top
+        // of the window's 4 MB, so one byte more crosses 5 MB.
+        let mut after = rule(LeakGroup::Pair);
+        after.restore(&saved, true);
+        assert!(update(&mut after, &sent("C1", "203.0.113.2", 5 * MB), at(20.0)).is_empty());
+        let a = update(&mut after, &sent("C1", "203.0.113.2", 5 * MB + 1), at(30.0));
+        assert_eq!(notes(&a), [Note::WindowExceeded]);
+        assert_eq!(a[0].figures["bytes"], 5 * MB + 1);
+
+        // Not resumed: the window's sum stays, the old connection's baseline does not.
+        let mut fresh = rule(LeakGroup::Pair);
+        fresh.restore(&saved, false);
+        let a = update(&mut fresh, &sent("C2", "203.0.113.2", MB + 1), at(20.0));
+        assert_eq!(notes(&a), [Note::WindowExceeded]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tests::{
     agent::{Agent, ConnRecord},
     http,
     lab::{self, Lab},
-    traffic,
+    procfs, traffic,
 };
 
 const DEFAULT_SECS: u64 = 600;
@@ -353,33 +353,10 @@ struct Sample {
 
 impl Sample {
     fn take(pid: u32, gw: &str, start: Instant, shared: &Shared) -> Sample {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-        let rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
-        // Fields after "(comm)": state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> u64 {
-            fields
-                .get(i)
-                .and_then(|f| f.parse().ok())
-                .unwrap_or_else(|| panic!("bad /proc/{pid}/stat: {stat}"))
-        };
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        assert!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
         Sample {
             at: start.elapsed(),
-            rss_kib,
-            cpu: (ticks(11) + ticks(12)) as f64 / hz as f64,
+            rss_kib: procfs::rss_kib(pid),
+            cpu: procfs::cpu_secs(pid),
             completed: shared.completed.load(Ordering::Relaxed),
             metrics: metrics(gw),
         }

@@ -1,0 +1,180 @@
+//! Kernel cost per packet through `BPF_PROG_TEST_RUN`: the agent's programs and the two
+//! reference programs, on the same frames, in one run. The kernel reports the mean time
+//! per repetition; a hot flow repeats one frame (one insert, then updates), a new flow
+//! runs each of many distinct frames once (every run an insert), and both are set against
+//! the bare "pass" program run the same way, so the timer's own cost cancels out.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd as _, BorrowedFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, Xdp},
+};
+use monitor_common::names;
+use tests::packet::{
+    Frame, ethertype,
+    tcp_flags::{ACK, PSH},
+};
+
+use crate::{
+    Plan, median,
+    refprog::{self, Kind},
+};
+
+const PAYLOAD: usize = 1400;
+
+/// One line of the kernel table.
+pub struct Row {
+    pub hook: &'static str,
+    pub case: &'static str,
+    pub ns: f64,
+    /// Over the bare program run the same way (`None` for the bare program itself).
+    pub added: Option<f64>,
+}
+
+fn hot_v4() -> Vec<u8> {
+    Frame::eth()
+        .ipv4(Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(203, 0, 113, 2))
+        .tcp(40000, 443, PSH | ACK)
+        .payload_len(PAYLOAD)
+        .build()
+}
+
+fn hot_v6() -> Vec<u8> {
+    Frame::eth()
+        .ipv6(
+            Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2),
+            Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2),
+        )
+        .tcp(40000, 443, PSH | ACK)
+        .payload_len(PAYLOAD)
+        .build()
+}
+
+fn hot_vlan() -> Vec<u8> {
+    Frame::eth()
+        .vlan(ethertype::VLAN, 100)
+        .ipv4(Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(203, 0, 113, 2))
+        .tcp(40000, 443, PSH | ACK)
+        .payload_len(PAYLOAD)
+        .build()
+}
+
+/// Frame `n` of a series of distinct flows (`salt` keeps series apart).
+fn new_flow(salt: u32, n: u32) -> Vec<u8> {
+    let [_, a, b, c] = (salt << 20 | n).to_be_bytes();
+    Frame::eth()
+        .ipv4(Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(10, a, b, c))
+        .tcp(40000 + (salt as u16), 443, PSH | ACK)
+        .payload_len(PAYLOAD)
+        .build()
+}
+
+/// The agent's program for a hook, loaded from a fresh copy of the object.
+struct Agent {
+    ebpf: Ebpf,
+    name: &'static str,
+}
+
+impl Agent {
+    fn load(kind: Kind, flows: u32) -> Agent {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::FLOW_MAP, flows)
+            .load(monitor::kernel::object())
+            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
+        let name = match kind {
+            Kind::Xdp => names::XDP_INGRESS,
+            Kind::Tc => names::TC_EGRESS,
+        };
+        let program = ebpf.program_mut(name).expect("program in the object");
+        let loaded = match kind {
+            Kind::Xdp => <&mut Xdp>::try_from(program).expect("XDP").load(),
+            Kind::Tc => <&mut SchedClassifier>::try_from(program)
+                .expect("classifier")
+                .load(),
+        };
+        loaded.unwrap_or_else(|e| panic!("loading {name}: {e}"));
+        Agent { ebpf, name }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.ebpf
+            .program(self.name)
+            .expect("loaded")
+            .fd()
+            .expect("loaded program has an fd")
+            .as_fd()
+    }
+}
+
+fn repeat_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
+    f64::from(refprog::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))
+}
+
+/// Mean ns of one run each over `frames`.
+fn once_each_ns(prog: BorrowedFd<'_>, frames: &[Vec<u8>]) -> f64 {
+    let total: f64 = frames.iter().map(|f| repeat_ns(prog, f, 1)).sum();
+    total / frames.len() as f64
+}
+
+pub fn measure(plan: &Plan) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (kind, hook) in [(Kind::Xdp, "XDP"), (Kind::Tc, "TC")] {
+        let bare = refprog::bare(kind).expect("load the bare reference program");
+        let (count, _counter) =
+            refprog::count_only(kind).expect("load the count-only reference program");
+        let flows = plan.runs * plan.new_flows + 16;
+        let agent = Agent::load(kind, flows);
+        let hot = |prog: BorrowedFd<'_>, frame: &[u8]| {
+            median((0..plan.runs).map(|_| repeat_ns(prog, frame, plan.repeat)))
+        };
+        let v4 = hot_v4();
+        let bare_hot = hot(bare.as_fd(), &v4);
+        rows.push(Row {
+            hook,
+            case: "bare pass (reference)",
+            ns: bare_hot,
+            added: None,
+        });
+        for (case, prog, frame) in [
+            ("count-only (reference)", count.as_fd(), &v4),
+            ("agent: hot IPv4 TCP flow", agent.fd(), &v4),
+            ("agent: hot IPv6 TCP flow", agent.fd(), &hot_v6()),
+            ("agent: hot VLAN-tagged IPv4 flow", agent.fd(), &hot_vlan()),
+        ] {
+            let ns = hot(prog, frame);
+            rows.push(Row {
+                hook,
+                case,
+                ns,
+                added: Some(ns - bare_hot),
+            });
+        }
+        // New flows: every frame once, so the timer is taken once per frame; the bare
+        // program run the same way carries the same overhead.
+        let mut bare_once = Vec::new();
+        let mut agent_once = Vec::new();
+        for run in 0..plan.runs {
+            let frames: Vec<Vec<u8>> = (0..plan.new_flows).map(|n| new_flow(run, n)).collect();
+            bare_once.push(once_each_ns(bare.as_fd(), &frames));
+            agent_once.push(once_each_ns(agent.fd(), &frames));
+        }
+        let (bare_once, agent_once) = (median(bare_once), median(agent_once));
+        rows.push(Row {
+            hook,
+            case: "bare pass, one run per call (reference)",
+            ns: bare_once,
+            added: None,
+        });
+        rows.push(Row {
+            hook,
+            case: "agent: new flow (map insert), one run per call",
+            ns: agent_once,
+            added: Some(agent_once - bare_once),
+        });
+    }
+    rows
+}

@@ -1,0 +1,210 @@
+//! `cargo xtask bench` (and `bench --quick`): the agent's cost, side by side with what it
+//! is measured against, in one run. Prints a Markdown report; with `--write FILE` it also
+//! replaces the suite's section of that file (BENCHMARKS.md).
+
+mod kernel;
+mod poll;
+mod refprog;
+
+use std::{fmt::Write as _, path::PathBuf, time::Instant};
+
+/// How much of everything: the full suite or the quick one.
+pub struct Plan {
+    pub quick: bool,
+    /// Each figure is the median of this many runs.
+    pub runs: u32,
+    /// Repetitions of a hot-flow frame per test run.
+    pub repeat: u32,
+    /// Distinct frames per new-flow run.
+    pub new_flows: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                runs: 3,
+                repeat: 200_000,
+                new_flows: 5_000,
+            }
+        } else {
+            Plan {
+                quick,
+                runs: 5,
+                repeat: 1_000_000,
+                new_flows: 20_000,
+            }
+        }
+    }
+}
+
+/// The median of some measurements (the mean of the middle two for an even count).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    assert!(!values.is_empty(), "a median of nothing");
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+const START: &str = "<!-- bench-suite:start -->";
+const END: &str = "<!-- bench-suite:end -->";
+
+fn main() {
+    let mut quick = false;
+    let mut write = None;
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--write" => write = Some(PathBuf::from(args.next().expect("--write FILE"))),
+            "--only" => only = Some(args.next().expect("--only PART")),
+            other => panic!("unknown argument {other} (--quick, --write FILE, --only PART)"),
+        }
+    }
+    let plan = Plan::new(quick);
+    let started = Instant::now();
+    let mut report = String::new();
+    let _ = writeln!(report, "{START}");
+    let _ = writeln!(report, "{}", header(&plan));
+
+    let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if runs("kernel") {
+        eprintln!("bench: kernel cost per packet (BPF_PROG_TEST_RUN)");
+        let rows = kernel::measure(&plan);
+        let _ = writeln!(report, "{}", kernel_table(&plan, &rows));
+    }
+    if runs("poll") {
+        eprintln!("bench: the agent's poll with many live connections");
+        let rows = poll::measure(&plan);
+        let _ = writeln!(report, "{}", poll_table(&rows));
+    }
+
+    let _ = writeln!(
+        report,
+        "Suite run time: {:.0} s.\n{END}",
+        started.elapsed().as_secs_f64()
+    );
+    print!("{report}");
+    if let Some(path) = write.filter(|_| only.is_none()) {
+        replace_section(&path, &report);
+        eprintln!("bench: wrote {}", path.display());
+    }
+}
+
+fn header(plan: &Plan) -> String {
+    let machine = machine();
+    format!(
+        "## The benchmark suite\n\n\
+         Command: `cargo xtask bench{}` (release build)\n\
+         Machine: {machine}\n\
+         Date: {}\n\n\
+         Every figure is the median of {} runs, taken side by side in one run of the suite.\n",
+        if plan.quick { " --quick" } else { "" },
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        plan.runs,
+    )
+}
+
+fn kernel_table(plan: &Plan, rows: &[kernel::Row]) -> String {
+    let mut out = format!(
+        "### Kernel cost per packet\n\n\
+         `BPF_PROG_TEST_RUN` of the agent's `xdp_ingress` and `tc_egress` and of two reference \
+         programs assembled by the benchmark: a bare pass, and a count-only program (one \
+         per-CPU array counter, the least a counting program does). Frames: TCP with {} bytes \
+         of payload. A hot flow repeats one frame {} times per run (one map insert, then \
+         updates); a new flow runs {} distinct frames once each (each run an insert), set \
+         against the bare program run the same way.\n\n\
+         | hook | case | ns per packet | added over bare pass |\n|---|---|---|---|\n",
+        1400, plan.repeat, plan.new_flows
+    );
+    for row in rows {
+        let added = row
+            .added
+            .map_or_else(|| "—".to_owned(), |ns| format!("{ns:.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {added} |",
+            row.hook, row.case, row.ns
+        );
+    }
+    out
+}
+
+fn poll_table(rows: &[poll::Row]) -> String {
+    let mut out = String::from(
+        "### Agent poll cost\n\n\
+         The agent (`--pin-path`, 1 s polls, 1 h idle timeout) on a map the benchmark fills \
+         with synthetic TCP connections, all active. Poll time: the mean of the agent's \
+         `poll_duration_seconds` over the window; CPU: the agent's utime + stime per second \
+         of wall time; memory: its VmRSS beyond what it held with the map empty, per \
+         connection.\n\n\
+         | live connections | poll time (ms) | agent CPU (s per s) | agent memory per connection (bytes) |\n\
+         |---|---|---|---|\n",
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.3} | {:.0} |",
+            row.entries, row.poll_ms, row.cpu_per_sec, row.bytes_per_conn
+        );
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!(
+        "{cpus} vCPUs ({model}), {mem_gib:.0} GiB, Linux {}",
+        command_output("uname", &["-r"])
+    )
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Replaces the text between the suite's markers in `path` (appends it when absent).
+fn replace_section(path: &PathBuf, report: &str) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (text.find(START), text.find(END)) {
+        (Some(start), Some(end)) if start < end => {
+            format!(
+                "{}{}{}",
+                &text[..start],
+                report.trim_end(),
+                &text[end + END.len()..]
+            )
+        }
+        _ => format!("{}\n{}", text.trim_end(), report),
+    };
+    std::fs::write(path, new).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}

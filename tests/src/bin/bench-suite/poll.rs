@@ -1,0 +1,200 @@
+//! The agent's poll with 10k, 100k and 1M live connections. The agent (release build)
+//! runs with `--pin-path`, so the benchmark can fill the very map it polls with synthetic
+//! connections, all active (their last packet "now", a 1 h idle timeout). Measured over a
+//! window of polls: the mean poll time (the agent's own poll_duration_seconds histogram),
+//! the agent's CPU time per second of wall time (/proc/PID/stat), and its resident memory
+//! beyond what it held with an empty map, per connection.
+
+use std::{
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, PerCpuHashMap, PerCpuValues};
+use monitor_common::{
+    flow::{DirStats, FlowKey, FlowValue, tcp_flags},
+    names,
+};
+use tests::{
+    agent::Agent,
+    http,
+    lab::{self, Lab},
+    procfs,
+};
+
+use crate::{Plan, median};
+
+const METRICS: &str = "127.0.0.1:9877";
+
+pub struct Row {
+    pub entries: u32,
+    pub poll_ms: f64,
+    pub cpu_per_sec: f64,
+    pub bytes_per_conn: f64,
+}
+
+/// The pin directory, removed even when the benchmark fails.
+struct Pins(PathBuf);
+
+impl Pins {
+    fn flows(&self) -> PathBuf {
+        self.0.join("maps").join(names::FLOW_MAP)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = monitor::kernel::pins::remove(&self.0);
+    }
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+fn scrape(lab: &Lab) -> String {
+    http::eventually("the agent's /metrics", Duration::from_secs(30), || {
+        http::get(&lab.gw, METRICS, "/metrics")
+    })
+}
+
+/// Connection `n`: a TCP connection from a local host to a remote one, both ways active.
+fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
+    let mut key = FlowKey {
+        port_a: 1024 + (n % 60_000) as u16,
+        port_b: 443,
+        proto: 6,
+        family: 4,
+        ..FlowKey::default()
+    };
+    key.addr_a[..4].copy_from_slice(&[198, 18, (n >> 24) as u8 & 1, 2]);
+    key.addr_b[..4].copy_from_slice(&[10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+    let dir = |flags| DirStats {
+        pkts: 10,
+        ip_bytes: 10_000,
+        bytes: 9_480,
+        first_ns: now_ns - 1_000_000_000,
+        last_ns: now_ns,
+        tcp_flags: flags,
+        ..DirStats::default()
+    };
+    let value = FlowValue {
+        dir: [dir(tcp_flags::ACK | tcp_flags::PSH), dir(tcp_flags::ACK)],
+        ifindex: 1,
+        _pad: 0,
+    };
+    (key, value)
+}
+
+fn fill(pins: &Pins, entries: u32) {
+    let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
+    let mut map = PerCpuHashMap::<MapData, FlowKey, FlowValue>::try_from(Map::PerCpuHashMap(data))
+        .expect("a per-CPU hash map");
+    let cpus = aya::util::nr_cpus().expect("possible CPUs").get() as usize;
+    let now = monitor::clock::monotonic_ns();
+    for n in 0..entries {
+        let (key, value) = synthetic(n, now);
+        // The agent sums the CPUs' copies: one CPU holds the counts.
+        let mut per_cpu = vec![FlowValue::default(); cpus];
+        per_cpu[0] = value;
+        let values = PerCpuValues::try_from(per_cpu).expect("one value per CPU");
+        map.insert(&key, values, 0)
+            .expect("insert a synthetic connection");
+    }
+}
+
+fn rss_bytes(pid: u32) -> f64 {
+    procfs::rss_kib(pid) as f64 * 1024.0
+}
+
+pub fn measure(plan: &Plan) -> Vec<Row> {
+    let sizes: &[u32] = if plan.quick {
+        &[10_000, 100_000]
+    } else {
+        &[10_000, 100_000, 1_000_000]
+    };
+    let window = if plan.quick {
+        Duration::from_secs(4)
+    } else {
+        Duration::from_secs(10)
+    };
+    let mut rows = Vec::new();
+    for &entries in sizes {
+        let mut poll_ms = Vec::new();
+        let mut cpu = Vec::new();
+        let mut per_conn = Vec::new();
+        for run in 0..plan.runs {
+            eprintln!("bench: poll with {entries} connections, run {}", run + 1);
+            let (ms, c, b) = one_run(entries, window);
+            poll_ms.push(ms);
+            cpu.push(c);
+            per_conn.push(b);
+        }
+        rows.push(Row {
+            entries,
+            poll_ms: median(poll_ms),
+            cpu_per_sec: median(cpu),
+            bytes_per_conn: median(per_conn),
+        });
+    }
+    rows
+}
+
+fn one_run(entries: u32, window: Duration) -> (f64, f64, f64) {
+    let lab = Lab::new();
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/monitor-bench-poll-{}",
+        std::process::id()
+    ));
+    let pins = Pins(dir.clone());
+    let capacity = (entries * 2).to_string();
+    let agent = Agent::start_seeing_pins(
+        &lab.gw,
+        "lo",
+        &[
+            "--pin-path",
+            dir.to_str().expect("UTF-8 path"),
+            "--flow-map-size",
+            &capacity,
+            "--idle-timeout",
+            "1h",
+            "--poll-interval",
+            "1s",
+            "--local-net",
+            lab::LOCAL_NET_V4,
+        ],
+    );
+    let pid = agent.pid();
+    // A few empty polls: what the agent holds before any connection.
+    thread::sleep(Duration::from_secs(3));
+    let empty_rss = rss_bytes(pid);
+    fill(&pins, entries);
+    // The scrapes themselves cross the watched loopback: a few connections more.
+    http::eventually(
+        "the agent tracking every synthetic connection",
+        Duration::from_secs(120),
+        || {
+            (metric(&scrape(&lab), "egress_monitor_connections_active") as u32 >= entries)
+                .then_some(())
+        },
+    );
+    // Two more polls so every per-connection structure exists, then the window.
+    thread::sleep(Duration::from_secs(2));
+    let before = scrape(&lab);
+    let cpu_before = procfs::cpu_secs(pid);
+    let started = Instant::now();
+    thread::sleep(window);
+    let after = scrape(&lab);
+    let cpu = procfs::cpu_secs(pid) - cpu_before;
+    let wall = started.elapsed().as_secs_f64();
+    let rss = rss_bytes(pid);
+    agent.stop();
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    let polls = delta("egress_monitor_poll_duration_seconds_count");
+    assert!(polls > 0.0, "no poll in the window");
+    let poll_ms = delta("egress_monitor_poll_duration_seconds_sum") / polls * 1000.0;
+    (poll_ms, cpu / wall, (rss - empty_rss) / f64::from(entries))
+}

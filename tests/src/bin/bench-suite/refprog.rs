@@ -1,0 +1,207 @@
+//! The reference programs the kernel figures are set against, assembled here rather than
+//! shipped in the agent's object: a bare "pass" program, and one that only bumps a per-CPU
+//! counter (the least any counting program does).
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const BPF_PSEUDO_MAP_FD: u8 = 1;
+const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const XDP_PASS: i32 = 2;
+const TC_ACT_OK: i32 = 0;
+
+/// One `struct bpf_insn`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
+}
+
+/// The hook a reference program is loaded for.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Xdp,
+    Tc,
+}
+
+impl Kind {
+    fn prog_type(self) -> u32 {
+        match self {
+            Kind::Xdp => BPF_PROG_TYPE_XDP,
+            Kind::Tc => BPF_PROG_TYPE_SCHED_CLS,
+        }
+    }
+
+    fn pass(self) -> i32 {
+        match self {
+            Kind::Xdp => XDP_PASS,
+            Kind::Tc => TC_ACT_OK,
+        }
+    }
+}
+
+/// `r0 = PASS; exit`.
+pub fn bare(kind: Kind) -> io::Result<OwnedFd> {
+    load(
+        kind,
+        &[insn(0xb7, 0, 0, 0, kind.pass()), insn(0x95, 0, 0, 0, 0)],
+    )
+}
+
+/// Looks up slot 0 of a one-entry per-CPU array, adds one, passes. Returns the program
+/// and its map (kept open with it).
+pub fn count_only(kind: Kind) -> io::Result<(OwnedFd, OwnedFd)> {
+    let map = create_counter_map()?;
+    let fd = map.as_raw_fd();
+    let prog = [
+        // *(u32 *)(r10 - 4) = 0: the key.
+        insn(0x62, 10, 0, -4, 0),
+        // r2 = r10 - 4
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -4),
+        // r1 = the map (ld_imm64, two slots)
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        // r0 = bpf_map_lookup_elem(r1, r2)
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        // if r0 == 0 goto pass
+        insn(0x15, 0, 0, 3, 0),
+        // *(u64 *)r0 += 1
+        insn(0x79, 1, 0, 0, 0),
+        insn(0x07, 1, 0, 0, 1),
+        insn(0x7b, 0, 1, 0, 0),
+        // pass: r0 = PASS; exit
+        insn(0xb7, 0, 0, 0, kind.pass()),
+        insn(0x95, 0, 0, 0, 0),
+    ];
+    Ok((load(kind, &prog)?, map))
+}
+
+fn create_counter_map() -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 56],
+    }
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 1,
+        rest: [0; 56],
+    };
+    bpf(BPF_MAP_CREATE, &attr)
+}
+
+fn load(kind: Kind, insns: &[Insn]) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        rest: [u8; 64],
+    }
+    let mut name = [0u8; 16];
+    name[..9].copy_from_slice(b"reference");
+    let attr = ProgLoad {
+        prog_type: kind.prog_type(),
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: c"GPL".as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: name,
+        rest: [0; 64],
+    };
+    bpf(BPF_PROG_LOAD, &attr)
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-padded bpf_attr prefix of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_TEST_RUN` of `prog` on `frame`, `repeat` times: the kernel's mean ns per run.
+pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<u32> {
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    #[repr(C)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        rest: [u8; 40],
+    }
+    let mut attr = TestRun {
+        prog_fd: prog.as_raw_fd() as u32,
+        retval: 0,
+        data_size_in: frame.len() as u32,
+        data_size_out: 0,
+        data_in: frame.as_ptr() as u64,
+        data_out: 0,
+        repeat,
+        duration: 0,
+        rest: [0; 40],
+    };
+    // SAFETY: `attr` is a zero-padded bpf_attr prefix; the kernel writes retval/duration.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            std::mem::size_of::<TestRun>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(attr.duration)
+}

@@ -1,0 +1,52 @@
+//! A process's and the machine's CPU time and memory, from /proc: how benchmarks measure
+//! the agent and its peers from outside.
+
+/// `VmRSS` of `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(hz > 0, "sysconf(_SC_CLK_TCK) = {hz}");
+    hz as f64
+}
+
+/// utime + stime of `pid` (all its threads), seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after "(comm)": state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> u64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("bad /proc/{pid}/stat: {stat}"))
+    };
+    (ticks(11) + ticks(12)) as f64 / clock_ticks_per_sec()
+}
+
+/// The whole machine's time in softirq (all CPUs), seconds: where packet processing,
+/// BPF programs included, is accounted.
+pub fn softirq_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    // cpu  user nice system idle iowait irq softirq ...
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(7))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("bad /proc/stat: {stat}"));
+    ticks as f64 / clock_ticks_per_sec()
+}
