@@ -2,14 +2,18 @@
 //! resolves a name and then uploads to the address it got; the agent on gw's WAN-facing
 //! veth must name the remote host in the alert and in the conn-log record, and log the
 //! transaction in `--dns-log`. Over UDP and TCP, through a CNAME, and over IPv6. And a
-//! name allowlist (`*.example.test`) follows what the restricted client itself resolved.
+//! name allowlist (`*.example.test`) follows what the restricted client itself resolved,
+//! and a restarted agent (`--pin-path`) reads the ring buffer its predecessor pinned.
 
 use std::{
     net::{IpAddr, Shutdown, SocketAddr},
-    time::Duration,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
 };
 
 use tests::{
+    agent::Agent,
     dns_lab::{self, TYPE_A, TYPE_AAAA, add_wan_address, resolve, start_dnsmasq},
     lab::{self, Lab},
     rules_lab::{
@@ -223,4 +227,65 @@ fn allowlist_by_name_follows_what_the_client_resolved() {
         "{}",
         restricted[0]
     );
+}
+
+/// With `--pin-path`, a killed agent's programs stay attached and write DNS messages to
+/// the ring buffer they were loaded with: the next agent must read that one.
+#[test]
+fn a_restarted_agent_reads_the_pinned_ring_buffer() {
+    struct Pins(PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = monitor::kernel::pins::remove(&self.0);
+        }
+    }
+    let lab = Lab::new();
+    let resolver = start_dnsmasq(&lab, &ANSWERS);
+    let scratch = Scratch::new("dns-restart");
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/monitor-test-dns-{}",
+        std::process::id()
+    )));
+    let pin_arg = pins.0.to_str().expect("UTF-8").to_owned();
+    let logs = [scratch.path("dns-1.jsonl"), scratch.path("dns-2.jsonl")];
+    let start = |life: usize| {
+        Agent::start_seeing_pins(
+            &lab.gw,
+            &lab.gw_wan_if,
+            &[
+                "--local-net",
+                lab::LOCAL_NET_V4,
+                "--poll-interval",
+                "200ms",
+                "--pin-path",
+                &pin_arg,
+                "--dns-log",
+                logs[life].to_str().expect("UTF-8"),
+            ],
+        )
+    };
+    let logged = |life: usize, name: &str| {
+        read_json_lines(&logs[life])
+            .iter()
+            .any(|r| r["query"] == name && r["rcode_name"] == "NOERROR")
+    };
+    let wait = |life: usize, name: &str| {
+        let start = Instant::now();
+        while !logged(life, name) {
+            assert!(
+                start.elapsed() < ALERT_LIMIT,
+                "agent {} logged no transaction for {name}",
+                life + 1
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = start(0);
+    resolve(&lab.lan, resolver, "one.example.test", TYPE_A, false);
+    wait(0, "one.example.test");
+    first.kill();
+    let second = start(1);
+    resolve(&lab.lan, resolver, "two.example.test", TYPE_A, false);
+    wait(1, "two.example.test");
+    second.stop();
 }
