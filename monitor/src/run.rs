@@ -202,6 +202,8 @@ impl Pipeline {
         for snap in self.poller.snapshot()? {
             self.table.observe(snap);
         }
+        // While the table still knows the uids of the connections that carried DNS.
+        self.close_dns_log()?;
         let open: Vec<Conn> = self.table.drain().collect();
         let mut alerts = Vec::new();
         for conn in &open {
@@ -222,10 +224,7 @@ impl Pipeline {
                 stats.records, stats.messages, stats.errors
             );
         }
-        let clock = self.clock;
-        self.dns
-            .shutdown(|ns| clock.epoch_secs(ns), |_| None)
-            .context("writing --dns-log")?;
+        self.close_dns_log()?;
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
@@ -307,6 +306,17 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Writes the DNS transactions still waiting (unanswered queries included).
+    fn close_dns_log(&mut self) -> anyhow::Result<()> {
+        let (clock, table) = (self.clock, &self.table);
+        self.dns
+            .shutdown(
+                |ns| clock.epoch_secs(ns),
+                |key| table.get(key).map(|c| c.uid.clone()),
+            )
+            .context("writing --dns-log")
     }
 
     /// Passive DNS's name for the remote endpoint: in the connection fields, else beside

@@ -6,7 +6,7 @@
 //! and a restarted agent (`--pin-path`) reads the ring buffer its predecessor pinned.
 
 use std::{
-    net::{IpAddr, Shutdown, SocketAddr},
+    net::{IpAddr, Shutdown, SocketAddr, UdpSocket},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -15,7 +15,7 @@ use std::{
 use tests::{
     agent::Agent,
     dns_lab::{self, TYPE_A, TYPE_AAAA, add_wan_address, resolve, start_dnsmasq},
-    lab::{self, Lab},
+    lab::{self, Lab, run_in_ns},
     rules_lab::{
         RulesAgent, Scratch, connect, join, listen, listing, read_json_lines, send, spawn_discard,
     },
@@ -287,5 +287,24 @@ fn a_restarted_agent_reads_the_pinned_ring_buffer() {
     let second = start(1);
     resolve(&lab.lan, resolver, "two.example.test", TYPE_A, false);
     wait(1, "two.example.test");
+    // A query nobody answers: written at shutdown, without rcode, with its uid.
+    let silent: IpAddr = "203.0.113.12".parse().expect("address");
+    add_wan_address(&lab, silent);
+    run_in_ns(&lab.lan, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let query = dns_lab::query(7, "lost.example.test", TYPE_A);
+        sock.send_to(&query, SocketAddr::new(silent, 53))
+            .expect("send the query");
+    });
+    thread::sleep(Duration::from_millis(500));
     second.stop();
+    let lost = read_json_lines(&logs[1])
+        .into_iter()
+        .find(|r| r["query"] == "lost.example.test")
+        .expect("the unanswered query is logged at shutdown");
+    assert!(lost.get("rcode_name").is_none(), "{lost}");
+    assert!(
+        lost["uid"].as_str().is_some_and(|u| u.starts_with('C')),
+        "{lost}"
+    );
 }
