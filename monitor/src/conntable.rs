@@ -2,17 +2,18 @@
 //! a connection is finished.
 
 use std::{
-    collections::HashMap,
     hash::{BuildHasher, RandomState},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use ipnet::IpNet;
 use monitor_common::{
     flow::{DIR_A_TO_B, DIR_B_TO_A, DirStats, FlowKey, tcp_flags},
     parse::IPPROTO_TCP,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::poller::FlowSnapshot;
 
@@ -32,15 +33,66 @@ pub struct Endpoint {
     pub port: u16,
 }
 
-/// A connection as the table knows it: the latest totals of its map entry.
+/// One direction's running totals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub pkts: u64,
+    pub ip_bytes: u64,
+    pub bytes: u64,
+}
+
+impl Totals {
+    pub fn of(d: &DirStats) -> Self {
+        Self {
+            pkts: d.pkts,
+            ip_bytes: d.ip_bytes,
+            bytes: d.bytes,
+        }
+    }
+
+    fn since(self, earlier: Totals) -> Totals {
+        Totals {
+            pkts: self.pkts.saturating_sub(earlier.pkts),
+            ip_bytes: self.ip_bytes.saturating_sub(earlier.ip_bytes),
+            bytes: self.bytes.saturating_sub(earlier.bytes),
+        }
+    }
+}
+
+/// A connection as the table knows it: the latest totals of its map entry, and those of
+/// the observation before, from which every consumer takes what is new.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conn {
     pub snap: FlowSnapshot,
     /// Zeek-style unique id, the same in every log line and alert about this connection.
-    pub uid: String,
+    pub uid: Uid,
+    /// Totals per key direction as of the observation before the latest (zero before
+    /// the first): `snap` minus these is what arrived since.
+    pub prev: [Totals; 2],
+    /// The poll that last observed it.
+    seen: u64,
 }
 
 impl Conn {
+    /// A connection observed once, nothing before.
+    pub fn new(snap: FlowSnapshot, uid: Uid) -> Self {
+        Self {
+            snap,
+            uid,
+            prev: [Totals::default(); 2],
+            seen: 0,
+        }
+    }
+
+    /// What key direction `dir` carried since the observation before the latest.
+    pub fn delta(&self, dir: usize) -> Totals {
+        Totals::of(&self.snap.dir[dir]).since(self.prev[dir])
+    }
+
+    fn totals(&self) -> [Totals; 2] {
+        self.snap.dir.each_ref().map(Totals::of)
+    }
+
     /// Index of the originator's direction: the sender of a SYN without ACK, else the
     /// peer of a SYN-ACK sender, else the sender of the first packet.
     pub fn orig_dir(&self) -> usize {
@@ -211,8 +263,7 @@ impl Uids {
         self.seed
     }
 
-    fn uid(&self, key: &FlowKey, first_ns: u64) -> String {
-        const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    fn uid(&self, key: &FlowKey, first_ns: u64) -> Uid {
         let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
         let words = [
             word(&key.addr_a[..8]),
@@ -230,14 +281,62 @@ impl Uids {
                 splitmix(h ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15)
             })
         };
-        let mut n = (u128::from(hash(self.seed[0])) << 64) | u128::from(hash(self.seed[1]));
-        let mut uid = String::with_capacity(18);
-        uid.push('C');
-        for _ in 0..17 {
-            uid.push(DIGITS[(n % 62) as usize] as char);
+        let n = (u128::from(hash(self.seed[0])) << 64) | u128::from(hash(self.seed[1]));
+        Uid(n % UID_RANGE)
+    }
+}
+
+/// A connection's uid: shown as `C` and 17 base-62 digits (Zeek's form), kept as the
+/// number (16 bytes, no allocation per connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Uid(u128);
+
+const UID_DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const UID_LEN: usize = 17;
+/// 62^17: the uids that 17 digits show (about 2^101).
+const UID_RANGE: u128 = 62u128.pow(UID_LEN as u32);
+
+impl std::fmt::Display for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = [b'C'; UID_LEN + 1];
+        let mut n = self.0;
+        for digit in &mut text[1..] {
+            *digit = UID_DIGITS[(n % 62) as usize];
             n /= 62;
         }
-        uid
+        f.write_str(std::str::from_utf8(&text).expect("ASCII digits"))
+    }
+}
+
+impl std::str::FromStr for Uid {
+    type Err = String;
+
+    /// `C` and up to 17 base-62 digits, least significant first (as displayed).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let digits = text
+            .strip_prefix('C')
+            .filter(|d| (1..=UID_LEN).contains(&d.len()))
+            .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
+        digits.bytes().rev().try_fold(Uid(0), |Uid(n), b| {
+            let d = UID_DIGITS
+                .iter()
+                .position(|&x| x == b)
+                .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
+            Ok(Uid(n * 62 + d as u128))
+        })
+    }
+}
+
+impl Serialize for Uid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Uid {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -254,6 +353,13 @@ pub struct ConnTable {
     conns: HashMap<FlowKey, Conn>,
     idle_timeout: Duration,
     uids: Uids,
+    /// Polls begun.
+    poll: u64,
+    /// Connections ever added.
+    added: u64,
+    /// Totals an earlier agent had already accounted for connections it left in the
+    /// pinned map, by uid: they become those connections' `prev` when first seen.
+    resumed: HashMap<Uid, [Totals; 2]>,
 }
 
 impl ConnTable {
@@ -262,6 +368,50 @@ impl ConnTable {
             conns: HashMap::new(),
             idle_timeout,
             uids,
+            poll: 0,
+            added: 0,
+            resumed: HashMap::new(),
+        }
+    }
+
+    /// Connections ever added to the table.
+    pub fn added(&self) -> u64 {
+        self.added
+    }
+
+    /// The totals to start from for connections an earlier agent already accounted for.
+    pub fn resume(&mut self, accounted: impl IntoIterator<Item = (Uid, [Totals; 2])>) {
+        self.resumed = accounted.into_iter().collect();
+    }
+
+    /// Each connection's totals as of the latest observation, for `--state-dir`.
+    pub fn accounted(&self) -> Vec<(Uid, [Totals; 2])> {
+        let mut all: Vec<(Uid, [Totals; 2])> =
+            self.conns.values().map(|c| (c.uid, c.totals())).collect();
+        all.sort_unstable_by_key(|(uid, _)| *uid);
+        all
+    }
+
+    /// Starts a poll: every connection is observed in it, by [`observe`](Self::observe)
+    /// or [`end_observing`](Self::end_observing).
+    pub fn begin_poll(&mut self) {
+        self.poll += 1;
+    }
+
+    /// After a poll's snapshot: a connection the snapshot lacked carried nothing new.
+    pub fn end_observing(&mut self) {
+        let poll = self.poll;
+        for conn in self.conns.values_mut().filter(|c| c.seen != poll) {
+            conn.prev = conn.totals();
+            conn.seen = poll;
+        }
+        self.resumed.clear();
+    }
+
+    /// A connection whose map entry is gone carried nothing since it was last observed.
+    pub fn settle(&mut self, key: &FlowKey) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.prev = conn.totals();
         }
     }
 
@@ -269,16 +419,22 @@ impl ConnTable {
         self.uids
     }
 
-    /// Records the latest totals of a connection.
+    /// Records the latest totals of a connection; those it had become its `prev`.
     pub fn observe(&mut self, snap: FlowSnapshot) {
         match self.conns.get_mut(&snap.key) {
-            Some(conn) => conn.snap = snap,
+            Some(conn) => {
+                conn.prev = conn.totals();
+                conn.snap = snap;
+                conn.seen = self.poll;
+            }
             None => {
-                let mut conn = Conn {
-                    snap,
-                    uid: String::new(),
-                };
+                let mut conn = Conn::new(snap, Uid::default());
+                conn.seen = self.poll;
                 conn.uid = self.uids.uid(&snap.key, conn.first_ns());
+                if let Some(accounted) = self.resumed.remove(&conn.uid) {
+                    conn.prev = accounted;
+                }
+                self.added += 1;
                 self.conns.insert(snap.key, conn);
             }
         }
@@ -376,14 +532,14 @@ mod tests {
 
     /// A connection from the client (endpoint b, 198.18.1.2:50000) to the server (a).
     fn conn(proto: u8, client: DirStats, server: DirStats) -> Conn {
-        Conn {
-            snap: FlowSnapshot {
+        Conn::new(
+            FlowSnapshot {
                 key: key(proto),
                 dir: [server, client],
                 ifindex: 1,
             },
-            uid: "Ctest".into(),
-        }
+            "Ctest".parse().unwrap(),
+        )
     }
 
     #[test]
@@ -502,8 +658,10 @@ mod tests {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
         table.observe(c.snap);
-        let uid = table.conns[&c.snap.key].uid.clone();
-        assert!(uid.starts_with('C') && uid.len() == 18, "{uid}");
+        let uid = table.conns[&c.snap.key].uid;
+        let text = uid.to_string();
+        assert!(text.starts_with('C') && text.len() == 18, "{text}");
+        assert_eq!(text.parse::<Uid>(), Ok(uid), "shown and read back");
         table.observe(c.snap);
         assert_eq!(
             table.conns[&c.snap.key].uid, uid,
@@ -513,6 +671,54 @@ mod tests {
         assert_eq!(table.finished(31 * SEC), vec![c.snap.key]);
         assert_eq!(table.remove(&c.snap.key).map(|c| c.snap), Some(c.snap));
         assert!(table.is_empty());
+    }
+
+    #[test]
+    fn deltas_run_from_the_observation_before() {
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
+        let mut c = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default());
+        table.begin_poll();
+        table.observe(c.snap);
+        table.end_observing();
+        let delta = |t: &ConnTable| t.conns[&c.snap.key].delta(1).pkts;
+        assert_eq!(delta(&table), 2, "all of it, the first time");
+        c.snap.dir[1].pkts = 5;
+        table.begin_poll();
+        table.observe(c.snap);
+        table.end_observing();
+        assert_eq!(delta(&table), 3);
+        // A poll whose snapshot lacks it: nothing new.
+        table.begin_poll();
+        table.end_observing();
+        assert_eq!(delta(&table), 0);
+        // Its final read in the same poll as an update: only what came after the update.
+        c.snap.dir[1].pkts = 6;
+        table.begin_poll();
+        table.observe(c.snap);
+        table.end_observing();
+        c.snap.dir[1].pkts = 7;
+        table.observe(c.snap);
+        assert_eq!(delta(&table), 1);
+        // Its entry gone: nothing more.
+        table.settle(&c.snap.key);
+        assert_eq!(delta(&table), 0);
+        assert_eq!(table.added(), 1);
+    }
+
+    #[test]
+    fn a_resumed_connection_starts_from_what_was_accounted() {
+        let seed = [1, 2];
+        let c = conn(IPPROTO_UDP, dir(9, SEC, SEC, 0, false), DirStats::default());
+        let mut before = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
+        before.observe(c.snap);
+        let mut accounted = before.accounted();
+        accounted[0].1[1].pkts = 4;
+        let mut after = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
+        after.resume(accounted);
+        after.begin_poll();
+        after.observe(c.snap);
+        after.end_observing();
+        assert_eq!(after.conns[&c.snap.key].delta(1).pkts, 5);
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::{
 
 use anyhow::Context as _;
 use axum::{Router, http::header, response::IntoResponse, routing::get};
-use monitor_common::{flow::DIR_A_TO_B, stats};
+use monitor_common::{
+    flow::{DIR_A_TO_B, DIR_B_TO_A},
+    stats,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -29,8 +32,9 @@ const DNS_TYPES: [&str; 3] = ["query", "response", "malformed"];
 
 pub struct Metrics {
     registry: Registry,
-    bytes: IntCounterVec,
-    packets: IntCounterVec,
+    /// bytes_total and packets_total per direction, in [`DIRECTIONS`] order: looked up
+    /// once, not for every connection of every poll.
+    by_direction: [(IntCounter, IntCounter); 4],
     connections_active: IntGauge,
     connections_total: IntCounter,
     alerts: IntCounterVec,
@@ -43,8 +47,8 @@ pub struct Metrics {
     last_dns: DnsCounts,
     unparsed: IntCounterVec,
     poll_duration: Histogram,
-    /// Per open connection: (pkts, ip_bytes) of each key direction at the last poll.
-    last: HashMap<String, [(u64, u64); 2]>,
+    /// Connections the table had added at the last poll.
+    added: u64,
     /// STATS slots as last read, to add only what is new to the counters.
     last_stats: [u64; stats::SLOTS as usize],
     top: TopTalkers,
@@ -243,10 +247,12 @@ impl Metrics {
             registry.register(collector)?;
         }
         // Every label value exists from the start, so rates work from the first scrape.
-        for direction in DIRECTIONS {
-            bytes.with_label_values(&[direction]);
-            packets.with_label_values(&[direction]);
-        }
+        let by_direction = DIRECTIONS.map(|direction| {
+            (
+                bytes.with_label_values(&[direction]),
+                packets.with_label_values(&[direction]),
+            )
+        });
         for note in Note::ALL {
             alerts.with_label_values(&[note.as_str()]);
             suppressed.with_label_values(&[note.as_str()]);
@@ -263,8 +269,7 @@ impl Metrics {
             .set(1);
         Ok(Self {
             registry,
-            bytes,
-            packets,
+            by_direction,
             connections_active,
             connections_total,
             alerts,
@@ -277,7 +282,7 @@ impl Metrics {
             last_dns: DnsCounts::default(),
             unparsed,
             poll_duration,
-            last: HashMap::new(),
+            added: 0,
             last_stats: [0; stats::SLOTS as usize],
             top: TopTalkers {
                 n: top_talkers,
@@ -294,45 +299,32 @@ impl Metrics {
         })
     }
 
-    /// Adds what a connection carried since the last poll.
+    /// Adds what a connection carried since its observation before the latest.
     pub fn observe(&mut self, conn: &Conn, local: &LocalNets) {
-        let now = conn.snap.dir.map(|d| (d.pkts, d.ip_bytes));
-        let before = match self.last.insert(conn.uid.clone(), now) {
-            Some(before) => before,
-            None => {
-                self.connections_total.inc();
-                [(0, 0); 2]
-            }
-        };
         let (a, b) = conn.key_endpoints();
         let (local_a, local_b) = (local.contains(a.addr), local.contains(b.addr));
-        for (i, (&(pkts, ip_bytes), &(pkts0, ip_bytes0))) in now.iter().zip(&before).enumerate() {
+        for i in [DIR_A_TO_B, DIR_B_TO_A] {
+            let new = conn.delta(i);
             let (from_local, to_local) = if i == DIR_A_TO_B {
                 (local_a, local_b)
             } else {
                 (local_b, local_a)
             };
+            // Indexes into DIRECTIONS.
             let direction = match (from_local, to_local) {
-                (true, false) => "outbound",
-                (false, true) => "inbound",
-                (true, true) => "internal",
-                (false, false) => "external",
+                (true, false) => 0,
+                (false, true) => 1,
+                (true, true) => 2,
+                (false, false) => 3,
             };
-            self.packets
-                .with_label_values(&[direction])
-                .inc_by(pkts.saturating_sub(pkts0));
-            let new_bytes = ip_bytes.saturating_sub(ip_bytes0);
-            self.bytes.with_label_values(&[direction]).inc_by(new_bytes);
-            if direction == "outbound" {
+            let (bytes, packets) = &self.by_direction[direction];
+            packets.inc_by(new.pkts);
+            bytes.inc_by(new.ip_bytes);
+            if direction == 0 {
                 let sender = if i == DIR_A_TO_B { a.addr } else { b.addr };
-                self.top.add(sender, new_bytes);
+                self.top.add(sender, new.ip_bytes);
             }
         }
-    }
-
-    /// A connection left the table (after its last [`observe`](Self::observe)).
-    pub fn finished(&mut self, conn: &Conn) {
-        self.last.remove(&conn.uid);
     }
 
     pub fn alert(&self, note: Note) {
@@ -344,14 +336,18 @@ impl Metrics {
     }
 
     /// After a poll: the table's and map's sizes, the kernel's STATS and the poll's time.
+    /// After a poll: `open` connections in the table, `added` ever added to it.
     pub fn polled(
         &mut self,
-        open: usize,
+        (open, added): (usize, u64),
         counters: [u64; stats::SLOTS as usize],
         took: Duration,
         epoch: f64,
     ) {
         self.top.roll(epoch);
+        self.connections_total
+            .inc_by(added.saturating_sub(self.added));
+        self.added = added;
         self.connections_active.set(open as i64);
         self.flow_map_entries.set(open as i64);
         for (slot, (&now, before)) in counters.iter().zip(&mut self.last_stats).enumerate() {
@@ -459,7 +455,10 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::testkit::{ConnSpec, local};
+    use crate::{
+        conntable::{ConnTable, Uids},
+        rules::testkit::{ConnSpec, local},
+    };
 
     fn value(text: &str, series: &str) -> f64 {
         text.lines()
@@ -470,28 +469,36 @@ mod tests {
     #[test]
     fn directions_deltas_and_names() {
         let mut m = Metrics::new(1024, 0, Duration::from_secs(300)).unwrap();
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+        let mut observe = |m: &mut Metrics, spec: &ConnSpec| {
+            let snap = spec.conn().snap;
+            table.observe(snap);
+            let conn = table.iter().find(|c| c.snap.key == snap.key).unwrap();
+            m.observe(conn, &local());
+        };
         let mut spec = ConnSpec {
             orig_bytes: 10_000,
             resp_bytes: 2_000,
             ..ConnSpec::default()
         };
-        m.observe(&spec.conn(), &local());
+        observe(&mut m, &spec);
         spec.orig_bytes = 30_000;
-        m.observe(&spec.conn(), &local());
+        observe(&mut m, &spec);
         let internal = ConnSpec {
             resp: ("198.18.9.9", 22),
             orig_bytes: 1_000,
             uid: "Cinternal",
             ..ConnSpec::default()
         };
-        m.observe(&internal.conn(), &local());
+        observe(&mut m, &internal);
+        let added = table.added();
         m.alert(Note::LargeUpload);
         m.suppressed(Note::RestrictedOutbound);
         let mut counters = [0; stats::SLOTS as usize];
         counters[stats::NOT_IP as usize] = 3;
         counters[stats::FLOW_MAP_FULL as usize] = 7;
         counters[stats::DNS_EVENTS_LOST as usize] = 4;
-        m.polled(2, counters, Duration::from_millis(3), 0.0);
+        m.polled((2, added), counters, Duration::from_millis(3), 0.0);
         let text = render(&m.registry());
         // The test connections carry 1000 bytes of payload + 52 of headers per packet.
         assert_eq!(
@@ -555,7 +562,7 @@ mod tests {
         );
         assert!(!text.contains("198.18."), "no addresses in labels");
         // Counters only grow by what is new.
-        m.polled(2, counters, Duration::from_millis(3), 0.0);
+        m.polled((2, 0), counters, Duration::from_millis(3), 0.0);
         let text = render(&m.registry());
         assert_eq!(value(&text, "egress_monitor_flow_map_full_total"), 7.0);
         assert!(!text.contains("top_talker_bytes{"), "off by default");
@@ -582,7 +589,7 @@ mod tests {
     fn top_talkers_are_bounded_and_replaced_each_window() {
         let mut m = Metrics::new(1024, 2, Duration::from_secs(60)).unwrap();
         let counters = [0; stats::SLOTS as usize];
-        let poll = |m: &mut Metrics, epoch: f64| m.polled(0, counters, Duration::ZERO, epoch);
+        let poll = |m: &mut Metrics, epoch: f64| m.polled((0, 0), counters, Duration::ZERO, epoch);
         poll(&mut m, 0.0);
         for (i, host) in ["198.18.1.2", "198.18.1.3", "198.18.1.4"]
             .into_iter()

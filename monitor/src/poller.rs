@@ -5,7 +5,7 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Map, MapData, PerCpuArray};
 use monitor_common::{
     flow::{DirStats, FlowKey, FlowValue},
     stats,
@@ -62,13 +62,23 @@ pub enum PollError {
     Take(#[source] io::Error),
     #[error("counting possible CPUs: {0}")]
     Cpus(#[source] io::Error),
+    #[error("reading the flow map: BPF_MAP_LOOKUP_BATCH: {0}")]
+    Batch(#[source] io::Error),
 }
 
 pub struct Poller {
     flows: Map,
     stats: Map,
     nr_cpus: usize,
+    /// Reused by every snapshot: entries per batch read, and their per-CPU values.
+    keys: Vec<FlowKey>,
+    values: Vec<FlowValue>,
 }
+
+/// Entries one `BPF_MAP_LOOKUP_BATCH` asks for; doubled if a hash bucket holds more. The
+/// kernel allocates a buffer of this many keys and values per call: 256 keep it small
+/// (larger batches measured no faster).
+const BATCH: usize = 256;
 
 impl Poller {
     pub fn new(flows: Map, stats: Map) -> Result<Self, PollError> {
@@ -79,22 +89,52 @@ impl Poller {
             flows,
             stats,
             nr_cpus,
+            keys: Vec::new(),
+            values: Vec::new(),
         })
     }
 
-    /// Every connection in the map now.
-    pub fn snapshot(&self) -> Result<Vec<FlowSnapshot>, PollError> {
-        let map = PerCpuHashMap::<&MapData, FlowKey, FlowValue>::try_from(&self.flows)?;
-        let mut snaps = Vec::new();
-        for entry in map.iter() {
-            match entry {
-                Ok((key, values)) => snaps.push(FlowSnapshot::merge(key, &values)),
-                // Deleted between listing its key and reading it: it was taken.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(err.into()),
+    /// Hands every connection in the map now to `each`, read a few thousand entries per
+    /// system call (`BPF_MAP_LOOKUP_BATCH`, which aya 0.16 does not expose).
+    pub fn snapshot(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<(), PollError> {
+        let Map::PerCpuHashMap(data) = &self.flows else {
+            unreachable!("FLOWS is a per-CPU hash map");
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let mut size = BATCH;
+        // The kernel's position in the map between calls: a bucket index for hash maps.
+        let (mut position, mut next) = (None, 0u64);
+        loop {
+            self.keys.resize(size, FlowKey::default());
+            self.values
+                .resize(size * self.nr_cpus, FlowValue::default());
+            let read = lookup_batch(
+                fd,
+                position.as_ref(),
+                &mut next,
+                &mut self.keys,
+                &mut self.values,
+            );
+            let (count, done) = match read {
+                Ok(read) => read,
+                // A bucket holds more entries than asked for: ask for more.
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    size *= 2;
+                    continue;
+                }
+                Err(err) => return Err(PollError::Batch(err)),
+            };
+            position = Some(next);
+            for (key, values) in self.keys[..count]
+                .iter()
+                .zip(self.values.chunks_exact(self.nr_cpus))
+            {
+                each(FlowSnapshot::merge(*key, values));
+            }
+            if done {
+                return Ok(());
             }
         }
-        Ok(snaps)
     }
 
     /// Removes a connection from the map and returns its final counts, read and deleted
@@ -123,6 +163,60 @@ impl Poller {
 // The kernel copies per-CPU values at an 8-byte stride; FlowValue's size makes the
 // stride equal to the struct, so a plain slice receives them.
 const _: () = assert!(size_of::<FlowValue>().is_multiple_of(8));
+
+/// BPF_MAP_LOOKUP_BATCH (kernel >= 5.6): up to `keys.len()` entries after position
+/// `from` (the start when `None`); the position after them goes to `to`. Returns how many
+/// were read and whether the map is done.
+fn lookup_batch(
+    map_fd: i32,
+    from: Option<&u64>,
+    to: &mut u64,
+    keys: &mut [FlowKey],
+    values: &mut [FlowValue],
+) -> io::Result<(usize, bool)> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut attr = BatchAttr {
+        in_batch: from.map_or(0, |p| std::ptr::from_ref(p) as u64),
+        out_batch: std::ptr::from_mut(to) as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map_fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `keys` has room for `count` keys and `values` for `count` x possible-CPUs
+    // values (the per-CPU layout); the batch positions are 8 bytes, more than the 4 a
+    // hash map's bucket index takes.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &raw mut attr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok((attr.count as usize, false));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // The end: what this call read is still in the buffers.
+        Some(libc::ENOENT) => Ok((attr.count as usize, true)),
+        _ => Err(err),
+    }
+}
 
 /// BPF_MAP_LOOKUP_AND_DELETE_ELEM (kernel >= 5.14 for hash maps), which aya 0.16 exposes
 /// only for queues and stacks. Returns whether the key was there.

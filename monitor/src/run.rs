@@ -75,9 +75,10 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
-        for snap in self.poller.snapshot()? {
-            self.table.observe(snap);
-        }
+        self.table.begin_poll();
+        let table = &mut self.table;
+        self.poller.snapshot(|snap| table.observe(snap))?;
+        self.table.end_observing();
         let mut alerts = Vec::new();
         for conn in self.table.iter() {
             let ctx = ConnCtx::new(conn, &self.clock, &self.local);
@@ -108,8 +109,9 @@ impl Pipeline {
                 .map(|key| (key, Some(EndReason::LackOfResources))),
         );
         for (key, reason) in done {
-            if let Some(last) = self.poller.take(&key)? {
-                self.table.observe(last);
+            match self.poller.take(&key)? {
+                Some(last) => self.table.observe(last),
+                None => self.table.settle(&key),
             }
             if let Some(conn) = self.table.remove(&key) {
                 // Closed by the endpoints, else idle, unless the map's pressure ended it.
@@ -132,7 +134,7 @@ impl Pipeline {
             .poll(
                 now,
                 |ns| clock.epoch_secs(ns),
-                |key| table.get(key).map(|c| c.uid.clone()),
+                |key| table.get(key).map(|c| c.uid.to_string()),
                 &mut alerts,
             )
             .context("writing --dns-log")?;
@@ -153,8 +155,12 @@ impl Pipeline {
                 (r + s.records, m + s.messages, e + s.errors)
             });
         self.metrics.ipfix(records, messages, errors);
-        self.metrics
-            .polled(self.table.len(), counters, started.elapsed(), now.epoch);
+        self.metrics.polled(
+            (self.table.len(), self.table.added()),
+            counters,
+            started.elapsed(),
+            now.epoch,
+        );
         self.top.update(&self.table, &self.local, now);
         self.save_state();
         Ok(())
@@ -163,6 +169,7 @@ impl Pipeline {
     fn save_state(&mut self) {
         let Some(dir) = &mut self.state else { return };
         let mut saved = Saved::new(self.table.uids().seed());
+        saved.conns = self.table.accounted();
         for rule in &self.rules {
             rule.save(&mut saved.rules);
         }
@@ -175,6 +182,9 @@ impl Pipeline {
     /// Takes back an earlier run's rule state; per-connection state only when that run's
     /// connections are still in the (pinned) map.
     fn restore(&mut self, saved: Saved, conns_resumed: bool) {
+        if conns_resumed {
+            self.table.resume(saved.conns);
+        }
         for rule in &mut self.rules {
             rule.restore(&saved.rules, conns_resumed);
         }
@@ -199,9 +209,10 @@ impl Pipeline {
     /// its record, and the sinks get what they can take in a bounded time.
     fn shutdown(mut self) -> anyhow::Result<()> {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
-        for snap in self.poller.snapshot()? {
-            self.table.observe(snap);
-        }
+        self.table.begin_poll();
+        let table = &mut self.table;
+        self.poller.snapshot(|snap| table.observe(snap))?;
+        self.table.end_observing();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log()?;
         let open: Vec<Conn> = self.table.drain().collect();
@@ -269,7 +280,6 @@ impl Pipeline {
             rule.on_finish(&ctx, now, alerts);
         }
         self.metrics.observe(conn, &self.local);
-        self.metrics.finished(conn);
         if let Some(log) = &mut self.conn_log {
             let mut record = ctx.record();
             let (local, remote) = record.fields.local_remote();
@@ -314,7 +324,7 @@ impl Pipeline {
         self.dns
             .shutdown(
                 |ns| clock.epoch_secs(ns),
-                |key| table.get(key).map(|c| c.uid.clone()),
+                |key| table.get(key).map(|c| c.uid.to_string()),
             )
             .context("writing --dns-log")
     }

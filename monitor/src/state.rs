@@ -15,6 +15,8 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::conntable::{Totals, Uid};
+
 const FILE: &str = "state.json";
 const VERSION: u32 = 1;
 
@@ -27,6 +29,9 @@ pub struct Saved {
     /// Connection uids are derived from it: a restarted agent names a connection as the
     /// last one did.
     pub uid_seed: [u64; 2],
+    /// Each open connection's totals as of the last poll: what the rules and metrics have
+    /// already accounted for.
+    pub conns: Vec<(Uid, [Totals; 2])>,
     /// Each stateful rule's own, under its name.
     pub rules: Map<String, Value>,
     pub suppressor: Value,
@@ -124,6 +129,7 @@ impl Saved {
             version: VERSION,
             boot_id: boot_id(),
             uid_seed,
+            conns: Vec::new(),
             rules: Map::new(),
             suppressor: Value::Null,
         }

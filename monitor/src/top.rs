@@ -6,7 +6,6 @@
 
 use std::{
     cmp::Ordering,
-    collections::HashMap,
     fmt::Write as _,
     io::{self, Write as _},
     net::SocketAddr,
@@ -15,7 +14,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use monitor_common::flow::FlowKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -63,10 +61,6 @@ pub struct Row {
 
 /// The agent's side: ranks connections after each poll and publishes the top rows.
 pub struct Tracker {
-    /// Payload bytes of each key direction at the last poll, and that poll's number (to
-    /// forget connections that left the table).
-    last: HashMap<FlowKey, ([u64; 2], u64)>,
-    polls: u64,
     last_ns: u64,
     tx: watch::Sender<View>,
 }
@@ -96,8 +90,6 @@ impl Tracker {
     /// run from there (so they are low if the programs attached well after it).
     pub fn new(start_ns: u64) -> Self {
         Self {
-            last: HashMap::new(),
-            polls: 0,
             last_ns: start_ns,
             tx: watch::Sender::new(View::default()),
         }
@@ -109,7 +101,6 @@ impl Tracker {
 
     /// Ranks the table's connections as of `now` and publishes the busiest.
     pub fn update(&mut self, table: &ConnTable, local: &LocalNets, now: Now) {
-        self.polls += 1;
         let secs = Duration::from_nanos(now.mono_ns.saturating_sub(self.last_ns)).as_secs_f64();
         // Bounded: whenever it fills, only the busiest MAX_ROWS stay.
         let mut busiest: Vec<Candidate> = Vec::with_capacity(2 * MAX_ROWS);
@@ -124,11 +115,9 @@ impl Tracker {
                     (orig, resp, orig_dir)
                 };
             let now_bytes = conn.snap.dir.map(|d| d.bytes);
-            let entry = self.last.entry(conn.snap.key).or_insert(([0; 2], 0));
-            let before = std::mem::replace(entry, (now_bytes, self.polls)).0;
             let rate = |dir: usize| {
                 if secs > 0.0 {
-                    now_bytes[dir].saturating_sub(before[dir]) as f64 / secs
+                    conn.delta(dir).bytes as f64 / secs
                 } else {
                     0.0
                 }
@@ -145,12 +134,11 @@ impl Tracker {
             }
         }
         keep_busiest(&mut busiest);
-        self.last.retain(|_, (_, seen)| *seen == self.polls);
         self.last_ns = now.mono_ns;
         let connections = busiest
             .iter()
             .map(|c| Row {
-                uid: c.conn.uid.clone(),
+                uid: c.conn.uid.to_string(),
                 proto: proto_name(c.conn.snap.key.proto).to_owned(),
                 local: SocketAddr::new(c.local.addr, c.local.port),
                 remote: SocketAddr::new(c.remote.addr, c.remote.port),
@@ -392,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn keeps_only_the_busiest_and_forgets_finished() {
+    fn keeps_only_the_busiest() {
         let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         let specs: Vec<ConnSpec> = (0..3 * MAX_ROWS as u16)
             .map(|i| ConnSpec {
@@ -410,12 +398,6 @@ mod tests {
         let expected: Vec<u16> = (0..MAX_ROWS as u16).map(|i| 10_299 - i).collect();
         let got: Vec<u16> = view.connections.iter().map(|r| r.local.port()).collect();
         assert_eq!(got, expected);
-
-        let gone = specs[5].conn().snap.key;
-        table.remove(&gone);
-        tracker.update(&table, &local(), at(2.0));
-        assert!(!tracker.last.contains_key(&gone));
-        assert_eq!(tracker.last.len(), 3 * MAX_ROWS - 1);
     }
 
     #[test]

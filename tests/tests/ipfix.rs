@@ -38,8 +38,8 @@ fn key_bytes(ip: IpAddr) -> [u8; 16] {
 /// A connection from `orig` to `resp`; `dir[0]` is the originator's direction.
 fn conn(proto: u8, orig: (&str, u16), resp: (&str, u16), uid: &str) -> Conn {
     let (a, b): (IpAddr, IpAddr) = (orig.0.parse().unwrap(), resp.0.parse().unwrap());
-    Conn {
-        snap: FlowSnapshot {
+    Conn::new(
+        FlowSnapshot {
             key: FlowKey {
                 addr_a: key_bytes(a),
                 addr_b: key_bytes(b),
@@ -52,8 +52,8 @@ fn conn(proto: u8, orig: (&str, u16), resp: (&str, u16), uid: &str) -> Conn {
             dir: [DirStats::default(); 2],
             ifindex: 1,
         },
-        uid: uid.into(),
-    }
+        uid.parse().expect("a uid"),
+    )
 }
 
 /// Adds `pkts` packets of `ip_bytes` in total to direction `d` at kernel time `at_ns`.

@@ -848,8 +848,8 @@ mod tests {
             }
             IpAddr::V6(v6) => v6.octets(),
         };
-        Conn {
-            snap: FlowSnapshot {
+        Conn::new(
+            FlowSnapshot {
                 key: FlowKey {
                     addr_a: bytes(a),
                     addr_b: bytes(b),
@@ -862,8 +862,8 @@ mod tests {
                 dir: dirs,
                 ifindex: 3,
             },
-            uid: "Ctest".into(),
-        }
+            "Ctest".parse().unwrap(),
+        )
     }
 
     /// An exporter sending to a local UDP socket, returned to read the messages.

@@ -68,7 +68,7 @@ impl ConnRecord {
         let (o, r) = (conn.orig(), conn.resp());
         let (first, last) = (conn.first_ns(), conn.last_ns());
         let fields = ConnFields {
-            uid: conn.uid.clone(),
+            uid: conn.uid.to_string(),
             orig_h: orig.addr,
             orig_p: orig.port,
             resp_h: resp.addr,

@@ -5,13 +5,16 @@
 use std::collections::{BTreeSet, HashSet};
 
 use super::{ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved};
-use crate::alerts::{Alert, Note};
+use crate::{
+    alerts::{Alert, Note},
+    conntable::Uid,
+};
 
 pub struct LargeUpload {
     threshold: u64,
     min_pkts: u64,
     /// Open connections already alerted.
-    alerted: HashSet<String>,
+    alerted: HashSet<Uid>,
 }
 
 impl LargeUpload {
@@ -30,11 +33,11 @@ impl LargeUpload {
         let sent = conn.sent(side);
         if sent.bytes <= self.threshold
             || sent.pkts < self.min_pkts
-            || self.alerted.contains(conn.uid())
+            || self.alerted.contains(&conn.uid())
         {
             return;
         }
-        self.alerted.insert(conn.uid().to_owned());
+        self.alerted.insert(conn.uid());
         let open = !finished && !conn.conn.closed();
         let (local, remote) = conn.local_remote(side);
         let role = if side == super::LocalSide::Orig {
@@ -71,7 +74,7 @@ impl Rule for LargeUpload {
     /// A connection may cross and finish between two polls: check its final totals too.
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         self.check(conn, now, true, out);
-        self.alerted.remove(conn.uid());
+        self.alerted.remove(&conn.uid());
     }
 
     fn save(&self, state: &mut Saved) {

@@ -10,13 +10,16 @@ use std::{
 use ipnet::IpNet;
 
 use super::{ConnCtx, Now, Rule, Saved, save_as, saved};
-use crate::alerts::{Alert, Note};
+use crate::{
+    alerts::{Alert, Note},
+    conntable::Uid,
+};
 
 pub struct LongConnection {
     durations: Vec<Duration>,
     ignore: Vec<IpNet>,
     /// Crossings reported so far per open connection.
-    crossed: HashMap<String, usize>,
+    crossed: HashMap<Uid, usize>,
 }
 
 impl LongConnection {
@@ -50,7 +53,7 @@ impl Rule for LongConnection {
             return;
         }
         let age = conn.age(now);
-        let done = self.crossed.get(conn.uid()).copied().unwrap_or(0);
+        let done = self.crossed.get(&conn.uid()).copied().unwrap_or(0);
         let mut next = done;
         while age >= self.threshold(next) {
             next += 1;
@@ -59,7 +62,7 @@ impl Rule for LongConnection {
             return;
         }
         // Several crossings at once (the agent started late): one alert, the largest.
-        self.crossed.insert(conn.uid().to_owned(), next);
+        self.crossed.insert(conn.uid(), next);
         let threshold = self.threshold(next - 1);
         let msg = format!(
             "connection from {} to {} {} has been open {} (over {})",
@@ -88,7 +91,7 @@ impl Rule for LongConnection {
     }
 
     fn on_finish(&mut self, conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {
-        self.crossed.remove(conn.uid());
+        self.crossed.remove(&conn.uid());
     }
 
     fn save(&self, state: &mut Saved) {

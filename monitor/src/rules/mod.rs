@@ -15,7 +15,7 @@ use crate::{
     alerts::{Alert, Note},
     cli::RuleArgs,
     clock::Clock,
-    conntable::{Conn, Endpoint, LocalNets},
+    conntable::{Conn, Endpoint, LocalNets, Totals, Uid},
     logs::conn::ConnRecord,
 };
 pub use allowlist::{AddrMatcher, Names};
@@ -121,8 +121,17 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
-    pub fn uid(&self) -> &str {
-        &self.conn.uid
+    pub fn uid(&self) -> Uid {
+        self.conn.uid
+    }
+
+    /// What `side` sent since the connection's observation before the latest.
+    pub fn sent_since_last(&self, side: LocalSide) -> Totals {
+        let orig = self.conn.orig_dir();
+        self.conn.delta(match side {
+            LocalSide::Orig => orig,
+            LocalSide::Resp => 1 - orig,
+        })
     }
 
     pub fn proto(&self) -> u8 {
@@ -344,14 +353,14 @@ pub(crate) mod testkit {
                 family,
                 _pad: [0; 2],
             };
-            Conn {
-                snap: FlowSnapshot {
+            Conn::new(
+                FlowSnapshot {
                     key,
                     dir: [dir(self.orig_bytes, true), dir(self.resp_bytes, false)],
                     ifindex: 1,
                 },
-                uid: self.uid.into(),
-            }
+                self.uid.parse().expect("a uid: C and base-62 digits"),
+            )
         }
     }
 

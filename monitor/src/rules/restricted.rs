@@ -11,7 +11,7 @@ use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, human_bytes, save_a
 use crate::{
     alerts::{Alert, Note},
     cli::Service,
-    conntable::LocalNets,
+    conntable::{LocalNets, Uid},
 };
 
 pub struct RestrictedOutbound {
@@ -19,7 +19,7 @@ pub struct RestrictedOutbound {
     local: LocalNets,
     allow: Allowlist,
     /// Open connections from restricted hosts already judged.
-    judged: HashSet<String>,
+    judged: HashSet<Uid>,
 }
 
 impl RestrictedOutbound {
@@ -39,7 +39,7 @@ impl Rule for RestrictedOutbound {
         let Some(net) = self.restricted.iter().find(|n| n.contains(&src)) else {
             return;
         };
-        if !self.judged.insert(conn.uid().to_owned()) {
+        if !self.judged.insert(conn.uid()) {
             return;
         }
         let service = Service {
@@ -65,7 +65,7 @@ impl Rule for RestrictedOutbound {
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         // A connection that opened and finished between two polls is judged now.
         self.on_update(conn, now, out);
-        self.judged.remove(conn.uid());
+        self.judged.remove(&conn.uid());
     }
 
     fn save(&self, state: &mut Saved) {
@@ -252,8 +252,8 @@ mod tests {
             assert!(update(&mut r, &conn, at(1.0)).is_empty(), "{uid}");
         }
         for (addr, uid) in [
-            ("203.0.113.13", "Cnot_under"),
-            ("203.0.113.14", "Cnot_own"),
+            ("203.0.113.13", "CnotUnder"),
+            ("203.0.113.14", "CnotOwn"),
             ("203.0.113.99", "Cunresolved"),
         ] {
             let conn = from_restricted((addr, 443), 6, uid).conn();

@@ -12,6 +12,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, PerCpuHashMap, PerCpuValues};
+use monitor::poller::Poller;
 use monitor_common::{
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
     names,
@@ -30,6 +31,8 @@ const METRICS: &str = "127.0.0.1:9877";
 pub struct Row {
     pub entries: u32,
     pub poll_ms: f64,
+    /// The agent's map reader alone (the benchmark runs it on the same map): the floor.
+    pub read_ms: f64,
     pub cpu_per_sec: f64,
     pub bytes_per_conn: f64,
 }
@@ -38,9 +41,30 @@ pub struct Row {
 struct Pins(PathBuf);
 
 impl Pins {
-    fn flows(&self) -> PathBuf {
-        self.0.join("maps").join(names::FLOW_MAP)
+    fn map(&self, name: &str) -> PathBuf {
+        self.0.join("maps").join(name)
     }
+
+    fn flows(&self) -> PathBuf {
+        self.map(names::FLOW_MAP)
+    }
+}
+
+/// Reads the pinned flow map as the agent's poller does, `times` times; the median ms.
+fn read_alone(pins: &Pins, times: u32) -> f64 {
+    let flows = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
+    let stats = MapData::from_pin(pins.map(names::STATS_MAP)).expect("open the stats map");
+    let mut poller = Poller::new(Map::PerCpuHashMap(flows), Map::PerCpuArray(stats))
+        .expect("the agent's poller on the pinned maps");
+    median((0..times).map(|_| {
+        let started = Instant::now();
+        let mut entries = 0u64;
+        poller
+            .snapshot(|_| entries += 1)
+            .expect("read the flow map");
+        assert!(entries > 0, "the pinned map is empty");
+        started.elapsed().as_secs_f64() * 1000.0
+    }))
 }
 
 impl Drop for Pins {
@@ -124,18 +148,21 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     let mut rows = Vec::new();
     for &entries in sizes {
         let mut poll_ms = Vec::new();
+        let mut read_ms = Vec::new();
         let mut cpu = Vec::new();
         let mut per_conn = Vec::new();
         for run in 0..plan.runs {
             eprintln!("bench: poll with {entries} connections, run {}", run + 1);
-            let (ms, c, b) = one_run(entries, window);
+            let (ms, read, c, b) = one_run(entries, window);
             poll_ms.push(ms);
+            read_ms.push(read);
             cpu.push(c);
             per_conn.push(b);
         }
         rows.push(Row {
             entries,
             poll_ms: median(poll_ms),
+            read_ms: median(read_ms),
             cpu_per_sec: median(cpu),
             bytes_per_conn: median(per_conn),
         });
@@ -143,7 +170,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     rows
 }
 
-fn one_run(entries: u32, window: Duration) -> (f64, f64, f64) {
+fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     let lab = Lab::new();
     let dir = PathBuf::from(format!(
         "/sys/fs/bpf/monitor-bench-poll-{}",
@@ -192,9 +219,16 @@ fn one_run(entries: u32, window: Duration) -> (f64, f64, f64) {
     let wall = started.elapsed().as_secs_f64();
     let rss = rss_bytes(pid);
     agent.stop();
+    // The agent is gone, its maps stay pinned: the reader alone, on the same entries.
+    let read_ms = read_alone(&pins, 3);
     let delta = |name: &str| metric(&after, name) - metric(&before, name);
     let polls = delta("egress_monitor_poll_duration_seconds_count");
     assert!(polls > 0.0, "no poll in the window");
     let poll_ms = delta("egress_monitor_poll_duration_seconds_sum") / polls * 1000.0;
-    (poll_ms, cpu / wall, (rss - empty_rss) / f64::from(entries))
+    (
+        poll_ms,
+        read_ms,
+        cpu / wall,
+        (rss - empty_rss) / f64::from(entries),
+    )
 }
