@@ -1,13 +1,15 @@
 //! IPFIX export into a real collector: nfdump's `nfcapd` (Debian package `nfdump`) on
 //! loopback receives the exporter's messages; `nfdump` reads back what it stored, and every
 //! flow's addresses, ports, protocol, packets and bytes must be what was sent, with the
-//! exports of each connection summing exactly to its totals.
+//! exports of each connection summing exactly to its totals. Over TCP, a collector that is
+//! down at start and one restarted mid-run get the templates first and every record.
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    io::{ErrorKind, Read},
+    net::{IpAddr, TcpListener, TcpStream},
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use monitor::{
@@ -20,6 +22,7 @@ use monitor_common::{
     flow::{DirStats, FlowKey, tcp_flags},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
+use netflow_parser::{NetflowPacket, NetflowParser, variable_versions::ipfix::FlowSetBody};
 use tests::nfdump::{Nfcapd, read_flows};
 
 const SECOND: u64 = 1_000_000_000;
@@ -217,4 +220,164 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
         upload_out, 5,
         "the upload's originator direction: 4 active-timeout + final"
     );
+}
+
+/// A collector on TCP that reads whole IPFIX messages.
+struct TcpCollector {
+    listener: TcpListener,
+}
+
+impl TcpCollector {
+    fn bind(port: u16) -> TcpCollector {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("binding 127.0.0.1:{port}: {e}"));
+        TcpCollector { listener }
+    }
+
+    /// The exporter's next connection, within 15 s (its backoff is at most 10 s).
+    fn accept(&self) -> TcpStream {
+        self.listener.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    return stream;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("no connection from the exporter: {e}"),
+            }
+        }
+    }
+}
+
+/// Reads messages from `stream` until `records` data records have arrived; each message is
+/// decoded by netflow_parser with `parser`: (sequence number, templates, data records).
+fn read_messages(
+    stream: &mut TcpStream,
+    parser: &mut NetflowParser,
+    records: usize,
+) -> Vec<(u32, usize, usize)> {
+    let mut out = Vec::new();
+    let mut seen = 0;
+    while seen < records {
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).expect("message header");
+        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+        let mut bytes = header.to_vec();
+        bytes.resize(len, 0);
+        stream.read_exact(&mut bytes[16..]).expect("message body");
+        let result = parser.parse_bytes(&bytes);
+        assert!(result.error.is_none(), "decoding: {:?}", result.error);
+        let Some(NetflowPacket::IPFix(ipfix)) = result.packets.into_iter().next() else {
+            panic!("not IPFIX");
+        };
+        let (mut templates, mut data) = (0, 0);
+        for set in ipfix.flowsets {
+            match set.body {
+                FlowSetBody::Templates(t) => templates += t.len(),
+                FlowSetBody::Template(_) => templates += 1,
+                FlowSetBody::Data(d) => data += d.fields.len(),
+                other => panic!("a set decoded as {other:?}: its template was not sent first"),
+            }
+        }
+        seen += data;
+        out.push((ipfix.header.sequence_number, templates, data));
+    }
+    out
+}
+
+#[test]
+fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
+    // A port that nobody listens on yet: the collector is down at start.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let clock = Clock::with_offset_ns(0);
+    let mut config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        clock,
+    );
+    // Over TCP the templates are not refreshed on a timer, however short it is.
+    config.template_refresh = Duration::from_millis(1);
+    let started = Instant::now();
+    let mut exporter = IpfixExporter::new(config).expect("exporter with its collector down");
+    let udp = |n: u16| {
+        let mut c = conn(
+            IPPROTO_UDP,
+            ("198.18.0.2", 10_000 + n),
+            ("203.0.113.9", 53),
+            "Cudp",
+        );
+        add(&mut c, 0, 3, 300 + u64::from(n), SECOND, 0);
+        add(&mut c, 1, 2, 200, SECOND, 0);
+        c
+    };
+    // Two records per connection; the first batch while the collector is down.
+    for n in 0..10 {
+        exporter.finish(&udp(n), EndReason::Idle, 2 * SECOND);
+        exporter.flush();
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a collector that is down delays nothing: {:?}",
+        started.elapsed()
+    );
+
+    let first = TcpCollector::bind(port);
+    let mut stream = first.accept();
+    let mut parser = NetflowParser::default();
+    let got = read_messages(&mut stream, &mut parser, 20);
+    assert_eq!(
+        got[0],
+        (0, 2, 0),
+        "the connection starts with the two templates alone"
+    );
+    assert!(
+        got[1..].iter().all(|m| m.1 == 0),
+        "no template refresh on TCP: {got:?}"
+    );
+    let mut seq = 0;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.0, seq, "message {i}: sequence number of the stream");
+        seq += m.2 as u32;
+    }
+
+    // The collector restarts: its connection and listener go away, records keep coming.
+    drop(stream);
+    drop(first);
+    thread::sleep(Duration::from_millis(200));
+    for n in 10..25 {
+        exporter.finish(&udp(n), EndReason::Idle, 3 * SECOND);
+        exporter.flush();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let second = TcpCollector::bind(port);
+    let mut stream = second.accept();
+    let mut parser = NetflowParser::default();
+    let got = read_messages(&mut stream, &mut parser, 30);
+    assert_eq!(
+        got[0],
+        (0, 2, 0),
+        "templates first on the new connection: {got:?}"
+    );
+    let mut seq = 0;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.0, seq, "message {i} on the new connection");
+        seq += m.2 as u32;
+    }
+    assert_eq!(seq, 30, "every record after the restart, none twice");
+    let stats = exporter.shutdown();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.records, 50, "{stats:?}");
+    // 25 data messages and one templates message per connection.
+    assert_eq!(stats.messages, 27, "{stats:?}");
 }

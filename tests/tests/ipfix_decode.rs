@@ -224,7 +224,7 @@ fn sorted(mut records: Vec<Record>) -> Vec<Record> {
 #[test]
 fn templates_decode_with_their_reduced_sizes() {
     for biflow in [false, true] {
-        let mut encoder = Encoder::new(9, biflow, Duration::from_secs(60));
+        let mut encoder = Encoder::new(9, biflow, Some(Duration::from_secs(60)));
         let messages = encoder.encode(&[], NOW_MS);
         assert_eq!(messages.len(), 1, "templates alone at start");
         let mut parser = NetflowParser::default();
@@ -280,7 +280,7 @@ fn templates_decode_with_their_reduced_sizes() {
 
 #[test]
 fn records_decode_to_what_was_encoded() {
-    let mut encoder = Encoder::new(1, false, Duration::from_secs(60));
+    let mut encoder = Encoder::new(1, false, Some(Duration::from_secs(60)));
     let sent = records(15);
     let messages = encoder.encode(&sent, NOW_MS);
     assert_eq!(
@@ -306,7 +306,7 @@ fn records_decode_to_what_was_encoded() {
 
 #[test]
 fn biflow_records_decode_with_reverse_elements() {
-    let mut encoder = Encoder::new(1, true, Duration::from_secs(60));
+    let mut encoder = Encoder::new(1, true, Some(Duration::from_secs(60)));
     let sent: Vec<Record> = records(9)
         .into_iter()
         .enumerate()
@@ -355,7 +355,7 @@ fn biflow_records_decode_with_reverse_elements() {
 
 #[test]
 fn split_messages_decode_with_sequence_numbers() {
-    let mut encoder = Encoder::new(3, false, Duration::from_secs(60));
+    let mut encoder = Encoder::new(3, false, Some(Duration::from_secs(60)));
     let sent = records(200);
     let mut messages = encoder.encode(&sent, NOW_MS);
     assert!(messages.len() >= 10, "200 records need many messages");
