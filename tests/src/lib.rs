@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod fleet;
 pub mod http;
 pub mod lab;
 pub mod netlink;
@@ -9,6 +10,7 @@ pub mod nfdump;
 pub mod packet;
 pub mod pcap;
 pub mod pmacct;
+pub mod postgres;
 pub mod replay;
 pub mod rules_lab;
 pub mod traffic;

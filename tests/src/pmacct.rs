@@ -1,7 +1,8 @@
 //! pmacct's `nfacctd` (Debian package `pmacct`) as a real IPFIX collector for tests. It
 //! listens on UDP only (Debian's 1.7.7 has no IPFIX-over-TCP listener) and writes what it
-//! aggregated to a CSV file (print plugin) or to PostgreSQL (pgsql plugin). SIGINT makes
-//! it flush its caches and exit; it ignores SIGTERM.
+//! aggregated to a CSV file (print plugin), or does what a configuration file says (the
+//! fleet's: PostgreSQL through the pgsql plugin). SIGINT makes it flush its caches and
+//! exit; it ignores SIGTERM.
 
 use std::{
     fs,
@@ -14,15 +15,16 @@ use std::{
 
 use crate::lab;
 
-/// The primitives every test aggregates by.
-const AGGREGATE: &str = "src_host, dst_host, src_port, dst_port, proto";
-
-/// Where nfacctd writes.
+/// What nfacctd does with the flows.
 pub enum Output {
-    /// A CSV file in its own directory (the print plugin).
+    /// Writes them to a CSV file in its own directory (the print plugin).
     Csv,
-    /// PostgreSQL through the pgsql plugin: `sql_*` settings, one per line.
-    Sql(String),
+    /// Runs the configuration file `config` (e.g. the one in `deploy/fleet/`) with the
+    /// values of the keys in `set` replaced; each key must be in the file.
+    Config {
+        config: PathBuf,
+        set: Vec<(&'static str, String)>,
+    },
 }
 
 /// `nfacctd` listening on `IP:port` inside a namespace, with its configuration and output
@@ -39,10 +41,19 @@ impl Nfacctd {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
         let csv = dir.join("flows.csv");
-        let plugin = match &output {
+        let listen = [
+            ("daemonize", "false".to_string()),
+            ("nfacctd_ip", ip.to_string()),
+            ("nfacctd_port", port.to_string()),
+        ];
+        let text = match output {
             Output::Csv => format!(
-                "plugins: print[flows]\n\
-                 aggregate[flows]: {AGGREGATE}\n\
+                "daemonize: false\n\
+                 nfacctd_ip: {ip}\n\
+                 nfacctd_port: {port}\n\
+                 nfacctd_time_new: true\n\
+                 plugins: print[flows]\n\
+                 aggregate[flows]: src_host, dst_host, src_port, dst_port, proto\n\
                  print_output[flows]: csv\n\
                  print_num_protos[flows]: true\n\
                  print_output_file[flows]: {}\n\
@@ -50,26 +61,14 @@ impl Nfacctd {
                  print_refresh_time[flows]: 3600\n",
                 csv.display()
             ),
-            Output::Sql(settings) => format!(
-                "plugins: pgsql[flows]\n\
-                 aggregate[flows]: {AGGREGATE}\n\
-                 sql_num_protos[flows]: true\n\
-                 sql_refresh_time[flows]: 3600\n\
-                 {settings}\n"
-            ),
+            Output::Config { config, set } => {
+                let text = fs::read_to_string(&config)
+                    .unwrap_or_else(|e| panic!("reading {config:?}: {e}"));
+                set_keys(&text, listen.iter().cloned().chain(set))
+            }
         };
         let config = dir.join("nfacctd.conf");
-        fs::write(
-            &config,
-            format!(
-                "daemonize: false\n\
-                 nfacctd_ip: {ip}\n\
-                 nfacctd_port: {port}\n\
-                 nfacctd_time_new: true\n\
-                 {plugin}"
-            ),
-        )
-        .unwrap_or_else(|e| panic!("writing {config:?}: {e}"));
+        fs::write(&config, text).unwrap_or_else(|e| panic!("writing {config:?}: {e}"));
         let log = fs::File::create(dir.join("nfacctd.log")).expect("nfacctd log");
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "nfacctd", "-f"])
@@ -147,6 +146,19 @@ impl Drop for Nfacctd {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `text` (pmacct's `key: value` lines) with the values of `set` replaced.
+fn set_keys(text: &str, set: impl IntoIterator<Item = (&'static str, String)>) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for (key, value) in set {
+        let line = lines
+            .iter_mut()
+            .find(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == key))
+            .unwrap_or_else(|| panic!("no {key} in the configuration:\n{text}"));
+        *line = format!("{key}: {value}");
+    }
+    lines.join("\n") + "\n"
 }
 
 /// One aggregate as nfacctd wrote it.
