@@ -129,3 +129,113 @@ fn exports_sum_to_the_conn_log_records() {
         "the upload, the download and the UDP exchange: {checked}"
     );
 }
+
+/// With `--ipfix-biflow`, one RFC 5103 record per export: nfdump reads its reverse
+/// counters (enterprise 29305) as "out" packets and bytes. Each connection's forward sums
+/// equal its originator's conn-log counts, the reverse sums its responder's, and all of
+/// them together the WAN link's counters.
+#[test]
+fn biflow_exports_sum_to_the_conn_log_and_the_wire() {
+    let lab = Lab::new();
+    let mut nfcapd = Nfcapd::start_in(Some(&lab.gw), IPFIX_PORT);
+    let collector = format!("udp://127.0.0.1:{IPFIX_PORT}");
+    let agent = Agent::start(
+        &lab.gw,
+        &lab.gw_wan_if,
+        &[
+            "--local-net",
+            lab::LOCAL_NET_V4,
+            "--poll-interval",
+            "200ms",
+            "--ipfix-collector",
+            &collector,
+            "--ipfix-biflow",
+            "--flow-active-timeout",
+            "1s",
+        ],
+    );
+    lab.wait_quiet();
+    let (up_l2, down_l2) = (
+        lab.tx_l2_bytes(&lab.gw, &lab.gw_wan_if),
+        lab.tx_l2_bytes(&lab.wan, &lab.wan_if),
+    );
+    lab.wait_quiet();
+    let before = lab.wan_counters();
+    let upload_port = paced_upload(&lab, (lab::WAN_HOST_V4, 5411).into());
+    traffic::tcp_download(
+        &lab.lan,
+        &lab.wan,
+        (lab::WAN_HOST_V4, 5412).into(),
+        1_000_000,
+    );
+    traffic::udp_exchange(&lab.lan, &lab.wan, (lab::WAN_HOST_V4, 5413).into(), 20, 800);
+    let ping = traffic::ping(&lab.lan, lab::WAN_HOST_V4.into(), 5, 100);
+    assert_eq!(ping.received, 5);
+    lab.wait_quiet();
+    let delta = lab.wan_counters().since(before);
+    let records = agent.stop();
+    thread::sleep(Duration::from_millis(500));
+    let files = nfcapd.stop();
+    assert!(!files.is_empty(), "nfcapd wrote no file");
+    let flows = read_flows(&files);
+
+    for r in &records {
+        let proto = match r.str("proto") {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" => 1,
+            other => panic!("unexpected {other} record: {r}"),
+        };
+        let (orig_h, orig_p) = r.orig();
+        let (resp_h, resp_p) = r.resp();
+        let ends = |f: &&tests::nfdump::Flow, a: IpAddr, ap: u16, b: IpAddr, bp: u16| {
+            f.proto == proto
+                && (f.src, f.dst) == (a, b)
+                && (proto == 1 || (f.src_port, f.dst_port) == (ap, bp))
+        };
+        let parts: Vec<_> = flows
+            .iter()
+            .filter(|f| ends(f, orig_h, orig_p, resp_h, resp_p))
+            .collect();
+        let name = format!("{} {orig_h}:{orig_p} -> {resp_h}:{resp_p}", r.str("proto"));
+        assert!(
+            !flows
+                .iter()
+                .any(|f| ends(&f, resp_h, resp_p, orig_h, orig_p)),
+            "{name}: a biflow export is one record from the originator"
+        );
+        let sum = parts.iter().fold((0, 0, 0, 0), |s, f| {
+            (
+                s.0 + f.packets,
+                s.1 + f.bytes,
+                s.2 + f.out_packets,
+                s.3 + f.out_bytes,
+            )
+        });
+        assert_eq!(
+            sum,
+            (
+                r.u64("orig_pkts"),
+                r.u64("orig_ip_bytes"),
+                r.u64("resp_pkts"),
+                r.u64("resp_ip_bytes")
+            ),
+            "{name}: forward and reverse sums against the conn log"
+        );
+        if orig_p == upload_port {
+            assert!(parts.len() >= 2, "{name}: exported while it ran: {parts:?}");
+        }
+    }
+    assert_eq!(records.len(), 4, "upload, download, UDP, ICMP: {records:?}");
+    let total = flows.iter().fold((0, 0), |(p, b), f| {
+        (p + f.packets + f.out_packets, b + f.bytes + f.out_bytes)
+    });
+    let wire = (
+        delta.gw_wan.tx_packets + delta.wan_host.tx_packets,
+        delta.gw_wan.tx_ip_bytes(up_l2) + delta.wan_host.tx_ip_bytes(down_l2),
+    );
+    assert_eq!(
+        total, wire,
+        "every exported packet and byte against the WAN link"
+    );
+}
