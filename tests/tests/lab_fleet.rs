@@ -48,6 +48,18 @@ fn agent(ns: &str, collector: IpAddr, domain: &str) -> Agent {
     )
 }
 
+/// The README shows `dataleak.sql`'s query: the same text, comments aside.
+#[test]
+fn readme_shows_the_shipped_dataleak_query() {
+    let sql = std::fs::read_to_string(deploy("dataleak.sql")).expect("dataleak.sql");
+    let query: Vec<&str> = sql.lines().filter(|l| !l.starts_with("--")).collect();
+    let readme = std::fs::read_to_string(deploy("../../README.md")).expect("README.md");
+    assert!(
+        readme.contains(&query.join("\n")),
+        "README.md's fleet DataLeak query differs from deploy/fleet/dataleak.sql"
+    );
+}
+
 #[test]
 fn one_query_sums_a_hosts_upload_across_two_gateways() {
     let fleet = Fleet::new();
