@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{ErrorKind, Read},
+    io::ErrorKind,
     net::{IpAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -22,8 +22,10 @@ use monitor_common::{
     flow::{DirStats, FlowKey, tcp_flags},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
-use netflow_parser::{NetflowPacket, NetflowParser, variable_versions::ipfix::FlowSetBody};
+use netflow_parser::NetflowParser;
 use tests::nfdump::{Nfcapd, read_flows};
+
+mod common;
 
 const SECOND: u64 = 1_000_000_000;
 
@@ -266,28 +268,11 @@ fn read_messages(
     let mut out = Vec::new();
     let mut seen = 0;
     while seen < records {
-        let mut header = [0u8; 16];
-        stream.read_exact(&mut header).expect("message header");
-        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
-        let mut bytes = header.to_vec();
-        bytes.resize(len, 0);
-        stream.read_exact(&mut bytes[16..]).expect("message body");
-        let result = parser.parse_bytes(&bytes);
-        assert!(result.error.is_none(), "decoding: {:?}", result.error);
-        let Some(NetflowPacket::IPFix(ipfix)) = result.packets.into_iter().next() else {
-            panic!("not IPFIX");
-        };
-        let (mut templates, mut data) = (0, 0);
-        for set in ipfix.flowsets {
-            match set.body {
-                FlowSetBody::Templates(t) => templates += t.len(),
-                FlowSetBody::Template(_) => templates += 1,
-                FlowSetBody::Data(d) => data += d.fields.len(),
-                other => panic!("a set decoded as {other:?}: its template was not sent first"),
-            }
-        }
+        let bytes = common::read_message(stream).expect("a message before the connection ends");
+        let decoded = common::decode(parser, &bytes);
+        let data = decoded.records.len();
         seen += data;
-        out.push((ipfix.header.sequence_number, templates, data));
+        out.push((decoded.sequence, decoded.templates, data));
     }
     out
 }

@@ -1,14 +1,16 @@
 //! The agent exporting IPFIX to a real nfcapd in the lab: for every connection, the
 //! deltas of all its exports sum exactly to its conn-log record, and a long transfer is
-//! exported while it runs (active timeout).
+//! exported while it runs (active timeout); the same with biflow records. Over TCP, to a
+//! collector of the test's own that is down when the agent starts.
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
 
+use netflow_parser::NetflowParser;
 use tests::{
     agent::Agent,
     lab::{self, Lab},
@@ -16,7 +18,10 @@ use tests::{
     traffic,
 };
 
+mod common;
+
 const IPFIX_PORT: u16 = 4739;
+const TCP_IPFIX_PORT: u16 = 4741;
 
 /// 3 MB from the lan host to the wan host, 100 KB every 100 ms: about 3 s.
 fn paced_upload(lab: &Lab, server: SocketAddr) -> u16 {
@@ -238,4 +243,73 @@ fn biflow_exports_sum_to_the_conn_log_and_the_wire() {
         total, wire,
         "every exported packet and byte against the WAN link"
     );
+}
+
+/// Over TCP, a collector that is down when the agent starts stops nothing: once it
+/// listens, the agent connects, sends the templates first, then the flows, to the conn
+/// log's counts.
+#[test]
+fn tcp_collector_down_at_start_gets_the_flows_once_up() {
+    let lab = Lab::new();
+    let collector = format!("tcp://127.0.0.1:{TCP_IPFIX_PORT}");
+    let agent = Agent::start(
+        &lab.gw,
+        &lab.gw_wan_if,
+        &[
+            "--local-net",
+            lab::LOCAL_NET_V4,
+            "--poll-interval",
+            "200ms",
+            "--ipfix-collector",
+            &collector,
+        ],
+    );
+    traffic::tcp_upload(&lab.lan, &lab.wan, (lab::WAN_HOST_V4, 5421).into(), 500_000);
+    traffic::udp_exchange(&lab.lan, &lab.wan, (lab::WAN_HOST_V4, 5422).into(), 10, 300);
+    let listener = lab::run_in_ns(&lab.gw, || {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, TCP_IPFIX_PORT))
+    })
+    .expect("the collector binds");
+    // The agent's backoff is 10 s at most.
+    let mut stream = traffic::accept_within(&listener, Duration::from_secs(15));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let reader = thread::spawn(move || {
+        let mut parser = NetflowParser::default();
+        let mut messages = Vec::new();
+        while let Some(bytes) = common::read_message(&mut stream) {
+            messages.push(common::decode(&mut parser, &bytes));
+        }
+        messages
+    });
+    // The UDP exchange is still open: the agent exports it when it stops (forced end),
+    // then closes the connection.
+    let records = agent.stop();
+    let messages = reader.join().expect("collector");
+    assert!(
+        messages
+            .first()
+            .is_some_and(|m| m.templates == 2 && m.records.is_empty()),
+        "the connection starts with the templates alone: {messages:?}"
+    );
+    let exported: Vec<&common::Exported> = messages.iter().flat_map(|m| &m.records).collect();
+    assert!(records.len() >= 2, "{records:?}");
+    for r in &records {
+        let (orig, resp) = (r.orig(), r.resp());
+        let sum = |a: (IpAddr, u16), b: (IpAddr, u16)| {
+            exported
+                .iter()
+                .filter(|e| (e.src, e.src_port, e.dst, e.dst_port) == (a.0, a.1, b.0, b.1))
+                .fold((0, 0), |(p, o), e| (p + e.packets, o + e.octets))
+        };
+        assert_eq!(
+            (sum(orig, resp), sum(resp, orig)),
+            (
+                (r.u64("orig_pkts"), r.u64("orig_ip_bytes")),
+                (r.u64("resp_pkts"), r.u64("resp_ip_bytes"))
+            ),
+            "{r}: the collector's sums against the conn log"
+        );
+    }
 }

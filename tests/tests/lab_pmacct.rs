@@ -20,15 +20,16 @@ use std::{
     time::Duration,
 };
 
-use netflow_parser::{
-    FieldValue, NetflowPacket, NetflowParser, variable_versions::ipfix::FlowSetBody,
-};
+use common::Exported;
+use netflow_parser::NetflowParser;
 use tests::{
     agent::{Agent, ConnRecord},
     lab::{self, Lab},
     pmacct::{Flow, Nfacctd, Output},
     traffic,
 };
+
+mod common;
 
 const NFACCTD_PORT: u16 = 4739;
 const SINK_PORT: u16 = 4740;
@@ -92,17 +93,6 @@ fn paced_upload(lab: &Lab, server: SocketAddr) -> (u16, u64) {
     (port, reader.join().expect("reader"))
 }
 
-/// One data record as the sink decoded it.
-#[derive(Debug)]
-struct Exported {
-    src: IpAddr,
-    src_port: u16,
-    proto: u8,
-    packets: u64,
-    octets: u64,
-    reason: u8,
-}
-
 /// A UDP socket in gw that keeps every datagram until stopped.
 struct Sink {
     stop: Arc<AtomicBool>,
@@ -137,67 +127,10 @@ impl Sink {
         self.stop.store(true, Ordering::Relaxed);
         let messages = self.thread.join().expect("sink");
         let mut parser = NetflowParser::default();
-        let mut records = Vec::new();
-        for m in messages {
-            let result = parser.parse_bytes(&m);
-            assert!(result.error.is_none(), "decoding: {:?}", result.error);
-            for packet in result.packets {
-                let NetflowPacket::IPFix(ipfix) = packet else {
-                    panic!("not IPFIX")
-                };
-                for set in ipfix.flowsets {
-                    let FlowSetBody::Data(data) = set.body else {
-                        continue;
-                    };
-                    for fields in data.fields {
-                        records.push(record(&fields));
-                    }
-                }
-            }
-        }
-        records
-    }
-}
-
-fn record(fields: &[(netflow_parser::IpfixField, FieldValue)]) -> Exported {
-    let by_name = |name: &str| {
-        &fields
+        messages
             .iter()
-            .find(|(f, _)| format!("{f:?}").ends_with(&format!("({name})")))
-            .unwrap_or_else(|| panic!("no {name} in {fields:?}"))
-            .1
-    };
-    let either = |a: &str, b: &str| {
-        fields
-            .iter()
-            .find(|(f, _)| {
-                let f = format!("{f:?}");
-                f.ends_with(&format!("({a})")) || f.ends_with(&format!("({b})"))
-            })
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no {a} or {b} in {fields:?}"))
-    };
-    let addr = |v: &FieldValue| match v {
-        FieldValue::Ip4Addr(a) => IpAddr::V4(*a),
-        FieldValue::Ip6Addr(a) => IpAddr::V6(*a),
-        other => panic!("address {other:?}"),
-    };
-    let num = |v: &FieldValue| {
-        v.as_u64()
-            .or_else(|| v.as_u8().map(u64::from))
-            .unwrap_or_else(|| panic!("number {v:?}"))
-    };
-    let reason = match by_name("FlowEndReason") {
-        FieldValue::FlowEndReason(r) => u8::from(*r),
-        other => panic!("flowEndReason {other:?}"),
-    };
-    Exported {
-        src: addr(either("SourceIpv4address", "SourceIpv6address")),
-        src_port: num(by_name("SourceTransportPort")) as u16,
-        proto: num(by_name("ProtocolIdentifier")) as u8,
-        packets: num(by_name("PacketDeltaCount")),
-        octets: num(by_name("OctetDeltaCount")),
-        reason,
+            .flat_map(|m| common::decode(&mut parser, m).records)
+            .collect()
     }
 }
 
