@@ -366,3 +366,36 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     // 25 data messages and one templates message per connection.
     assert_eq!(stats.messages, 27, "{stats:?}");
 }
+
+#[test]
+fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        Clock::with_offset_ns(0),
+    );
+    let mut exporter = IpfixExporter::new(config).expect("exporter");
+    let mut c = conn(IPPROTO_UDP, ("198.18.0.2", 1000), ("203.0.113.9", 53), "C");
+    add(&mut c, 0, 1, 100, SECOND, 0);
+    for n in 0..3 {
+        exporter.finish(&c, EndReason::Idle, (2 + n) * SECOND);
+        exporter.flush();
+    }
+    let started = Instant::now();
+    let stats = exporter.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waits a bounded time: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (stats.records, stats.messages, stats.errors, stats.dropped),
+        (0, 0, 3, 0),
+        "three messages never sent are errors, not drops from a full queue: {stats:?}"
+    );
+}
