@@ -444,6 +444,16 @@ pub fn wait_quiet(interfaces: &[(&str, &str)]) {
     }
 }
 
+/// Fails the test unless `tool` is on the PATH, naming the Debian `package` that
+/// `cargo xtask setup` installs (`ip netns exec` would only fail later, less clearly).
+pub fn require_tool(tool: &str, package: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    assert!(
+        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()),
+        "{tool} is not installed: run `cargo xtask setup` (Debian package {package})"
+    );
+}
+
 /// Creates namespace `ns`, quiet (see `quiet_sysctls`).
 pub fn add_namespace(ns: &str) {
     {

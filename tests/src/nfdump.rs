@@ -36,6 +36,7 @@ impl Nfcapd {
 
     /// Listening on 127.0.0.1:`port` inside namespace `ns` (or the test's own).
     pub fn start_in(ns: Option<&str>, port: u16) -> Nfcapd {
+        lab::require_tool("nfcapd", "nfdump");
         let dir = std::env::temp_dir().join(format!(
             "ipfix-nfcapd-{}-{}",
             std::process::id(),

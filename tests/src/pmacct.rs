@@ -37,6 +37,7 @@ pub struct Nfacctd {
 
 impl Nfacctd {
     pub fn start(ns: &str, ip: IpAddr, port: u16, output: Output) -> Nfacctd {
+        lab::require_tool("nfacctd", "pmacct");
         let dir = std::env::temp_dir().join(format!("nfacctd-{}-{ns}-{port}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
@@ -77,9 +78,7 @@ impl Nfacctd {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting nfacctd (run `cargo xtask setup`: Debian's pmacct): {e}")
-            });
+            .unwrap_or_else(|e| panic!("starting nfacctd: {e}"));
         let mut collector = Nfacctd {
             child: Some(child),
             dir,

@@ -120,7 +120,7 @@ impl Postgres {
 
     fn psql(&self, args: &[String]) -> String {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.as_postgres(Path::new("psql"), &args);
+        let out = self.as_postgres(&bin_dir().join("psql"), &args);
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
