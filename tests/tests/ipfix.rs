@@ -399,3 +399,73 @@ fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
         "three messages never sent are errors, not drops from a full queue: {stats:?}"
     );
 }
+
+#[test]
+fn tcp_collector_that_never_reads_delays_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket we own, with a value of the size given; accepted
+    // connections inherit the small receive buffer, so the exporter's writes stall soon.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let port = listener.local_addr().expect("address").port();
+    // Accepts, then holds the connection without reading a byte: about 3 MB of messages
+    // fill the kernel's buffers, then the exporter's writes stall.
+    let holder = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let mut config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        Clock::with_offset_ns(0),
+    );
+    config.queue = 8;
+    let mut exporter = IpfixExporter::new(config).expect("exporter");
+    let mut slowest = Duration::ZERO;
+    for round in 0..1500u16 {
+        for n in 0..60u16 {
+            let mut c = conn(
+                IPPROTO_UDP,
+                ("198.18.0.2", 1000 + n),
+                ("203.0.113.9", 53 + round),
+                "C",
+            );
+            add(&mut c, 0, 1, 100, SECOND, 0);
+            add(&mut c, 1, 1, 100, SECOND, 0);
+            exporter.finish(&c, EndReason::Idle, 2 * SECOND);
+        }
+        let started = Instant::now();
+        exporter.flush();
+        slowest = slowest.max(started.elapsed());
+    }
+    let stats = exporter.stats();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        exporter.stats().messages,
+        stats.messages,
+        "the collector's buffers are full and the sender is stuck in a write"
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a collector that reads nothing delays no flush: slowest {slowest:?}"
+    );
+    assert!(
+        stats.dropped > 0 && stats.errors >= stats.dropped,
+        "the bounded queue dropped and counted: {stats:?}"
+    );
+    let started = Instant::now();
+    exporter.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waits a bounded time: {:?}",
+        started.elapsed()
+    );
+    drop(holder.join().expect("holder"));
+}
