@@ -240,9 +240,9 @@ impl TcpLink {
     }
 }
 
-/// False once the collector closed or reset its end. Collectors send nothing on an IPFIX
-/// connection, so anything readable is the end of it; checking before each write keeps
-/// a message from vanishing into a connection that is already gone.
+/// False once the collector closed (a read returns 0) or reset (an error) its end. A
+/// write into such a connection can still succeed locally and be lost; checking before
+/// each write sends the message on a new connection instead.
 fn peer_open(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     if stream.set_nonblocking(true).is_err() {
