@@ -2,12 +2,16 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod fleet;
 pub mod http;
+pub mod ipfix_decoded;
 pub mod lab;
 pub mod netlink;
 pub mod nfdump;
 pub mod packet;
 pub mod pcap;
+pub mod pmacct;
+pub mod postgres;
 pub mod procfs;
 pub mod replay;
 pub mod rules_lab;

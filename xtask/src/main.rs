@@ -37,6 +37,10 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     // nfcapd and nfdump: a real IPFIX collector for the export tests.
     "nfdump",
+    // pmacct's nfacctd, a second real IPFIX collector, and PostgreSQL for the fleet test
+    // (nfacctd's pgsql plugin writes into a database the test starts).
+    "pmacct",
+    "postgresql",
     // Benchmarks.
     "iperf3",
 ];
