@@ -8,6 +8,7 @@ pub mod netlink;
 pub mod nfdump;
 pub mod packet;
 pub mod pcap;
+pub mod peers;
 pub mod procfs;
 pub mod replay;
 pub mod rules_lab;

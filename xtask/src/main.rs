@@ -39,6 +39,10 @@ const APT_PACKAGES: &[&str] = &[
     "nfdump",
     // Benchmarks.
     "iperf3",
+    // The peers the end-to-end benchmark sets the agent against: pmacctd (libpcap) and
+    // softflowd.
+    "pmacct",
+    "softflowd",
 ];
 
 #[derive(Parser)]
