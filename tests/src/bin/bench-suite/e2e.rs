@@ -5,8 +5,10 @@
 //! once, in turn, so the setups share the machine's conditions.
 //!
 //! A monitor's CPU time is its own processes' (utime + stime) plus the machine's softirq
-//! time beyond the no-monitor run of the same round: BPF programs and the copies of
-//! packets to AF_PACKET sockets run in the packet path, which is accounted as softirq.
+//! time beyond the no-monitor run of the same round, scaled to the same traffic: BPF
+//! programs and the copies of packets to AF_PACKET sockets run in the packet path, which
+//! is accounted as softirq. The scaling matters because a setup that forwards more
+//! packets in the same seconds spends more softirq time on forwarding alone.
 //! Tick-sampled softirq time on a 2-CPU machine is too coarse for the agent's share, so
 //! its programs' own run time (bpf_stats, exact) is reported beside it.
 
@@ -17,7 +19,7 @@ use serde_json::Value;
 use tests::{
     agent::Agent,
     bpf,
-    lab::{self, Lab},
+    lab::{self, Counters, Lab},
     peers::{Pmacctd, Softflowd},
     procfs,
 };
@@ -56,7 +58,8 @@ impl Setup {
 pub struct Cpu {
     /// The monitor's own processes.
     pub process: f64,
-    /// Machine softirq time beyond the same round's no-monitor run.
+    /// Machine softirq time beyond the same round's no-monitor run, scaled by the ratio
+    /// of packets the gateway forwarded.
     pub softirq_extra: f64,
     /// `process + softirq_extra`, per round, then the median.
     pub monitoring: f64,
@@ -87,6 +90,8 @@ struct Test {
     process_cpu: f64,
     softirq: f64,
     bpf: f64,
+    /// The gateway's WAN veth counters over the test.
+    wan: Counters,
 }
 
 #[derive(Default)]
@@ -233,7 +238,9 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
 
 /// Medians of a setup's CPU over the rounds, each round set against its no-monitor run.
 fn cpu(tests: &[(Test, Test)]) -> Cpu {
-    let extra = |(t, none): &(Test, Test)| t.softirq - none.softirq;
+    let extra = |(t, none): &(Test, Test)| {
+        t.softirq - none.softirq * t.wan.tx_packets as f64 / none.wan.tx_packets as f64
+    };
     Cpu {
         process: median(tests.iter().map(|(t, _)| t.process_cpu)),
         softirq_extra: median(tests.iter().map(extra)),
@@ -245,9 +252,8 @@ fn cpu(tests: &[(Test, Test)]) -> Cpu {
 fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
     let monitor = Monitor::start(setup, lab);
     let tcp = one_test(lab, &monitor, false, test_secs(plan));
-    let before = lab::counters(&lab.gw, &lab.gw_wan_if);
     let udp = one_test(lab, &monitor, true, test_secs(plan));
-    let wan = lab::counters(&lab.gw, &lab.gw_wan_if).since(before);
+    let wan = udp.wan;
     let seen = monitor.stop().map(|packets| {
         assert!(
             packets > 0,
@@ -272,9 +278,11 @@ fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
     }
     let cpu_before = cpu_of(&pids);
     let bpf_before = bpf::run_stats(&prog_ids).1;
+    let wan_before = lab::counters(&lab.gw, &lab.gw_wan_if);
     let softirq_before = procfs::softirq_secs();
     let out = lab::ns_output(&lab.lan, &args, Duration::from_secs(u64::from(secs) + 30));
     let softirq = procfs::softirq_secs() - softirq_before;
+    let wan = lab::counters(&lab.gw, &lab.gw_wan_if).since(wan_before);
     let process_cpu = cpu_of(&pids) - cpu_before;
     let bpf = (bpf::run_stats(&prog_ids).1 - bpf_before).as_secs_f64();
     assert!(
@@ -310,5 +318,6 @@ fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
         process_cpu,
         softirq,
         bpf,
+        wan,
     }
 }

@@ -220,8 +220,9 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
         "\nCPU seconds spent monitoring over each test. Process: utime + stime of the \
          monitor's own processes (/proc/PID/stat; for pmacctd its core process and its \
          plugin process). Softirq extra: the whole machine's softirq time (/proc/stat) over \
-         the test, less that of the same round's no-monitor test, where BPF programs and \
-         the copies of packets to AF_PACKET sockets are accounted. Monitoring: process + \
+         the test, less that of the same round's no-monitor test scaled by the ratio of \
+         packets the gateway forwarded (WAN veth tx) in the two tests; BPF programs and the \
+         copies of packets to AF_PACKET sockets are accounted there. Monitoring: process + \
          softirq extra, per round, then the median (so it need not equal the sum of the \
          two medians). Softirq time is sampled at the scheduler tick and shared with \
          everything else the machine does: too coarse for the agent's share, so the run \
@@ -242,26 +243,35 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
             };
             let _ = writeln!(
                 out,
-                "| {} | {test} | {:.2} | {:.2} | {:.2} | {:.2} | {bpf} |",
+                "| {} | {test} | {:.2} | {:.2} | {:.2} | {} | {bpf} |",
                 row.setup.label(),
                 cpu.process,
                 cpu.softirq_extra,
                 cpu.monitoring,
-                cpu.monitoring / peer.monitoring,
+                ratio(cpu.monitoring, peer.monitoring),
             );
         }
     }
     if let Some(agent) = rows.iter().find(|r| r.setup == e2e::Setup::Agent) {
-        let share = |own: e2e::Cpu, peer: e2e::Cpu| (own.process + own.bpf) / peer.monitoring;
+        let share = |own: e2e::Cpu, peer: e2e::Cpu| ratio(own.process + own.bpf, peer.monitoring);
         let _ = writeln!(
             out,
             "\nWith the agent's monitoring CPU taken as its process CPU plus its BPF run time \
-             instead: {:.2} of pmacctd's monitoring CPU in the TCP test, {:.2} in the UDP test.",
+             instead: {} of pmacctd's monitoring CPU in the TCP test, {} in the UDP test.",
             share(agent.tcp_cpu, pmacctd.tcp_cpu),
             share(agent.udp_cpu, pmacctd.udp_cpu),
         );
     }
     out
+}
+
+/// `own / peer`, or a dash where the peer's figure is lost in the noise (not positive).
+fn ratio(own: f64, peer: f64) -> String {
+    if peer > 0.0 {
+        format!("{:.2}", own / peer)
+    } else {
+        "—".to_owned()
+    }
 }
 
 fn latency_table(row: &latency::Row) -> String {
