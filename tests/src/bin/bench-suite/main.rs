@@ -183,15 +183,19 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
         "### End to end through the lab gateway, against the peers\n\n\
          The test lab (lan host — gateway — wan host, veth pairs; TSO and GSO on, as the \
          kernel sets them). Each monitor watches the gateway's WAN-facing veth: this agent \
-         with its default hooks; `pmacctd -P memory -c src_host,dst_host,src_port,dst_port,proto` \
-         (pmacct, libpcap); `softflowd -d` exporting NetFlow v5 to the gateway's loopback. \
+         with its default hooks; pmacctd (pmacct, libpcap) with the memory plugin aggregating \
+         by src_host, dst_host, src_port, dst_port, proto, its core-to-plugin queue sized as \
+         pmacct's QUICKSTART advises for heavy traffic (plugin_buffer_size 10240, \
+         plugin_pipe_size 10240000); `softflowd -d` (libpcap) exporting NetFlow v5 to the \
+         gateway's loopback. \
          iperf3 from the lan host to the wan host: a TCP upload for {} s, then UDP with {} B \
          of payload offered at `-b {}` for {} s. Each round runs every setup in turn in one \
          lab; every figure is the median over the rounds. \"Seen\": the UDP packets the \
          monitor counted (its conn log, pmacct's table, softflowd's flows) per packet the \
          WAN veth counted (tx + rx) during the UDP test, which checks that it watched the \
-         traffic; a libpcap peer that falls behind loses packets from its ring, and work \
-         with them.\n\n\
+         traffic: a peer that falls behind loses packets (from its capture ring, or \
+         pmacctd's queue) and the work they would have cost, so under 90 % the suite \
+         fails.\n\n\
          | setup | TCP Gbit/s | vs no monitor | TCP retransmits | UDP datagrams/s delivered | vs no monitor | UDP loss % | seen |\n\
          |---|---|---|---|---|---|---|---|\n",
         e2e::test_secs(plan),
