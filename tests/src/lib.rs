@@ -10,6 +10,7 @@ pub mod netlink;
 pub mod nfdump;
 pub mod packet;
 pub mod pcap;
+pub mod peers;
 pub mod pmacct;
 pub mod postgres;
 pub mod procfs;

@@ -41,8 +41,10 @@ const APT_PACKAGES: &[&str] = &[
     // (nfacctd's pgsql plugin writes into a database the test starts).
     "pmacct",
     "postgresql",
-    // Benchmarks.
+    // Benchmarks: iperf3, and the peers the end-to-end benchmark sets the agent against,
+    // pmacctd (libpcap, from the pmacct package above) and softflowd.
     "iperf3",
+    "softflowd",
 ];
 
 #[derive(Parser)]
