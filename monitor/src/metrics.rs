@@ -215,7 +215,8 @@ impl Metrics {
         ))?;
         let ipfix_errors = IntCounter::with_opts(opts(
             "ipfix_export_errors_total",
-            "IPFIX messages not sent: send errors, and messages dropped from a full queue.",
+            "IPFIX messages not sent: UDP send errors, messages dropped from a full queue, and \
+             messages a TCP collector could not take before shutdown.",
         ))?;
         let build_info = IntGaugeVec::new(
             opts("build_info", "Version of the agent; always 1."),

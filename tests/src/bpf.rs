@@ -1,9 +1,13 @@
-//! Small helpers for tests that run the kernel programs through BPF_PROG_TEST_RUN.
+//! Small helpers for tests that run the kernel programs through BPF_PROG_TEST_RUN, and
+//! for benchmarks that read the run-time statistics of a process's programs.
 
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
 };
+
+use aya::programs::loaded_programs;
 
 use monitor_common::flow::FlowKey;
 
@@ -37,4 +41,34 @@ pub fn loopback_ifindex() -> u32 {
     let index = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     assert_ne!(index, 0, "this network namespace has no lo");
     index
+}
+
+/// The IDs of the BPF programs process `pid` holds open (the `prog_id` of its fds in
+/// /proc/PID/fdinfo): exactly its own programs, even when other processes load programs
+/// of the same names.
+pub fn prog_ids_of(pid: u32) -> Vec<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("read {dir}: {e}"));
+    let mut ids: Vec<u32> = entries
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Summed run count and run time of programs `ids`, as counted while bpf_stats are on
+/// (`aya::sys::enable_stats`).
+pub fn run_stats(ids: &[u32]) -> (u64, Duration) {
+    loaded_programs()
+        .flatten()
+        .filter(|info| ids.contains(&info.id()))
+        .fold((0, Duration::ZERO), |(runs, time), info| {
+            (runs + info.run_count(), time + info.run_time())
+        })
 }

@@ -147,11 +147,7 @@ impl Lab {
 
     fn build(&self) {
         for ns in [&self.lan, &self.gw, &self.wan] {
-            {
-                let _guard = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
-                ip(&["netns", "add", ns]);
-            }
-            quiet_sysctls(ns);
+            add_namespace(ns);
         }
         set_sysctls(
             &self.gw,
@@ -385,32 +381,7 @@ impl Lab {
 
     /// Waits until no lab interface's counters change for a second; panics after 15 s.
     pub fn wait_quiet(&self) {
-        let start = Instant::now();
-        let snapshot = || {
-            self.interfaces()
-                .map(|(ns, dev)| counters(ns, dev))
-                .to_vec()
-        };
-        let mut last = snapshot();
-        let mut since = Instant::now();
-        loop {
-            thread::sleep(Duration::from_millis(100));
-            let now = snapshot();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            } else if since.elapsed() >= QUIET_FOR {
-                return;
-            }
-            if start.elapsed() > QUIET_LIMIT {
-                panic!(
-                    "lab {} never went quiet within {QUIET_LIMIT:?}: counters of {:?} still \
-                     changing, last {last:?}",
-                    self.gw,
-                    self.interfaces()
-                );
-            }
-        }
+        wait_quiet(&self.interfaces());
     }
 
     /// Starts `args` in `ns` in the background; the lab kills it (by PID) when dropped.
@@ -441,6 +412,55 @@ impl Drop for Lab {
         kill_children(&self.children);
         delete_namespaces(&[&self.lan, &self.gw, &self.wan]);
     }
+}
+
+/// Waits until the counters of `interfaces` (namespace, device) stay unchanged for a
+/// second; panics after 15 s.
+pub fn wait_quiet(interfaces: &[(&str, &str)]) {
+    let start = Instant::now();
+    let snapshot = || {
+        interfaces
+            .iter()
+            .map(|(ns, dev)| counters(ns, dev))
+            .collect::<Vec<_>>()
+    };
+    let mut last = snapshot();
+    let mut since = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let now = snapshot();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= QUIET_FOR {
+            return;
+        }
+        if start.elapsed() > QUIET_LIMIT {
+            panic!(
+                "lab never went quiet within {QUIET_LIMIT:?}: counters of {interfaces:?} \
+                     still changing, last {last:?}"
+            );
+        }
+    }
+}
+
+/// Fails the test unless `tool` is on the PATH, naming the Debian `package` that
+/// `cargo xtask setup` installs (`ip netns exec` would only fail later, less clearly).
+pub fn require_tool(tool: &str, package: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    assert!(
+        std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()),
+        "{tool} is not installed: run `cargo xtask setup` (Debian package {package})"
+    );
+}
+
+/// Creates namespace `ns`, quiet (see `quiet_sysctls`).
+pub fn add_namespace(ns: &str) {
+    {
+        let _guard = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
+        ip(&["netns", "add", ns]);
+    }
+    quiet_sysctls(ns);
 }
 
 /// Kills (SIGKILL, each by its own PID) and reaps the children still running.
@@ -532,7 +552,7 @@ pub fn set_sysctls(ns: &str, settings: &[(&str, &str)]) {
 
 /// Turns TSO, GSO, UDP segmentation and GSO lists off where the device lets us, so the
 /// stack segments before the device counts tx packets.
-fn segmentation_off(ns: &str, dev: &str) {
+pub fn segmentation_off(ns: &str, dev: &str) {
     const FEATURES: [&str; 4] = [
         "tcp-segmentation-offload",
         "generic-segmentation-offload",

@@ -3,12 +3,17 @@
 pub mod agent;
 pub mod bpf;
 pub mod dns_lab;
+pub mod fleet;
 pub mod http;
+pub mod ipfix_decoded;
 pub mod lab;
 pub mod netlink;
 pub mod nfdump;
 pub mod packet;
 pub mod pcap;
+pub mod peers;
+pub mod pmacct;
+pub mod postgres;
 pub mod procfs;
 pub mod replay;
 pub mod rules_lab;

@@ -36,6 +36,7 @@ impl Nfcapd {
 
     /// Listening on 127.0.0.1:`port` inside namespace `ns` (or the test's own).
     pub fn start_in(ns: Option<&str>, port: u16) -> Nfcapd {
+        lab::require_tool("nfcapd", "nfdump");
         let dir = std::env::temp_dir().join(format!(
             "ipfix-nfcapd-{}-{}",
             std::process::id(),
@@ -151,6 +152,9 @@ pub struct Flow {
     pub proto: u8,
     pub packets: u64,
     pub bytes: u64,
+    /// RFC 5103 reverse counters of a biflow record (nfdump's "out"); 0 otherwise.
+    pub out_packets: u64,
+    pub out_bytes: u64,
 }
 
 /// `nfdump -r FILE -q -N -o fmt:...`: one line per record, fields separated by `|`.
@@ -160,7 +164,12 @@ pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
         let out = Command::new("nfdump")
             .arg("-r")
             .arg(file)
-            .args(["-q", "-N", "-o", "fmt:%pr|%sa|%da|%sp|%dp|%pkt|%byt"])
+            .args([
+                "-q",
+                "-N",
+                "-o",
+                "fmt:%pr|%sa|%da|%sp|%dp|%pkt|%byt|%opkt|%obyt",
+            ])
             .output()
             .unwrap_or_else(|e| panic!("running nfdump: {e}"));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -171,7 +180,7 @@ pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
         );
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let f: Vec<&str> = line.split('|').map(str::trim).collect();
-            assert_eq!(f.len(), 7, "nfdump line {line:?}");
+            assert_eq!(f.len(), 9, "nfdump line {line:?}");
             let num = |i: usize| {
                 f[i].parse::<u64>()
                     .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
@@ -206,6 +215,8 @@ pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
                 proto,
                 packets: num(5),
                 bytes: num(6),
+                out_packets: num(7),
+                out_bytes: num(8),
             });
         }
     }

@@ -37,6 +37,30 @@ pub fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / clock_ticks_per_sec()
 }
 
+/// The PIDs of `pid`'s live child processes (from each process's parent PID in
+/// /proc/PID/stat).
+pub fn children(pid: u32) -> Vec<u32> {
+    let dir = std::fs::read_dir("/proc").expect("read /proc");
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&candidate| {
+            // A process may exit between the listing and this read.
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Field 4, the parent's PID, is the second after "(comm)".
+                    stat.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// The whole machine's time in softirq (all CPUs), seconds: where packet processing,
 /// BPF programs included, is accounted.
 pub fn softirq_secs() -> f64 {

@@ -133,7 +133,7 @@ fn every_flag_refuses_a_bad_value() {
         ("--leak-threshold", "5 MBs"),
         ("--leak-group", "host"),
         ("--exclude-dst", "under_score"),
-        ("--ipfix-collector", "tcp://127.0.0.1:4739"),
+        ("--ipfix-collector", "sctp://127.0.0.1:4739"),
         ("--ipfix-collector", "127.0.0.1:4739"),
         ("--flow-active-timeout", "often"),
         ("--ipfix-template-refresh", "0s"),

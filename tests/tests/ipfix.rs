@@ -1,14 +1,17 @@
 //! IPFIX export into a real collector: nfdump's `nfcapd` (Debian package `nfdump`) on
 //! loopback receives the exporter's messages; `nfdump` reads back what it stored, and every
 //! flow's addresses, ports, protocol, packets and bytes must be what was sent, with the
-//! exports of each connection summing exactly to its totals.
+//! exports of each connection summing exactly to its totals. Over TCP, a collector that is
+//! down at start and one restarted mid-run get the templates first and every record.
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    io::ErrorKind,
+    net::{IpAddr, TcpListener, TcpStream},
     thread,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
+use tests::ipfix_decoded;
 
 use monitor::{
     clock::Clock,
@@ -20,6 +23,7 @@ use monitor_common::{
     flow::{DirStats, FlowKey, tcp_flags},
     parse::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
+use netflow_parser::NetflowParser;
 use tests::nfdump::{Nfcapd, read_flows};
 
 const SECOND: u64 = 1_000_000_000;
@@ -217,4 +221,256 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
         upload_out, 5,
         "the upload's originator direction: 4 active-timeout + final"
     );
+}
+
+/// A collector on TCP that reads whole IPFIX messages.
+struct TcpCollector {
+    listener: TcpListener,
+}
+
+impl TcpCollector {
+    fn bind(port: u16) -> TcpCollector {
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("binding 127.0.0.1:{port}: {e}"));
+        TcpCollector { listener }
+    }
+
+    /// The exporter's next connection, within 15 s (its backoff is at most 10 s).
+    fn accept(&self) -> TcpStream {
+        self.listener.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).expect("blocking");
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    return stream;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("no connection from the exporter: {e}"),
+            }
+        }
+    }
+}
+
+/// Reads messages from `stream` until `records` data records have arrived; each message is
+/// decoded by netflow_parser with `parser`: (sequence number, templates, data records).
+fn read_messages(
+    stream: &mut TcpStream,
+    parser: &mut NetflowParser,
+    records: usize,
+) -> Vec<(u32, usize, usize)> {
+    let mut out = Vec::new();
+    let mut seen = 0;
+    while seen < records {
+        let bytes =
+            ipfix_decoded::read_message(stream).expect("a message before the connection ends");
+        let decoded = ipfix_decoded::decode(parser, &bytes);
+        let data = decoded.records.len();
+        seen += data;
+        out.push((decoded.sequence, decoded.templates, data));
+    }
+    out
+}
+
+#[test]
+fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
+    // A port that nobody listens on yet: the collector is down at start.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let clock = Clock::with_offset_ns(0);
+    let mut config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        clock,
+    );
+    // Over TCP the templates are not refreshed on a timer, however short it is.
+    config.template_refresh = Duration::from_millis(1);
+    let started = Instant::now();
+    let mut exporter = IpfixExporter::new(config).expect("exporter with its collector down");
+    let udp = |n: u16| {
+        let mut c = conn(
+            IPPROTO_UDP,
+            ("198.18.0.2", 10_000 + n),
+            ("203.0.113.9", 53),
+            "Cudp",
+        );
+        add(&mut c, 0, 3, 300 + u64::from(n), SECOND, 0);
+        add(&mut c, 1, 2, 200, SECOND, 0);
+        c
+    };
+    // Two records per connection; the first batch while the collector is down.
+    for n in 0..10 {
+        exporter.finish(&udp(n), EndReason::Idle, 2 * SECOND);
+        exporter.flush();
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a collector that is down delays nothing: {:?}",
+        started.elapsed()
+    );
+
+    let first = TcpCollector::bind(port);
+    let mut stream = first.accept();
+    let mut parser = NetflowParser::default();
+    let got = read_messages(&mut stream, &mut parser, 20);
+    assert_eq!(
+        got[0],
+        (0, 2, 0),
+        "the connection starts with the two templates alone"
+    );
+    assert!(
+        got[1..].iter().all(|m| m.1 == 0),
+        "no template refresh on TCP: {got:?}"
+    );
+    let mut seq = 0;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.0, seq, "message {i}: sequence number of the stream");
+        seq += m.2 as u32;
+    }
+
+    // The collector restarts: its connection and listener go away, records keep coming.
+    drop(stream);
+    drop(first);
+    thread::sleep(Duration::from_millis(200));
+    for n in 10..25 {
+        exporter.finish(&udp(n), EndReason::Idle, 3 * SECOND);
+        exporter.flush();
+        thread::sleep(Duration::from_millis(20));
+    }
+    let second = TcpCollector::bind(port);
+    let mut stream = second.accept();
+    let mut parser = NetflowParser::default();
+    let got = read_messages(&mut stream, &mut parser, 30);
+    assert_eq!(
+        got[0],
+        (0, 2, 0),
+        "templates first on the new connection: {got:?}"
+    );
+    let mut seq = 0;
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.0, seq, "message {i} on the new connection");
+        seq += m.2 as u32;
+    }
+    assert_eq!(seq, 30, "every record after the restart, none twice");
+    let stats = exporter.shutdown();
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.records, 50, "{stats:?}");
+    // 25 data messages and one templates message per connection.
+    assert_eq!(stats.messages, 27, "{stats:?}");
+}
+
+#[test]
+fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        Clock::with_offset_ns(0),
+    );
+    let mut exporter = IpfixExporter::new(config).expect("exporter");
+    let mut c = conn(
+        IPPROTO_UDP,
+        ("198.18.0.2", 1000),
+        ("203.0.113.9", 53),
+        "Cudp",
+    );
+    add(&mut c, 0, 1, 100, SECOND, 0);
+    for n in 0..3 {
+        exporter.finish(&c, EndReason::Idle, (2 + n) * SECOND);
+        exporter.flush();
+    }
+    let started = Instant::now();
+    let stats = exporter.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waits a bounded time: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (stats.records, stats.messages, stats.errors, stats.dropped),
+        (0, 0, 3, 0),
+        "three messages never sent are errors, not drops from a full queue: {stats:?}"
+    );
+}
+
+#[test]
+fn tcp_collector_that_never_reads_delays_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket we own, with a value of the size given; accepted
+    // connections inherit the small receive buffer, so the exporter's writes stall soon.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let port = listener.local_addr().expect("address").port();
+    // Accepts, then holds the connection without reading a byte: about 3 MB of messages
+    // fill the kernel's buffers, then the exporter's writes stall.
+    let holder = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let mut config = IpfixConfig::new(
+        collector,
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
+        Clock::with_offset_ns(0),
+    );
+    config.queue = 8;
+    let mut exporter = IpfixExporter::new(config).expect("exporter");
+    let mut slowest = Duration::ZERO;
+    for round in 0..1500u16 {
+        for n in 0..60u16 {
+            let mut c = conn(
+                IPPROTO_UDP,
+                ("198.18.0.2", 1000 + n),
+                ("203.0.113.9", 53 + round),
+                "Cudp",
+            );
+            add(&mut c, 0, 1, 100, SECOND, 0);
+            add(&mut c, 1, 1, 100, SECOND, 0);
+            exporter.finish(&c, EndReason::Idle, 2 * SECOND);
+        }
+        let started = Instant::now();
+        exporter.flush();
+        slowest = slowest.max(started.elapsed());
+    }
+    let stats = exporter.stats();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        exporter.stats().messages,
+        stats.messages,
+        "the collector's buffers are full and the sender is stuck in a write"
+    );
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a collector that reads nothing delays no flush: slowest {slowest:?}"
+    );
+    assert!(
+        stats.dropped > 0 && stats.errors >= stats.dropped,
+        "the bounded queue dropped and counted: {stats:?}"
+    );
+    let started = Instant::now();
+    exporter.shutdown();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waits a bounded time: {:?}",
+        started.elapsed()
+    );
+    drop(holder.join().expect("holder"));
 }

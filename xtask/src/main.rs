@@ -37,8 +37,14 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     // nfcapd and nfdump: a real IPFIX collector for the export tests.
     "nfdump",
-    // Benchmarks.
+    // pmacct's nfacctd, a second real IPFIX collector, and PostgreSQL for the fleet test
+    // (nfacctd's pgsql plugin writes into a database the test starts).
+    "pmacct",
+    "postgresql",
+    // Benchmarks: iperf3, and the peers the end-to-end benchmark sets the agent against,
+    // pmacctd (libpcap, from the pmacct package above) and softflowd.
     "iperf3",
+    "softflowd",
     // DNS labs: a resolver with static answers (dnsmasq-base is the binary without the
     // system service, which would take port 53 on the host), and real DNS tunnels.
     "dnsmasq-base",

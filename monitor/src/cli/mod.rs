@@ -257,8 +257,8 @@ fn parse_pin_path(text: &str) -> Result<PathBuf, String> {
 /// Flow export (SPEC section 7).
 #[derive(Debug, Args)]
 pub struct IpfixArgs {
-    /// Export connections as IPFIX (RFC 7011) to udp://HOST:PORT (repeatable). Default:
-    /// none.
+    /// Export connections as IPFIX (RFC 7011) to udp://HOST:PORT or tcp://HOST:PORT
+    /// (repeatable). Default: none.
     #[arg(
         long = "ipfix-collector",
         value_name = "URL",
@@ -272,7 +272,8 @@ pub struct IpfixArgs {
           help_heading = "IPFIX export")]
     pub flow_active_timeout: Duration,
 
-    /// Templates are sent again this often.
+    /// Templates are sent again this often over UDP (TCP sends them at the start of
+    /// every connection).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s",
           help_heading = "IPFIX export")]
     pub ipfix_template_refresh: Duration,

@@ -126,6 +126,10 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         let bare = refprog::bare(kind).expect("load the bare reference program");
         let (count, _counter) =
             refprog::count_only(kind).expect("load the count-only reference program");
+        let (lookup, _lookup_map) =
+            refprog::flow_lookup(kind, false).expect("load the flow-lookup reference program");
+        let (lookup_clock, _clock_map) =
+            refprog::flow_lookup(kind, true).expect("load the flow-lookup reference program");
         let flows = plan.runs * plan.new_flows + 16;
         let agent = Agent::load(kind, flows);
         let hot = |prog: BorrowedFd<'_>, frame: &[u8]| {
@@ -141,6 +145,16 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         });
         for (case, prog, frame) in [
             ("count-only (reference)", count.as_fd(), &v4),
+            (
+                "40-byte key lookup in a per-CPU hash, +1 (reference)",
+                lookup.as_fd(),
+                &v4,
+            ),
+            (
+                "the same and the clock (bpf_ktime_get_ns) (reference)",
+                lookup_clock.as_fd(),
+                &v4,
+            ),
             ("agent: hot IPv4 TCP flow", agent.fd(), &v4),
             ("agent: hot IPv6 TCP flow", agent.fd(), &hot_v6()),
             ("agent: hot VLAN-tagged IPv4 flow", agent.fd(), &hot_vlan()),
@@ -155,14 +169,18 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         }
         // New flows: every frame once, so the timer is taken once per frame; the bare
         // program run the same way carries the same overhead.
+        // The same frames again are known flows: the insert's own cost is the difference.
         let mut bare_once = Vec::new();
-        let mut agent_once = Vec::new();
+        let mut agent_new = Vec::new();
+        let mut agent_known = Vec::new();
         for run in 0..plan.runs {
             let frames: Vec<Vec<u8>> = (0..plan.new_flows).map(|n| new_flow(run, n)).collect();
             bare_once.push(once_each_ns(bare.as_fd(), &frames));
-            agent_once.push(once_each_ns(agent.fd(), &frames));
+            agent_new.push(once_each_ns(agent.fd(), &frames));
+            agent_known.push(once_each_ns(agent.fd(), &frames));
         }
-        let (bare_once, agent_once) = (median(bare_once), median(agent_once));
+        let (bare_once, agent_new, agent_known) =
+            (median(bare_once), median(agent_new), median(agent_known));
         rows.push(Row {
             hook,
             case: "bare pass, one run per call (reference)",
@@ -171,9 +189,15 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         });
         rows.push(Row {
             hook,
+            case: "agent: known flow, one run per call",
+            ns: agent_known,
+            added: Some(agent_known - bare_once),
+        });
+        rows.push(Row {
+            hook,
             case: "agent: new flow (map insert), one run per call",
-            ns: agent_once,
-            added: Some(agent_once - bare_once),
+            ns: agent_new,
+            added: Some(agent_new - bare_once),
         });
     }
     rows

@@ -1,6 +1,8 @@
 //! The reference programs the kernel figures are set against, assembled here rather than
-//! shipped in the agent's object: a bare "pass" program, and one that only bumps a per-CPU
-//! counter (the least any counting program does).
+//! shipped in the agent's object: a bare "pass" program, one that only bumps a per-CPU
+//! counter (the least any counting program does), and the floor of per-connection
+//! counting: one lookup of a key the size of the agent's flow key in a per-CPU hash map,
+//! with and without reading the clock.
 
 use std::{
     io,
@@ -8,6 +10,11 @@ use std::{
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_FUNC_KTIME_GET_NS: i32 = 5;
+/// The agent's flow key: two 16-byte addresses, two ports, protocol, family, padding.
+const FLOW_KEY_SIZE: usize = 40;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
@@ -96,7 +103,53 @@ pub fn count_only(kind: Kind) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((load(kind, &prog)?, map))
 }
 
+/// Looks up one 40-byte key (all zero, inserted beforehand) in a per-CPU hash map, adds
+/// one to its count and, `with_clock`, stores `bpf_ktime_get_ns()` beside it: what any
+/// per-connection counter does at the least. Returns the program and its map.
+pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let map = create_map(BPF_MAP_TYPE_PERCPU_HASH, FLOW_KEY_SIZE as u32, 16)?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+    insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; 16 * cpus])?;
+    let fd = map.as_raw_fd();
+    let mut prog = vec![
+        // The key: fp-40 .. fp-1, zero.
+        insn(0x7a, 10, 0, -40, 0),
+        insn(0x7a, 10, 0, -32, 0),
+        insn(0x7a, 10, 0, -24, 0),
+        insn(0x7a, 10, 0, -16, 0),
+        insn(0x7a, 10, 0, -8, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+    ];
+    let mut body = vec![
+        // r6 = the value; *(u64 *)r6 += 1
+        insn(0xbf, 6, 0, 0, 0),
+        insn(0x79, 1, 6, 0, 0),
+        insn(0x07, 1, 0, 0, 1),
+        insn(0x7b, 6, 1, 0, 0),
+    ];
+    if with_clock {
+        // *(u64 *)(r6 + 8) = bpf_ktime_get_ns()
+        body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+        body.push(insn(0x7b, 6, 0, 8, 0));
+    }
+    // if r0 == 0 skip the body
+    prog.push(insn(0x15, 0, 0, body.len() as i16, 0));
+    prog.extend(body);
+    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
+    prog.push(insn(0x95, 0, 0, 0, 0));
+    Ok((load(kind, &prog)?, map))
+}
+
 fn create_counter_map() -> io::Result<OwnedFd> {
+    create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8)
+}
+
+/// A one-entry map.
+fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -106,13 +159,45 @@ fn create_counter_map() -> io::Result<OwnedFd> {
         rest: [u8; 56],
     }
     let attr = MapCreate {
-        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
-        key_size: 4,
-        value_size: 8,
+        map_type,
+        key_size,
+        value_size,
         max_entries: 1,
         rest: [0; 56],
     };
     bpf(BPF_MAP_CREATE, &attr)
+}
+
+fn insert(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    #[repr(C)]
+    struct MapElem {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = MapElem {
+        map_fd: map.as_raw_fd() as u32,
+        pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: a map-element bpf_attr: key and value buffers of the map's sizes (the
+    // value one per possible CPU).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &raw const attr,
+            std::mem::size_of::<MapElem>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn load(kind: Kind, insns: &[Insn]) -> io::Result<OwnedFd> {

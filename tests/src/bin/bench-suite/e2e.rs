@@ -1,0 +1,329 @@
+//! End to end in the namespace gateway lab: iperf3 from the lan host to the wan host
+//! through the gateway, a TCP upload and a small-datagram UDP stream, with no monitor,
+//! with the agent and with two libpcap-based peers (pmacctd, softflowd) watching the
+//! gateway's WAN-facing veth. One lab serves the whole part; each round runs every setup
+//! once, in turn, so the setups share the machine's conditions.
+//!
+//! A monitor's CPU time is its own processes' (utime + stime) plus the machine's softirq
+//! time beyond the no-monitor run of the same round, scaled to the same traffic: BPF
+//! programs and the copies of packets to AF_PACKET sockets run in the packet path, which
+//! is accounted as softirq. The scaling matters because a setup that forwards more
+//! packets in the same seconds spends more softirq time on forwarding alone.
+//! Tick-sampled softirq time on a 2-CPU machine is too coarse for the agent's share, so
+//! its programs' own run time (bpf_stats, exact) is reported beside it.
+
+use std::{thread, time::Duration};
+
+use aya::sys::Stats;
+use serde_json::Value;
+use tests::{
+    agent::Agent,
+    bpf,
+    lab::{self, Counters, Lab},
+    peers::{Pmacctd, Softflowd},
+    procfs,
+};
+
+use crate::{Plan, median};
+
+/// UDP payload of the small-packet stream, bytes.
+pub const UDP_PAYLOAD: u32 = 64;
+/// Offered load of the UDP stream (iperf3 `-b`, payload bits): about 98k datagrams/s.
+pub const UDP_RATE: &str = "50M";
+const IPERF_PORT: u16 = 5201;
+/// Below this share of the UDP test's packets counted, a monitor's CPU figures mean
+/// nothing: the run fails.
+const MIN_SEEN: f64 = 0.9;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    None,
+    Agent,
+    Pmacctd,
+    Softflowd,
+}
+
+pub const SETUPS: [Setup; 4] = [Setup::None, Setup::Agent, Setup::Pmacctd, Setup::Softflowd];
+
+impl Setup {
+    pub fn label(self) -> &'static str {
+        match self {
+            Setup::None => "no monitor",
+            Setup::Agent => "this agent (TC ingress + TC egress)",
+            Setup::Pmacctd => "pmacctd, memory plugin (libpcap)",
+            Setup::Softflowd => "softflowd (libpcap)",
+        }
+    }
+}
+
+/// CPU seconds over one test (medians over the rounds).
+#[derive(Clone, Copy, Default)]
+pub struct Cpu {
+    /// The monitor's own processes.
+    pub process: f64,
+    /// Machine softirq time beyond the same round's no-monitor run, scaled by the ratio
+    /// of packets the gateway forwarded.
+    pub softirq_extra: f64,
+    /// `process + softirq_extra`, per round, then the median.
+    pub monitoring: f64,
+    /// Run time of the monitor's BPF programs (bpf_stats); zero for the peers.
+    pub bpf: f64,
+}
+
+pub struct Row {
+    pub setup: Setup,
+    pub gbits: f64,
+    pub retransmits: f64,
+    pub udp_pps: f64,
+    pub udp_loss_pct: f64,
+    pub tcp_cpu: Cpu,
+    pub udp_cpu: Cpu,
+    /// UDP datagrams the monitor counted per packet the WAN veth counted (tx + rx) over
+    /// the UDP test; `None` without a monitor.
+    pub seen: Option<f64>,
+}
+
+/// One test's figures as measured in one round.
+#[derive(Clone, Copy, Default)]
+struct Test {
+    /// TCP: Gbit/s received; UDP: datagrams delivered per second.
+    rate: f64,
+    /// TCP: retransmitted segments; UDP: % of datagrams lost.
+    loss: f64,
+    process_cpu: f64,
+    softirq: f64,
+    bpf: f64,
+    /// The gateway's WAN veth counters over the test.
+    wan: Counters,
+}
+
+#[derive(Default)]
+struct Round {
+    tcp: Test,
+    udp: Test,
+    seen: Option<f64>,
+}
+
+enum Monitor {
+    None,
+    Agent(Agent),
+    Pmacctd(Pmacctd),
+    Softflowd(Softflowd),
+}
+
+impl Monitor {
+    fn start(setup: Setup, lab: &Lab) -> Monitor {
+        match setup {
+            Setup::None => Monitor::None,
+            Setup::Agent => Monitor::Agent(Agent::start(
+                &lab.gw,
+                &lab.gw_wan_if,
+                &["--local-net", lab::LOCAL_NET_V4],
+            )),
+            Setup::Pmacctd => Monitor::Pmacctd(Pmacctd::start(&lab.gw, &lab.gw_wan_if)),
+            Setup::Softflowd => Monitor::Softflowd(Softflowd::start(&lab.gw, &lab.gw_wan_if)),
+        }
+    }
+
+    /// The IDs of the monitor's BPF programs.
+    fn prog_ids(&self) -> Vec<u32> {
+        match self {
+            Monitor::Agent(agent) => {
+                let ids = bpf::prog_ids_of(agent.pid());
+                assert!(!ids.is_empty(), "the agent holds no BPF program open");
+                ids
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Monitor::None => Vec::new(),
+            Monitor::Agent(agent) => vec![agent.pid()],
+            Monitor::Pmacctd(p) => p.pids(),
+            Monitor::Softflowd(s) => vec![s.pid()],
+        }
+    }
+
+    /// Stops the monitor; returns the UDP packets it counted (`None` without one).
+    fn stop(self) -> Option<u64> {
+        match self {
+            Monitor::None => None,
+            Monitor::Agent(agent) => Some(
+                agent
+                    .stop()
+                    .iter()
+                    .filter(|r| r.proto() == "udp")
+                    .map(|r| r.u64("orig_pkts") + r.u64("resp_pkts"))
+                    .sum(),
+            ),
+            Monitor::Pmacctd(p) => {
+                let packets = p.packets("udp");
+                p.stop();
+                Some(packets)
+            }
+            Monitor::Softflowd(s) => {
+                let packets = s.packets(17);
+                s.stop();
+                Some(packets)
+            }
+        }
+    }
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().map(|&pid| procfs::cpu_secs(pid)).sum()
+}
+
+/// Length of each iperf3 test, seconds.
+pub fn test_secs(plan: &Plan) -> u32 {
+    if plan.quick { 2 } else { 5 }
+}
+
+pub fn measure(plan: &Plan) -> Vec<Row> {
+    // Costs every BPF program two clock reads per run while it is held.
+    let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
+    let lab = Lab::new();
+    // Real gateways keep their offloads: undo the lab's WAN-link settings.
+    for (ns, dev) in [(&lab.gw, &lab.gw_wan_if), (&lab.wan, &lab.wan_if)] {
+        lab::ns_exec(ns, &["ethtool", "-K", dev, "tso", "on", "gso", "on"]);
+    }
+    let port = IPERF_PORT.to_string();
+    lab.spawn_in(
+        &lab.wan,
+        &[
+            "iperf3",
+            "-s",
+            "-B",
+            &lab::WAN_HOST_V4.to_string(),
+            "-p",
+            &port,
+            "--logfile",
+            "/dev/null",
+        ],
+    );
+    thread::sleep(Duration::from_millis(500));
+
+    let mut rounds: Vec<Vec<Round>> = Vec::new();
+    for run in 0..plan.runs {
+        let mut round = Vec::new();
+        for setup in SETUPS {
+            eprintln!("bench: end to end, {}, run {}", setup.label(), run + 1);
+            round.push(one_setup(plan, &lab, setup));
+        }
+        rounds.push(round);
+    }
+
+    SETUPS
+        .iter()
+        .enumerate()
+        .map(|(i, &setup)| {
+            let tests = |pick: fn(&Round) -> Test| -> Vec<(Test, Test)> {
+                rounds.iter().map(|r| (pick(&r[i]), pick(&r[0]))).collect()
+            };
+            let tcp = tests(|r| r.tcp);
+            let udp = tests(|r| r.udp);
+            Row {
+                setup,
+                gbits: median(tcp.iter().map(|(t, _)| t.rate)),
+                retransmits: median(tcp.iter().map(|(t, _)| t.loss)),
+                udp_pps: median(udp.iter().map(|(t, _)| t.rate)),
+                udp_loss_pct: median(udp.iter().map(|(t, _)| t.loss)),
+                tcp_cpu: cpu(&tcp),
+                udp_cpu: cpu(&udp),
+                seen: (setup != Setup::None)
+                    .then(|| median(rounds.iter().filter_map(|r| r[i].seen))),
+            }
+        })
+        .collect()
+}
+
+/// Medians of a setup's CPU over the rounds, each round set against its no-monitor run.
+fn cpu(tests: &[(Test, Test)]) -> Cpu {
+    let extra = |(t, none): &(Test, Test)| {
+        t.softirq - none.softirq * t.wan.tx_packets as f64 / none.wan.tx_packets as f64
+    };
+    Cpu {
+        process: median(tests.iter().map(|(t, _)| t.process_cpu)),
+        softirq_extra: median(tests.iter().map(extra)),
+        monitoring: median(tests.iter().map(|pair| pair.0.process_cpu + extra(pair))),
+        bpf: median(tests.iter().map(|(t, _)| t.bpf)),
+    }
+}
+
+fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
+    let monitor = Monitor::start(setup, lab);
+    let tcp = one_test(lab, &monitor, false, test_secs(plan));
+    let udp = one_test(lab, &monitor, true, test_secs(plan));
+    let wan = udp.wan;
+    let seen = monitor.stop().map(|packets| {
+        let share = packets as f64 / (wan.tx_packets + wan.rx_packets) as f64;
+        assert!(
+            share >= MIN_SEEN,
+            "{} counted {packets} UDP packets of the {} the WAN veth carried: a monitor that \
+             misses that much is not doing the work it is compared on",
+            setup.label(),
+            wan.tx_packets + wan.rx_packets
+        );
+        share
+    });
+    Round { tcp, udp, seen }
+}
+
+fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
+    let pids = monitor.pids();
+    let prog_ids = monitor.prog_ids();
+    let secs_arg = secs.to_string();
+    let server = lab::WAN_HOST_V4.to_string();
+    let port = IPERF_PORT.to_string();
+    let payload = UDP_PAYLOAD.to_string();
+    let mut args = vec!["iperf3", "-c", &server, "-p", &port, "-t", &secs_arg, "-J"];
+    if udp {
+        args.extend(["-u", "-l", &payload, "-b", UDP_RATE]);
+    }
+    let cpu_before = cpu_of(&pids);
+    let bpf_before = bpf::run_stats(&prog_ids).1;
+    let wan_before = lab::counters(&lab.gw, &lab.gw_wan_if);
+    let softirq_before = procfs::softirq_secs();
+    let out = lab::ns_output(&lab.lan, &args, Duration::from_secs(u64::from(secs) + 30));
+    let softirq = procfs::softirq_secs() - softirq_before;
+    let wan = lab::counters(&lab.gw, &lab.gw_wan_if).since(wan_before);
+    let process_cpu = cpu_of(&pids) - cpu_before;
+    let bpf = (bpf::run_stats(&prog_ids).1 - bpf_before).as_secs_f64();
+    assert!(
+        out.status.success(),
+        "iperf3 {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
+    let received = &report["end"]["sum_received"];
+    let number = |v: &Value, what: &str| {
+        v[what]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {what} in iperf3's sum_received: {received}"))
+    };
+    let (rate, loss) = if udp {
+        let delivered = number(received, "packets") - number(received, "lost_packets");
+        (
+            delivered / number(received, "seconds"),
+            number(received, "lost_percent"),
+        )
+    } else {
+        (
+            number(received, "bits_per_second") / 1e9,
+            report["end"]["sum_sent"]["retransmits"]
+                .as_f64()
+                .unwrap_or(0.0),
+        )
+    };
+    Test {
+        rate,
+        loss,
+        process_cpu,
+        softirq,
+        bpf,
+        wan,
+    }
+}
