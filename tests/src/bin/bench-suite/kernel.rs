@@ -11,6 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuHashMap},
     programs::{SchedClassifier, Xdp},
 };
 use monitor_common::names;
@@ -110,6 +111,17 @@ impl Agent {
     }
 }
 
+/// Keys in a per-CPU hash map of 40-byte keys and flow values.
+fn entries(map: std::os::fd::OwnedFd) -> usize {
+    let data = MapData::from_fd(map).expect("the map behind the descriptor");
+    PerCpuHashMap::<MapData, [u8; 40], monitor_common::flow::FlowValue>::try_from(
+        Map::PerCpuHashMap(data),
+    )
+    .expect("a per-CPU hash map")
+    .keys()
+    .count()
+}
+
 fn repeat_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
     f64::from(refprog::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))
 }
@@ -170,22 +182,43 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         // New flows: every frame once, so the timer is taken once per frame; the bare
         // program run the same way carries the same overhead.
         // The same frames again are known flows: the insert's own cost is the difference.
+        let value_size = std::mem::size_of::<monitor_common::flow::FlowValue>() as u32;
+        let (insert, insert_map) = refprog::flow_insert(kind, value_size, flows)
+            .expect("load the insert reference program");
         let mut bare_once = Vec::new();
+        let mut insert_once = Vec::new();
         let mut agent_new = Vec::new();
         let mut agent_known = Vec::new();
         for run in 0..plan.runs {
             let frames: Vec<Vec<u8>> = (0..plan.new_flows).map(|n| new_flow(run, n)).collect();
             bare_once.push(once_each_ns(bare.as_fd(), &frames));
+            insert_once.push(once_each_ns(insert.as_fd(), &frames));
             agent_new.push(once_each_ns(agent.fd(), &frames));
             agent_known.push(once_each_ns(agent.fd(), &frames));
         }
-        let (bare_once, agent_new, agent_known) =
-            (median(bare_once), median(agent_new), median(agent_known));
+        // The reference must really have inserted every frame's key.
+        assert_eq!(
+            entries(insert_map),
+            (plan.runs * plan.new_flows) as usize,
+            "the insert reference program's map"
+        );
+        let (bare_once, insert_once, agent_new, agent_known) = (
+            median(bare_once),
+            median(insert_once),
+            median(agent_new),
+            median(agent_known),
+        );
         rows.push(Row {
             hook,
             case: "bare pass, one run per call (reference)",
             ns: bare_once,
             added: None,
+        });
+        rows.push(Row {
+            hook,
+            case: "insert of a 40-byte key into a per-CPU hash, one run per call (reference)",
+            ns: insert_once,
+            added: Some(insert_once - bare_once),
         });
         rows.push(Row {
             hook,

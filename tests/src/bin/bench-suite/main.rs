@@ -132,7 +132,9 @@ fn kernel_table(plan: &Plan, rows: &[kernel::Row]) -> String {
          array counter, the least a counting program does); and the floor of any \
          per-connection counter, one lookup of a 40-byte key (the agent's flow key size) in a \
          per-CPU hash map and an increment, without and with reading the clock as every \
-         packet's timestamp needs. Frames: TCP with {} bytes of payload. A hot flow repeats \
+         packet's timestamp needs, and the floor of any new connection, one insert of such a \
+         key (taken from the frame) with a zero value of the agent's value size into a \
+         preallocated per-CPU hash map of the agent's capacity. Frames: TCP with {} bytes of payload. A hot flow repeats \
          one frame {} times per run (one map insert, then updates). One run per call: {} \
          distinct frames run once each, first as new flows (each an insert), then again as \
          known ones, set against the bare program run the same way (each call also pays the \

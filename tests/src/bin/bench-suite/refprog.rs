@@ -2,7 +2,7 @@
 //! shipped in the agent's object: a bare "pass" program, one that only bumps a per-CPU
 //! counter (the least any counting program does), and the floor of per-connection
 //! counting: one lookup of a key the size of the agent's flow key in a per-CPU hash map,
-//! with and without reading the clock.
+//! with and without reading the clock, and one insert of such a key.
 
 use std::{
     io,
@@ -13,6 +13,8 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_FUNC_KTIME_GET_NS: i32 = 5;
+const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
+const BPF_NOEXIST: i32 = 1;
 /// The agent's flow key: two 16-byte addresses, two ports, protocol, family, padding.
 const FLOW_KEY_SIZE: usize = 40;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -51,6 +53,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Offsets of `data` and `data_end` in the program's context (`xdp_md`, `__sk_buff`).
+    fn data_offsets(self) -> (i16, i16) {
+        match self {
+            Kind::Xdp => (0, 4),
+            Kind::Tc => (76, 80),
+        }
+    }
+
     fn prog_type(self) -> u32 {
         match self {
             Kind::Xdp => BPF_PROG_TYPE_XDP,
@@ -144,12 +154,67 @@ pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd
     Ok((load(kind, &prog)?, map))
 }
 
+/// Inserts (`BPF_NOEXIST`) a 40-byte key made of the frame's IPv4 destination, with a
+/// zero value of `value_size` bytes, into a preallocated per-CPU hash map of `capacity`
+/// entries: what any program that counts a new connection does at the least. Returns the
+/// program and its map.
+pub fn flow_insert(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let map = create_map_of(
+        BPF_MAP_TYPE_PERCPU_HASH,
+        FLOW_KEY_SIZE as u32,
+        value_size,
+        capacity,
+    )?;
+    let fd = map.as_raw_fd();
+    let value_words = value_size.div_ceil(8) as i16;
+    let value_at = -(FLOW_KEY_SIZE as i16) - 8 * value_words;
+    // The key at fp-40, the value below it, both zero.
+    let mut prog: Vec<Insn> = (value_at / 8..0)
+        .map(|word| insn(0x7a, 10, 0, word * 8, 0))
+        .collect();
+    let (data, data_end) = kind.data_offsets();
+    prog.extend([
+        // r2 = data, r3 = data_end; the destination address ends at byte 34.
+        insn(0x61, 2, 1, data, 0),
+        insn(0x61, 3, 1, data_end, 0),
+        insn(0xbf, 4, 2, 0, 0),
+        insn(0x07, 4, 0, 0, 34),
+        // if r4 > r3 goto pass (past the 10 instruction slots after this one)
+        insn(0x2d, 4, 3, 10, 0),
+        // *(u32 *)(fp - 40) = *(u32 *)(data + 30)
+        insn(0x61, 5, 2, 30, 0),
+        insn(0x63, 10, 5, -(FLOW_KEY_SIZE as i16), 0),
+        // bpf_map_update_elem(map, fp - 40, fp + value_at, BPF_NOEXIST)
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0xbf, 3, 10, 0, 0),
+        insn(0x07, 3, 0, 0, i32::from(value_at)),
+        insn(0xb7, 4, 0, 0, BPF_NOEXIST),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
+        // pass:
+        insn(0xb7, 0, 0, 0, kind.pass()),
+        insn(0x95, 0, 0, 0, 0),
+    ]);
+    Ok((load(kind, &prog)?, map))
+}
+
 fn create_counter_map() -> io::Result<OwnedFd> {
     create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8)
 }
 
 /// A one-entry map.
 fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<OwnedFd> {
+    create_map_of(map_type, key_size, value_size, 1)
+}
+
+fn create_map_of(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -162,7 +227,7 @@ fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<Owned
         map_type,
         key_size,
         value_size,
-        max_entries: 1,
+        max_entries,
         rest: [0; 56],
     };
     bpf(BPF_MAP_CREATE, &attr)
