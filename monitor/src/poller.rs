@@ -21,17 +21,28 @@ pub struct FlowSnapshot {
 }
 
 impl FlowSnapshot {
-    /// Sums per-CPU copies: counts add, first is the earliest, last the latest, flags OR.
+    /// Sums per-CPU copies: counts add, first is the earliest, last the latest, flags OR;
+    /// the interface is that of the copy that counted the earliest packet.
     pub fn merge(key: FlowKey, per_cpu: &[FlowValue]) -> Self {
         let mut snap = Self {
             key,
             ..Self::default()
         };
+        let mut earliest = u64::MAX;
         for value in per_cpu {
             for (total, d) in snap.dir.iter_mut().zip(&value.dir) {
                 merge_dir(total, d);
             }
-            if snap.ifindex == 0 {
+            let first = value
+                .dir
+                .iter()
+                .filter(|d| d.pkts > 0)
+                .map(|d| d.first_ns)
+                .min();
+            if let Some(first) = first
+                && first < earliest
+            {
+                earliest = first;
                 snap.ifindex = value.ifindex;
             }
         }
@@ -287,6 +298,12 @@ mod tests {
             _pad: 0,
         };
         let snap = FlowSnapshot::merge(FlowKey::default(), &[cpu0, cpu1, FlowValue::default()]);
+        let first_on_cpu1 = FlowValue { ifindex: 9, ..cpu1 };
+        assert_eq!(
+            FlowSnapshot::merge(FlowKey::default(), &[cpu0, first_on_cpu1]).ifindex,
+            9,
+            "the interface of the earliest packet, whichever CPU counted it"
+        );
         assert_eq!(snap.dir[0].pkts, 5);
         assert_eq!(snap.dir[0].ip_bytes, 500);
         assert_eq!(snap.dir[0].first_ns, 40);
