@@ -392,20 +392,22 @@ impl ConnTable {
         all
     }
 
-    /// Starts a poll: every connection is observed in it, by [`observe`](Self::observe)
-    /// or [`end_observing`](Self::end_observing).
-    pub fn begin_poll(&mut self) {
+    /// One poll's reading of the whole map: `read` hands every entry to the callback it is
+    /// given. Every connection is observed once: one it did not hand over carried nothing
+    /// new.
+    pub fn observe_map<E>(
+        &mut self,
+        read: impl FnOnce(&mut dyn FnMut(FlowSnapshot)) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.poll += 1;
-    }
-
-    /// After a poll's snapshot: a connection the snapshot lacked carried nothing new.
-    pub fn end_observing(&mut self) {
+        let read = read(&mut |snap| self.observe(snap));
         let poll = self.poll;
         for conn in self.conns.values_mut().filter(|c| c.seen != poll) {
             conn.prev = conn.totals();
             conn.seen = poll;
         }
         self.resumed.clear();
+        read
     }
 
     /// A connection whose map entry is gone carried nothing since it was last observed.
@@ -673,29 +675,31 @@ mod tests {
         assert!(table.is_empty());
     }
 
+    /// One poll whose map read finds `snaps`.
+    fn observe_map(table: &mut ConnTable, snaps: &[FlowSnapshot]) {
+        let read: Result<(), ()> = table.observe_map(|observe| {
+            snaps.iter().for_each(|snap| observe(*snap));
+            Ok(())
+        });
+        read.unwrap();
+    }
+
     #[test]
     fn deltas_run_from_the_observation_before() {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         let mut c = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default());
-        table.begin_poll();
-        table.observe(c.snap);
-        table.end_observing();
+        observe_map(&mut table, &[c.snap]);
         let delta = |t: &ConnTable| t.conns[&c.snap.key].delta(1).pkts;
         assert_eq!(delta(&table), 2, "all of it, the first time");
         c.snap.dir[1].pkts = 5;
-        table.begin_poll();
-        table.observe(c.snap);
-        table.end_observing();
+        observe_map(&mut table, &[c.snap]);
         assert_eq!(delta(&table), 3);
         // A poll whose snapshot lacks it: nothing new.
-        table.begin_poll();
-        table.end_observing();
+        observe_map(&mut table, &[]);
         assert_eq!(delta(&table), 0);
         // Its final read in the same poll as an update: only what came after the update.
         c.snap.dir[1].pkts = 6;
-        table.begin_poll();
-        table.observe(c.snap);
-        table.end_observing();
+        observe_map(&mut table, &[c.snap]);
         c.snap.dir[1].pkts = 7;
         table.observe(c.snap);
         assert_eq!(delta(&table), 1);
@@ -715,9 +719,7 @@ mod tests {
         accounted[0].1[1].pkts = 4;
         let mut after = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
         after.resume(accounted);
-        after.begin_poll();
-        after.observe(c.snap);
-        after.end_observing();
+        observe_map(&mut after, &[c.snap]);
         assert_eq!(after.conns[&c.snap.key].delta(1).pkts, 5);
     }
 

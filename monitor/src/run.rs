@@ -75,10 +75,8 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
-        self.table.begin_poll();
-        let table = &mut self.table;
-        self.poller.snapshot(|snap| table.observe(snap))?;
-        self.table.end_observing();
+        let poller = &mut self.poller;
+        self.table.observe_map(|observe| poller.snapshot(observe))?;
         let mut alerts = Vec::new();
         for conn in self.table.iter() {
             let ctx = ConnCtx::new(conn, &self.clock, &self.local);
@@ -209,10 +207,8 @@ impl Pipeline {
     /// its record, and the sinks get what they can take in a bounded time.
     fn shutdown(mut self) -> anyhow::Result<()> {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
-        self.table.begin_poll();
-        let table = &mut self.table;
-        self.poller.snapshot(|snap| table.observe(snap))?;
-        self.table.end_observing();
+        let poller = &mut self.poller;
+        self.table.observe_map(|observe| poller.snapshot(observe))?;
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log()?;
         let open: Vec<Conn> = self.table.drain().collect();
