@@ -27,6 +27,15 @@ pub fn get(ns: &str, addr: &str, path: &str) -> Option<String> {
     })
 }
 
+/// The value of a sample in Prometheus text format (`name` with its labels, if any, as
+/// written), or `None` when the text has no such sample.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Polls `f` every 250 ms until it returns `Some`; panics with `what` after `limit`.
 pub fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

@@ -29,6 +29,7 @@ use monitor::alerts::sinks::syslog::APP_NAME;
 use serde_json::Value;
 use tests::{
     agent::{Agent, READY_MARKER},
+    http,
     lab::{self, Lab, run_in_ns},
     rules_lab::{Scratch, add_wan_address, read_json_lines},
 };
@@ -139,14 +140,6 @@ fn listing(values: &[Value]) -> String {
         .map(Value::to_string)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The value of an unlabelled sample in Prometheus text format.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.split_once(' ')?;
-        (key == name).then(|| value.trim().parse().ok())?
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -284,7 +277,7 @@ impl SinkAgent {
 
     fn polls(&self) -> f64 {
         let text = self.metrics();
-        metric(&text, "egress_monitor_poll_duration_seconds_count").unwrap_or_else(|| {
+        http::sample(&text, "egress_monitor_poll_duration_seconds_count").unwrap_or_else(|| {
             self.fail(&format!(
                 "no egress_monitor_poll_duration_seconds_count in /metrics:\n{text}"
             ))
@@ -825,7 +818,7 @@ fn polling_and_detection_go_on_with_both_sinks_down() {
     }
     let raised = ports.len();
     let text = agent.metrics();
-    let counted = metric(
+    let counted = http::sample(
         &text,
         &format!("egress_monitor_alerts_total{{note=\"{NOTE}\"}}"),
     );
@@ -837,7 +830,7 @@ fn polling_and_detection_go_on_with_both_sinks_down() {
     // The outage is visible in /metrics while it lasts, not only in the log.
     for sink in ["syslog", "alertmanager"] {
         let series = format!("egress_monitor_alert_delivery_failures_total{{sink=\"{sink}\"}}");
-        let failures = metric(&text, &series);
+        let failures = http::sample(&text, &series);
         assert!(
             failures.is_some_and(|f| f >= 1.0),
             "{series} is {failures:?} during the outage:\n{text}"

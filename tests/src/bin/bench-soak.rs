@@ -325,13 +325,7 @@ struct Metrics {
 
 fn metrics(gw: &str) -> Option<Metrics> {
     let text = http::get(gw, METRICS_ADDR, "/metrics")?;
-    let value = |name: &str| -> Option<f64> {
-        let full = format!("egress_monitor_{name}");
-        text.lines().find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == full).then(|| value.trim().parse().ok())?
-        })
-    };
+    let value = |name: &str| http::sample(&text, &format!("egress_monitor_{name}"));
     Some(Metrics {
         connections_total: value("connections_total")?,
         connections_active: value("connections_active")?,

@@ -74,9 +74,7 @@ impl Drop for Pins {
 }
 
 fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    http::sample(body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 fn scrape(lab: &Lab) -> String {
