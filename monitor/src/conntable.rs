@@ -15,7 +15,10 @@ use monitor_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::poller::FlowSnapshot;
+use crate::{
+    dense::{DenseMap, Keyed},
+    poller::FlowSnapshot,
+};
 
 /// After FIN both ways or a RST, a connection is finished once quiet this long (Zeek's
 /// `tcp_close_delay`): the last ACK or a repeated RST then joins its record instead of
@@ -69,8 +72,14 @@ pub struct Conn {
     /// Totals per key direction as of the observation before the latest (zero before
     /// the first): `snap` minus these is what arrived since.
     pub prev: [Totals; 2],
-    /// The poll that last observed it.
-    seen: u64,
+}
+
+impl Keyed for Conn {
+    type Key = FlowKey;
+
+    fn key(&self) -> &FlowKey {
+        &self.snap.key
+    }
 }
 
 impl Conn {
@@ -80,7 +89,6 @@ impl Conn {
             snap,
             uid,
             prev: [Totals::default(); 2],
-            seen: 0,
         }
     }
 
@@ -282,14 +290,27 @@ impl Uids {
             })
         };
         let n = (u128::from(hash(self.seed[0])) << 64) | u128::from(hash(self.seed[1]));
-        Uid(n % UID_RANGE)
+        Uid::from(n % UID_RANGE)
     }
 }
 
 /// A connection's uid: shown as `C` and 17 base-62 digits (Zeek's form), kept as the
-/// number (16 bytes, no allocation per connection).
+/// number (16 bytes, no allocation per connection), high half first. Two `u64`s rather
+/// than a `u128`, whose 16-byte alignment would pad every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Uid(u128);
+pub struct Uid([u64; 2]);
+
+impl From<u128> for Uid {
+    fn from(n: u128) -> Self {
+        Uid([(n >> 64) as u64, n as u64])
+    }
+}
+
+impl From<Uid> for u128 {
+    fn from(Uid([hi, lo]): Uid) -> Self {
+        (u128::from(hi) << 64) | u128::from(lo)
+    }
+}
 
 const UID_DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 const UID_LEN: usize = 17;
@@ -299,7 +320,7 @@ const UID_RANGE: u128 = 62u128.pow(UID_LEN as u32);
 impl std::fmt::Display for Uid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut text = [b'C'; UID_LEN + 1];
-        let mut n = self.0;
+        let mut n = u128::from(*self);
         for digit in &mut text[1..] {
             *digit = UID_DIGITS[(n % 62) as usize];
             n /= 62;
@@ -317,12 +338,12 @@ impl std::str::FromStr for Uid {
             .strip_prefix('C')
             .filter(|d| (1..=UID_LEN).contains(&d.len()))
             .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
-        digits.bytes().rev().try_fold(Uid(0), |Uid(n), b| {
+        digits.bytes().rev().try_fold(Uid::default(), |uid, b| {
             let d = UID_DIGITS
                 .iter()
                 .position(|&x| x == b)
                 .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
-            Ok(Uid(n * 62 + d as u128))
+            Ok(Uid::from(u128::from(uid) * 62 + d as u128))
         })
     }
 }
@@ -350,11 +371,9 @@ fn splitmix(mut z: u64) -> u64 {
 /// Open connections by key.
 #[derive(Debug)]
 pub struct ConnTable {
-    conns: HashMap<FlowKey, Conn>,
+    conns: DenseMap<Conn>,
     idle_timeout: Duration,
     uids: Uids,
-    /// Polls begun.
-    poll: u64,
     /// Connections ever added.
     added: u64,
     /// Totals an earlier agent had already accounted for connections it left in the
@@ -365,10 +384,9 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(idle_timeout: Duration, uids: Uids) -> Self {
         Self {
-            conns: HashMap::new(),
+            conns: DenseMap::default(),
             idle_timeout,
             uids,
-            poll: 0,
             added: 0,
             resumed: HashMap::new(),
         }
@@ -387,7 +405,7 @@ impl ConnTable {
     /// Each connection's totals as of the latest observation, for `--state-dir`.
     pub fn accounted(&self) -> Vec<(Uid, [Totals; 2])> {
         let mut all: Vec<(Uid, [Totals; 2])> =
-            self.conns.values().map(|c| (c.uid, c.totals())).collect();
+            self.conns.iter().map(|c| (c.uid, c.totals())).collect();
         all.sort_unstable_by_key(|(uid, _)| *uid);
         all
     }
@@ -399,13 +417,11 @@ impl ConnTable {
         &mut self,
         read: impl FnOnce(&mut dyn FnMut(FlowSnapshot)) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.poll += 1;
-        let read = read(&mut |snap| self.observe(snap));
-        let poll = self.poll;
-        for conn in self.conns.values_mut().filter(|c| c.seen != poll) {
+        // Nothing new until the read says otherwise; observing then keeps this `prev`.
+        for conn in self.conns.iter_mut() {
             conn.prev = conn.totals();
-            conn.seen = poll;
         }
+        let read = read(&mut |snap| self.observe(snap));
         self.resumed.clear();
         read
     }
@@ -427,17 +443,15 @@ impl ConnTable {
             Some(conn) => {
                 conn.prev = conn.totals();
                 conn.snap = snap;
-                conn.seen = self.poll;
             }
             None => {
                 let mut conn = Conn::new(snap, Uid::default());
-                conn.seen = self.poll;
                 conn.uid = self.uids.uid(&snap.key, conn.first_ns());
                 if let Some(accounted) = self.resumed.remove(&conn.uid) {
                     conn.prev = accounted;
                 }
                 self.added += 1;
-                self.conns.insert(snap.key, conn);
+                self.conns.insert(conn);
             }
         }
     }
@@ -445,14 +459,14 @@ impl ConnTable {
     /// Keys of the connections finished at kernel time `now_ns`.
     pub fn finished(&self, now_ns: u64) -> Vec<FlowKey> {
         self.conns
-            .values()
+            .iter()
             .filter(|c| c.finished(now_ns, self.idle_timeout))
             .map(|c| c.snap.key)
             .collect()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Conn> {
-        self.conns.values()
+        self.conns.iter()
     }
 
     /// When the kernel map holds more than 90% of `capacity` entries, the connections to
@@ -469,7 +483,7 @@ impl ConnTable {
         let min_idle = PRESSURE_MIN_IDLE.as_nanos() as u64;
         let mut idle: Vec<(u64, FlowKey)> = self
             .conns
-            .values()
+            .iter()
             .map(|c| (c.last_ns(), c.snap.key))
             .filter(|(last, _)| now_ns.saturating_sub(*last) >= min_idle)
             .collect();
@@ -487,7 +501,7 @@ impl ConnTable {
 
     /// Every open connection, leaving the table empty (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
-        self.conns.drain().map(|(_, c)| c)
+        self.conns.drain()
     }
 
     pub fn len(&self) -> usize {
@@ -660,13 +674,14 @@ mod tests {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
         table.observe(c.snap);
-        let uid = table.conns[&c.snap.key].uid;
+        let uid = table.conns.get(&c.snap.key).unwrap().uid;
         let text = uid.to_string();
         assert!(text.starts_with('C') && text.len() == 18, "{text}");
         assert_eq!(text.parse::<Uid>(), Ok(uid), "shown and read back");
         table.observe(c.snap);
         assert_eq!(
-            table.conns[&c.snap.key].uid, uid,
+            table.conns.get(&c.snap.key).unwrap().uid,
+            uid,
             "a connection keeps its uid"
         );
         assert!(table.finished(30 * SEC).is_empty());
@@ -689,7 +704,7 @@ mod tests {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         let mut c = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default());
         observe_map(&mut table, &[c.snap]);
-        let delta = |t: &ConnTable| t.conns[&c.snap.key].delta(1).pkts;
+        let delta = |t: &ConnTable| t.conns.get(&c.snap.key).unwrap().delta(1).pkts;
         assert_eq!(delta(&table), 2, "all of it, the first time");
         c.snap.dir[1].pkts = 5;
         observe_map(&mut table, &[c.snap]);
@@ -720,7 +735,7 @@ mod tests {
         let mut after = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
         after.resume(accounted);
         observe_map(&mut after, &[c.snap]);
-        assert_eq!(after.conns[&c.snap.key].delta(1).pkts, 5);
+        assert_eq!(after.conns.get(&c.snap.key).unwrap().delta(1).pkts, 5);
     }
 
     #[test]

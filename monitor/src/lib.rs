@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod cli;
 pub mod clock;
 pub mod conntable;
+pub mod dense;
 pub mod dns;
 pub mod export;
 pub mod iface;

@@ -4,11 +4,7 @@
 //! window; the bytes of a group's exceeded windows within the leak period, summed, over
 //! the leak threshold raise DataLeak, at most once per leak period.
 
-use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::VecDeque, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +12,7 @@ use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved}
 use crate::{
     alerts::{Alert, Note},
     cli::LeakGroup,
+    dense::{DenseMap, Keyed},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -44,13 +41,50 @@ impl std::fmt::Display for GroupKey {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct GroupState {
+/// A group's sum in the current window. Most groups never exceed a window: what only
+/// exceeding ones need is boxed, so the others stay small (one per local-remote pair
+/// under `--leak-group pair`).
+#[derive(Debug)]
+struct Group {
+    key: GroupKey,
+    exceeded: bool,
     /// Index of the current window (epoch seconds / window).
     window: u64,
     bytes: u64,
-    exceeded: bool,
+    history: Option<Box<History>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+struct History {
     /// Earlier exceeded windows: (index, bytes).
+    past: VecDeque<(u64, u64)>,
+    last_leak: Option<f64>,
+}
+
+impl Keyed for Group {
+    type Key = GroupKey;
+
+    fn key(&self) -> &GroupKey {
+        &self.key
+    }
+}
+
+impl Group {
+    fn past(&self) -> impl Iterator<Item = &(u64, u64)> {
+        self.history.iter().flat_map(|h| h.past.iter())
+    }
+
+    fn last_leak(&self) -> Option<f64> {
+        self.history.as_ref().and_then(|h| h.last_leak)
+    }
+}
+
+/// A group as `--state-dir` keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedGroup {
+    window: u64,
+    bytes: u64,
+    exceeded: bool,
     past: VecDeque<(u64, u64)>,
     last_leak: Option<f64>,
 }
@@ -58,7 +92,7 @@ struct GroupState {
 pub struct Windows {
     cfg: Config,
     exclude: AddrMatcher,
-    groups: HashMap<GroupKey, GroupState>,
+    groups: DenseMap<Group>,
 }
 
 impl Windows {
@@ -66,7 +100,7 @@ impl Windows {
         Self {
             cfg,
             exclude,
-            groups: HashMap::new(),
+            groups: DenseMap::default(),
         }
     }
 
@@ -104,17 +138,24 @@ impl Windows {
         let window = self.index(now.epoch);
         let cfg = self.cfg;
         let window_secs = self.window_secs();
-        let state = self.groups.entry(key).or_default();
+        if self.groups.get(&key).is_none() {
+            self.groups.insert(Group {
+                key,
+                exceeded: false,
+                window,
+                bytes: 0,
+                history: None,
+            });
+        }
+        let state = self.groups.get_mut(&key).expect("inserted above");
         if state.window != window {
             if state.exceeded {
-                state.past.push_back((state.window, state.bytes));
+                let ended = (state.window, state.bytes);
+                state.history.get_or_insert_default().past.push_back(ended);
             }
-            *state = GroupState {
-                window,
-                past: std::mem::take(&mut state.past),
-                last_leak: state.last_leak,
-                ..GroupState::default()
-            };
+            state.window = window;
+            state.bytes = 0;
+            state.exceeded = false;
         }
         state.bytes += delta;
         let group = match cfg.group {
@@ -146,20 +187,21 @@ impl Windows {
             return;
         }
         let oldest = now.epoch - cfg.leak_period.as_secs_f64();
-        while state
+        let history = state.history.get_or_insert_default();
+        while history
             .past
             .front()
             .is_some_and(|&(w, _)| (w as f64) * window_secs < oldest)
         {
-            state.past.pop_front();
+            history.past.pop_front();
         }
-        let total: u64 = state.bytes + state.past.iter().map(|&(_, b)| b).sum::<u64>();
-        let quiet = state
+        let total: u64 = state.bytes + history.past.iter().map(|&(_, b)| b).sum::<u64>();
+        let quiet = history
             .last_leak
             .is_none_or(|t| now.epoch - t >= cfg.leak_period.as_secs_f64());
         if total > cfg.leak_threshold && quiet {
-            state.last_leak = Some(now.epoch);
-            let windows = state.past.len() + 1;
+            history.last_leak = Some(now.epoch);
+            let windows = history.past.len() + 1;
             let msg = format!(
                 "{key} sent {} in {windows} windows over the {} threshold within {}: more than {}",
                 human_bytes(total),
@@ -217,19 +259,43 @@ impl Rule for Windows {
     }
 
     fn save(&self, state: &mut Saved) {
-        let groups: Vec<(&GroupKey, &GroupState)> = self
+        let mut groups: Vec<(GroupKey, SavedGroup)> = self
             .groups
             .iter()
-            .collect::<BTreeMap<_, _>>()
-            .into_iter()
+            .map(|g| {
+                let saved = SavedGroup {
+                    window: g.window,
+                    bytes: g.bytes,
+                    exceeded: g.exceeded,
+                    past: g.past().copied().collect(),
+                    last_leak: g.last_leak(),
+                };
+                (g.key, saved)
+            })
             .collect();
+        groups.sort_unstable_by_key(|(key, _)| *key);
         save_as(state, "Windows.groups", groups);
     }
 
     /// The sums only: what each connection already counted is the table's to keep.
     fn restore(&mut self, state: &Saved, _conns_resumed: bool) {
-        if let Some(groups) = saved::<Vec<(GroupKey, GroupState)>>(state, "Windows.groups") {
-            self.groups = groups.into_iter().collect();
+        if let Some(groups) = saved::<Vec<(GroupKey, SavedGroup)>>(state, "Windows.groups") {
+            self.groups = groups
+                .into_iter()
+                .map(|(key, g)| {
+                    let history = History {
+                        past: g.past,
+                        last_leak: g.last_leak,
+                    };
+                    Group {
+                        key,
+                        exceeded: g.exceeded,
+                        window: g.window,
+                        bytes: g.bytes,
+                        history: (history != History::default()).then(|| Box::new(history)),
+                    }
+                })
+                .collect();
         }
     }
 
@@ -237,11 +303,11 @@ impl Rule for Windows {
         let current = self.index(now.epoch);
         let oldest = now.epoch - self.cfg.leak_period.as_secs_f64();
         let window_secs = self.window_secs();
-        self.groups.retain(|_, s| {
-            let recent_leak = s.last_leak.is_some_and(|t| t >= oldest);
+        self.groups.retain(|s| {
+            let recent_leak = s.last_leak().is_some_and(|t| t >= oldest);
             let recent_past = s
-                .past
-                .back()
+                .past()
+                .last()
                 .is_some_and(|&(w, _)| w as f64 * window_secs >= oldest);
             s.window == current
                 || recent_leak
@@ -274,7 +340,7 @@ mod tests {
     thread_local! {
         /// What each test connection had sent at its previous observation, as the
         /// connection table would remember it.
-        static OBSERVED: std::cell::RefCell<HashMap<&'static str, u64>> = Default::default();
+        static OBSERVED: std::cell::RefCell<std::collections::HashMap<&'static str, u64>> = Default::default();
     }
 
     /// A connection whose local side has sent `ip_bytes` in all (payload chosen so), with
