@@ -73,8 +73,12 @@ pub struct Cpu {
 pub struct Row {
     pub setup: Setup,
     pub gbits: f64,
+    /// Per round, this setup's TCP rate over the no-monitor run's, then the median: runs
+    /// next to each other share the machine's state, which drifts between rounds.
+    pub tcp_vs_none: f64,
     pub retransmits: f64,
     pub udp_pps: f64,
+    pub udp_vs_none: f64,
     pub udp_loss_pct: f64,
     pub tcp_cpu: Cpu,
     pub udp_cpu: Cpu,
@@ -176,9 +180,10 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&pid| procfs::cpu_secs(pid)).sum()
 }
 
-/// Length of each iperf3 test, seconds.
+/// Length of each iperf3 test, seconds. Single 5 s TCP runs through the 2-vCPU gateway
+/// varied by about 15 %: longer runs average more of the scheduler's noise.
 pub fn test_secs(plan: &Plan) -> u32 {
-    if plan.quick { 2 } else { 5 }
+    if plan.quick { 2 } else { 10 }
 }
 
 pub fn measure(plan: &Plan) -> Vec<Row> {
@@ -224,11 +229,15 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
             };
             let tcp = tests(|r| r.tcp);
             let udp = tests(|r| r.udp);
+            let vs_none =
+                |pairs: &[(Test, Test)]| median(pairs.iter().map(|(t, n)| t.rate / n.rate));
             Row {
                 setup,
                 gbits: median(tcp.iter().map(|(t, _)| t.rate)),
+                tcp_vs_none: vs_none(&tcp),
                 retransmits: median(tcp.iter().map(|(t, _)| t.loss)),
                 udp_pps: median(udp.iter().map(|(t, _)| t.rate)),
+                udp_vs_none: vs_none(&udp),
                 udp_loss_pct: median(udp.iter().map(|(t, _)| t.loss)),
                 tcp_cpu: cpu(&tcp),
                 udp_cpu: cpu(&udp),

@@ -180,10 +180,6 @@ fn poll_table(rows: &[poll::Row]) -> String {
 }
 
 fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
-    let none = rows
-        .iter()
-        .find(|r| r.setup == e2e::Setup::None)
-        .expect("a no-monitor row");
     let pmacctd = rows
         .iter()
         .find(|r| r.setup == e2e::Setup::Pmacctd)
@@ -199,7 +195,8 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
          gateway's loopback. \
          iperf3 from the lan host to the wan host: a TCP upload for {} s, then UDP with {} B \
          of payload offered at `-b {}` for {} s. Each round runs every setup in turn in one \
-         lab; every figure is the median over the rounds. \"Seen\": the UDP packets the \
+         lab; every figure is the median over the rounds, and \"vs no monitor\" the median of \
+         each round's ratio to that round's no-monitor run. \"Seen\": the UDP packets the \
          monitor counted (its conn log, pmacct's table, softflowd's flows) per packet the \
          WAN veth counted (tx + rx) during the UDP test, which checks that it watched the \
          traffic: a peer that falls behind loses packets (from its capture ring, or \
@@ -221,10 +218,10 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
             "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.2} | {:.1} | {seen} |",
             row.setup.label(),
             row.gbits,
-            row.gbits / none.gbits,
+            row.tcp_vs_none,
             row.retransmits,
             row.udp_pps,
-            row.udp_pps / none.udp_pps,
+            row.udp_vs_none,
             row.udp_loss_pct,
         );
     }
