@@ -46,7 +46,9 @@ impl<T: Keyed> DenseMap<T> {
         self.hasher.hash_one(key)
     }
 
-    fn position(&self, key: &T::Key) -> Option<usize> {
+    /// Where the item of `key` sits: an index for [`Self::at`], valid until the next
+    /// insert or removal.
+    pub fn position(&self, key: &T::Key) -> Option<usize> {
         let items = &self.items;
         self.index
             .find(self.hash(key), |&i| items[i as usize].key() == key)
@@ -61,7 +63,16 @@ impl<T: Keyed> DenseMap<T> {
         self.position(key).map(|i| &mut self.items[i])
     }
 
-    /// Adds `item`, returning the one it replaces (same key), if any.
+    pub fn at(&self, position: usize) -> Option<&T> {
+        self.items.get(position)
+    }
+
+    pub fn at_mut(&mut self, position: usize) -> Option<&mut T> {
+        self.items.get_mut(position)
+    }
+
+    /// Adds `item`, returning the one it replaces (same key), if any. A new item's
+    /// position is the last.
     pub fn insert(&mut self, item: T) -> Option<T> {
         if let Some(i) = self.position(item.key()) {
             return Some(std::mem::replace(&mut self.items[i], item));
