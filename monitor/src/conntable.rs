@@ -234,17 +234,44 @@ fn key_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
-/// The networks that count as local.
+/// The networks that count as local, as (network, mask) integers: asked several times
+/// per connection and poll, so a masked compare rather than `IpNet::contains`.
 #[derive(Clone, Debug)]
-pub struct LocalNets(Vec<IpNet>);
+pub struct LocalNets {
+    v4: Vec<(u32, u32)>,
+    v6: Vec<(u128, u128)>,
+}
 
 impl LocalNets {
     pub fn new(nets: Vec<IpNet>) -> Self {
-        Self(nets)
+        let mut local = Self {
+            v4: Vec::new(),
+            v6: Vec::new(),
+        };
+        for net in nets {
+            match net {
+                IpNet::V4(n) => local
+                    .v4
+                    .push((n.network().to_bits(), n.netmask().to_bits())),
+                IpNet::V6(n) => local
+                    .v6
+                    .push((n.network().to_bits(), n.netmask().to_bits())),
+            }
+        }
+        local
     }
 
     pub fn contains(&self, addr: IpAddr) -> bool {
-        self.0.iter().any(|net| net.contains(&addr))
+        match addr {
+            IpAddr::V4(a) => {
+                let a = a.to_bits();
+                self.v4.iter().any(|&(net, mask)| a & mask == net)
+            }
+            IpAddr::V6(a) => {
+                let a = a.to_bits();
+                self.v6.iter().any(|&(net, mask)| a & mask == net)
+            }
+        }
     }
 }
 
@@ -885,5 +912,41 @@ mod tests {
         let nets = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
         assert!(nets.contains("198.19.255.1".parse().unwrap()));
         assert!(!nets.contains("203.0.113.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn local_nets_agree_with_ipnet() {
+        let nets: Vec<IpNet> = [
+            "10.1.2.3/8",
+            "192.0.2.128/25",
+            "0.0.0.0/0",
+            "2001:db8::1/32",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+        let addrs: Vec<IpAddr> = [
+            "10.255.0.1",
+            "11.0.0.1",
+            "192.0.2.127",
+            "192.0.2.128",
+            "192.0.2.255",
+            "2001:db8:ffff::1",
+            "2001:db9::1",
+            "::ffff:10.0.0.1",
+            "::",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for k in 0..=nets.len() {
+            for some in [&nets[..k], &nets[k..]] {
+                let local = LocalNets::new(some.to_vec());
+                for &addr in &addrs {
+                    let expected = some.iter().any(|n| n.contains(&addr));
+                    assert_eq!(local.contains(addr), expected, "{addr} in {some:?}");
+                }
+            }
+        }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::{
     cli::TopArgs,
-    conntable::{Conn, ConnTable, Endpoint, LocalNets},
+    conntable::{Conn, ConnTable, Endpoint, LocalNets, Uid},
     rules::{Now, human_bytes, proto_name},
 };
 
@@ -68,20 +68,35 @@ pub struct Tracker {
 /// One ranked connection, before it becomes a [`Row`].
 struct Candidate<'a> {
     conn: &'a Conn,
+    rank: Rank,
     local: Endpoint,
     remote: Endpoint,
     bytes: [u64; 2],
     rate: [f64; 2],
 }
 
+/// What connections are ranked by: the busier first, then the one with more bytes, then
+/// the smaller uid.
+#[derive(Clone, Copy)]
+struct Rank {
+    rate: f64,
+    bytes: u64,
+    uid: Uid,
+}
+
+impl Rank {
+    fn busier(&self, other: &Self) -> Ordering {
+        other
+            .rate
+            .total_cmp(&self.rate)
+            .then(other.bytes.cmp(&self.bytes))
+            .then_with(|| self.uid.cmp(&other.uid))
+    }
+}
+
 impl Candidate<'_> {
     fn busier(&self, other: &Self) -> Ordering {
-        let rate = |c: &Self| c.rate[0] + c.rate[1];
-        let bytes = |c: &Self| c.bytes[0] + c.bytes[1];
-        rate(other)
-            .total_cmp(&rate(self))
-            .then(bytes(other).cmp(&bytes(self)))
-            .then_with(|| self.conn.uid.cmp(&other.conn.uid))
+        self.rank.busier(&other.rank)
     }
 }
 
@@ -102,9 +117,27 @@ impl Tracker {
     /// Ranks the table's connections as of `now` and publishes the busiest.
     pub fn update(&mut self, table: &ConnTable, local: &LocalNets, now: Now) {
         let secs = Duration::from_nanos(now.mono_ns.saturating_sub(self.last_ns)).as_secs_f64();
-        // Bounded: whenever it fills, only the busiest MAX_ROWS stay.
+        // Bounded: whenever it fills, only the busiest MAX_ROWS stay, and a connection
+        // that would rank below the last of them is passed over at once.
         let mut busiest: Vec<Candidate> = Vec::with_capacity(2 * MAX_ROWS);
+        let mut floor: Option<Rank> = None;
         for conn in table.iter() {
+            let rate = |dir: usize| {
+                if secs > 0.0 {
+                    conn.delta(dir).bytes as f64 / secs
+                } else {
+                    0.0
+                }
+            };
+            let now_bytes = conn.snap.dir.map(|d| d.bytes);
+            let rank = Rank {
+                rate: rate(0) + rate(1),
+                bytes: now_bytes[0] + now_bytes[1],
+                uid: conn.uid,
+            };
+            if floor.is_some_and(|f| rank.busier(&f) != Ordering::Less) {
+                continue;
+            }
             let (orig, resp) = conn.endpoints();
             let orig_dir = conn.orig_dir();
             // "out" is what the local side sends; orig's when both or neither are local.
@@ -114,16 +147,9 @@ impl Tracker {
                 } else {
                     (orig, resp, orig_dir)
                 };
-            let now_bytes = conn.snap.dir.map(|d| d.bytes);
-            let rate = |dir: usize| {
-                if secs > 0.0 {
-                    conn.delta(dir).bytes as f64 / secs
-                } else {
-                    0.0
-                }
-            };
             busiest.push(Candidate {
                 conn,
+                rank,
                 local: local_ep,
                 remote: remote_ep,
                 bytes: [now_bytes[out_dir], now_bytes[1 - out_dir]],
@@ -131,6 +157,7 @@ impl Tracker {
             });
             if busiest.len() == busiest.capacity() {
                 keep_busiest(&mut busiest);
+                floor = busiest.last().map(|c| c.rank);
             }
         }
         keep_busiest(&mut busiest);
@@ -379,10 +406,14 @@ mod tests {
         assert_eq!((row.bytes_out, row.bytes_in), (7_000, 100));
     }
 
+    /// Busier ones come first, last and in between (a permutation of the ports): rows
+    /// kept early are displaced, later ones passed over.
     #[test]
     fn keeps_only_the_busiest() {
         let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
-        let specs: Vec<ConnSpec> = (0..3 * MAX_ROWS as u16)
+        let n = 3 * MAX_ROWS as u16;
+        let specs: Vec<ConnSpec> = (0..n)
+            .map(|k| (k * 7 + n / 2) % n)
             .map(|i| ConnSpec {
                 orig: ("198.18.1.2", 10_000 + i),
                 orig_bytes: u64::from(i) * 1_000,
