@@ -64,47 +64,137 @@ impl Totals {
 
 /// A connection as the table knows it: the latest totals of its map entry, and those of
 /// the observation before, from which every consumer takes what is new.
+///
+/// The snapshot is kept without the kernel type's padding (192 bytes in all, against 208
+/// with a whole `FlowSnapshot`): there is one of these per open connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conn {
-    pub snap: FlowSnapshot,
+    pub key: FlowKey,
+    /// The latest snapshot's counts and times per key direction.
+    counts: [Counts; 2],
+    /// Totals per key direction as of the observation before the latest (zero before
+    /// the first): the latest minus these is what arrived since.
+    pub prev: [Totals; 2],
     /// Zeek-style unique id, the same in every log line and alert about this connection.
     pub uid: Uid,
-    /// Totals per key direction as of the observation before the latest (zero before
-    /// the first): `snap` minus these is what arrived since.
-    pub prev: [Totals; 2],
+    /// Interface of the packet that opened the map entry.
+    pub ifindex: u32,
+    /// The latest snapshot's `tcp_flags` and `syn_only` per key direction.
+    flags: [[u8; 2]; 2],
+}
+
+const _: () = assert!(
+    size_of::<Conn>() == 192,
+    "one per open connection: keep it small"
+);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Counts {
+    pkts: u64,
+    ip_bytes: u64,
+    bytes: u64,
+    first_ns: u64,
+    last_ns: u64,
 }
 
 impl Keyed for Conn {
     type Key = FlowKey;
 
     fn key(&self) -> &FlowKey {
-        &self.snap.key
+        &self.key
     }
 }
 
 impl Conn {
     /// A connection observed once, nothing before.
     pub fn new(snap: FlowSnapshot, uid: Uid) -> Self {
-        Self {
-            snap,
-            uid,
+        let mut conn = Self {
+            key: snap.key,
+            counts: [Counts {
+                pkts: 0,
+                ip_bytes: 0,
+                bytes: 0,
+                first_ns: 0,
+                last_ns: 0,
+            }; 2],
             prev: [Totals::default(); 2],
+            uid,
+            ifindex: 0,
+            flags: [[0; 2]; 2],
+        };
+        conn.set_snap(snap);
+        conn
+    }
+
+    /// Takes the counts of a later snapshot of the same connection.
+    pub fn set_snap(&mut self, snap: FlowSnapshot) {
+        debug_assert_eq!(snap.key, self.key, "a snapshot of another connection");
+        for (d, s) in snap.dir.iter().enumerate() {
+            self.counts[d] = Counts {
+                pkts: s.pkts,
+                ip_bytes: s.ip_bytes,
+                bytes: s.bytes,
+                first_ns: s.first_ns,
+                last_ns: s.last_ns,
+            };
+            self.flags[d] = [s.tcp_flags, s.syn_only];
         }
+        self.ifindex = snap.ifindex;
+    }
+
+    /// Changes the latest snapshot as `change` does (tests build connections this way).
+    #[cfg(test)]
+    pub fn edit(&mut self, change: impl FnOnce(&mut FlowSnapshot)) {
+        let mut snap = self.snap();
+        change(&mut snap);
+        self.set_snap(snap);
+    }
+
+    /// The latest snapshot.
+    pub fn snap(&self) -> FlowSnapshot {
+        FlowSnapshot {
+            key: self.key,
+            dir: [self.dir(0), self.dir(1)],
+            ifindex: self.ifindex,
+        }
+    }
+
+    /// The latest snapshot's stats of key direction `dir`.
+    pub fn dir(&self, dir: usize) -> DirStats {
+        let c = &self.counts[dir];
+        DirStats {
+            pkts: c.pkts,
+            ip_bytes: c.ip_bytes,
+            bytes: c.bytes,
+            first_ns: c.first_ns,
+            last_ns: c.last_ns,
+            tcp_flags: self.flags[dir][0],
+            syn_only: self.flags[dir][1],
+            ..DirStats::default()
+        }
+    }
+
+    fn dirs(&self) -> [DirStats; 2] {
+        [self.dir(0), self.dir(1)]
     }
 
     /// What key direction `dir` carried since the observation before the latest.
     pub fn delta(&self, dir: usize) -> Totals {
-        Totals::of(&self.snap.dir[dir]).since(self.prev[dir])
+        self.totals()[dir].since(self.prev[dir])
     }
 
     fn totals(&self) -> [Totals; 2] {
-        self.snap.dir.each_ref().map(Totals::of)
+        self.counts.map(|c| Totals {
+            pkts: c.pkts,
+            ip_bytes: c.ip_bytes,
+            bytes: c.bytes,
+        })
     }
 
     /// Index of the originator's direction: the sender of a SYN without ACK, else the
     /// peer of a SYN-ACK sender, else the sender of the first packet.
     pub fn orig_dir(&self) -> usize {
-        let [ab, ba] = &self.snap.dir;
+        let [ab, ba] = &self.dirs();
         match (ab.syn_only != 0, ba.syn_only != 0) {
             (true, false) => return DIR_A_TO_B,
             (false, true) => return DIR_B_TO_A,
@@ -127,17 +217,17 @@ impl Conn {
         }
     }
 
-    pub fn orig(&self) -> &DirStats {
-        &self.snap.dir[self.orig_dir()]
+    pub fn orig(&self) -> DirStats {
+        self.dir(self.orig_dir())
     }
 
-    pub fn resp(&self) -> &DirStats {
-        &self.snap.dir[1 - self.orig_dir()]
+    pub fn resp(&self) -> DirStats {
+        self.dir(1 - self.orig_dir())
     }
 
-    /// The key's endpoints (a, b): the senders of `snap.dir[0]` and `snap.dir[1]`.
+    /// The key's endpoints (a, b): the senders of key directions 0 and 1.
     pub fn key_endpoints(&self) -> (Endpoint, Endpoint) {
-        let k = &self.snap.key;
+        let k = &self.key;
         let a = Endpoint {
             addr: key_addr(k.family, &k.addr_a),
             port: k.port_a,
@@ -160,32 +250,31 @@ impl Conn {
     }
 
     pub fn first_ns(&self) -> u64 {
-        self.snap
-            .dir
+        self.counts
             .iter()
-            .filter(|d| d.pkts > 0)
-            .map(|d| d.first_ns)
+            .filter(|c| c.pkts > 0)
+            .map(|c| c.first_ns)
             .min()
             .unwrap_or(0)
     }
 
     pub fn last_ns(&self) -> u64 {
-        self.snap.dir.iter().map(|d| d.last_ns).max().unwrap_or(0)
+        self.counts.iter().map(|c| c.last_ns).max().unwrap_or(0)
     }
 
     fn is_tcp(&self) -> bool {
-        self.snap.key.proto == IPPROTO_TCP
+        self.key.proto == IPPROTO_TCP
     }
 
     /// TCP whose opening SYN was never seen: it started before the agent looked.
     pub fn missed_start(&self) -> bool {
-        self.is_tcp() && self.snap.dir.iter().all(|d| d.syn_only == 0)
+        self.is_tcp() && self.flags.iter().all(|[_, syn_only]| *syn_only == 0)
     }
 
     /// Zeek's `conn_state`, derived from the flags each side sent (their order is not
     /// known, so FIN and RST are weighed as Zeek's state machine would end up).
     pub fn conn_state(&self) -> &'static str {
-        let (o, r) = (self.orig(), self.resp());
+        let (o, r) = (&self.orig(), &self.resp());
         if !self.is_tcp() {
             return if r.pkts > 0 { "SF" } else { "S0" };
         }
@@ -213,9 +302,9 @@ impl Conn {
 
     /// Closed by the endpoints: FIN both ways, or a RST.
     pub fn closed(&self) -> bool {
-        let [ab, ba] = &self.snap.dir;
-        let either = (ab.tcp_flags | ba.tcp_flags) & tcp_flags::RST != 0;
-        let both_fin = ab.tcp_flags & ba.tcp_flags & tcp_flags::FIN != 0;
+        let [[ab, _], [ba, _]] = self.flags;
+        let either = (ab | ba) & tcp_flags::RST != 0;
+        let both_fin = ab & ba & tcp_flags::FIN != 0;
         self.is_tcp() && (either || both_fin)
     }
 
@@ -464,11 +553,10 @@ impl ConnTable {
         let mut cursor = 0;
         let read = read(&mut |snap| {
             let ahead = last.get(cursor..).unwrap_or_default();
-            let hint = ahead.iter().take(READ_ORDER_LOOKAHEAD).position(|&p| {
-                self.conns
-                    .at(p as usize)
-                    .is_some_and(|c| c.snap.key == snap.key)
-            });
+            let hint = ahead
+                .iter()
+                .take(READ_ORDER_LOOKAHEAD)
+                .position(|&p| self.conns.at(p as usize).is_some_and(|c| c.key == snap.key));
             let position = match hint {
                 Some(skipped) => {
                     cursor += skipped + 1;
@@ -523,7 +611,7 @@ impl ConnTable {
             .at_mut(position)
             .expect("a position in the table");
         conn.prev = conn.totals();
-        conn.snap = snap;
+        conn.set_snap(snap);
     }
 
     /// Keys of the connections finished at kernel time `now_ns`.
@@ -531,7 +619,7 @@ impl ConnTable {
         self.conns
             .iter()
             .filter(|c| c.finished(now_ns, self.idle_timeout))
-            .map(|c| c.snap.key)
+            .map(|c| c.key)
             .collect()
     }
 
@@ -554,7 +642,7 @@ impl ConnTable {
         let mut idle: Vec<(u64, FlowKey)> = self
             .conns
             .iter()
-            .map(|c| (c.last_ns(), c.snap.key))
+            .map(|c| (c.last_ns(), c.key))
             .filter(|(last, _)| now_ns.saturating_sub(*last) >= min_idle)
             .collect();
         idle.sort_unstable();
@@ -742,21 +830,21 @@ mod tests {
     #[test]
     fn table_reports_finished_keys() {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
-        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
-        table.observe(c.snap);
-        let uid = table.conns.get(&c.snap.key).unwrap().uid;
+        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default()).snap();
+        table.observe(c);
+        let uid = table.conns.get(&c.key).unwrap().uid;
         let text = uid.to_string();
         assert!(text.starts_with('C') && text.len() == 18, "{text}");
         assert_eq!(text.parse::<Uid>(), Ok(uid), "shown and read back");
-        table.observe(c.snap);
+        table.observe(c);
         assert_eq!(
-            table.conns.get(&c.snap.key).unwrap().uid,
+            table.conns.get(&c.key).unwrap().uid,
             uid,
             "a connection keeps its uid"
         );
         assert!(table.finished(30 * SEC).is_empty());
-        assert_eq!(table.finished(31 * SEC), vec![c.snap.key]);
-        assert_eq!(table.remove(&c.snap.key).map(|c| c.snap), Some(c.snap));
+        assert_eq!(table.finished(31 * SEC), vec![c.key]);
+        assert_eq!(table.remove(&c.key).map(|c| c.snap()), Some(c));
         assert!(table.is_empty());
     }
 
@@ -801,12 +889,12 @@ mod tests {
             observe_map(&mut table, &snaps);
             for &n in &live {
                 let conn = table.get(&snap(n, 0).key).expect("every read connection");
-                assert_eq!(conn.snap.dir[1].pkts, pkts(n));
+                assert_eq!(conn.dir(1).pkts, pkts(n));
                 let before = last_seen.insert(n, pkts(n)).unwrap_or(0);
                 assert_eq!(conn.delta(1).pkts, pkts(n) - before, "round {round}, {n}");
             }
             for conn in table.iter() {
-                if !live.contains(&conn.snap.key.port_b) {
+                if !live.contains(&conn.key.port_b) {
                     assert_eq!(conn.delta(1).pkts, 0);
                 }
             }
@@ -816,24 +904,24 @@ mod tests {
     #[test]
     fn deltas_run_from_the_observation_before() {
         let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
-        let mut c = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default());
-        observe_map(&mut table, &[c.snap]);
-        let delta = |t: &ConnTable| t.conns.get(&c.snap.key).unwrap().delta(1).pkts;
+        let mut c = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default()).snap();
+        observe_map(&mut table, &[c]);
+        let delta = |t: &ConnTable| t.conns.get(&c.key).unwrap().delta(1).pkts;
         assert_eq!(delta(&table), 2, "all of it, the first time");
-        c.snap.dir[1].pkts = 5;
-        observe_map(&mut table, &[c.snap]);
+        c.dir[1].pkts = 5;
+        observe_map(&mut table, &[c]);
         assert_eq!(delta(&table), 3);
         // A poll whose snapshot lacks it: nothing new.
         observe_map(&mut table, &[]);
         assert_eq!(delta(&table), 0);
         // Its final read in the same poll as an update: only what came after the update.
-        c.snap.dir[1].pkts = 6;
-        observe_map(&mut table, &[c.snap]);
-        c.snap.dir[1].pkts = 7;
-        table.observe(c.snap);
+        c.dir[1].pkts = 6;
+        observe_map(&mut table, &[c]);
+        c.dir[1].pkts = 7;
+        table.observe(c);
         assert_eq!(delta(&table), 1);
         // Its entry gone: nothing more.
-        table.settle(&c.snap.key);
+        table.settle(&c.key);
         assert_eq!(delta(&table), 0);
         assert_eq!(table.added(), 1);
     }
@@ -841,21 +929,21 @@ mod tests {
     #[test]
     fn a_resumed_connection_starts_from_what_was_accounted() {
         let seed = [1, 2];
-        let c = conn(IPPROTO_UDP, dir(9, SEC, SEC, 0, false), DirStats::default());
+        let c = conn(IPPROTO_UDP, dir(9, SEC, SEC, 0, false), DirStats::default()).snap();
         let mut before = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
-        before.observe(c.snap);
+        before.observe(c);
         let mut accounted = before.accounted();
         accounted[0].1[1].pkts = 4;
         let mut after = ConnTable::new(Duration::from_secs(30), Uids::new(seed));
         after.resume(accounted);
-        observe_map(&mut after, &[c.snap]);
-        assert_eq!(after.conns.get(&c.snap.key).unwrap().delta(1).pkts, 5);
+        observe_map(&mut after, &[c]);
+        assert_eq!(after.conns.get(&c.key).unwrap().delta(1).pkts, 5);
     }
 
     #[test]
     fn uids_follow_seed_key_and_start() {
-        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default());
-        let uid = |seed, first_ns| Uids::new(seed).uid(&c.snap.key, first_ns);
+        let c = conn(IPPROTO_UDP, dir(1, SEC, SEC, 0, false), DirStats::default()).snap();
+        let uid = |seed, first_ns| Uids::new(seed).uid(&c.key, first_ns);
         assert_eq!(
             uid([1, 2], SEC),
             uid([1, 2], SEC),
@@ -871,7 +959,7 @@ mod tests {
             uid([1, 2], 2 * SEC),
             "the same key reused later is another connection"
         );
-        let mut other = c.snap.key;
+        let mut other = c.key;
         other.port_a += 1;
         assert_ne!(uid([1, 2], SEC), Uids::new([1, 2]).uid(&other, SEC));
     }
@@ -886,10 +974,11 @@ mod tests {
                     IPPROTO_UDP,
                     dir(1, 0, u64::from(i) * SEC, 0, false),
                     DirStats::default(),
-                );
-                c.snap.key.port_b = 50_000 + i;
-                table.observe(c.snap);
-                c.snap.key
+                )
+                .snap();
+                c.key.port_b = 50_000 + i;
+                table.observe(c);
+                c.key
             })
             .collect();
         assert!(

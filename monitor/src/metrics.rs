@@ -472,9 +472,9 @@ mod tests {
         let mut m = Metrics::new(1024, 0, Duration::from_secs(300)).unwrap();
         let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
         let mut observe = |m: &mut Metrics, spec: &ConnSpec| {
-            let snap = spec.conn().snap;
+            let snap = spec.conn().snap();
             table.observe(snap);
-            let conn = table.iter().find(|c| c.snap.key == snap.key).unwrap();
+            let conn = table.iter().find(|c| c.key == snap.key).unwrap();
             m.observe(conn, &local());
         };
         let mut spec = ConnSpec {

@@ -129,7 +129,7 @@ impl Tracker {
                     0.0
                 }
             };
-            let now_bytes = conn.snap.dir.map(|d| d.bytes);
+            let now_bytes = [0, 1].map(|d| conn.dir(d).bytes);
             let rank = Rank {
                 rate: rate(0) + rate(1),
                 bytes: now_bytes[0] + now_bytes[1],
@@ -166,7 +166,7 @@ impl Tracker {
             .iter()
             .map(|c| Row {
                 uid: c.conn.uid.to_string(),
-                proto: proto_name(c.conn.snap.key.proto).to_owned(),
+                proto: proto_name(c.conn.key.proto).to_owned(),
                 local: SocketAddr::new(c.local.addr, c.local.port),
                 remote: SocketAddr::new(c.remote.addr, c.remote.port),
                 bytes_out: c.bytes[0],
@@ -347,7 +347,7 @@ mod tests {
 
     fn observe(table: &mut ConnTable, specs: &[ConnSpec]) {
         for spec in specs {
-            table.observe(spec.conn().snap);
+            table.observe(spec.conn().snap());
         }
     }
 

@@ -62,7 +62,8 @@ fn conn(proto: u8, orig: (&str, u16), resp: (&str, u16), uid: &str) -> Conn {
 
 /// Adds `pkts` packets of `ip_bytes` in total to direction `d` at kernel time `at_ns`.
 fn add(conn: &mut Conn, d: usize, pkts: u64, ip_bytes: u64, at_ns: u64, flags: u8) {
-    let s = &mut conn.snap.dir[d];
+    let mut snap = conn.snap();
+    let s = &mut snap.dir[d];
     if s.pkts == 0 {
         s.first_ns = at_ns;
     }
@@ -70,9 +71,10 @@ fn add(conn: &mut Conn, d: usize, pkts: u64, ip_bytes: u64, at_ns: u64, flags: u
     s.ip_bytes += ip_bytes;
     s.last_ns = at_ns;
     s.tcp_flags |= flags;
-    if d == 0 && conn.snap.key.proto == IPPROTO_TCP && flags == tcp_flags::SYN {
+    if d == 0 && conn.key.proto == IPPROTO_TCP && flags == tcp_flags::SYN {
         s.syn_only = 1;
     }
+    conn.set_snap(snap);
 }
 
 /// (src, dst, sport, dport, proto) of each direction with traffic, as nfdump shows it
@@ -81,7 +83,7 @@ type Tuple = (IpAddr, IpAddr, u16, u16, u8);
 
 fn expected(conn: &Conn) -> Vec<(Tuple, (u64, u64))> {
     let (o, r) = conn.key_endpoints();
-    let proto = conn.snap.key.proto;
+    let proto = conn.key.proto;
     let ports = |src: u16, dst: u16| {
         if proto == IPPROTO_ICMP {
             // Echo request 8 / reply 0: each side's key port is the type it sends, the
@@ -93,7 +95,7 @@ fn expected(conn: &Conn) -> Vec<(Tuple, (u64, u64))> {
     };
     let mut out = Vec::new();
     for (d, (s, t)) in [(o, r), (r, o)].into_iter().enumerate() {
-        let stats = &conn.snap.dir[d];
+        let stats = &conn.dir(d);
         if stats.pkts > 0 {
             let (sp, dp) = ports(s.port, t.port);
             out.push((

@@ -73,7 +73,7 @@ impl ConnRecord {
             orig_p: orig.port,
             resp_h: resp.addr,
             resp_p: resp.port,
-            proto: proto_name(conn.snap.key.proto),
+            proto: proto_name(conn.key.proto),
             duration: last.saturating_sub(first) as f64 / 1e9,
             orig_bytes: o.bytes,
             resp_bytes: r.bytes,
@@ -85,7 +85,7 @@ impl ConnRecord {
             local_orig: local.contains(orig.addr),
             local_resp: local.contains(resp.addr),
             missed_start: conn.missed_start(),
-            iface: iface::name(conn.snap.ifindex),
+            iface: iface::name(conn.ifindex),
             remote_fqdn: None,
         };
         Self {

@@ -169,8 +169,10 @@ mod tests {
     fn closed_connections_are_not_long() {
         let mut rule = default_rule();
         let mut conn = ConnSpec::default().conn();
-        conn.snap.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
-        conn.snap.dir[1].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
+        conn.edit(|s| {
+            s.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
+            s.dir[1].tcp_flags |= monitor_common::flow::tcp_flags::FIN;
+        });
         assert!(update(&mut rule, &conn, at(3600.0)).is_empty());
     }
 

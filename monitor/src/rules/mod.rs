@@ -135,7 +135,7 @@ impl<'a> ConnCtx<'a> {
     }
 
     pub fn proto(&self) -> u8 {
-        self.conn.snap.key.proto
+        self.conn.key.proto
     }
 
     /// Time since the first packet: idle connections age too.

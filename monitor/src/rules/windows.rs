@@ -352,8 +352,10 @@ mod tests {
             ..ConnSpec::default()
         }
         .conn();
-        conn.snap.dir[0].ip_bytes = ip_bytes;
-        conn.snap.dir[0].pkts = 1;
+        conn.edit(|s| {
+            s.dir[0].ip_bytes = ip_bytes;
+            s.dir[0].pkts = 1;
+        });
         let before = OBSERVED.with(|seen| seen.borrow_mut().insert(uid, ip_bytes));
         conn.prev[0].ip_bytes = before.unwrap_or(0);
         conn

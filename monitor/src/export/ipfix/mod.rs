@@ -188,7 +188,7 @@ impl IpfixExporter {
         let first = conn.first_ns();
         let at = self
             .exported
-            .entry(conn.snap.key)
+            .entry(conn.key)
             .or_insert_with(|| Exported {
                 at_ns: first,
                 ..Exported::default()
@@ -203,7 +203,7 @@ impl IpfixExporter {
     /// For a finished connection: queues what is left with `reason` and forgets it.
     pub fn finish(&mut self, conn: &Conn, reason: EndReason, now_ns: u64) {
         self.export(conn, reason, now_ns, true);
-        self.exported.remove(&conn.snap.key);
+        self.exported.remove(&conn.key);
     }
 
     /// Encodes the queued records (and the templates when due) and hands the messages to
@@ -270,12 +270,8 @@ impl IpfixExporter {
     }
 
     fn export(&mut self, conn: &Conn, reason: EndReason, now_ns: u64, last: bool) {
-        let prev = self
-            .exported
-            .get(&conn.snap.key)
-            .copied()
-            .unwrap_or_default();
-        let snap = &conn.snap;
+        let prev = self.exported.get(&conn.key).copied().unwrap_or_default();
+        let snap = conn.snap();
         let delta = |d: usize| {
             (
                 snap.dir[d].pkts.saturating_sub(prev.packets[d]),
@@ -489,7 +485,7 @@ mod tests {
             40000,
             [dir(0, 0, 0, 0, 0), dir(1, 60, 100, 100, SYN)],
         );
-        c.snap.dir[1].syn_only = 1;
+        c.edit(|s| s.dir[1].syn_only = 1);
         // Before the active timeout: nothing.
         exporter.update(&c, 105 * SECOND);
         assert!(take(&mut exporter).is_empty());
@@ -501,11 +497,13 @@ mod tests {
         ];
         let mut all = Vec::new();
         for (now, [ab, ba]) in steps {
-            c.snap.dir[0] = dir(ab.0, ab.1, ab.2, ab.3, SYN | ACK);
-            c.snap.dir[1] = DirStats {
-                syn_only: 1,
-                ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
-            };
+            c.edit(|s| {
+                s.dir[0] = dir(ab.0, ab.1, ab.2, ab.3, SYN | ACK);
+                s.dir[1] = DirStats {
+                    syn_only: 1,
+                    ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
+                };
+            });
             exporter.update(&c, now * SECOND);
             all.extend(take(&mut exporter));
         }
@@ -525,8 +523,10 @@ mod tests {
             (EPOCH_AT_ZERO_MS + 110_000, EPOCH_AT_ZERO_MS + 121_000),
             "a later export starts at the previous one's last packet"
         );
-        c.snap.dir[0] = dir(11, 5100, 101, 140, SYN | ACK | FIN);
-        c.snap.dir[1] = dir(14, 1000, 100, 140, SYN | ACK | FIN);
+        c.edit(|s| {
+            s.dir[0] = dir(11, 5100, 101, 140, SYN | ACK | FIN);
+            s.dir[1] = dir(14, 1000, 100, 140, SYN | ACK | FIN);
+        });
         exporter.finish(&c, EndReason::EndOfFlow, 146 * SECOND);
         let last = take(&mut exporter);
         assert_eq!(last.len(), 2);
