@@ -190,7 +190,8 @@ fn read_floor_table(rows: &[poll::ReadRow]) -> String {
     let mut out = String::from(
         "The floor of that read per map kind: `BPF_MAP_LOOKUP_BATCH` (256 entries per call) \
          of every entry of a per-CPU hash map (one value per possible CPU per entry, as the \
-         agent's flow map is) and of a shared hash map (one value per entry), both with the \
+         agent's flow map had before it was shared) and of a shared hash map (one value per \
+         entry, as the agent's flow map has), both with the \
          flow map's key and value sizes (40 and 104 bytes) and twice the entries as \
          capacity, filled by the benchmark and read in turn, without the agent.\n\n\
          | entries | per-CPU hash read (ms) | shared hash read (ms) | shared / per-CPU |\n\

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData};
 use monitor::poller::Poller;
 use monitor_common::{
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
@@ -58,7 +58,7 @@ impl Pins {
 fn read_alone(pins: &Pins, times: u32) -> f64 {
     let flows = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
     let stats = MapData::from_pin(pins.map(names::STATS_MAP)).expect("open the stats map");
-    let mut poller = Poller::new(Map::PerCpuHashMap(flows), Map::PerCpuArray(stats))
+    let mut poller = Poller::new(Map::HashMap(flows), Map::PerCpuArray(stats))
         .expect("the agent's poller on the pinned maps");
     median((0..times).map(|_| {
         let started = Instant::now();
@@ -117,17 +117,12 @@ fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
 
 fn fill(pins: &Pins, entries: u32) {
     let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
-    let mut map = PerCpuHashMap::<MapData, FlowKey, FlowValue>::try_from(Map::PerCpuHashMap(data))
-        .expect("a per-CPU hash map");
-    let cpus = aya::util::nr_cpus().expect("possible CPUs").get() as usize;
+    let mut map =
+        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map");
     let now = monitor::clock::monotonic_ns();
     for n in 0..entries {
         let (key, value) = synthetic(n, now);
-        // The agent sums the CPUs' copies: one CPU holds the counts.
-        let mut per_cpu = vec![FlowValue::default(); cpus];
-        per_cpu[0] = value;
-        let values = PerCpuValues::try_from(per_cpu).expect("one value per CPU");
-        map.insert(&key, values, 0)
+        map.insert(&key, &value, 0)
             .expect("insert a synthetic connection");
     }
 }
