@@ -250,16 +250,25 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         let (shared_insert, shared_insert_map) =
             refprog::flow_insert(kind, Table::Shared, VALUE_SIZE, flows)
                 .expect("load the shared insert reference program");
+        let known = refprog::known_flow(kind, Table::PerCpu, &insert_map)
+            .expect("load the known-flow reference program");
+        let shared_known = refprog::known_flow(kind, Table::Shared, &shared_insert_map)
+            .expect("load the shared known-flow reference program");
         let mut bare_once = Vec::new();
         let mut insert_once = Vec::new();
         let mut shared_insert_once = Vec::new();
+        let mut known_once = [Vec::new(), Vec::new()];
         let mut agent_new = Vec::new();
         let mut agent_known = Vec::new();
         for run in 0..plan.runs {
             let frames: Vec<Vec<u8>> = (0..plan.new_flows).map(|n| new_flow(run, n)).collect();
             bare_once.push(once_each_ns(bare.as_fd(), &frames));
+            // Each insert program's known-key twin right after it, as the agent's known
+            // flows follow its new ones.
             insert_once.push(once_each_ns(insert.as_fd(), &frames));
+            known_once[0].push(once_each_ns(known.as_fd(), &frames));
             shared_insert_once.push(once_each_ns(shared_insert.as_fd(), &frames));
+            known_once[1].push(once_each_ns(shared_known.as_fd(), &frames));
             agent_new.push(once_each_ns(agent.fd(), &frames));
             agent_known.push(once_each_ns(agent.fd(), &frames));
         }
@@ -299,6 +308,21 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
             ns: shared_insert_once,
             added: Some(shared_insert_once - bare_once),
         });
+        for (case, ns) in [
+            "lookup of a known 40-byte key in a per-CPU hash, three adds and the clock, one run per call (reference)",
+            "the same in a shared hash, three atomic adds (reference)",
+        ]
+        .into_iter()
+        .zip(known_once)
+        {
+            let ns = median(ns);
+            rows.push(Row {
+                hook,
+                case,
+                ns,
+                added: Some(ns - bare_once),
+            });
+        }
         rows.push(Row {
             hook,
             case: "agent: known flow, one run per call",

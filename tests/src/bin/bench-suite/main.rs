@@ -136,7 +136,8 @@ fn kernel_table(plan: &Plan, rows: &[kernel::Row]) -> String {
          per-CPU hash map and an increment, without and with reading the clock as every \
          packet's timestamp needs, and the floor of any new connection, one insert of such a \
          key (taken from the frame) with a zero value of the agent's value size into a \
-         preallocated per-CPU hash map of the agent's capacity; then the same floors with a \
+         preallocated per-CPU hash map of the agent's capacity, and of a known one run the \
+         same way, a lookup of that key, three adds and the clock; then the same floors with a \
          shared (not per-CPU) hash map holding values of the agent's size, where a count \
          shared by the CPUs needs an atomic add (`lock xadd` once JITed) for each of a \
          direction's three counts. Frames: TCP with {} bytes of payload. A hot flow repeats \
