@@ -33,21 +33,22 @@ pub struct DirStats {
     /// `bpf_ktime_get_ns` of the first and last packet; 0 when none was seen.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// Union of the TCP flags seen.
+    /// Union of the TCP flags seen. With `syn_only` and `_pad`, the low bytes of one
+    /// aligned little-endian u64 that the kernel programs update with a single atomic OR.
     pub tcp_flags: u8,
     /// 1 when a SYN without ACK was seen: its sender is the originator.
     pub syn_only: u8,
     pub _pad: [u8; 6],
 }
 
-/// Value of the flow map. The map is per-CPU: each CPU counts into its own copy with
-/// plain adds (the BPF target has no atomic add for u64 that is safe everywhere), and the
-/// agent sums the copies.
+/// Value of the flow map: one per connection, shared by the CPUs. The kernel programs
+/// count with atomic adds, set `first_ns` once with a compare-and-swap and the flags with
+/// an atomic OR, so packets counted on several CPUs at once are never lost.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     pub dir: [DirStats; 2],
-    /// Interface of the first packet this CPU counted.
+    /// Interface of the packet that created the entry.
     pub ifindex: u32,
     pub _pad: u32,
 }

@@ -3,6 +3,9 @@
 //! They never drop or change a packet: every path ends in `XDP_PASS` / `TC_ACT_OK`.
 #![no_std]
 #![no_main]
+// Atomic adds, OR and compare-and-swap on the shared flow map: see `atomic`.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 use aya_ebpf::{
     EbpfContext,
@@ -12,7 +15,7 @@ use aya_ebpf::{
         generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     },
     macros::{classifier, map, xdp},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
@@ -26,11 +29,12 @@ use monitor_common::{
     stats,
 };
 
-/// Per-CPU, not LRU: a full map must refuse new connections (counted in
-/// `stats::FLOW_MAP_FULL`) rather than silently evict one with its counts.
+/// One value per connection, shared by the CPUs (every count an atomic add): a poll
+/// copies one value per entry instead of one per CPU, and an insert initialises one.
+/// Not LRU: a full map must refuse new connections (counted in `stats::FLOW_MAP_FULL`)
+/// rather than silently evict one with its counts.
 #[map(name = "FLOWS")]
-static FLOWS: PerCpuHashMap<FlowKey, FlowValue> =
-    PerCpuHashMap::with_max_entries(DEFAULT_FLOW_MAP_SIZE, 0);
+static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_MAP_SIZE, 0);
 
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
@@ -180,6 +184,67 @@ fn copy_dns<C: Copier>(
     entry.submit(0);
 }
 
+/// Read-modify-write instructions on memory that other CPUs write at the same time.
+/// `AtomicU64::fetch_add` and its kin do not exist on the BPF target (rustc's target has
+/// no compare-and-swap), so the intrinsics are called directly: with the result unused,
+/// LLVM emits `BPF_ATOMIC | BPF_DW` add and or (`lock xadd` / `lock or` once JITed), and
+/// `BPF_CMPXCHG`. The host build exists for clippy alone.
+mod atomic {
+    #[cfg(target_arch = "bpf")]
+    use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_or, atomic_xadd};
+    #[cfg(not(target_arch = "bpf"))]
+    use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+    /// `*dst += value`. SAFETY: `dst` is valid and 8-byte aligned.
+    #[inline(always)]
+    pub unsafe fn add(dst: *mut u64, value: u64) {
+        #[cfg(target_arch = "bpf")]
+        // SAFETY: as the caller promised.
+        unsafe {
+            atomic_xadd::<u64, u64, { Relaxed }>(dst, value)
+        };
+        #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: as the caller promised.
+        unsafe { AtomicU64::from_ptr(dst) }.fetch_add(value, Relaxed);
+    }
+
+    /// `*dst |= bits`. SAFETY: as for [`add`].
+    #[inline(always)]
+    pub unsafe fn or(dst: *mut u64, bits: u64) {
+        #[cfg(target_arch = "bpf")]
+        // SAFETY: as the caller promised.
+        unsafe {
+            atomic_or::<u64, u64, { Relaxed }>(dst, bits)
+        };
+        #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: as the caller promised.
+        unsafe { AtomicU64::from_ptr(dst) }.fetch_or(bits, Relaxed);
+    }
+
+    /// `*dst = value` if `*dst` is still 0. SAFETY: as for [`add`].
+    #[inline(always)]
+    pub unsafe fn set_if_zero(dst: *mut u64, value: u64) {
+        #[cfg(target_arch = "bpf")]
+        // SAFETY: as the caller promised.
+        unsafe {
+            atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(dst, 0, value)
+        };
+        #[cfg(not(target_arch = "bpf"))]
+        // SAFETY: as the caller promised.
+        let _ = unsafe { AtomicU64::from_ptr(dst) }.compare_exchange(0, value, Relaxed, Relaxed);
+    }
+}
+
+// `tcp_flags` and `syn_only` are the two low bytes of one aligned little-endian word
+// (the rest is padding, always 0): one atomic OR sets both.
+const _: () = {
+    assert!(core::mem::offset_of!(DirStats, tcp_flags) % 8 == 0);
+    assert!(
+        core::mem::offset_of!(DirStats, syn_only) == core::mem::offset_of!(DirStats, tcp_flags) + 1
+    );
+};
+const SYN_ONLY_BIT: u64 = 1 << 8;
+
 #[inline(always)]
 fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
     let (key, dir) = info.flow_key();
@@ -188,39 +253,47 @@ fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
         None => {
             // Another CPU may have inserted the key meanwhile (EEXIST): the lookup below
             // still finds it. Only a full map leaves no entry.
-            let _ = FLOWS.insert(&key, &ZERO_FLOW, BPF_NOEXIST as u64);
+            let inserted = FLOWS.insert(&key, &ZERO_FLOW, BPF_NOEXIST as u64).is_ok();
             match FLOWS.get_ptr_mut(&key) {
-                Some(value) => value,
+                Some(value) => {
+                    if inserted {
+                        // SAFETY: the entry this CPU created; no other CPU writes ifindex.
+                        unsafe { (*value).ifindex = ifindex };
+                    }
+                    value
+                }
                 None => return bump(stats::FLOW_MAP_FULL),
             }
         }
     };
     let (pkts, ip_bytes, bytes) = info.wire_counts(frame_len, segs);
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: `value` is this CPU's copy of the entry.
-    let d: &mut DirStats = unsafe {
-        if dir == 0 {
-            &mut (*value).dir[0]
-        } else {
-            &mut (*value).dir[1]
-        }
-    };
-    d.pkts += pkts;
-    d.ip_bytes += ip_bytes;
-    d.bytes += bytes;
-    if d.first_ns == 0 {
-        d.first_ns = now;
-    }
-    d.last_ns = now;
-    d.tcp_flags |= info.tcp_flags;
-    // SAFETY: as above.
+    // SAFETY: `value` is the map's entry, which other CPUs update at the same time: every
+    // read-modify-write below is atomic. Fields are 8-byte aligned (#[repr(C)] of u64s).
     unsafe {
-        if (*value).ifindex == 0 {
-            (*value).ifindex = ifindex;
+        let d: *mut DirStats = if dir == 0 {
+            &raw mut (*value).dir[0]
+        } else {
+            &raw mut (*value).dir[1]
+        };
+        atomic::add(&raw mut (*d).pkts, pkts);
+        atomic::add(&raw mut (*d).ip_bytes, ip_bytes);
+        atomic::add(&raw mut (*d).bytes, bytes);
+        // Set once: a CPU racing the one that sets it read the clock a few ns apart.
+        let first = &raw mut (*d).first_ns;
+        if first.read_volatile() == 0 {
+            atomic::set_if_zero(first, now);
         }
-    }
-    if info.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
-        d.syn_only = 1;
+        // CPUs racing here differ by the few ns between their clock reads and stores.
+        (&raw mut (*d).last_ns).write_volatile(now);
+        let mut bits = u64::from(info.tcp_flags);
+        if info.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+            bits |= SYN_ONLY_BIT;
+        }
+        let flags = (&raw mut (*d).tcp_flags).cast::<u64>();
+        if flags.read_volatile() & bits != bits {
+            atomic::or(flags, bits);
+        }
     }
 }
 

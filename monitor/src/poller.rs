@@ -11,7 +11,7 @@ use monitor_common::{
     stats,
 };
 
-/// One connection's counts, summed over CPUs.
+/// One connection's counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowSnapshot {
     pub key: FlowKey,
@@ -21,48 +21,13 @@ pub struct FlowSnapshot {
 }
 
 impl FlowSnapshot {
-    /// Sums per-CPU copies: counts add, first is the earliest, last the latest, flags OR;
-    /// the interface is that of the copy that counted the earliest packet.
-    pub fn merge(key: FlowKey, per_cpu: &[FlowValue]) -> Self {
-        let mut snap = Self {
+    pub fn new(key: FlowKey, value: &FlowValue) -> Self {
+        Self {
             key,
-            ..Self::default()
-        };
-        let mut earliest = u64::MAX;
-        for value in per_cpu {
-            for (total, d) in snap.dir.iter_mut().zip(&value.dir) {
-                merge_dir(total, d);
-            }
-            let first = value
-                .dir
-                .iter()
-                .filter(|d| d.pkts > 0)
-                .map(|d| d.first_ns)
-                .min();
-            if let Some(first) = first
-                && first < earliest
-            {
-                earliest = first;
-                snap.ifindex = value.ifindex;
-            }
+            dir: value.dir,
+            ifindex: value.ifindex,
         }
-        snap
     }
-}
-
-fn merge_dir(total: &mut DirStats, d: &DirStats) {
-    if d.pkts == 0 {
-        return;
-    }
-    total.pkts += d.pkts;
-    total.ip_bytes += d.ip_bytes;
-    total.bytes += d.bytes;
-    if total.first_ns == 0 || d.first_ns < total.first_ns {
-        total.first_ns = d.first_ns;
-    }
-    total.last_ns = total.last_ns.max(d.last_ns);
-    total.tcp_flags |= d.tcp_flags;
-    total.syn_only |= d.syn_only;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +36,6 @@ pub enum PollError {
     Map(#[from] aya::maps::MapError),
     #[error("taking a finished entry from the flow map: {0}")]
     Take(#[source] io::Error),
-    #[error("counting possible CPUs: {0}")]
-    Cpus(#[source] io::Error),
     #[error("reading the flow map: BPF_MAP_LOOKUP_BATCH: {0}")]
     Batch(#[source] io::Error),
 }
@@ -80,8 +43,7 @@ pub enum PollError {
 pub struct Poller {
     flows: Map,
     stats: Map,
-    nr_cpus: usize,
-    /// Reused by every snapshot: entries per batch read, and their per-CPU values.
+    /// Reused by every snapshot: the entries of one batch read.
     keys: Vec<FlowKey>,
     values: Vec<FlowValue>,
 }
@@ -93,13 +55,9 @@ const BATCH: usize = 256;
 
 impl Poller {
     pub fn new(flows: Map, stats: Map) -> Result<Self, PollError> {
-        let nr_cpus = aya::util::nr_cpus()
-            .map_err(|(_, err)| PollError::Cpus(err))?
-            .get() as usize;
         Ok(Self {
             flows,
             stats,
-            nr_cpus,
             keys: Vec::new(),
             values: Vec::new(),
         })
@@ -108,8 +66,8 @@ impl Poller {
     /// Hands every connection in the map now to `each`, read a few thousand entries per
     /// system call (`BPF_MAP_LOOKUP_BATCH`, which aya 0.16 does not expose).
     pub fn snapshot(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<(), PollError> {
-        let Map::PerCpuHashMap(data) = &self.flows else {
-            unreachable!("FLOWS is a per-CPU hash map");
+        let Map::HashMap(data) = &self.flows else {
+            unreachable!("FLOWS is a hash map");
         };
         let fd = data.fd().as_fd().as_raw_fd();
         let mut size = BATCH;
@@ -117,8 +75,7 @@ impl Poller {
         let (mut position, mut next) = (None, 0u64);
         loop {
             self.keys.resize(size, FlowKey::default());
-            self.values
-                .resize(size * self.nr_cpus, FlowValue::default());
+            self.values.resize(size, FlowValue::default());
             let read = lookup_batch(
                 fd,
                 position.as_ref(),
@@ -136,11 +93,8 @@ impl Poller {
                 Err(err) => return Err(PollError::Batch(err)),
             };
             position = Some(next);
-            for (key, values) in self.keys[..count]
-                .iter()
-                .zip(self.values.chunks_exact(self.nr_cpus))
-            {
-                each(FlowSnapshot::merge(*key, values));
+            for (key, value) in self.keys[..count].iter().zip(&self.values) {
+                each(FlowSnapshot::new(*key, value));
             }
             if done {
                 return Ok(());
@@ -151,13 +105,13 @@ impl Poller {
     /// Removes a connection from the map and returns its final counts, read and deleted
     /// in one step so no packet counted in between is lost. `None` when it is gone.
     pub fn take(&self, key: &FlowKey) -> Result<Option<FlowSnapshot>, PollError> {
-        let Map::PerCpuHashMap(data) = &self.flows else {
-            unreachable!("FLOWS is a per-CPU hash map");
+        let Map::HashMap(data) = &self.flows else {
+            unreachable!("FLOWS is a hash map");
         };
-        let mut values = vec![FlowValue::default(); self.nr_cpus];
-        lookup_and_delete(data.fd().as_fd().as_raw_fd(), key, &mut values)
+        let mut value = FlowValue::default();
+        lookup_and_delete(data.fd().as_fd().as_raw_fd(), key, &mut value)
             .map_err(PollError::Take)
-            .map(|found| found.then(|| FlowSnapshot::merge(*key, &values)))
+            .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
     }
 
     /// The STATS slots, summed over CPUs.
@@ -170,10 +124,6 @@ impl Poller {
         Ok(out)
     }
 }
-
-// The kernel copies per-CPU values at an 8-byte stride; FlowValue's size makes the
-// stride equal to the struct, so a plain slice receives them.
-const _: () = assert!(size_of::<FlowValue>().is_multiple_of(8));
 
 /// BPF_MAP_LOOKUP_BATCH (kernel >= 5.6): up to `keys.len()` entries after position
 /// `from` (the start when `None`); the position after them goes to `to`. Returns how many
@@ -207,9 +157,8 @@ fn lookup_batch(
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `keys` has room for `count` keys and `values` for `count` x possible-CPUs
-    // values (the per-CPU layout); the batch positions are 8 bytes, more than the 4 a
-    // hash map's bucket index takes.
+    // SAFETY: `keys` and `values` have room for `count` entries; the batch positions are
+    // 8 bytes, more than the 4 a hash map's bucket index takes.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -231,7 +180,7 @@ fn lookup_batch(
 
 /// BPF_MAP_LOOKUP_AND_DELETE_ELEM (kernel >= 5.14 for hash maps), which aya 0.16 exposes
 /// only for queues and stacks. Returns whether the key was there.
-fn lookup_and_delete(map_fd: i32, key: &FlowKey, values: &mut [FlowValue]) -> io::Result<bool> {
+fn lookup_and_delete(map_fd: i32, key: &FlowKey, value: &mut FlowValue) -> io::Result<bool> {
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     // The leading fields of `union bpf_attr` for map element commands.
     #[repr(C)]
@@ -246,11 +195,10 @@ fn lookup_and_delete(map_fd: i32, key: &FlowKey, values: &mut [FlowValue]) -> io
         map_fd: map_fd as u32,
         _pad: 0,
         key: key as *const FlowKey as u64,
-        value: values.as_mut_ptr() as u64,
+        value: std::ptr::from_mut(value) as u64,
         flags: 0,
     };
-    // SAFETY: `attr` points at a key of the map's key size and a buffer of one value per
-    // possible CPU, as the kernel requires for a per-CPU hash map.
+    // SAFETY: `attr` points at a key and a value of the map's sizes.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -266,51 +214,5 @@ fn lookup_and_delete(map_fd: i32, key: &FlowKey, values: &mut [FlowValue]) -> io
     match err.raw_os_error() {
         Some(libc::ENOENT) => Ok(false),
         _ => Err(err),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dir(pkts: u64, first: u64, last: u64, flags: u8) -> DirStats {
-        DirStats {
-            pkts,
-            ip_bytes: pkts * 100,
-            bytes: pkts * 60,
-            first_ns: first,
-            last_ns: last,
-            tcp_flags: flags,
-            ..DirStats::default()
-        }
-    }
-
-    #[test]
-    fn merge_sums_counts_and_spans_times() {
-        let cpu0 = FlowValue {
-            dir: [dir(3, 50, 90, 0x02), DirStats::default()],
-            ifindex: 7,
-            _pad: 0,
-        };
-        let cpu1 = FlowValue {
-            dir: [dir(2, 40, 70, 0x10), dir(1, 60, 60, 0x12)],
-            ifindex: 7,
-            _pad: 0,
-        };
-        let snap = FlowSnapshot::merge(FlowKey::default(), &[cpu0, cpu1, FlowValue::default()]);
-        let first_on_cpu1 = FlowValue { ifindex: 9, ..cpu1 };
-        assert_eq!(
-            FlowSnapshot::merge(FlowKey::default(), &[cpu0, first_on_cpu1]).ifindex,
-            9,
-            "the interface of the earliest packet, whichever CPU counted it"
-        );
-        assert_eq!(snap.dir[0].pkts, 5);
-        assert_eq!(snap.dir[0].ip_bytes, 500);
-        assert_eq!(snap.dir[0].first_ns, 40);
-        assert_eq!(snap.dir[0].last_ns, 90);
-        assert_eq!(snap.dir[0].tcp_flags, 0x12);
-        assert_eq!(snap.dir[1].pkts, 1);
-        assert_eq!(snap.dir[1].first_ns, 60);
-        assert_eq!(snap.ifindex, 7);
     }
 }

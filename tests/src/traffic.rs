@@ -243,7 +243,7 @@ fn next_cpu() -> usize {
 /// Keeps the calling thread on one CPU. Both ends of a TCP connection run on the same
 /// CPU so the whole path (veth delivery, forwarding, ACKs, timers) runs there: packets a
 /// veth takes from different CPUs can be reordered, and TCP would retransmit them.
-fn pin_to_cpu(cpu: usize) {
+pub fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -24,7 +24,7 @@ use std::{cell::Cell, collections::BTreeMap, net::Ipv6Addr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use monitor_common::{
@@ -79,7 +79,7 @@ impl Hook {
     }
 }
 
-/// What one direction of a flow counted, summed over the CPUs.
+/// What one direction of a flow counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Counts {
     pkts: u64,
@@ -120,11 +120,11 @@ impl Counts {
     }
 }
 
-/// A flow entry summed over the CPUs.
+/// A flow entry.
 #[derive(Clone, Copy, Debug)]
 struct Flow {
     dir: [Counts; 2],
-    /// Earliest first and latest last timestamp of each direction.
+    /// First and last timestamp of each direction.
     first_ns: [u64; 2],
     last_ns: [u64; 2],
 }
@@ -379,19 +379,19 @@ impl Kernel {
         }
     }
 
-    /// The flow map, summed over the CPUs, after checking what must hold of every entry.
+    /// The flow map, after checking what must hold of every entry.
     fn flows(&self) -> BTreeMap<FlowKey, Flow> {
         let map = self
             .ebpf
             .map(names::FLOW_MAP)
             .unwrap_or_else(|| panic!("no map {}", names::FLOW_MAP));
-        let map = PerCpuHashMap::<_, FlowKey, FlowValue>::try_from(map)
-            .unwrap_or_else(|e| panic!("{} as a per-CPU hash: {e}", names::FLOW_MAP));
+        let map = HashMap::<_, FlowKey, FlowValue>::try_from(map)
+            .unwrap_or_else(|e| panic!("{} as a hash: {e}", names::FLOW_MAP));
         let lo = loopback_ifindex();
         let window = self.window.get();
         let mut flows = BTreeMap::new();
         for entry in map.iter() {
-            let (key, per_cpu) = entry.unwrap_or_else(|e| panic!("reading the flow map: {e}"));
+            let (key, v) = entry.unwrap_or_else(|e| panic!("reading the flow map: {e}"));
             let k = K(&key);
             assert_eq!(key._pad, [0; 2], "{k}: key padding");
             assert!(key.family == 4 || key.family == 6, "{k}: family");
@@ -403,60 +403,54 @@ impl Kernel {
                 (key.addr_a, key.port_a) <= (key.addr_b, key.port_b),
                 "{k}: endpoint a must be the smaller"
             );
+            assert_eq!(v.ifindex, lo, "{k}: ifindex");
+            assert_eq!(v._pad, 0, "{k}: value padding");
             let mut flow = Flow {
                 dir: [NONE; 2],
-                first_ns: [u64::MAX; 2],
+                first_ns: [0; 2],
                 last_ns: [0; 2],
             };
-            for (cpu, v) in per_cpu.iter().enumerate() {
-                let counted = v.dir.iter().any(|d| d.pkts != 0);
-                let ifindex = if counted { lo } else { 0 };
-                assert_eq!(v.ifindex, ifindex, "{k}: ifindex on CPU {cpu}");
-                for (i, d) in v.dir.iter().enumerate() {
-                    let sum = &mut flow.dir[i];
-                    sum.pkts += d.pkts;
-                    sum.ip_bytes += d.ip_bytes;
-                    sum.bytes += d.bytes;
-                    sum.tcp_flags |= d.tcp_flags;
-                    assert!(d.syn_only <= 1, "{k}: syn_only {} on CPU {cpu}", d.syn_only);
-                    sum.syn_only |= d.syn_only;
-                    if d.pkts == 0 {
-                        assert_eq!(
-                            (
-                                d.ip_bytes,
-                                d.bytes,
-                                d.first_ns,
-                                d.last_ns,
-                                d.tcp_flags,
-                                d.syn_only
-                            ),
-                            (0, 0, 0, 0, 0, 0),
-                            "{k}: direction {i} on CPU {cpu} counted no packet"
-                        );
-                        continue;
-                    }
+            for (i, d) in v.dir.iter().enumerate() {
+                assert!(d.syn_only <= 1, "{k}: syn_only {}", d.syn_only);
+                assert_eq!(d._pad, [0; 6], "{k}: direction {i}: padding");
+                flow.dir[i] = Counts {
+                    pkts: d.pkts,
+                    ip_bytes: d.ip_bytes,
+                    bytes: d.bytes,
+                    tcp_flags: d.tcp_flags,
+                    syn_only: d.syn_only,
+                };
+                if d.pkts == 0 {
+                    assert_eq!(
+                        (
+                            d.ip_bytes,
+                            d.bytes,
+                            d.first_ns,
+                            d.last_ns,
+                            d.tcp_flags,
+                            d.syn_only
+                        ),
+                        (0, 0, 0, 0, 0, 0),
+                        "{k}: direction {i} counted no packet"
+                    );
+                    continue;
+                }
+                assert!(
+                    0 < d.first_ns && d.first_ns <= d.last_ns,
+                    "{k}: direction {i}: first {} last {}",
+                    d.first_ns,
+                    d.last_ns
+                );
+                if let Some((start, end)) = window {
                     assert!(
-                        0 < d.first_ns && d.first_ns <= d.last_ns,
-                        "{k}: direction {i} on CPU {cpu}: first {} last {}",
+                        start <= d.first_ns && d.last_ns <= end,
+                        "{k}: direction {i}: timestamps {}..{} outside the runs {start}..{end}",
                         d.first_ns,
                         d.last_ns
                     );
-                    if let Some((start, end)) = window {
-                        assert!(
-                            start <= d.first_ns && d.last_ns <= end,
-                            "{k}: direction {i} on CPU {cpu}: timestamps {}..{} outside the runs {start}..{end}",
-                            d.first_ns,
-                            d.last_ns
-                        );
-                    }
-                    flow.first_ns[i] = flow.first_ns[i].min(d.first_ns);
-                    flow.last_ns[i] = flow.last_ns[i].max(d.last_ns);
                 }
-            }
-            for i in 0..2 {
-                if flow.dir[i].pkts == 0 {
-                    flow.first_ns[i] = 0;
-                }
+                flow.first_ns[i] = d.first_ns;
+                flow.last_ns[i] = d.last_ns;
             }
             assert!(
                 flow.dir.iter().any(|d| d.pkts != 0),

@@ -8,7 +8,7 @@ use std::net::Ipv6Addr;
 
 use aya::{
     Ebpf,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use monitor_common::{
@@ -163,15 +163,11 @@ impl Kernel {
     /// Packets counted in the flow map, both directions, all flows.
     fn flow_packets(&self) -> u64 {
         let map = self.ebpf.map(names::FLOW_MAP).expect("FLOWS");
-        let map = PerCpuHashMap::<_, FlowKey, FlowValue>::try_from(map).expect("per-CPU hash");
+        let map = HashMap::<_, FlowKey, FlowValue>::try_from(map).expect("hash map");
         map.iter()
             .map(|entry| {
-                let (_, per_cpu) = entry.expect("flow entry");
-                per_cpu
-                    .iter()
-                    .flat_map(|v| v.dir.iter())
-                    .map(|d| d.pkts)
-                    .sum::<u64>()
+                let (_, value) = entry.expect("flow entry");
+                value.dir.iter().map(|d| d.pkts).sum::<u64>()
             })
             .sum()
     }

@@ -22,7 +22,7 @@
 //!   (an XDP test_run with `repeat > 1` swaps the XDP dispatcher, which waits for RCU:
 //!   ~17 ms a call against ~20 us). After each chunk of frames FLOWS must equal the
 //!   oracle's aggregate exactly (per key and direction: packets, IP bytes, payload
-//!   bytes, TCP flags, SYN-only; per-CPU copies consistent) and STATS must have grown by
+//!   bytes, TCP flags, SYN-only; interface and padding as set) and STATS must have grown by
 //!   exactly the oracle's per-reason counts; then FLOWS is emptied for the next chunk.
 //!   Port-53 frames also go through the DNS copy: its ring buffer is drained after each
 //!   chunk, and its loss slot (`dns_events_lost`, covered by kernel_dns.rs) is left out of
@@ -48,7 +48,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use monitor_common::{
@@ -1159,69 +1159,62 @@ impl Kernel {
         }
     }
 
-    fn flow_map(&self) -> PerCpuHashMap<&aya::maps::MapData, FlowKey, FlowValue> {
+    fn flow_map(&self) -> HashMap<&aya::maps::MapData, FlowKey, FlowValue> {
         let map = self.ebpf.map(names::FLOW_MAP).expect("FLOWS map");
-        PerCpuHashMap::try_from(map).unwrap_or_else(|e| panic!("FLOWS as a per-CPU hash: {e}"))
+        HashMap::try_from(map).unwrap_or_else(|e| panic!("FLOWS as a hash: {e}"))
     }
 
-    /// The flow map, summed over the CPUs, after checking what must hold per CPU.
+    /// The flow map, after checking what must hold of every entry.
     fn flows(&self) -> BTreeMap<FlowKey, [Counts; 2]> {
         let mut flows = BTreeMap::new();
         for entry in self.flow_map().iter() {
-            let (key, per_cpu) = entry.unwrap_or_else(|e| panic!("reading FLOWS: {e}"));
-            flows.insert(key, self.sum(&key, &per_cpu));
+            let (key, value) = entry.unwrap_or_else(|e| panic!("reading FLOWS: {e}"));
+            flows.insert(key, self.counts(&key, &value));
         }
         flows
     }
 
-    fn sum(&self, key: &FlowKey, per_cpu: &[FlowValue]) -> [Counts; 2] {
+    fn counts(&self, key: &FlowKey, v: &FlowValue) -> [Counts; 2] {
         let k = K(key);
-        let mut sum = [Counts::default(); 2];
-        for (cpu, v) in per_cpu.iter().enumerate() {
-            let counted = v.dir.iter().any(|d| d.pkts != 0);
-            assert_eq!(
-                v.ifindex,
-                if counted { self.lo } else { 0 },
-                "seed {:#x}: {k}: ifindex on CPU {cpu}",
-                self.seed
-            );
-            for (i, d) in v.dir.iter().enumerate() {
-                if d.pkts == 0 {
-                    assert_eq!(
-                        (
-                            d.ip_bytes,
-                            d.bytes,
-                            d.first_ns,
-                            d.last_ns,
-                            d.tcp_flags,
-                            d.syn_only
-                        ),
-                        (0, 0, 0, 0, 0, 0),
-                        "seed {:#x}: {k}: direction {i} on CPU {cpu} counted no packet",
-                        self.seed
-                    );
-                    continue;
-                }
-                assert!(
-                    0 < d.first_ns && d.first_ns <= d.last_ns && d.syn_only <= 1,
-                    "seed {:#x}: {k}: direction {i} on CPU {cpu}: {d:?}",
+        assert_eq!(v.ifindex, self.lo, "seed {:#x}: {k}: ifindex", self.seed);
+        let mut counts = [Counts::default(); 2];
+        for (i, d) in v.dir.iter().enumerate() {
+            if d.pkts == 0 {
+                assert_eq!(
+                    (
+                        d.ip_bytes,
+                        d.bytes,
+                        d.first_ns,
+                        d.last_ns,
+                        d.tcp_flags,
+                        d.syn_only
+                    ),
+                    (0, 0, 0, 0, 0, 0),
+                    "seed {:#x}: {k}: direction {i} counted no packet",
                     self.seed
                 );
-                let s = &mut sum[i];
-                s.pkts += d.pkts;
-                s.ip_bytes += d.ip_bytes;
-                s.bytes += d.bytes;
-                s.tcp_flags |= d.tcp_flags;
-                s.syn_only |= d.syn_only;
+                continue;
             }
+            assert!(
+                0 < d.first_ns && d.first_ns <= d.last_ns && d.syn_only <= 1 && d._pad == [0; 6],
+                "seed {:#x}: {k}: direction {i}: {d:?}",
+                self.seed
+            );
+            counts[i] = Counts {
+                pkts: d.pkts,
+                ip_bytes: d.ip_bytes,
+                bytes: d.bytes,
+                tcp_flags: d.tcp_flags,
+                syn_only: d.syn_only,
+            };
         }
-        sum
+        counts
     }
 
-    /// One entry, summed over the CPUs; zero when absent.
+    /// One entry; zero when absent.
     fn flow(&self, key: &FlowKey) -> [Counts; 2] {
         match self.flow_map().get(key, 0) {
-            Ok(per_cpu) => self.sum(key, &per_cpu),
+            Ok(value) => self.counts(key, &value),
             Err(MapError::KeyNotFound) => [Counts::default(); 2],
             Err(e) => panic!("reading FLOWS[{}]: {e}", K(key)),
         }
@@ -1229,8 +1222,8 @@ impl Kernel {
 
     fn remove(&mut self, key: &FlowKey) {
         let map = self.ebpf.map_mut(names::FLOW_MAP).expect("FLOWS map");
-        let mut map = PerCpuHashMap::<_, FlowKey, FlowValue>::try_from(map)
-            .unwrap_or_else(|e| panic!("FLOWS as a per-CPU hash: {e}"));
+        let mut map = HashMap::<_, FlowKey, FlowValue>::try_from(map)
+            .unwrap_or_else(|e| panic!("FLOWS as a hash: {e}"));
         match map.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}

@@ -2,18 +2,25 @@
 //! the middle of an upload, the upload goes on while no agent runs, and a second agent
 //! takes over. The connection's one conn-log record must equal the WAN link's counters
 //! exactly, LargeUpload must fire once over both lives, and `monitor detach` must leave
-//! nothing attached.
+//! nothing attached. A flow map pinned by an agent of another shape (the per-CPU map of
+//! earlier versions) is refused with the way out, never counted into.
 
 use std::{
     ffi::CString,
     net::{IpAddr, Shutdown, SocketAddr},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use monitor_common::{
+    DEFAULT_FLOW_MAP_SIZE,
+    flow::{FlowKey, FlowValue},
+    names,
+};
 use tests::{
     agent::{Agent, ConnRecord},
     lab::{self, Lab},
@@ -216,5 +223,116 @@ fn kill_9_mid_upload_then_restart_loses_nothing() {
         tcx_programs(&lab),
         (Vec::new(), Vec::new()),
         "nothing attached after detach"
+    );
+}
+
+/// Pins at `path` an empty map of `map_type` with the flow map's key and value sizes and
+/// default capacity.
+fn pin_flow_shaped_map(map_type: u32, path: &Path) {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 56],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let create = MapCreate {
+        map_type,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<FlowValue>() as u32,
+        max_entries: DEFAULT_FLOW_MAP_SIZE,
+        rest: [0; 56],
+    };
+    // SAFETY: a zero-padded BPF_MAP_CREATE attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const create,
+            size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = CString::new(path.as_os_str().as_bytes()).expect("pin path");
+    let pin = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a BPF_OBJ_PIN attr with a NUL-terminated path and the map's descriptor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const pin,
+            size_of::<ObjPin>(),
+        )
+    };
+    let pinned = std::io::Error::last_os_error();
+    // SAFETY: the descriptor made above, which the pin keeps alive.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "pin {}: {pinned}", path.display());
+}
+
+#[test]
+fn a_pinned_per_cpu_flow_map_is_refused_with_the_way_out() {
+    const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+    let lab = Lab::new();
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/monitor-test-old-map-{}",
+        std::process::id()
+    )));
+    let maps = pins.0.join("maps");
+    std::fs::create_dir_all(&maps).unwrap_or_else(|e| panic!("mkdir {}: {e}", maps.display()));
+    pin_flow_shaped_map(BPF_MAP_TYPE_PERCPU_HASH, &maps.join(names::FLOW_MAP));
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.gw))
+        .arg(Agent::binary())
+        .args(["run", "--iface", &lab.gw_wan_if, "--pin-path", pins.arg()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the agent");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = agent.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent still runs on a per-CPU flow map after {LIMIT:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read the agent's stderr");
+    assert!(
+        !status.success(),
+        "the agent ran on a per-CPU flow map: {stderr}"
+    );
+    assert!(
+        stderr.contains("do not fit this agent")
+            && stderr.contains(&format!("monitor detach --pin-path {}", pins.arg())),
+        "the message names the way out: {stderr}"
+    );
+    assert!(
+        maps.join(names::FLOW_MAP).exists(),
+        "the old map is left for `monitor detach`"
     );
 }

@@ -2,27 +2,33 @@
 //! reference programs, on the same frames, in one run. The kernel reports the mean time
 //! per repetition; a hot flow repeats one frame (one insert, then updates), a new flow
 //! runs each of many distinct frames once (every run an insert), and both are set against
-//! the bare "pass" program run the same way, so the timer's own cost cancels out.
+//! the bare "pass" program run the same way, so the timer's own cost cancels out. Hot
+//! flows are also run from two CPUs at once on one key, where a map shared by the CPUs
+//! pays for the cache line both write.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, BorrowedFd},
+    sync::Barrier,
+    thread,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuHashMap},
     programs::{SchedClassifier, Xdp},
 };
-use monitor_common::names;
-use tests::packet::{
-    Frame, ethertype,
-    tcp_flags::{ACK, PSH},
+use monitor_common::{flow::FlowValue, names};
+use tests::{
+    packet::{
+        Frame, ethertype,
+        tcp_flags::{ACK, PSH},
+    },
+    traffic::pin_to_cpu,
 };
 
 use crate::{
     Plan, median,
-    refprog::{self, Kind},
+    refprog::{self, Kind, Table},
 };
 
 const PAYLOAD: usize = 1400;
@@ -111,19 +117,30 @@ impl Agent {
     }
 }
 
-/// Keys in a per-CPU hash map of 40-byte keys and flow values.
-fn entries(map: std::os::fd::OwnedFd) -> usize {
-    let data = MapData::from_fd(map).expect("the map behind the descriptor");
-    PerCpuHashMap::<MapData, [u8; 40], monitor_common::flow::FlowValue>::try_from(
-        Map::PerCpuHashMap(data),
-    )
-    .expect("a per-CPU hash map")
-    .keys()
-    .count()
-}
+const VALUE_SIZE: u32 = std::mem::size_of::<FlowValue>() as u32;
 
 fn repeat_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
     f64::from(refprog::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))
+}
+
+/// Mean ns per run when two threads, one on CPU 0 and one on CPU 1, each repeat one frame
+/// at the same time: one connection whose packets two CPUs count together.
+fn two_cpus_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
+    let start = Barrier::new(2);
+    let start = &start;
+    thread::scope(|scope| {
+        let runs = [0, 1].map(|cpu| {
+            scope.spawn(move || {
+                pin_to_cpu(cpu);
+                start.wait();
+                repeat_ns(prog, frame, repeat)
+            })
+        });
+        runs.map(|run| run.join().expect("a test-run thread"))
+            .iter()
+            .sum::<f64>()
+            / 2.0
+    })
 }
 
 /// Mean ns of one run each over `frames`.
@@ -142,6 +159,10 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
             refprog::flow_lookup(kind, false).expect("load the flow-lookup reference program");
         let (lookup_clock, _clock_map) =
             refprog::flow_lookup(kind, true).expect("load the flow-lookup reference program");
+        let (shared, _shared_map) = refprog::shared_flow_lookup(kind, VALUE_SIZE, false)
+            .expect("load the shared flow-lookup reference program");
+        let (shared_clock, _shared_clock_map) = refprog::shared_flow_lookup(kind, VALUE_SIZE, true)
+            .expect("load the shared flow-lookup reference program");
         let flows = plan.runs * plan.new_flows + 16;
         let agent = Agent::load(kind, flows);
         let hot = |prog: BorrowedFd<'_>, frame: &[u8]| {
@@ -167,6 +188,16 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
                 lookup_clock.as_fd(),
                 &v4,
             ),
+            (
+                "40-byte key lookup in a shared hash, three atomic adds (reference)",
+                shared.as_fd(),
+                &v4,
+            ),
+            (
+                "the same and the clock (bpf_ktime_get_ns) (reference)",
+                shared_clock.as_fd(),
+                &v4,
+            ),
             ("agent: hot IPv4 TCP flow", agent.fd(), &v4),
             ("agent: hot IPv6 TCP flow", agent.fd(), &hot_v6()),
             ("agent: hot VLAN-tagged IPv4 flow", agent.fd(), &hot_vlan()),
@@ -179,32 +210,83 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
                 added: Some(ns - bare_hot),
             });
         }
+        let two_cpus = |prog: BorrowedFd<'_>| {
+            median((0..plan.runs).map(|_| two_cpus_ns(prog, &v4, plan.repeat)))
+        };
+        let bare_two = two_cpus(bare.as_fd());
+        rows.push(Row {
+            hook,
+            case: "bare pass, CPUs 0 and 1 at once (reference)",
+            ns: bare_two,
+            added: None,
+        });
+        for (case, prog) in [
+            (
+                "per-CPU hash lookup, +1 and the clock, one key from CPUs 0 and 1 at once (reference)",
+                lookup_clock.as_fd(),
+            ),
+            (
+                "shared hash lookup, three atomic adds and the clock, one key from CPUs 0 and 1 at once (reference)",
+                shared_clock.as_fd(),
+            ),
+            (
+                "agent: hot IPv4 TCP flow from CPUs 0 and 1 at once",
+                agent.fd(),
+            ),
+        ] {
+            let ns = two_cpus(prog);
+            rows.push(Row {
+                hook,
+                case,
+                ns,
+                added: Some(ns - bare_two),
+            });
+        }
         // New flows: every frame once, so the timer is taken once per frame; the bare
         // program run the same way carries the same overhead.
         // The same frames again are known flows: the insert's own cost is the difference.
-        let value_size = std::mem::size_of::<monitor_common::flow::FlowValue>() as u32;
-        let (insert, insert_map) = refprog::flow_insert(kind, value_size, flows)
+        let (insert, insert_map) = refprog::flow_insert(kind, Table::PerCpu, VALUE_SIZE, flows)
             .expect("load the insert reference program");
+        let (shared_insert, shared_insert_map) =
+            refprog::flow_insert(kind, Table::Shared, VALUE_SIZE, flows)
+                .expect("load the shared insert reference program");
+        let known = refprog::known_flow(kind, Table::PerCpu, &insert_map)
+            .expect("load the known-flow reference program");
+        let shared_known = refprog::known_flow(kind, Table::Shared, &shared_insert_map)
+            .expect("load the shared known-flow reference program");
         let mut bare_once = Vec::new();
         let mut insert_once = Vec::new();
+        let mut shared_insert_once = Vec::new();
+        let mut known_once = [Vec::new(), Vec::new()];
         let mut agent_new = Vec::new();
         let mut agent_known = Vec::new();
         for run in 0..plan.runs {
             let frames: Vec<Vec<u8>> = (0..plan.new_flows).map(|n| new_flow(run, n)).collect();
             bare_once.push(once_each_ns(bare.as_fd(), &frames));
+            // Each insert program's known-key twin right after it, as the agent's known
+            // flows follow its new ones.
             insert_once.push(once_each_ns(insert.as_fd(), &frames));
+            known_once[0].push(once_each_ns(known.as_fd(), &frames));
+            shared_insert_once.push(once_each_ns(shared_insert.as_fd(), &frames));
+            known_once[1].push(once_each_ns(shared_known.as_fd(), &frames));
             agent_new.push(once_each_ns(agent.fd(), &frames));
             agent_known.push(once_each_ns(agent.fd(), &frames));
         }
-        // The reference must really have inserted every frame's key.
-        assert_eq!(
-            entries(insert_map),
-            (plan.runs * plan.new_flows) as usize,
-            "the insert reference program's map"
-        );
-        let (bare_once, insert_once, agent_new, agent_known) = (
+        // The references must really have inserted every frame's key.
+        for (map, table) in [
+            (&insert_map, Table::PerCpu),
+            (&shared_insert_map, Table::Shared),
+        ] {
+            assert_eq!(
+                refprog::read_batched(map, table, VALUE_SIZE).expect("read the map"),
+                (plan.runs * plan.new_flows) as usize,
+                "the {table:?} insert reference program's map"
+            );
+        }
+        let (bare_once, insert_once, shared_insert_once, agent_new, agent_known) = (
             median(bare_once),
             median(insert_once),
+            median(shared_insert_once),
             median(agent_new),
             median(agent_known),
         );
@@ -220,6 +302,27 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
             ns: insert_once,
             added: Some(insert_once - bare_once),
         });
+        rows.push(Row {
+            hook,
+            case: "insert of a 40-byte key into a shared hash, one run per call (reference)",
+            ns: shared_insert_once,
+            added: Some(shared_insert_once - bare_once),
+        });
+        for (case, ns) in [
+            "lookup of a known 40-byte key in a per-CPU hash, three adds and the clock, one run per call (reference)",
+            "the same in a shared hash, three atomic adds (reference)",
+        ]
+        .into_iter()
+        .zip(known_once)
+        {
+            let ns = median(ns);
+            rows.push(Row {
+                hook,
+                case,
+                ns,
+                added: Some(ns - bare_once),
+            });
+        }
         rows.push(Row {
             hook,
             case: "agent: known flow, one run per call",

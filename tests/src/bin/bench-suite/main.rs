@@ -86,6 +86,8 @@ fn main() {
         eprintln!("bench: the agent's poll with many live connections");
         let rows = poll::measure(&plan);
         let _ = writeln!(report, "{}", poll_table(&rows));
+        let rows = poll::read_floor(&plan);
+        let _ = writeln!(report, "{}", read_floor_table(&rows));
     }
     if runs("e2e") {
         eprintln!("bench: end to end through the lab gateway, against the peers");
@@ -134,8 +136,14 @@ fn kernel_table(plan: &Plan, rows: &[kernel::Row]) -> String {
          per-CPU hash map and an increment, without and with reading the clock as every \
          packet's timestamp needs, and the floor of any new connection, one insert of such a \
          key (taken from the frame) with a zero value of the agent's value size into a \
-         preallocated per-CPU hash map of the agent's capacity. Frames: TCP with {} bytes of payload. A hot flow repeats \
-         one frame {} times per run (one map insert, then updates). One run per call: {} \
+         preallocated per-CPU hash map of the agent's capacity, and of a known one run the \
+         same way, a lookup of that key, three adds and the clock; then the same floors with a \
+         shared (not per-CPU) hash map holding values of the agent's size, where a count \
+         shared by the CPUs needs an atomic add (`lock xadd` once JITed) for each of a \
+         direction's three counts. Frames: TCP with {} bytes of payload. A hot flow repeats \
+         one frame {} times per run (one map insert, then updates); \"CPUs 0 and 1 at once\": \
+         two threads, one pinned to each CPU, run the same frame that many times together, \
+         one connection counted by both CPUs (the mean of the two). One run per call: {} \
          distinct frames run once each, first as new flows (each an insert), then again as \
          known ones, set against the bare program run the same way (each call also pays the \
          kernel's timer and a cold cache).\n\n\
@@ -174,6 +182,30 @@ fn poll_table(rows: &[poll::Row]) -> String {
             out,
             "| {} | {:.1} | {:.1} | {:.3} | {:.0} |",
             row.entries, row.poll_ms, row.read_ms, row.cpu_per_sec, row.bytes_per_conn
+        );
+    }
+    out
+}
+
+fn read_floor_table(rows: &[poll::ReadRow]) -> String {
+    let mut out = String::from(
+        "The floor of that read per map kind: `BPF_MAP_LOOKUP_BATCH` (256 entries per call) \
+         of every entry of a per-CPU hash map (one value per possible CPU per entry, as the \
+         agent's flow map had before it was shared) and of a shared hash map (one value per \
+         entry, as the agent's flow map has), both with the \
+         flow map's key and value sizes (40 and 104 bytes) and twice the entries as \
+         capacity, filled by the benchmark and read in turn, without the agent.\n\n\
+         | entries | per-CPU hash read (ms) | shared hash read (ms) | shared / per-CPU |\n\
+         |---|---|---|---|\n",
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {:.2} |",
+            row.entries,
+            row.per_cpu_ms,
+            row.shared_ms,
+            row.shared_ms / row.per_cpu_ms
         );
     }
     out

@@ -3,7 +3,8 @@
 //! connections, all active (their last packet "now", a 1 h idle timeout). Measured over a
 //! window of polls: the mean poll time (the agent's own poll_duration_seconds histogram),
 //! the agent's CPU time per second of wall time (/proc/PID/stat), and its resident memory
-//! beyond what it held with an empty map, per connection.
+//! beyond what it held with an empty map, per connection. Beside it, the floor of reading
+//! such a map per map kind: a per-CPU and a shared hash of the same sizes, read in turn.
 
 use std::{
     path::PathBuf,
@@ -11,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{HashMap, Map, MapData};
 use monitor::poller::Poller;
 use monitor_common::{
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
@@ -24,7 +25,10 @@ use tests::{
     procfs,
 };
 
-use crate::{Plan, median};
+use crate::{
+    Plan, median,
+    refprog::{self, Table},
+};
 
 const METRICS: &str = "127.0.0.1:9877";
 
@@ -54,7 +58,7 @@ impl Pins {
 fn read_alone(pins: &Pins, times: u32) -> f64 {
     let flows = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
     let stats = MapData::from_pin(pins.map(names::STATS_MAP)).expect("open the stats map");
-    let mut poller = Poller::new(Map::PerCpuHashMap(flows), Map::PerCpuArray(stats))
+    let mut poller = Poller::new(Map::HashMap(flows), Map::PerCpuArray(stats))
         .expect("the agent's poller on the pinned maps");
     median((0..times).map(|_| {
         let started = Instant::now();
@@ -113,17 +117,12 @@ fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
 
 fn fill(pins: &Pins, entries: u32) {
     let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
-    let mut map = PerCpuHashMap::<MapData, FlowKey, FlowValue>::try_from(Map::PerCpuHashMap(data))
-        .expect("a per-CPU hash map");
-    let cpus = aya::util::nr_cpus().expect("possible CPUs").get() as usize;
+    let mut map =
+        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map");
     let now = monitor::clock::monotonic_ns();
     for n in 0..entries {
         let (key, value) = synthetic(n, now);
-        // The agent sums the CPUs' copies: one CPU holds the counts.
-        let mut per_cpu = vec![FlowValue::default(); cpus];
-        per_cpu[0] = value;
-        let values = PerCpuValues::try_from(per_cpu).expect("one value per CPU");
-        map.insert(&key, values, 0)
+        map.insert(&key, &value, 0)
             .expect("insert a synthetic connection");
     }
 }
@@ -132,12 +131,61 @@ fn rss_bytes(pid: u32) -> f64 {
     procfs::rss_kib(pid) as f64 * 1024.0
 }
 
-pub fn measure(plan: &Plan) -> Vec<Row> {
-    let sizes: &[u32] = if plan.quick {
+fn sizes(plan: &Plan) -> &'static [u32] {
+    if plan.quick {
         &[10_000, 100_000]
     } else {
         &[10_000, 100_000, 1_000_000]
-    };
+    }
+}
+
+/// One line of the map-read floor table.
+pub struct ReadRow {
+    pub entries: u32,
+    pub per_cpu_ms: f64,
+    pub shared_ms: f64,
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` of every entry of a per-CPU and of a shared hash map with the
+/// flow map's key and value sizes and the capacity the poll runs give the agent (twice the
+/// entries), filled alike; the two maps are read in turn, run after run.
+pub fn read_floor(plan: &Plan) -> Vec<ReadRow> {
+    let value_size = size_of::<FlowValue>() as u32;
+    sizes(plan)
+        .iter()
+        .map(|&entries| {
+            eprintln!("bench: reading per-CPU and shared maps of {entries} entries");
+            let maps = [Table::PerCpu, Table::Shared].map(|table| {
+                let map = refprog::flow_map(table, value_size, entries * 2)
+                    .expect("create a flow-sized hash map");
+                refprog::fill(&map, table, value_size, entries).expect("fill the map");
+                (map, table)
+            });
+            let mut ms = [Vec::new(), Vec::new()];
+            for _ in 0..plan.runs {
+                for ((map, table), ms) in maps.iter().zip(&mut ms) {
+                    let started = Instant::now();
+                    let read =
+                        refprog::read_batched(map, *table, value_size).expect("read the map");
+                    ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                    assert_eq!(
+                        read, entries as usize,
+                        "entries read from the {table:?} map"
+                    );
+                }
+            }
+            let [per_cpu, shared] = ms;
+            ReadRow {
+                entries,
+                per_cpu_ms: median(per_cpu),
+                shared_ms: median(shared),
+            }
+        })
+        .collect()
+}
+
+pub fn measure(plan: &Plan) -> Vec<Row> {
+    let sizes = sizes(plan);
     let window = if plan.quick {
         Duration::from_secs(4)
     } else {

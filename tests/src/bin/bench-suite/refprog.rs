@@ -2,7 +2,8 @@
 //! shipped in the agent's object: a bare "pass" program, one that only bumps a per-CPU
 //! counter (the least any counting program does), and the floor of per-connection
 //! counting: one lookup of a key the size of the agent's flow key in a per-CPU hash map,
-//! with and without reading the clock, and one insert of such a key.
+//! with and without reading the clock, and one insert of such a key; and the same in a
+//! shared (not per-CPU) hash map, whose counters need atomic adds.
 
 use std::{
     io,
@@ -11,6 +12,7 @@ use std::{
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_FUNC_KTIME_GET_NS: i32 = 5;
 const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
@@ -42,6 +44,36 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
         regs: (src << 4) | dst,
         off,
         imm,
+    }
+}
+
+/// `BPF_STX | BPF_DW | BPF_ATOMIC` with `imm = BPF_ADD`: `lock *(u64 *)(dst + off) += src`.
+const ATOMIC_ADD_DW: u8 = 0xdb;
+const BPF_ADD: i32 = 0;
+
+/// The flow map's kind in a reference program.
+#[derive(Clone, Copy, Debug)]
+pub enum Table {
+    /// `BPF_MAP_TYPE_PERCPU_HASH`: each CPU writes its own copy, plain adds suffice.
+    PerCpu,
+    /// `BPF_MAP_TYPE_HASH`: one value for all CPUs, counted with atomic adds.
+    Shared,
+}
+
+impl Table {
+    fn map_type(self) -> u32 {
+        match self {
+            Table::PerCpu => BPF_MAP_TYPE_PERCPU_HASH,
+            Table::Shared => BPF_MAP_TYPE_HASH,
+        }
+    }
+
+    /// Copies of a value the map holds per entry.
+    fn copies(self) -> io::Result<usize> {
+        match self {
+            Table::PerCpu => Ok(aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize),
+            Table::Shared => Ok(1),
+        }
     }
 }
 
@@ -154,17 +186,59 @@ pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd
     Ok((load(kind, &prog)?, map))
 }
 
+/// Looks up one 40-byte key (all zero, inserted beforehand) in a shared hash map with
+/// values of `value_size` bytes, adds to three 64-bit counters atomically (packets, IP
+/// bytes, payload bytes, as a flow's direction has) and, `with_clock`, stores
+/// `bpf_ktime_get_ns()` beside them: what a per-connection counter on a map shared by the
+/// CPUs does at the least. Returns the program and its map.
+pub fn shared_flow_lookup(
+    kind: Kind,
+    value_size: u32,
+    with_clock: bool,
+) -> io::Result<(OwnedFd, OwnedFd)> {
+    let map = create_map(BPF_MAP_TYPE_HASH, FLOW_KEY_SIZE as u32, value_size)?;
+    insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; value_size as usize])?;
+    let fd = map.as_raw_fd();
+    let mut prog = vec![
+        insn(0x7a, 10, 0, -40, 0),
+        insn(0x7a, 10, 0, -32, 0),
+        insn(0x7a, 10, 0, -24, 0),
+        insn(0x7a, 10, 0, -16, 0),
+        insn(0x7a, 10, 0, -8, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+    ];
+    let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
+    for (off, amount) in [(0, 1), (8, 1454), (16, 1400)] {
+        body.push(insn(0xb7, 1, 0, 0, amount));
+        body.push(insn(ATOMIC_ADD_DW, 6, 1, off, BPF_ADD));
+    }
+    if with_clock {
+        // *(u64 *)(r6 + 32) = bpf_ktime_get_ns(): the last packet's time.
+        body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+        body.push(insn(0x7b, 6, 0, 32, 0));
+    }
+    prog.push(insn(0x15, 0, 0, body.len() as i16, 0));
+    prog.extend(body);
+    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
+    prog.push(insn(0x95, 0, 0, 0, 0));
+    Ok((load(kind, &prog)?, map))
+}
+
 /// Inserts (`BPF_NOEXIST`) a 40-byte key made of the frame's IPv4 destination, with a
-/// zero value of `value_size` bytes, into a preallocated per-CPU hash map of `capacity`
-/// entries: what any program that counts a new connection does at the least. Returns the
-/// program and its map.
-pub fn flow_insert(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(OwnedFd, OwnedFd)> {
-    let map = create_map_of(
-        BPF_MAP_TYPE_PERCPU_HASH,
-        FLOW_KEY_SIZE as u32,
-        value_size,
-        capacity,
-    )?;
+/// zero value of `value_size` bytes, into a preallocated hash map (per-CPU or shared) of
+/// `capacity` entries: what any program that counts a new connection does at the least.
+/// Returns the program and its map.
+pub fn flow_insert(
+    kind: Kind,
+    table: Table,
+    value_size: u32,
+    capacity: u32,
+) -> io::Result<(OwnedFd, OwnedFd)> {
+    let map = create_map_of(table.map_type(), FLOW_KEY_SIZE as u32, value_size, capacity)?;
     let fd = map.as_raw_fd();
     let value_words = value_size.div_ceil(8) as i16;
     let value_at = -(FLOW_KEY_SIZE as i16) - 8 * value_words;
@@ -200,6 +274,55 @@ pub fn flow_insert(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(Ow
     Ok((load(kind, &prog)?, map))
 }
 
+/// Looks up the 40-byte key [`flow_insert`] makes of the frame in `map`, a map it filled
+/// for `table`, adds to three 64-bit counters of the value (plain adds in a per-CPU map,
+/// atomic ones in a shared map) and stores `bpf_ktime_get_ns()` beside them: the floor of
+/// counting a packet of a known connection. Returns the program.
+pub fn known_flow(kind: Kind, table: Table, map: &OwnedFd) -> io::Result<OwnedFd> {
+    let fd = map.as_raw_fd();
+    let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
+    for (off, amount) in [(0, 1), (8, 1454), (16, 1400)] {
+        match table {
+            Table::PerCpu => body.extend([
+                insn(0x79, 1, 6, off, 0),
+                insn(0x07, 1, 0, 0, amount),
+                insn(0x7b, 6, 1, off, 0),
+            ]),
+            Table::Shared => body.extend([
+                insn(0xb7, 1, 0, 0, amount),
+                insn(ATOMIC_ADD_DW, 6, 1, off, BPF_ADD),
+            ]),
+        }
+    }
+    // *(u64 *)(r6 + 32) = bpf_ktime_get_ns()
+    body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+    body.push(insn(0x7b, 6, 0, 32, 0));
+    // The key at fp-40, zero but for the frame's IPv4 destination.
+    let mut prog: Vec<Insn> = (-5..0).map(|word| insn(0x7a, 10, 0, word * 8, 0)).collect();
+    let (data, data_end) = kind.data_offsets();
+    prog.extend([
+        insn(0x61, 2, 1, data, 0),
+        insn(0x61, 3, 1, data_end, 0),
+        insn(0xbf, 4, 2, 0, 0),
+        insn(0x07, 4, 0, 0, 34),
+        // if r4 > r3 goto pass (past the 8 instruction slots after this one and the body)
+        insn(0x2d, 4, 3, 8 + body.len() as i16, 0),
+        insn(0x61, 5, 2, 30, 0),
+        insn(0x63, 10, 5, -(FLOW_KEY_SIZE as i16), 0),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        // if r0 == 0 skip the body
+        insn(0x15, 0, 0, body.len() as i16, 0),
+    ]);
+    prog.extend(body);
+    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
+    prog.push(insn(0x95, 0, 0, 0, 0));
+    load(kind, &prog)
+}
+
 fn create_counter_map() -> io::Result<OwnedFd> {
     create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8)
 }
@@ -207,6 +330,11 @@ fn create_counter_map() -> io::Result<OwnedFd> {
 /// A one-entry map.
 fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<OwnedFd> {
     create_map_of(map_type, key_size, value_size, 1)
+}
+
+/// An empty hash map (per-CPU or shared) of 40-byte keys, preallocated as the agent's.
+pub fn flow_map(table: Table, value_size: u32, capacity: u32) -> io::Result<OwnedFd> {
+    create_map_of(table.map_type(), FLOW_KEY_SIZE as u32, value_size, capacity)
 }
 
 fn create_map_of(
@@ -263,6 +391,103 @@ fn insert(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// `union bpf_attr` for the batch map commands.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: a batch bpf_attr whose buffers hold `count` keys and values of the map's
+    // sizes (values one per possible CPU for a per-CPU map).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Fills a map made by [`flow_map`] with `entries` distinct keys and non-zero values
+/// (`BPF_MAP_UPDATE_BATCH`).
+pub fn fill(map: &OwnedFd, table: Table, value_size: u32, entries: u32) -> io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    const CHUNK: u32 = 4096;
+    let stride = value_size.div_ceil(8) as usize * 8 * table.copies()?;
+    let values = vec![0x11u8; CHUNK as usize * stride];
+    let mut keys = vec![0u8; CHUNK as usize * FLOW_KEY_SIZE];
+    for start in (0..entries).step_by(CHUNK as usize) {
+        let count = CHUNK.min(entries - start);
+        for (n, key) in (start..start + count).zip(keys.as_chunks_mut::<FLOW_KEY_SIZE>().0) {
+            key[..4].copy_from_slice(&n.to_le_bytes());
+        }
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
+}
+
+/// Reads every entry of a map made by [`flow_map`] the way the agent's poller does:
+/// `BPF_MAP_LOOKUP_BATCH`, 256 entries per call (more where a bucket holds more).
+/// Returns the entries read.
+pub fn read_batched(map: &OwnedFd, table: Table, value_size: u32) -> io::Result<usize> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let stride = value_size.div_ceil(8) as usize * 8 * table.copies()?;
+    let mut size = 256;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let (mut position, mut next, mut read) = (None::<u64>, 0u64, 0);
+    loop {
+        keys.resize(size * FLOW_KEY_SIZE, 0u8);
+        values.resize(size * stride, 0u8);
+        let mut attr = BatchAttr {
+            in_batch: position
+                .as_ref()
+                .map_or(0, |p| std::ptr::from_ref(p) as u64),
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: size as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        match batch(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => read += attr.count as usize,
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(read + attr.count as usize);
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                size *= 2;
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        position = Some(next);
+    }
 }
 
 fn load(kind: Kind, insns: &[Insn]) -> io::Result<OwnedFd> {
