@@ -54,16 +54,16 @@ pub struct Poller {
 const BATCH: usize = 256;
 
 impl Poller {
-    pub fn new(flows: Map, stats: Map) -> Result<Self, PollError> {
-        Ok(Self {
+    pub fn new(flows: Map, stats: Map) -> Self {
+        Self {
             flows,
             stats,
             keys: Vec::new(),
             values: Vec::new(),
-        })
+        }
     }
 
-    /// Hands every connection in the map now to `each`, read a few thousand entries per
+    /// Hands every connection in the map now to `each`, read [`BATCH`] entries per
     /// system call (`BPF_MAP_LOOKUP_BATCH`, which aya 0.16 does not expose).
     pub fn snapshot(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<(), PollError> {
         let Map::HashMap(data) = &self.flows else {

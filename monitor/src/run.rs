@@ -411,7 +411,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
-    )?;
+    );
     let mut dns_events = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
     let mut watching = Vec::new();
     for iface in &ifaces {
