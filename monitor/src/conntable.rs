@@ -544,10 +544,6 @@ impl ConnTable {
         &mut self,
         read: impl FnOnce(&mut dyn FnMut(FlowSnapshot)) -> Result<(), E>,
     ) -> Result<(), E> {
-        // Nothing new until the read says otherwise; observing then keeps this `prev`.
-        for conn in self.conns.iter_mut() {
-            conn.prev = conn.totals();
-        }
         let last = std::mem::take(&mut self.read_order);
         let mut order = Vec::with_capacity(last.len());
         let mut cursor = 0;
@@ -568,6 +564,20 @@ impl ConnTable {
             };
             order.push(position as u32);
         });
+        // Those not handed over (their entries gone: rare, every open connection keeps
+        // its entry until finished) carried nothing new. Positions did not move during
+        // the read: it only updates and appends.
+        let mut observed = vec![0u64; self.conns.len().div_ceil(64)];
+        for &p in &order {
+            observed[p as usize / 64] |= 1 << (p % 64);
+        }
+        for (i, word) in observed.iter().enumerate().filter(|(_, w)| **w != u64::MAX) {
+            for bit in (0..64).filter(|bit| word & (1 << bit) == 0) {
+                if let Some(conn) = self.conns.at_mut(i * 64 + bit) {
+                    conn.prev = conn.totals();
+                }
+            }
+        }
         self.read_order = order;
         self.resumed.clear();
         read
@@ -614,13 +624,10 @@ impl ConnTable {
         conn.set_snap(snap);
     }
 
-    /// Keys of the connections finished at kernel time `now_ns`.
-    pub fn finished(&self, now_ns: u64) -> Vec<FlowKey> {
-        self.conns
-            .iter()
-            .filter(|c| c.finished(now_ns, self.idle_timeout))
-            .map(|c| c.key)
-            .collect()
+    /// Whether `conn` is finished at kernel time `now_ns` (asked while the rules see
+    /// each connection: one pass over the table per poll).
+    pub fn is_finished(&self, conn: &Conn, now_ns: u64) -> bool {
+        conn.finished(now_ns, self.idle_timeout)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Conn> {
@@ -842,8 +849,9 @@ mod tests {
             uid,
             "a connection keeps its uid"
         );
-        assert!(table.finished(30 * SEC).is_empty());
-        assert_eq!(table.finished(31 * SEC), vec![c.key]);
+        let finished = |t: &ConnTable, now| t.iter().any(|conn| t.is_finished(conn, now));
+        assert!(!finished(&table, 30 * SEC));
+        assert!(finished(&table, 31 * SEC));
         assert_eq!(table.remove(&c.key).map(|c| c.snap()), Some(c));
         assert!(table.is_empty());
     }

@@ -78,7 +78,11 @@ impl Pipeline {
         let poller = &mut self.poller;
         self.table.observe_map(|observe| poller.snapshot(observe))?;
         let mut alerts = Vec::new();
+        let mut finished = Vec::new();
         for conn in self.table.iter() {
+            if self.table.is_finished(conn, now.mono_ns) {
+                finished.push(conn.key);
+            }
             let ctx = ConnCtx::new(conn, &self.clock, &self.local);
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
@@ -88,7 +92,6 @@ impl Pipeline {
                 exporter.update(conn, now.mono_ns);
             }
         }
-        let finished = self.table.finished(now.mono_ns);
         let relief: Vec<FlowKey> = self
             .table
             .pressure_relief(now.mono_ns, self.capacity)

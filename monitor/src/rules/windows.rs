@@ -93,6 +93,10 @@ pub struct Windows {
     cfg: Config,
     exclude: AddrMatcher,
     groups: DenseMap<Group>,
+    /// The window in which groups were last pruned: once per window is enough (a group
+    /// kept longer changes no alert: sums and the leak period are checked on use), and
+    /// it saves a pass over every group in every poll.
+    pruned_in: Option<u64>,
 }
 
 impl Windows {
@@ -101,6 +105,7 @@ impl Windows {
             cfg,
             exclude,
             groups: DenseMap::default(),
+            pruned_in: None,
         }
     }
 
@@ -301,6 +306,10 @@ impl Rule for Windows {
 
     fn on_tick(&mut self, now: Now) {
         let current = self.index(now.epoch);
+        if self.pruned_in == Some(current) {
+            return;
+        }
+        self.pruned_in = Some(current);
         let oldest = now.epoch - self.cfg.leak_period.as_secs_f64();
         let window_secs = self.window_secs();
         self.groups.retain(|s| {
@@ -422,6 +431,27 @@ mod tests {
         assert_eq!(notes(&a), [Note::WindowExceeded]);
         assert_eq!(a[0].figures["group"], "src");
         assert!(a[0].msg.contains("198.18.1.2 to anywhere"), "{}", a[0].msg);
+    }
+
+    /// Groups that only sent below the threshold are dropped once their window is over,
+    /// by the first tick of a later window; one that exceeded stays for the leak period,
+    /// and is dropped at a window's first tick after that.
+    #[test]
+    fn groups_are_pruned_once_per_window() {
+        let mut r = rule(LeakGroup::Pair);
+        update(&mut r, &sent("CP1", "203.0.113.2", MB), at(10.0));
+        update(&mut r, &sent("CP2", "203.0.113.3", MB), at(10.0));
+        update(&mut r, &sent("CP3", "203.0.113.4", 6 * MB), at(10.0));
+        r.on_tick(at(20.0));
+        assert_eq!(r.groups.len(), 3, "their window is not over");
+        r.on_tick(at(301.0));
+        assert_eq!(r.groups.len(), 1, "only the one that exceeded");
+        r.on_tick(at(86_400.0));
+        assert_eq!(r.groups.len(), 1, "its leak period is not over");
+        r.on_tick(at(86_500.0));
+        assert_eq!(r.groups.len(), 1, "the same window: not pruned again");
+        r.on_tick(at(86_701.0));
+        assert!(r.groups.is_empty(), "its leak period is over");
     }
 
     #[test]
