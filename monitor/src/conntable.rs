@@ -45,14 +45,6 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn of(d: &DirStats) -> Self {
-        Self {
-            pkts: d.pkts,
-            ip_bytes: d.ip_bytes,
-            bytes: d.bytes,
-        }
-    }
-
     fn since(self, earlier: Totals) -> Totals {
         Totals {
             pkts: self.pkts.saturating_sub(earlier.pkts),
@@ -95,6 +87,16 @@ struct Counts {
     bytes: u64,
     first_ns: u64,
     last_ns: u64,
+}
+
+impl Counts {
+    fn totals(&self) -> Totals {
+        Totals {
+            pkts: self.pkts,
+            ip_bytes: self.ip_bytes,
+            bytes: self.bytes,
+        }
+    }
 }
 
 impl Keyed for Conn {
@@ -180,15 +182,11 @@ impl Conn {
 
     /// What key direction `dir` carried since the observation before the latest.
     pub fn delta(&self, dir: usize) -> Totals {
-        self.totals()[dir].since(self.prev[dir])
+        self.counts[dir].totals().since(self.prev[dir])
     }
 
     fn totals(&self) -> [Totals; 2] {
-        self.counts.map(|c| Totals {
-            pkts: c.pkts,
-            ip_bytes: c.ip_bytes,
-            bytes: c.bytes,
-        })
+        self.counts.map(|c| c.totals())
     }
 
     /// Index of the originator's direction: the sender of a SYN without ACK, else the
@@ -611,8 +609,7 @@ impl ConnTable {
             conn.prev = accounted;
         }
         self.added += 1;
-        self.conns.insert(conn);
-        self.conns.len() - 1
+        self.conns.push_new(conn)
     }
 
     fn update_at(&mut self, position: usize, snap: FlowSnapshot) {

@@ -71,20 +71,37 @@ impl<T: Keyed> DenseMap<T> {
         self.items.get_mut(position)
     }
 
-    /// Adds `item`, returning the one it replaces (same key), if any. A new item's
-    /// position is the last.
+    /// Adds `item`, returning the one it replaces (same key), if any.
     pub fn insert(&mut self, item: T) -> Option<T> {
         if let Some(i) = self.position(item.key()) {
             return Some(std::mem::replace(&mut self.items[i], item));
         }
-        let position = u32::try_from(self.items.len()).expect("fewer than 2^32 items");
+        self.push_new(item);
+        None
+    }
+
+    /// Adds an item whose key is not in the map yet; returns its position (the last).
+    pub fn push_new(&mut self, item: T) -> usize {
+        debug_assert!(self.position(item.key()).is_none(), "a key already present");
+        let position = self.items.len();
         let hash = self.hash(item.key());
         let (items, hasher) = (&self.items, &self.hasher);
-        self.index.insert_unique(hash, position, |&i| {
-            hasher.hash_one(items[i as usize].key())
-        });
+        self.index.insert_unique(
+            hash,
+            u32::try_from(position).expect("fewer than 2^32 items"),
+            |&i| hasher.hash_one(items[i as usize].key()),
+        );
         self.items.push(item);
-        None
+        position
+    }
+
+    /// The item of `key`, made by `make` and added first if there is none.
+    pub fn get_or_insert_with(&mut self, key: &T::Key, make: impl FnOnce() -> T) -> &mut T {
+        let position = match self.position(key) {
+            Some(position) => position,
+            None => self.push_new(make()),
+        };
+        &mut self.items[position]
     }
 
     pub fn remove(&mut self, key: &T::Key) -> Option<T> {
@@ -175,8 +192,8 @@ mod tests {
         }
     }
 
-    /// A long random mix of inserts, replacements, removals and retains agrees with a
-    /// HashMap at every step.
+    /// A long random mix of inserts, replacements, updates, removals and retains agrees
+    /// with a HashMap at every step.
     #[test]
     fn agrees_with_a_hash_map() {
         let mut dense = DenseMap::<Item>::default();
@@ -203,6 +220,8 @@ mod tests {
                     if let Some(v) = oracle.get_mut(&key) {
                         *v += 1;
                     }
+                    dense.get_or_insert_with(&key, || Item(key, step)).1 += 1;
+                    *oracle.entry(key).or_insert(step) += 1;
                 }
                 _ if step % 1_000 == 0 => {
                     let cut = next() % 3;

@@ -143,16 +143,13 @@ impl Windows {
         let window = self.index(now.epoch);
         let cfg = self.cfg;
         let window_secs = self.window_secs();
-        if self.groups.get(&key).is_none() {
-            self.groups.insert(Group {
-                key,
-                exceeded: false,
-                window,
-                bytes: 0,
-                history: None,
-            });
-        }
-        let state = self.groups.get_mut(&key).expect("inserted above");
+        let state = self.groups.get_or_insert_with(&key, || Group {
+            key,
+            exceeded: false,
+            window,
+            bytes: 0,
+            history: None,
+        });
         if state.window != window {
             if state.exceeded {
                 let ended = (state.window, state.bytes);
