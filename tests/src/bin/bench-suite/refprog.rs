@@ -152,23 +152,8 @@ pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd
     let map = create_map(BPF_MAP_TYPE_PERCPU_HASH, FLOW_KEY_SIZE as u32, 16)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
     insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; 16 * cpus])?;
-    let fd = map.as_raw_fd();
-    let mut prog = vec![
-        // The key: fp-40 .. fp-1, zero.
-        insn(0x7a, 10, 0, -40, 0),
-        insn(0x7a, 10, 0, -32, 0),
-        insn(0x7a, 10, 0, -24, 0),
-        insn(0x7a, 10, 0, -16, 0),
-        insn(0x7a, 10, 0, -8, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-    ];
     let mut body = vec![
-        // r6 = the value; *(u64 *)r6 += 1
-        insn(0xbf, 6, 0, 0, 0),
+        // *(u64 *)r6 += 1
         insn(0x79, 1, 6, 0, 0),
         insn(0x07, 1, 0, 0, 1),
         insn(0x7b, 6, 1, 0, 0),
@@ -178,12 +163,32 @@ pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd
         body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
         body.push(insn(0x7b, 6, 0, 8, 0));
     }
-    // if r0 == 0 skip the body
-    prog.push(insn(0x15, 0, 0, body.len() as i16, 0));
+    Ok((load(kind, &zero_key_lookup(kind, &map, body))?, map))
+}
+
+/// A program that looks up the all-zero 40-byte key in `map` and, when found, runs
+/// `body` with r6 = the value; then passes the packet.
+fn zero_key_lookup(kind: Kind, map: &OwnedFd, body: Vec<Insn>) -> Vec<Insn> {
+    let mut prog = vec![
+        // The key: fp-40 .. fp-1, zero.
+        insn(0x7a, 10, 0, -40, 0),
+        insn(0x7a, 10, 0, -32, 0),
+        insn(0x7a, 10, 0, -24, 0),
+        insn(0x7a, 10, 0, -16, 0),
+        insn(0x7a, 10, 0, -8, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+        insn(0, 0, 0, 0, 0),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        // if r0 == 0 skip the body; r6 = the value
+        insn(0x15, 0, 0, body.len() as i16 + 1, 0),
+        insn(0xbf, 6, 0, 0, 0),
+    ];
     prog.extend(body);
     prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
     prog.push(insn(0x95, 0, 0, 0, 0));
-    Ok((load(kind, &prog)?, map))
+    prog
 }
 
 /// Looks up one 40-byte key (all zero, inserted beforehand) in a shared hash map with
@@ -198,34 +203,34 @@ pub fn shared_flow_lookup(
 ) -> io::Result<(OwnedFd, OwnedFd)> {
     let map = create_map(BPF_MAP_TYPE_HASH, FLOW_KEY_SIZE as u32, value_size)?;
     insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; value_size as usize])?;
-    let fd = map.as_raw_fd();
-    let mut prog = vec![
-        insn(0x7a, 10, 0, -40, 0),
-        insn(0x7a, 10, 0, -32, 0),
-        insn(0x7a, 10, 0, -24, 0),
-        insn(0x7a, 10, 0, -16, 0),
-        insn(0x7a, 10, 0, -8, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-    ];
-    let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
-    for (off, amount) in [(0, 1), (8, 1454), (16, 1400)] {
-        body.push(insn(0xb7, 1, 0, 0, amount));
-        body.push(insn(ATOMIC_ADD_DW, 6, 1, off, BPF_ADD));
-    }
+    let mut body = add_counts(Table::Shared);
     if with_clock {
         // *(u64 *)(r6 + 32) = bpf_ktime_get_ns(): the last packet's time.
         body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
         body.push(insn(0x7b, 6, 0, 32, 0));
     }
-    prog.push(insn(0x15, 0, 0, body.len() as i16, 0));
-    prog.extend(body);
-    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
-    prog.push(insn(0x95, 0, 0, 0, 0));
-    Ok((load(kind, &prog)?, map))
+    Ok((load(kind, &zero_key_lookup(kind, &map, body))?, map))
+}
+
+/// Adds one packet of 1454 IP bytes and 1400 payload bytes to the three counters at r6
+/// (as a flow's direction holds them): plain adds in a per-CPU value, atomic ones in a
+/// shared value.
+fn add_counts(table: Table) -> Vec<Insn> {
+    let mut insns = Vec::new();
+    for (off, amount) in [(0, 1), (8, 1454), (16, 1400)] {
+        match table {
+            Table::PerCpu => insns.extend([
+                insn(0x79, 1, 6, off, 0),
+                insn(0x07, 1, 0, 0, amount),
+                insn(0x7b, 6, 1, off, 0),
+            ]),
+            Table::Shared => insns.extend([
+                insn(0xb7, 1, 0, 0, amount),
+                insn(ATOMIC_ADD_DW, 6, 1, off, BPF_ADD),
+            ]),
+        }
+    }
+    insns
 }
 
 /// Inserts (`BPF_NOEXIST`) a 40-byte key made of the frame's IPv4 destination, with a
@@ -281,19 +286,7 @@ pub fn flow_insert(
 pub fn known_flow(kind: Kind, table: Table, map: &OwnedFd) -> io::Result<OwnedFd> {
     let fd = map.as_raw_fd();
     let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
-    for (off, amount) in [(0, 1), (8, 1454), (16, 1400)] {
-        match table {
-            Table::PerCpu => body.extend([
-                insn(0x79, 1, 6, off, 0),
-                insn(0x07, 1, 0, 0, amount),
-                insn(0x7b, 6, 1, off, 0),
-            ]),
-            Table::Shared => body.extend([
-                insn(0xb7, 1, 0, 0, amount),
-                insn(ATOMIC_ADD_DW, 6, 1, off, BPF_ADD),
-            ]),
-        }
-    }
+    body.extend(add_counts(table));
     // *(u64 *)(r6 + 32) = bpf_ktime_get_ns()
     body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
     body.push(insn(0x7b, 6, 0, 32, 0));
