@@ -29,7 +29,8 @@ use crate::{
     kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
-    poller::Poller,
+    nat::Nat,
+    poller::{PollError, Poller},
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
     state::{Saved, StateDir},
@@ -64,6 +65,7 @@ struct Pipeline {
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
     state: Option<StateDir>,
     dns: Dns,
+    nat: Nat,
 }
 
 impl Pipeline {
@@ -75,15 +77,15 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
-        let poller = &mut self.poller;
-        self.table.observe_map(|observe| poller.snapshot(observe))?;
+        self.read_map()?;
         let mut alerts = Vec::new();
         let mut finished = Vec::new();
         for conn in self.table.iter() {
             if self.table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             }
-            let ctx = ConnCtx::new(conn, &self.clock, &self.local);
+            let ctx =
+                ConnCtx::new(conn, &self.clock, &self.local).translated(self.nat.of(&conn.key));
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
             }
@@ -110,7 +112,7 @@ impl Pipeline {
                 .map(|key| (key, Some(EndReason::LackOfResources))),
         );
         for (key, reason) in done {
-            match self.poller.take(&key)? {
+            match self.nat.take(&self.poller, &key)? {
                 Some(last) => self.table.observe(last),
                 None => self.table.settle(&key),
             }
@@ -123,6 +125,7 @@ impl Pipeline {
                 });
                 self.finish(&conn, now, &mut alerts, reason)?;
             }
+            self.nat.finished(&key);
         }
         for exporter in &mut self.exporters {
             exporter.flush();
@@ -165,6 +168,17 @@ impl Pipeline {
         self.top.update(&self.table, &self.local, now);
         self.save_state();
         Ok(())
+    }
+
+    /// One read of the whole map into the table, each entry under its pre-NAT key.
+    fn read_map(&mut self) -> Result<(), PollError> {
+        self.nat.refresh();
+        let (poller, nat) = (&mut self.poller, &mut self.nat);
+        self.table.observe_map(|observe| {
+            poller.snapshot(|snap| nat.route(snap, observe))?;
+            nat.end_read(observe);
+            Ok(())
+        })
     }
 
     fn save_state(&mut self) {
@@ -210,8 +224,7 @@ impl Pipeline {
     /// its record, and the sinks get what they can take in a bounded time.
     fn shutdown(mut self) -> anyhow::Result<()> {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
-        let poller = &mut self.poller;
-        self.table.observe_map(|observe| poller.snapshot(observe))?;
+        self.read_map()?;
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log()?;
         let open: Vec<Conn> = self.table.drain().collect();
@@ -274,7 +287,7 @@ impl Pipeline {
         for exporter in &mut self.exporters {
             exporter.finish(conn, reason, now.mono_ns);
         }
-        let ctx = ConnCtx::new(conn, &self.clock, &self.local);
+        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(self.nat.of(&conn.key));
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }
@@ -421,6 +434,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
         watching.push(format!("{iface} ({attached})"));
     }
+    // Before capabilities drop: reading the conntrack table needs CAP_NET_ADMIN.
+    let nat = Nat::follow();
     // No thread exists yet: the ones started below inherit the reduced capabilities.
     privileges::drop_after_attach().context("dropping capabilities after attaching")?;
     let clock = Clock::new();
@@ -479,6 +494,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         top,
         state,
         dns,
+        nat,
     };
     if let Some(saved) = saved {
         pipeline.restore(saved, resumed);

@@ -108,6 +108,25 @@ impl WanCounters {
     }
 }
 
+/// Counters of both ends of the LAN link: the LAN host's own traffic, before any
+/// translation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LanCounters {
+    /// The lan host's veth: its tx is what the host sent.
+    pub lan_host: Counters,
+    /// gw's LAN-facing veth: its tx is what the host received.
+    pub gw_lan: Counters,
+}
+
+impl LanCounters {
+    pub fn since(self, earlier: LanCounters) -> LanCounters {
+        LanCounters {
+            lan_host: self.lan_host.since(earlier.lan_host),
+            gw_lan: self.gw_lan.since(earlier.gw_lan),
+        }
+    }
+}
+
 pub struct Lab {
     /// Namespace names.
     pub lan: String,
@@ -303,6 +322,80 @@ impl Lab {
         ]);
     }
 
+    /// The lab as most IPv4 gateways are: gw's default routes leave through its WAN veth,
+    /// gw masquerades what leaves there (nftables `inet`, so IPv6 too), and the wan host has
+    /// no route back to the LAN: only translated packets come back. Segmentation is off on
+    /// the LAN link as well, so the counters of its two ends count the LAN host's wire
+    /// packets, the ground truth behind NAT.
+    pub fn masquerading() -> Lab {
+        let lab = Lab::new();
+        segmentation_off(&lab.lan, &lab.lan_if);
+        segmentation_off(&lab.gw, &lab.gw_lan_if);
+        ip(&["-n", &lab.wan, "route", "del", LOCAL_NET_V4]);
+        ip(&["-n", &lab.wan, "-6", "route", "del", LOCAL_NET_V6]);
+        ip(&[
+            "-n",
+            &lab.gw,
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.2",
+        ]);
+        ip(&[
+            "-n",
+            &lab.gw,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:2::2",
+        ]);
+        nft(&lab.gw, &["add", "table", "inet", "nat"]);
+        nft(
+            &lab.gw,
+            &["add chain inet nat prerouting { type nat hook prerouting priority dstnat; }"],
+        );
+        nft(
+            &lab.gw,
+            &["add chain inet nat postrouting { type nat hook postrouting priority srcnat; }"],
+        );
+        nft(
+            &lab.gw,
+            &[
+                "add",
+                "rule",
+                "inet",
+                "nat",
+                "postrouting",
+                "oifname",
+                &lab.gw_wan_if,
+                "masquerade",
+            ],
+        );
+        lab.wait_quiet();
+        lab
+    }
+
+    /// A port forward on a [`masquerading`](Self::masquerading) gw: TCP port `public` of its
+    /// WAN address goes to the lan host's port `private` (nftables `dnat`).
+    pub fn forward_port(&self, public: u16, private: u16) {
+        let rule = format!(
+            "add rule inet nat prerouting iifname {} ip daddr {GW_WAN_V4} tcp dport {public} \
+             dnat ip to {LAN_HOST_V4}:{private}",
+            self.gw_wan_if
+        );
+        nft(&self.gw, &[&rule]);
+    }
+
+    pub fn lan_counters(&self) -> LanCounters {
+        LanCounters {
+            lan_host: counters(&self.lan, &self.lan_if),
+            gw_lan: counters(&self.gw, &self.gw_lan_if),
+        }
+    }
+
     /// Every lab veth as (namespace, interface).
     pub fn interfaces(&self) -> [(&str, &str); 4] {
         [
@@ -452,6 +545,14 @@ pub fn require_tool(tool: &str, package: &str) {
         std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()),
         "{tool} is not installed: run `cargo xtask setup` (Debian package {package})"
     );
+}
+
+/// `nft ARGS...` in `ns` (nftables, installed by `cargo xtask setup`).
+pub fn nft(ns: &str, args: &[&str]) {
+    require_tool("nft", "nftables");
+    let mut cmd = vec!["nft"];
+    cmd.extend_from_slice(args);
+    ns_exec(ns, &cmd);
 }
 
 /// Creates namespace `ns`, quiet (see `quiet_sysctls`).

@@ -169,6 +169,25 @@ impl RulesAgent {
     /// `monitor run --iface <gw wan> --local-net ... --poll-interval 200ms --alert-log FILE
     /// --conn-long-log FILE RULE_FLAGS...`
     pub fn start(lab: &Lab, rule_flags: &[&str]) -> RulesAgent {
+        Self::start_with(rule_flags, |args| {
+            Agent::start(&lab.gw, &lab.gw_wan_if, args)
+        })
+    }
+
+    /// Like [`start`](Self::start), with no `--iface`: the agent watches the interface of
+    /// gw's default route, as a user's first run does.
+    pub fn start_default(lab: &Lab, rule_flags: &[&str]) -> RulesAgent {
+        Self::start_with(rule_flags, |args| Agent::start_default(&lab.gw, args))
+    }
+
+    /// Like [`start`](Self::start), watching `ifaces` of gw.
+    pub fn start_on(lab: &Lab, ifaces: &[&str], rule_flags: &[&str]) -> RulesAgent {
+        let mut flags: Vec<&str> = ifaces.iter().skip(1).flat_map(|i| ["--iface", i]).collect();
+        flags.extend_from_slice(rule_flags);
+        Self::start_with(&flags, |args| Agent::start(&lab.gw, ifaces[0], args))
+    }
+
+    fn start_with(rule_flags: &[&str], launch: impl FnOnce(&[&str]) -> Agent) -> RulesAgent {
         let scratch = Scratch::new("agent");
         let alert_log = scratch.path("alerts.jsonl");
         let long_log = scratch.path("conn_long.jsonl");
@@ -187,7 +206,7 @@ impl RulesAgent {
             &long_arg,
         ];
         args.extend_from_slice(rule_flags);
-        let agent = Agent::start(&lab.gw, &lab.gw_wan_if, &args);
+        let agent = launch(&args);
         RulesAgent {
             agent,
             alert_log,

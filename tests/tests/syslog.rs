@@ -304,6 +304,7 @@ fn alert(n: u32) -> Alert {
                 missed_start: false,
                 iface: "eth0".to_owned(),
                 remote_fqdn: None,
+                nat: None,
             },
         };
         Alert::for_conn(ts, note, msg, src, dst, record, format!("k{n}"))

@@ -27,6 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iputils-ping",
     "tcpreplay",
+    // NAT gateways in the labs: nftables masquerade and port forwards, and conntrack to
+    // flush the translation table under a running connection.
+    "nftables",
+    "conntrack",
     // A real syslog daemon for the syslog sink's tests (started by the tests, not as a
     // service).
     "rsyslog",

@@ -8,6 +8,7 @@ use crate::{
     clock::Clock,
     conntable::{Conn, LocalNets},
     iface,
+    nat::NatFields,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -49,6 +50,9 @@ pub struct ConnFields {
     /// it (passive DNS); absent when unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_fqdn: Option<String>,
+    /// The endpoints as the gateway translated them; absent when it translated nothing.
+    #[serde(flatten)]
+    pub nat: Option<NatFields>,
 }
 
 impl ConnFields {
@@ -87,6 +91,7 @@ impl ConnRecord {
             missed_start: conn.missed_start(),
             iface: iface::name(conn.ifindex),
             remote_fqdn: None,
+            nat: None,
         };
         Self {
             ts: clock.epoch_secs(first),

@@ -17,6 +17,7 @@ use crate::{
     clock::Clock,
     conntable::{Conn, Endpoint, LocalNets, Totals, Uid},
     logs::conn::ConnRecord,
+    nat::Translation,
 };
 pub use allowlist::{AddrMatcher, Names};
 pub use large_upload::LargeUpload;
@@ -51,6 +52,7 @@ pub struct ConnCtx<'a> {
     pub local_resp: bool,
     clock: &'a Clock,
     local: &'a LocalNets,
+    nat: Option<&'a Translation>,
 }
 
 /// Which side of a connection sends from the local network to a non-local one.
@@ -80,7 +82,13 @@ impl<'a> ConnCtx<'a> {
             local_resp: local.contains(resp.addr),
             clock,
             local,
+            nat: None,
         }
+    }
+
+    /// The same connection, which the gateway translated as `nat` says.
+    pub fn translated(self, nat: Option<&'a Translation>) -> Self {
+        Self { nat, ..self }
     }
 
     /// The side that is local when exactly one is: bytes it sends leave the network.
@@ -145,7 +153,9 @@ impl<'a> ConnCtx<'a> {
 
     /// The connection's record, built only when an alert needs it.
     pub fn record(&self) -> ConnRecord {
-        ConnRecord::new(self.conn, self.local, self.clock)
+        let mut record = ConnRecord::new(self.conn, self.local, self.clock);
+        record.fields.nat = self.nat.map(|t| t.fields(self.orig));
+        record
     }
 
     /// An alert about this connection from `src` to `dst`.

@@ -1,0 +1,286 @@
+//! The agent on a gateway that translates addresses, started as a user starts it: no
+//! `--iface`, so it watches gw's default-route (WAN) interface, where every LAN host's
+//! packet carries gw's public address. Connections must still be recorded and judged as
+//! the LAN host's, with the translated endpoints beside them, and counted exactly: the
+//! ground truth is the LAN link's counters, which see the packets before translation.
+
+use std::{
+    net::{IpAddr, Shutdown, SocketAddr, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use tests::{
+    agent::ConnRecord,
+    lab::{self, Lab, LanCounters, run_in_ns},
+    rules_lab::{
+        self, RulesAgent, connect, join, listen, listing, of, read_to_eof, send, spawn_discard,
+    },
+};
+
+const LAN: IpAddr = IpAddr::V4(lab::LAN_HOST_V4);
+const WAN: IpAddr = IpAddr::V4(lab::WAN_HOST_V4);
+const PUBLIC: IpAddr = IpAddr::V4(lab::GW_WAN_V4);
+
+const ALERT_LIMIT: Duration = Duration::from_secs(30);
+const FINISH_LIMIT: Duration = Duration::from_secs(40);
+
+const UPLOAD: u64 = 12_000_000;
+const FLAGS: [&str; 4] = ["--upload-threshold", "8MB", "--upload-min-packets", "100"];
+
+/// The record's counts are the LAN link's: what the LAN host sent and received.
+fn assert_counts(record: &ConnRecord, lab: &Lab, lan: LanCounters, host_is_orig: bool) {
+    let l2_sent = lab.tx_l2_bytes(&lab.lan, &lab.lan_if);
+    let l2_received = lab.tx_l2_bytes(&lab.gw, &lab.gw_lan_if);
+    let (sent, received) = if host_is_orig {
+        ("orig", "resp")
+    } else {
+        ("resp", "orig")
+    };
+    let want = [
+        (format!("{sent}_pkts"), lan.lan_host.tx_packets),
+        (
+            format!("{sent}_ip_bytes"),
+            lan.lan_host.tx_ip_bytes(l2_sent),
+        ),
+        (format!("{received}_pkts"), lan.gw_lan.tx_packets),
+        (
+            format!("{received}_ip_bytes"),
+            lan.gw_lan.tx_ip_bytes(l2_received),
+        ),
+    ];
+    for (field, count) in want {
+        assert_eq!(record.u64(&field), count, "{field} of {record}");
+    }
+}
+
+fn assert_nat(record: &ConnRecord, orig: (IpAddr, u16), resp: (IpAddr, u16)) {
+    assert_eq!(record.ip("nat.orig_h"), orig.0, "{record}");
+    assert_eq!(record.u64("nat.orig_p"), u64::from(orig.1), "{record}");
+    assert_eq!(record.ip("nat.resp_h"), resp.0, "{record}");
+    assert_eq!(record.u64("nat.resp_p"), u64::from(resp.1), "{record}");
+}
+
+/// Sends `UPLOAD` from `sender`, waits for its LargeUpload while the socket is open,
+/// closes, and returns the finished connection's record once the agent is stopped, with
+/// the LAN link's counters over the whole connection.
+fn upload_and_judge(
+    lab: &Lab,
+    agent: RulesAgent,
+    mut sender: std::net::TcpStream,
+    (client, server): (SocketAddr, SocketAddr),
+    before: LanCounters,
+    local_side: &str,
+) -> (ConnRecord, LanCounters) {
+    send(&mut sender, UPLOAD);
+    let alerts = agent.wait_alerts("LargeUpload", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", client, server)
+    });
+    assert_eq!(alerts[0].ip("src"), LAN, "{}", alerts[0]);
+    assert_eq!(alerts[0].ip("dst"), WAN, "{}", alerts[0]);
+    assert_eq!(alerts[0].str("local_side"), local_side, "{}", alerts[0]);
+    assert!(alerts[0].bool("open"), "{}", alerts[0]);
+    sender
+        .shutdown(Shutdown::Write)
+        .unwrap_or_else(|e| panic!("close the sender: {e}"));
+    drop(sender);
+    let record = agent.wait_finished("tcp", client, server, FINISH_LIMIT);
+    let lan = lab.lan_counters().since(before);
+    let stopped = agent.stop();
+    assert_eq!(
+        of(&stopped.alerts, "LargeUpload").len(),
+        1,
+        "one LargeUpload:\n{}",
+        listing(&stopped.alerts)
+    );
+    let records: Vec<&ConnRecord> = stopped
+        .conns
+        .iter()
+        .filter(|r| r.proto() == "tcp")
+        .collect();
+    assert_eq!(
+        records.len(),
+        1,
+        "one record for one connection: {records:?}"
+    );
+    (record, lan)
+}
+
+#[test]
+fn masqueraded_upload_is_the_lan_hosts_with_exact_counts() {
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_default(&lab, &FLAGS);
+    assert!(
+        agent
+            .stderr()
+            .contains(&format!("watching {}", lab.gw_wan_if)),
+        "the default capture is the WAN link: {}",
+        agent.stderr()
+    );
+    let server = SocketAddr::new(WAN, 5001);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let before = lab.lan_counters();
+    let sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    let (record, lan) = upload_and_judge(&lab, agent, sender, (client, server), before, "orig");
+    assert_eq!(join(discard), vec![UPLOAD], "bytes the wan host received");
+    assert!(
+        record.bool("local_orig") && !record.bool("local_resp"),
+        "{record}"
+    );
+    assert_counts(&record, &lab, lan, true);
+    let outside = record.u64("nat.orig_p") as u16;
+    assert_nat(&record, (PUBLIC, outside), (WAN, server.port()));
+}
+
+#[test]
+fn port_forwarded_lan_server_is_named_as_itself() {
+    let lab = Lab::masquerading();
+    lab.forward_port(8080, 5001);
+    let agent = RulesAgent::start_default(&lab, &FLAGS);
+    let server = SocketAddr::new(LAN, 5001);
+    let listener = listen(&lab.lan, server);
+    let before = lab.lan_counters();
+    let mut remote = connect(&lab.wan, SocketAddr::new(PUBLIC, 8080));
+    let client = remote.local_addr().expect("client address");
+    let reader = thread::spawn(move || {
+        let n = read_to_eof(&mut remote);
+        drop(remote);
+        n
+    });
+    let sender = rules_lab::accept(&listener);
+    let (record, lan) = upload_and_judge(&lab, agent, sender, (client, server), before, "resp");
+    assert_eq!(join(reader), UPLOAD, "bytes the wan host received");
+    assert_counts(&record, &lab, lan, false);
+    assert_nat(&record, (client.ip(), client.port()), (PUBLIC, 8080));
+}
+
+#[test]
+fn lan_and_wan_watched_give_one_record_per_connection() {
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_on(&lab, &[&lab.gw_lan_if, &lab.gw_wan_if], &FLAGS);
+    let server = SocketAddr::new(WAN, 5001);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let before = lab.lan_counters();
+    let sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    let (record, lan) = upload_and_judge(&lab, agent, sender, (client, server), before, "orig");
+    assert_eq!(join(discard), vec![UPLOAD], "bytes the wan host received");
+    assert_counts(&record, &lab, lan, true);
+    assert_eq!(record.ip("nat.orig_h"), PUBLIC, "{record}");
+}
+
+#[test]
+fn restricted_lan_host_behind_nat_is_alerted_in_its_own_name() {
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_default(&lab, &["--restricted-net", "198.18.1.2/32"]);
+    let server = SocketAddr::new(WAN, 5002);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let mut sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    send(&mut sender, 1000);
+    let alerts = agent.wait_alerts("RestrictedOutbound", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", client, server)
+    });
+    assert_eq!(alerts[0].ip("src"), LAN, "{}", alerts[0]);
+    assert_eq!(alerts[0].ip("nat.orig_h"), PUBLIC, "{}", alerts[0]);
+    drop(sender);
+    assert_eq!(join(discard), vec![1000]);
+    let stopped = agent.stop();
+    assert!(
+        of(&stopped.alerts, "RestrictedOutbound")
+            .iter()
+            .all(|a| a.ip("src") == LAN),
+        "no alert names the gateway:\n{}",
+        listing(&stopped.alerts)
+    );
+}
+
+/// Short UDP exchanges (a DNS lookup's shape), and a conntrack table flushed in the middle
+/// of one: the connection keeps the LAN host's name and every datagram.
+#[test]
+fn udp_behind_nat_survives_a_conntrack_flush() {
+    lab::require_tool("conntrack", "conntrack");
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_default(&lab, &["--idle-timeout", "2s"]);
+    let server = SocketAddr::new(WAN, 5353);
+    let echo = run_in_ns(&lab.wan, move || UdpSocket::bind(server)).expect("bind echo");
+    echo.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    const ROUNDS: u64 = 40;
+    let echo_thread = thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..2 * ROUNDS {
+            let (n, peer) = echo.recv_from(&mut buf).expect("echo: a request");
+            echo.send_to(&buf[..n], peer).expect("echo: the reply");
+        }
+    });
+    let client = run_in_ns(&lab.lan, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(server)?;
+        Ok::<_, std::io::Error>(sock)
+    })
+    .expect("client socket");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let exchange = |rounds: u64| {
+        let mut buf = [0u8; 512];
+        for _ in 0..rounds {
+            client.send(&[7u8; 100]).expect("send a request");
+            assert_eq!(client.recv(&mut buf).expect("a reply"), 100);
+        }
+    };
+    exchange(ROUNDS);
+    // Let a poll see the connection under its translation, then drop every entry.
+    thread::sleep(Duration::from_millis(600));
+    lab::ns_exec(&lab.gw, &["conntrack", "-F"]);
+    exchange(ROUNDS);
+    echo_thread.join().expect("echo thread");
+    let client_addr = client.local_addr().expect("client address");
+    let record = agent.wait_finished("udp", client_addr, server, FINISH_LIMIT);
+    assert_eq!(record.orig(), (LAN, client_addr.port()), "{record}");
+    assert_eq!(record.u64("orig_pkts"), 2 * ROUNDS, "{record}");
+    assert_eq!(record.u64("resp_pkts"), 2 * ROUNDS, "{record}");
+    assert_eq!(record.u64("orig_bytes"), 2 * ROUNDS * 100, "{record}");
+    assert_eq!(record.ip("nat.orig_h"), PUBLIC, "{record}");
+    let stopped = agent.stop();
+    let udp: Vec<&ConnRecord> = stopped
+        .conns
+        .iter()
+        .filter(|r| r.proto() == "udp")
+        .collect();
+    assert_eq!(udp.len(), 1, "one record: {udp:?}");
+}
+
+#[test]
+fn ipv6_masquerade_is_the_lan_hosts() {
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_default(&lab, &FLAGS);
+    let wan6 = IpAddr::V6(lab::WAN_HOST_V6);
+    let server = SocketAddr::new(wan6, 5001);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let before = lab.lan_counters();
+    let mut sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    send(&mut sender, 1_000_000);
+    sender
+        .shutdown(Shutdown::Write)
+        .unwrap_or_else(|e| panic!("close the sender: {e}"));
+    drop(sender);
+    assert_eq!(join(discard), vec![1_000_000]);
+    let record = agent.wait_finished("tcp", client, server, FINISH_LIMIT);
+    let lan = lab.lan_counters().since(before);
+    assert_eq!(
+        record.ip("id.orig_h"),
+        IpAddr::V6(lab::LAN_HOST_V6),
+        "{record}"
+    );
+    assert_eq!(
+        record.ip("nat.orig_h"),
+        IpAddr::V6(lab::GW_WAN_V6),
+        "{record}"
+    );
+    assert_counts(&record, &lab, lan, true);
+    agent.stop();
+}
