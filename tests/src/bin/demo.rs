@@ -86,9 +86,9 @@ fn connect(ns: &str, to: SocketAddr) -> TcpStream {
 fn main() {
     let started = Instant::now();
     step(
-        "Building the lab: lan host 198.18.1.2 (and .3) -- gateway -- Internet host 203.0.113.2 (and .3)",
+        "Building the lab: lan host 198.18.1.2 (and .3) -- NAT gateway 203.0.113.1 (masquerade) -- Internet host 203.0.113.2 (and .3)",
     );
-    let lab = Lab::new();
+    let lab = Lab::masquerading();
     lab::ns_exec(
         &lab.lan,
         &[
@@ -144,11 +144,11 @@ fn main() {
         &alert_log,
     ];
     println!(
-        "agent: monitor run --iface {} {}",
+        "agent (watching the default route's interface, {}): monitor run {}",
         lab.gw_wan_if,
         flags.join(" ")
     );
-    let agent = Agent::start(&lab.gw, &lab.gw_wan_if, &flags);
+    let agent = Agent::start_default(&lab.gw, &flags);
     let stop = Arc::new(AtomicBool::new(false));
     let printer = follow_alerts(alerts_path, stop.clone());
     let wan: SocketAddr = (lab::WAN_HOST_V4, 443).into();
