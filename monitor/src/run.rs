@@ -84,14 +84,14 @@ impl Pipeline {
             if self.table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             }
-            let ctx =
-                ConnCtx::new(conn, &self.clock, &self.local).translated(self.nat.of(&conn.key));
+            let nat = self.nat.of(&conn.key);
+            let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(nat);
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
             }
             self.metrics.observe(conn, &self.local);
             for exporter in &mut self.exporters {
-                exporter.update(conn, now.mono_ns);
+                exporter.update(conn, nat, now.mono_ns);
             }
         }
         let relief: Vec<FlowKey> = self
@@ -284,10 +284,11 @@ impl Pipeline {
         alerts: &mut Vec<Alert>,
         reason: EndReason,
     ) -> anyhow::Result<()> {
+        let nat = self.nat.of(&conn.key);
         for exporter in &mut self.exporters {
-            exporter.finish(conn, reason, now.mono_ns);
+            exporter.finish(conn, nat, reason, now.mono_ns);
         }
-        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(self.nat.of(&conn.key));
+        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(nat);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }

@@ -157,19 +157,14 @@ pub struct Flow {
     pub out_bytes: u64,
 }
 
-/// `nfdump -r FILE -q -N -o fmt:...`: one line per record, fields separated by `|`.
-pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
-    let mut flows = Vec::new();
+/// `nfdump -r FILE -q -N -o fmt:FORMAT` of every file: its lines, fields separated by `|`.
+fn nfdump_lines(files: &[PathBuf], format: &str) -> Vec<String> {
+    let mut lines = Vec::new();
     for file in files {
         let out = Command::new("nfdump")
             .arg("-r")
             .arg(file)
-            .args([
-                "-q",
-                "-N",
-                "-o",
-                "fmt:%pr|%sa|%da|%sp|%dp|%pkt|%byt|%opkt|%obyt",
-            ])
+            .args(["-q", "-N", "-o", &format!("fmt:{format}")])
             .output()
             .unwrap_or_else(|e| panic!("running nfdump: {e}"));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -178,47 +173,97 @@ pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
             "nfdump -r {file:?} failed: {}\n{text}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        lines.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned),
+        );
+    }
+    lines
+}
+
+/// A flow's addresses and ports, and the same after translation (nfdump's NSEL "xlate"
+/// fields, filled from IPFIX postNAT/postNAPT elements).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatFlow {
+    pub src: (IpAddr, u16),
+    pub dst: (IpAddr, u16),
+    pub xlate_src: (IpAddr, u16),
+    pub xlate_dst: (IpAddr, u16),
+    pub packets: u64,
+}
+
+pub fn read_nat_flows(files: &[PathBuf]) -> Vec<NatFlow> {
+    nfdump_lines(files, "%sa|%sp|%da|%dp|%xsa|%xsp|%xda|%xdp|%pkt")
+        .iter()
+        .map(|line| {
             let f: Vec<&str> = line.split('|').map(str::trim).collect();
             assert_eq!(f.len(), 9, "nfdump line {line:?}");
-            let num = |i: usize| {
-                f[i].parse::<u64>()
-                    .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
+            let end = |i: usize| {
+                let addr = f[i]
+                    .parse::<IpAddr>()
+                    .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"));
+                let port = f[i + 1]
+                    .parse::<u16>()
+                    .unwrap_or_else(|e| panic!("field {} of {line:?}: {e}", i + 1));
+                (addr, port)
             };
-            let addr = |i: usize| {
-                f[i].parse::<IpAddr>()
-                    .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
-            };
-            let proto = match f[0] {
-                "TCP" => IPPROTO_TCP,
-                "UDP" => IPPROTO_UDP,
-                "ICMP" => IPPROTO_ICMP,
-                other => other
+            NatFlow {
+                src: end(0),
+                dst: end(2),
+                xlate_src: end(4),
+                xlate_dst: end(6),
+                packets: f[8]
                     .parse()
-                    .unwrap_or_else(|e| panic!("protocol {other:?} in {line:?}: {e}")),
-            };
-            flows.push(Flow {
-                src: addr(1),
-                dst: addr(2),
-                src_port: num(3) as u16,
-                // ICMP: nfdump shows "type.code".
-                dst_port: match f[4].split_once('.') {
-                    Some((t, c)) => {
-                        let part = |p: &str| {
-                            p.parse::<u16>()
-                                .unwrap_or_else(|e| panic!("ICMP type.code in {line:?}: {e}"))
-                        };
-                        part(t) << 8 | part(c)
-                    }
-                    None => num(4) as u16,
-                },
-                proto,
-                packets: num(5),
-                bytes: num(6),
-                out_packets: num(7),
-                out_bytes: num(8),
-            });
-        }
+                    .unwrap_or_else(|e| panic!("packets of {line:?}: {e}")),
+            }
+        })
+        .collect()
+}
+
+/// `nfdump -r FILE -q -N -o fmt:...`: one line per record, fields separated by `|`.
+pub fn read_flows(files: &[PathBuf]) -> Vec<Flow> {
+    let mut flows = Vec::new();
+    for line in nfdump_lines(files, "%pr|%sa|%da|%sp|%dp|%pkt|%byt|%opkt|%obyt") {
+        let f: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(f.len(), 9, "nfdump line {line:?}");
+        let num = |i: usize| {
+            f[i].parse::<u64>()
+                .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
+        };
+        let addr = |i: usize| {
+            f[i].parse::<IpAddr>()
+                .unwrap_or_else(|e| panic!("field {i} of {line:?}: {e}"))
+        };
+        let proto = match f[0] {
+            "TCP" => IPPROTO_TCP,
+            "UDP" => IPPROTO_UDP,
+            "ICMP" => IPPROTO_ICMP,
+            other => other
+                .parse()
+                .unwrap_or_else(|e| panic!("protocol {other:?} in {line:?}: {e}")),
+        };
+        flows.push(Flow {
+            src: addr(1),
+            dst: addr(2),
+            src_port: num(3) as u16,
+            // ICMP: nfdump shows "type.code".
+            dst_port: match f[4].split_once('.') {
+                Some((t, c)) => {
+                    let part = |p: &str| {
+                        p.parse::<u16>()
+                            .unwrap_or_else(|e| panic!("ICMP type.code in {line:?}: {e}"))
+                    };
+                    part(t) << 8 | part(c)
+                }
+                None => num(4) as u16,
+            },
+            proto,
+            packets: num(5),
+            bytes: num(6),
+            out_packets: num(7),
+            out_bytes: num(8),
+        });
     }
     flows
 }

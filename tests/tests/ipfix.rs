@@ -147,13 +147,13 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
             ACK | PSH,
         );
         add(&mut upload, 1, 50, 2600 + step, now, ACK);
-        exporter.update(&upload, now);
+        exporter.update(&upload, None, now);
         exporter.flush();
         updates += 1;
     }
     add(&mut upload, 0, 1, 52, now + SECOND, FIN | ACK);
     add(&mut upload, 1, 2, 104, now + SECOND, FIN | ACK);
-    exporter.finish(&upload, EndReason::EndOfFlow, now + 6 * SECOND);
+    exporter.finish(&upload, None, EndReason::EndOfFlow, now + 6 * SECOND);
 
     // UDP DNS, an ICMP echo, and an IPv6 TCP download, each exported once at its end.
     let mut dns = conn(
@@ -164,12 +164,12 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     );
     add(&mut dns, 0, 2, 140, 3 * SECOND, 0);
     add(&mut dns, 1, 2, 380, 3 * SECOND + 5_000_000, 0);
-    exporter.finish(&dns, EndReason::Idle, 70 * SECOND);
+    exporter.finish(&dns, None, EndReason::Idle, 70 * SECOND);
 
     let mut ping = conn(IPPROTO_ICMP, ("198.18.0.4", 8), ("203.0.113.1", 0), "Cping");
     add(&mut ping, 0, 4, 336, 4 * SECOND, 0);
     add(&mut ping, 1, 4, 336, 4 * SECOND + 20_000_000, 0);
-    exporter.finish(&ping, EndReason::Idle, 70 * SECOND);
+    exporter.finish(&ping, None, EndReason::Idle, 70 * SECOND);
 
     let mut v6 = conn(
         IPPROTO_TCP,
@@ -181,7 +181,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     add(&mut v6, 1, 1, 80, 5 * SECOND, SYN | ACK);
     add(&mut v6, 0, 900, 72_000, 9 * SECOND, ACK);
     add(&mut v6, 1, 1500, 2_160_000, 9 * SECOND, ACK | PSH);
-    exporter.finish(&v6, EndReason::ForcedEnd, 10 * SECOND);
+    exporter.finish(&v6, None, EndReason::ForcedEnd, 10 * SECOND);
 
     let stats = exporter.shutdown();
     assert_eq!(updates, 20);
@@ -310,7 +310,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     };
     // Two records per connection; the first batch while the collector is down.
     for n in 0..10 {
-        exporter.finish(&udp(n), EndReason::Idle, 2 * SECOND);
+        exporter.finish(&udp(n), None, EndReason::Idle, 2 * SECOND);
         exporter.flush();
     }
     assert!(
@@ -325,8 +325,8 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     let got = read_messages(&mut stream, &mut parser, 20);
     assert_eq!(
         got[0],
-        (0, 2, 0),
-        "the connection starts with the two templates alone"
+        (0, 4, 0),
+        "the connection starts with the templates alone (IPv4, IPv6, and both translated)"
     );
     assert!(
         got[1..].iter().all(|m| m.1 == 0),
@@ -343,7 +343,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     drop(first);
     thread::sleep(Duration::from_millis(200));
     for n in 10..25 {
-        exporter.finish(&udp(n), EndReason::Idle, 3 * SECOND);
+        exporter.finish(&udp(n), None, EndReason::Idle, 3 * SECOND);
         exporter.flush();
         thread::sleep(Duration::from_millis(20));
     }
@@ -353,7 +353,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     let got = read_messages(&mut stream, &mut parser, 30);
     assert_eq!(
         got[0],
-        (0, 2, 0),
+        (0, 4, 0),
         "templates first on the new connection: {got:?}"
     );
     let mut seq = 0;
@@ -390,7 +390,7 @@ fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
     );
     add(&mut c, 0, 1, 100, SECOND, 0);
     for n in 0..3 {
-        exporter.finish(&c, EndReason::Idle, (2 + n) * SECOND);
+        exporter.finish(&c, None, EndReason::Idle, (2 + n) * SECOND);
         exporter.flush();
     }
     let started = Instant::now();
@@ -446,7 +446,7 @@ fn tcp_collector_that_never_reads_delays_nothing() {
             );
             add(&mut c, 0, 1, 100, SECOND, 0);
             add(&mut c, 1, 1, 100, SECOND, 0);
-            exporter.finish(&c, EndReason::Idle, 2 * SECOND);
+            exporter.finish(&c, None, EndReason::Idle, 2 * SECOND);
         }
         let started = Instant::now();
         exporter.flush();

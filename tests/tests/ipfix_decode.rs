@@ -5,8 +5,8 @@
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use monitor::export::ipfix::{
-    Encoder, EndReason, MAX_MESSAGE, Message, REVERSE_PEN, Record, Reverse, TEMPLATE_BIFLOW_V4,
-    TEMPLATE_BIFLOW_V6, TEMPLATE_V4, TEMPLATE_V6, ie, template_fields,
+    Encoder, EndReason, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN, Record,
+    Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_V4, TEMPLATE_V6, ie, template_fields,
 };
 use netflow_parser::{
     FieldValue, NetflowPacket, NetflowParser,
@@ -158,7 +158,30 @@ fn to_record(fields: &Fields) -> Record {
         start_ms: iana(ie::FLOW_START_MILLISECONDS),
         end_ms: iana(ie::FLOW_END_MILLISECONDS),
         reverse,
+        nat: post_nat(fields, v6),
     }
+}
+
+/// The postNAT/postNAPT elements, where the record has them.
+fn post_nat(fields: &Fields, v6: bool) -> Option<PostNat> {
+    let (src, dst) = if v6 {
+        (
+            ie::POST_NAT_SOURCE_IPV6_ADDRESS,
+            ie::POST_NAT_DESTINATION_IPV6_ADDRESS,
+        )
+    } else {
+        (
+            ie::POST_NAT_SOURCE_IPV4_ADDRESS,
+            ie::POST_NAT_DESTINATION_IPV4_ADDRESS,
+        )
+    };
+    let get = |id| fields.get(&(0, id));
+    Some(PostNat {
+        src: addr(get(src)?),
+        dst: addr(get(dst)?),
+        src_port: num(get(ie::POST_NAPT_SOURCE_TRANSPORT_PORT)?) as u16,
+        dst_port: num(get(ie::POST_NAPT_DESTINATION_TRANSPORT_PORT)?) as u16,
+    })
 }
 
 /// A mix of TCP, UDP, ICMP and ICMPv6, IPv4 and IPv6, every end reason, counts that need
@@ -211,6 +234,17 @@ fn records(n: usize) -> Vec<Record> {
                 start_ms: NOW_MS - 60_000 + i as u64,
                 end_ms: NOW_MS - 1_000 + i as u64,
                 reverse: None,
+                // Every fourth record is of a translated connection.
+                nat: (i % 4 == 0).then(|| PostNat {
+                    src: if v6 {
+                        "2001:db8:2::1".parse().unwrap()
+                    } else {
+                        "203.0.113.1".parse().unwrap()
+                    },
+                    dst,
+                    src_port: 20_000 + i as u16,
+                    dst_port: if icmp { 0x0800 } else { 443 },
+                }),
             }
         })
         .collect()
@@ -234,11 +268,12 @@ fn templates_decode_with_their_reduced_sizes() {
         assert_eq!(decoded.header.export_time, (NOW_MS / 1000) as u32);
         assert_eq!(decoded.header.sequence_number, 0);
         assert!(decoded.records.is_empty());
-        let ids = if biflow {
+        let [v4, v6] = if biflow {
             [TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6]
         } else {
             [TEMPLATE_V4, TEMPLATE_V6]
         };
+        let ids = [v4, v6, v4 + NAT_TEMPLATE_OFFSET, v6 + NAT_TEMPLATE_OFFSET];
         assert_eq!(
             decoded
                 .templates
@@ -247,7 +282,8 @@ fn templates_decode_with_their_reduced_sizes() {
                 .collect::<Vec<_>>(),
             ids
         );
-        for (template, v6) in decoded.templates.iter().zip([false, true]) {
+        let kinds = [(false, false), (false, true), (true, false), (true, true)];
+        for (template, (nat, v6)) in decoded.templates.iter().zip(kinds) {
             let got: Vec<(u16, u16, u32)> = template
                 .fields
                 .iter()
@@ -259,7 +295,7 @@ fn templates_decode_with_their_reduced_sizes() {
                     )
                 })
                 .collect();
-            let want: Vec<(u16, u16, u32)> = template_fields(v6, biflow)
+            let want: Vec<(u16, u16, u32)> = template_fields(v6, biflow, nat)
                 .iter()
                 .map(|f| (f.id, f.len, f.pen))
                 .collect();
@@ -290,7 +326,7 @@ fn records_decode_to_what_was_encoded() {
     );
     let mut parser = NetflowParser::default();
     let decoded = decode(&mut parser, &mut HashMap::new(), &messages[0]);
-    assert_eq!(decoded.templates.len(), 2);
+    assert_eq!(decoded.templates.len(), 4);
     let got: Vec<Record> = decoded.records.iter().map(|(_, r)| to_record(r)).collect();
     assert_eq!(sorted(got), sorted(sent));
     // The reduced-size tcpControlBits decode as flags, not as a two-octet number.
@@ -326,7 +362,11 @@ fn biflow_records_decode_with_reverse_elements() {
     for m in &messages {
         let decoded = decode(&mut parser, &mut known, m);
         for (id, fields) in &decoded.records {
-            assert!(matches!(*id, TEMPLATE_BIFLOW_V4 | TEMPLATE_BIFLOW_V6));
+            let biflow = [TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6];
+            assert!(
+                biflow.contains(id) || biflow.map(|t| t + NAT_TEMPLATE_OFFSET).contains(id),
+                "template {id}"
+            );
             // netflow_parser names enterprise 29305 as RFC 5103's reverse elements.
             assert!(
                 fields.keys().filter(|(pen, _)| *pen == REVERSE_PEN).count() == 3,

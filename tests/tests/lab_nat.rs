@@ -13,6 +13,7 @@ use std::{
 use tests::{
     agent::ConnRecord,
     lab::{self, Lab, LanCounters, run_in_ns},
+    nfdump::{NatFlow, Nfcapd, read_nat_flows},
     rules_lab::{
         self, RulesAgent, connect, join, listen, listing, of, read_to_eof, send, spawn_discard,
     },
@@ -283,4 +284,61 @@ fn ipv6_masquerade_is_the_lan_hosts() {
     );
     assert_counts(&record, &lab, lan, true);
     agent.stop();
+}
+
+/// IPFIX records of a translated connection carry its endpoints as translated in the
+/// elements collectors know (postNATSourceIPv4Address and the rest): nfdump shows them as
+/// its NSEL "xlate" fields, so a fleet sees LAN hosts and their public faces both.
+#[test]
+fn ipfix_records_carry_the_translation_to_nfdump() {
+    let lab = Lab::masquerading();
+    let mut nfcapd = Nfcapd::start_in(Some(&lab.gw), 4739);
+    let agent = RulesAgent::start_default(&lab, &["--ipfix-collector", "udp://127.0.0.1:4739"]);
+    let server = SocketAddr::new(WAN, 5003);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let mut sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    send(&mut sender, 500_000);
+    sender
+        .shutdown(Shutdown::Write)
+        .unwrap_or_else(|e| panic!("close the sender: {e}"));
+    drop(sender);
+    assert_eq!(join(discard), vec![500_000]);
+    let record = agent.wait_finished("tcp", client, server, FINISH_LIMIT);
+    let public = (PUBLIC, record.u64("nat.orig_p") as u16);
+    agent.stop();
+    // nfcapd reads its socket on its own time: let it drain before stopping it.
+    thread::sleep(Duration::from_millis(500));
+    let files = nfcapd.stop();
+    let flows = read_nat_flows(&files);
+    let upload: Vec<&NatFlow> = flows
+        .iter()
+        .filter(|f| f.src == (LAN, client.port()))
+        .collect();
+    let download: Vec<&NatFlow> = flows
+        .iter()
+        .filter(|f| f.dst == (LAN, client.port()))
+        .collect();
+    assert!(!upload.is_empty() && !download.is_empty(), "{flows:?}");
+    for f in upload {
+        assert_eq!(f.dst, (WAN, server.port()), "{f:?}");
+        assert_eq!(
+            (f.xlate_src, f.xlate_dst),
+            (public, (WAN, server.port())),
+            "{f:?}"
+        );
+    }
+    for f in download {
+        assert_eq!(
+            (f.xlate_src, f.xlate_dst),
+            ((WAN, server.port()), public),
+            "{f:?}"
+        );
+    }
+    let packets: u64 = flows
+        .iter()
+        .filter(|f| f.src == (LAN, client.port()))
+        .map(|f| f.packets)
+        .sum();
+    assert_eq!(packets, record.u64("orig_pkts"), "{record}");
 }

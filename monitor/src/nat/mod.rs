@@ -73,6 +73,15 @@ impl Translation {
         })
     }
 
+    /// `end` (one of this connection's two endpoints) as translated.
+    pub fn translated(&self, end: Endpoint) -> Endpoint {
+        if end == self.orig {
+            self.nat_orig
+        } else {
+            self.nat_resp
+        }
+    }
+
     /// The translated endpoints in the order of a record's (originator, responder).
     pub fn fields(&self, orig: Endpoint) -> NatFields {
         let (o, r) = if orig == self.orig {

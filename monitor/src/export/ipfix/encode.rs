@@ -12,6 +12,8 @@ pub const TEMPLATE_V4: u16 = 256;
 pub const TEMPLATE_V6: u16 = 257;
 pub const TEMPLATE_BIFLOW_V4: u16 = 258;
 pub const TEMPLATE_BIFLOW_V6: u16 = 259;
+/// The templates of translated connections: the four above plus [`NAT_TEMPLATE_OFFSET`].
+pub const NAT_TEMPLATE_OFFSET: u16 = 4;
 
 const HEADER_LEN: usize = 16;
 const SET_HEADER_LEN: usize = 4;
@@ -36,6 +38,12 @@ pub mod ie {
     pub const ICMP_TYPE_CODE_IPV6: u16 = 139;
     pub const FLOW_START_MILLISECONDS: u16 = 152;
     pub const FLOW_END_MILLISECONDS: u16 = 153;
+    pub const POST_NAT_SOURCE_IPV4_ADDRESS: u16 = 225;
+    pub const POST_NAT_DESTINATION_IPV4_ADDRESS: u16 = 226;
+    pub const POST_NAPT_SOURCE_TRANSPORT_PORT: u16 = 227;
+    pub const POST_NAPT_DESTINATION_TRANSPORT_PORT: u16 = 228;
+    pub const POST_NAT_SOURCE_IPV6_ADDRESS: u16 = 281;
+    pub const POST_NAT_DESTINATION_IPV6_ADDRESS: u16 = 282;
 }
 
 /// flowEndReason (IANA registry).
@@ -69,8 +77,10 @@ const fn reverse(id: u16, len: u16) -> Field {
     }
 }
 
-/// The fields of a template, in wire order; a record is encoded by walking them.
-pub fn template_fields(v6: bool, biflow: bool) -> Vec<Field> {
+/// The fields of a template, in wire order; a record is encoded by walking them. `nat`:
+/// the template of translated connections, whose records also carry the endpoints as
+/// translated.
+pub fn template_fields(v6: bool, biflow: bool, nat: bool) -> Vec<Field> {
     use ie::*;
     let mut fields = if v6 {
         vec![
@@ -110,23 +120,53 @@ pub fn template_fields(v6: bool, biflow: bool) -> Vec<Field> {
             reverse(TCP_CONTROL_BITS, 1),
         ]);
     }
+    if nat {
+        let addr_len = if v6 { 16 } else { 4 };
+        let (src, dst) = if v6 {
+            (
+                POST_NAT_SOURCE_IPV6_ADDRESS,
+                POST_NAT_DESTINATION_IPV6_ADDRESS,
+            )
+        } else {
+            (
+                POST_NAT_SOURCE_IPV4_ADDRESS,
+                POST_NAT_DESTINATION_IPV4_ADDRESS,
+            )
+        };
+        fields.extend([
+            iana(src, addr_len),
+            iana(dst, addr_len),
+            iana(POST_NAPT_SOURCE_TRANSPORT_PORT, 2),
+            iana(POST_NAPT_DESTINATION_TRANSPORT_PORT, 2),
+        ]);
+    }
     fields
 }
 
-fn template_id(v6: bool, biflow: bool) -> u16 {
-    match (v6, biflow) {
+fn template_id(v6: bool, biflow: bool, nat: bool) -> u16 {
+    let id = match (v6, biflow) {
         (false, false) => TEMPLATE_V4,
         (true, false) => TEMPLATE_V6,
         (false, true) => TEMPLATE_BIFLOW_V4,
         (true, true) => TEMPLATE_BIFLOW_V6,
-    }
+    };
+    if nat { id + NAT_TEMPLATE_OFFSET } else { id }
 }
 
-fn record_len(v6: bool, biflow: bool) -> usize {
-    template_fields(v6, biflow)
+fn record_len(v6: bool, biflow: bool, nat: bool) -> usize {
+    template_fields(v6, biflow, nat)
         .iter()
         .map(|f| usize::from(f.len))
         .sum()
+}
+
+/// A translated connection's record direction as translated (postNAT/postNAPT elements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostNat {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
 /// The reverse direction of a biflow record.
@@ -159,6 +199,8 @@ pub struct Record {
     pub end_ms: u64,
     /// Set for biflow records (RFC 5103).
     pub reverse: Option<Reverse>,
+    /// Set for the records of a translated connection.
+    pub nat: Option<PostNat>,
 }
 
 impl Record {
@@ -167,15 +209,15 @@ impl Record {
     }
 
     fn template_id(&self) -> u16 {
-        template_id(self.v6(), self.reverse.is_some())
+        template_id(self.v6(), self.reverse.is_some(), self.nat.is_some())
     }
 
     fn encoded_len(&self) -> usize {
-        record_len(self.v6(), self.reverse.is_some())
+        record_len(self.v6(), self.reverse.is_some(), self.nat.is_some())
     }
 
     fn write(&self, out: &mut Vec<u8>) {
-        for field in template_fields(self.v6(), self.reverse.is_some()) {
+        for field in template_fields(self.v6(), self.reverse.is_some(), self.nat.is_some()) {
             self.write_field(field, out);
         }
     }
@@ -183,6 +225,12 @@ impl Record {
     fn write_field(&self, field: Field, out: &mut Vec<u8>) {
         use ie::*;
         let rev = self.reverse.unwrap_or_default();
+        let nat = self.nat.unwrap_or(PostNat {
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+        });
         let addr = |a: IpAddr| match a {
             IpAddr::V4(a) => a.octets().to_vec(),
             IpAddr::V6(a) => a.octets().to_vec(),
@@ -208,6 +256,12 @@ impl Record {
             (_, PACKET_DELTA_COUNT) => self.packets.to_be_bytes().to_vec(),
             (_, FLOW_START_MILLISECONDS) => self.start_ms.to_be_bytes().to_vec(),
             (_, FLOW_END_MILLISECONDS) => self.end_ms.to_be_bytes().to_vec(),
+            (_, POST_NAT_SOURCE_IPV4_ADDRESS | POST_NAT_SOURCE_IPV6_ADDRESS) => addr(nat.src),
+            (_, POST_NAT_DESTINATION_IPV4_ADDRESS | POST_NAT_DESTINATION_IPV6_ADDRESS) => {
+                addr(nat.dst)
+            }
+            (_, POST_NAPT_SOURCE_TRANSPORT_PORT) => nat.src_port.to_be_bytes().to_vec(),
+            (_, POST_NAPT_DESTINATION_TRANSPORT_PORT) => nat.dst_port.to_be_bytes().to_vec(),
             _ => unreachable!("field {field:?} is in no template"),
         };
         debug_assert_eq!(bytes.len(), usize::from(field.len), "{field:?}");
@@ -277,14 +331,15 @@ impl Encoder {
         buf[12..16].copy_from_slice(&self.domain_id.to_be_bytes());
     }
 
-    /// The template set for the current mode: IPv4 and IPv6.
+    /// The template set for the current mode: IPv4 and IPv6, then both for translated
+    /// connections.
     pub fn template_set(&self) -> Vec<u8> {
         let mut set = Vec::new();
         set.extend_from_slice(&TEMPLATE_SET_ID.to_be_bytes());
         set.extend_from_slice(&[0, 0]);
-        for v6 in [false, true] {
-            let fields = template_fields(v6, self.biflow);
-            set.extend_from_slice(&template_id(v6, self.biflow).to_be_bytes());
+        for (nat, v6) in [(false, false), (false, true), (true, false), (true, true)] {
+            let fields = template_fields(v6, self.biflow, nat);
+            set.extend_from_slice(&template_id(v6, self.biflow, nat).to_be_bytes());
             set.extend_from_slice(&(fields.len() as u16).to_be_bytes());
             for f in fields {
                 if f.pen == 0 {
@@ -385,6 +440,7 @@ mod tests {
             start_ms: 0x0102_0304_0506,
             end_ms: 0x0102_0304_0607,
             reverse: None,
+            nat: None,
         }
     }
 
@@ -395,11 +451,12 @@ mod tests {
         let messages = encoder.encode(&[v4_record()], now_ms);
         assert_eq!(messages.len(), 1);
         let bytes = &messages[0].bytes;
-        // header 16 + template set (4 + 2 * (4 + 15 * 4)) + data set (4 + 58)
-        assert_eq!(bytes.len(), 16 + 132 + 62);
+        // header 16 + template set (4 + 2 * (4 + 15 * 4) + 2 * (4 + 19 * 4)) + data set
+        // (4 + 58)
+        assert_eq!(bytes.len(), 16 + 292 + 62);
         #[rustfmt::skip]
         let header = [
-            0x00, 0x0a, 0x00, 0xd2,             // version 10, length 210
+            0x00, 0x0a, 0x01, 0x72,             // version 10, length 370
             0x65, 0x53, 0xf1, 0x00,             // export time 1,700,000,000 s
             0x00, 0x00, 0x00, 0x00,             // sequence 0
             0x00, 0x00, 0x00, 0x07,             // domain 7
@@ -407,7 +464,7 @@ mod tests {
         assert_eq!(&bytes[..16], &header);
         #[rustfmt::skip]
         let template_v4 = [
-            0x00, 0x02, 0x00, 0x84,             // template set, length 132
+            0x00, 0x02, 0x01, 0x24,             // template set, length 292
             0x01, 0x00, 0x00, 0x0f,             // template 256, 15 fields
             0x00, 0x08, 0x00, 0x04,             // sourceIPv4Address
             0x00, 0x0c, 0x00, 0x04,             // destinationIPv4Address
@@ -429,6 +486,19 @@ mod tests {
         // the IPv6 template: 257, 15 fields, addresses 27/28 of 16 octets, icmp 139
         assert_eq!(&bytes[84..96], &[1, 1, 0, 15, 0, 27, 0, 16, 0, 28, 0, 16]);
         assert_eq!(&bytes[112..116], &[0, 139, 0, 2]);
+        // translated IPv4: 260, the same 15 fields, then the four post-translation ones
+        assert_eq!(&bytes[148..152], &[1, 4, 0, 19]);
+        #[rustfmt::skip]
+        let post_nat = [
+            0x00, 0xe1, 0x00, 0x04,             // postNATSourceIPv4Address
+            0x00, 0xe2, 0x00, 0x04,             // postNATDestinationIPv4Address
+            0x00, 0xe3, 0x00, 0x02,             // postNAPTSourceTransportPort
+            0x00, 0xe4, 0x00, 0x02,             // postNAPTDestinationTransportPort
+        ];
+        assert_eq!(&bytes[212..228], &post_nat);
+        // translated IPv6: 261, addresses 281/282 of 16 octets
+        assert_eq!(&bytes[228..232], &[1, 5, 0, 19]);
+        assert_eq!(&bytes[292..300], &[1, 25, 0, 16, 1, 26, 0, 16]);
         #[rustfmt::skip]
         let data = [
             0x01, 0x00, 0x00, 0x3e,             // set 256, length 62
@@ -445,16 +515,36 @@ mod tests {
             0, 0, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, // start
             0, 0, 0x01, 0x02, 0x03, 0x04, 0x06, 0x07, // end
         ];
-        assert_eq!(&bytes[148..], &data);
+        assert_eq!(&bytes[308..], &data);
         assert_eq!(messages[0].records, 1);
+    }
+
+    #[test]
+    fn a_translated_record_carries_its_post_nat_endpoints() {
+        let mut record = v4_record();
+        record.nat = Some(PostNat {
+            src: "203.0.113.1".parse().expect("address"),
+            dst: record.dst,
+            src_port: 61000,
+            dst_port: 443,
+        });
+        assert_eq!(record.template_id(), TEMPLATE_V4 + NAT_TEMPLATE_OFFSET);
+        let mut out = Vec::new();
+        record.write(&mut out);
+        assert_eq!(out.len(), 58 + 12);
+        assert_eq!(
+            &out[58..],
+            &[203, 0, 113, 1, 203, 0, 113, 9, 0xee, 0x48, 0x01, 0xbb]
+        );
     }
 
     #[test]
     fn biflow_template_uses_reverse_elements() {
         let encoder = Encoder::new(1, true, Some(Duration::from_secs(60)));
         let set = encoder.template_set();
-        // v4: 4 + 15 * 4 + 3 * 8; two templates
-        assert_eq!(set.len(), 4 + 2 * (4 + 60 + 24));
+        // v4: 4 + 15 * 4 + 3 * 8; two templates, and two of translated connections with
+        // four fields more
+        assert_eq!(set.len(), 4 + 2 * (4 + 60 + 24) + 2 * (4 + 60 + 24 + 16));
         assert_eq!(&set[4..8], &[1, 2, 0, 18]);
         #[rustfmt::skip]
         let reverse = [

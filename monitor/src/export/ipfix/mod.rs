@@ -50,15 +50,16 @@ use monitor_common::{
 };
 
 pub use encode::{
-    Encoder, EndReason, Field, MAX_MESSAGE, Message, REVERSE_PEN, Record, Reverse,
-    TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4, TEMPLATE_V6, VERSION, ie,
-    template_fields,
+    Encoder, EndReason, Field, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN,
+    Record, Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4,
+    TEMPLATE_V6, VERSION, ie, template_fields,
 };
 pub use transport::Collector;
 
 use crate::{
     clock::Clock,
     conntable::{Conn, LocalNets},
+    nat::Translation,
 };
 
 /// Messages waiting for the sender thread before new ones are dropped.
@@ -184,7 +185,7 @@ impl IpfixExporter {
     /// For an open connection at kernel time `now_ns`: queues its deltas (reason "active
     /// timeout") when the active timeout has passed since its previous export or its first
     /// packet.
-    pub fn update(&mut self, conn: &Conn, now_ns: u64) {
+    pub fn update(&mut self, conn: &Conn, nat: Option<&Translation>, now_ns: u64) {
         let first = conn.first_ns();
         let at = self
             .exported
@@ -196,13 +197,19 @@ impl IpfixExporter {
             .at_ns;
         let timeout = self.config.active_timeout.as_nanos() as u64;
         if now_ns.saturating_sub(at) >= timeout {
-            self.export(conn, EndReason::ActiveTimeout, now_ns, false);
+            self.export(conn, nat, EndReason::ActiveTimeout, now_ns, false);
         }
     }
 
     /// For a finished connection: queues what is left with `reason` and forgets it.
-    pub fn finish(&mut self, conn: &Conn, reason: EndReason, now_ns: u64) {
-        self.export(conn, reason, now_ns, true);
+    pub fn finish(
+        &mut self,
+        conn: &Conn,
+        nat: Option<&Translation>,
+        reason: EndReason,
+        now_ns: u64,
+    ) {
+        self.export(conn, nat, reason, now_ns, true);
         self.exported.remove(&conn.key);
     }
 
@@ -269,7 +276,14 @@ impl IpfixExporter {
         (self.config.clock.epoch_secs(mono_ns) * 1000.0).round() as u64
     }
 
-    fn export(&mut self, conn: &Conn, reason: EndReason, now_ns: u64, last: bool) {
+    fn export(
+        &mut self,
+        conn: &Conn,
+        nat: Option<&Translation>,
+        reason: EndReason,
+        now_ns: u64,
+        last: bool,
+    ) {
         let prev = self.exported.get(&conn.key).copied().unwrap_or_default();
         let snap = conn.snap();
         let delta = |d: usize| {
@@ -328,6 +342,16 @@ impl IpfixExporter {
                 start_ms: self.epoch_ms(start_ns),
                 end_ms: self.epoch_ms(end_ns),
                 reverse: None,
+                nat: nat.map(|t| {
+                    let (src, dst) = (t.translated(src), t.translated(dst));
+                    let (src_port, dst_port, _) = ports(snap.key.proto, src.port, dst.port);
+                    PostNat {
+                        src: src.addr,
+                        dst: dst.addr,
+                        src_port,
+                        dst_port,
+                    }
+                }),
             }
         };
         let quiet = (conn.last_ns(), conn.last_ns());
@@ -487,7 +511,7 @@ mod tests {
         );
         c.edit(|s| s.dir[1].syn_only = 1);
         // Before the active timeout: nothing.
-        exporter.update(&c, 105 * SECOND);
+        exporter.update(&c, None, 105 * SECOND);
         assert!(take(&mut exporter).is_empty());
         let steps = [
             (111, [(5, 3000, 101, 111), (7, 500, 100, 110)]),
@@ -504,7 +528,7 @@ mod tests {
                     ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
                 };
             });
-            exporter.update(&c, now * SECOND);
+            exporter.update(&c, None, now * SECOND);
             all.extend(take(&mut exporter));
         }
         // 111: both directions; 115: not due; 122: both again; 133: due, nothing new.
@@ -527,7 +551,7 @@ mod tests {
             s.dir[0] = dir(11, 5100, 101, 140, SYN | ACK | FIN);
             s.dir[1] = dir(14, 1000, 100, 140, SYN | ACK | FIN);
         });
-        exporter.finish(&c, EndReason::EndOfFlow, 146 * SECOND);
+        exporter.finish(&c, None, EndReason::EndOfFlow, 146 * SECOND);
         let last = take(&mut exporter);
         assert_eq!(last.len(), 2);
         assert!(last.iter().all(|r| r.end_reason == EndReason::EndOfFlow));
@@ -543,9 +567,9 @@ mod tests {
         assert_eq!(exporter.tracked(), 0, "finish forgets the connection");
 
         // Finished with nothing left: one zero record carries the reason.
-        exporter.update(&c, 200 * SECOND);
+        exporter.update(&c, None, 200 * SECOND);
         take(&mut exporter);
-        exporter.finish(&c, EndReason::Idle, 300 * SECOND);
+        exporter.finish(&c, None, EndReason::Idle, 300 * SECOND);
         let last = take(&mut exporter);
         assert_eq!(last.len(), 1);
         assert_eq!((last[0].packets, last[0].octets), (0, 0));
@@ -570,7 +594,7 @@ mod tests {
             EndReason::ForcedEnd,
             EndReason::LackOfResources,
         ] {
-            exporter.finish(&ping, reason, 10 * SECOND);
+            exporter.finish(&ping, None, reason, 10 * SECOND);
             let records = take(&mut exporter);
             assert_eq!(records.len(), 1, "one biflow record");
             let r = &records[0];
@@ -621,7 +645,7 @@ mod tests {
             53,
             [dir(1, 80, 1, 1, 0), dir(1, 120, 1, 1, 0)],
         );
-        exporter.finish(&udp, EndReason::Idle, 2 * SECOND);
+        exporter.finish(&udp, None, EndReason::Idle, 2 * SECOND);
         exporter.flush();
         let mut buf = [0; 2048];
         let n = sink.recv(&mut buf).expect("templates at start");
@@ -656,7 +680,7 @@ mod tests {
             [dir(1, 80, 1, 1, 0), dir(0, 0, 0, 0, 0)],
         );
         for _ in 0..5 {
-            exporter.finish(&c, EndReason::Idle, 2 * SECOND);
+            exporter.finish(&c, None, EndReason::Idle, 2 * SECOND);
             exporter.flush();
         }
         let stats = exporter.stats();
