@@ -72,12 +72,16 @@ impl Pipeline {
     /// Reads the map, runs the rules on every open connection, then finishes what is done:
     /// each finished entry is taken out of the map with its final counts, judged by the
     /// rules once more, and written.
-    fn poll(&mut self) -> anyhow::Result<()> {
+    fn poll(&mut self, dns_events: &mut DnsEvents, dns_batch: &mut Batch) -> anyhow::Result<()> {
         let started = Instant::now();
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         self.read_map()?;
+        // A connection opened right after its lookup is judged by name: every answer the
+        // kernel queued before the read is applied first.
+        dns_events.take_ready(dns_batch);
+        self.record_dns(dns_batch);
         let mut alerts = Vec::new();
         let mut finished = Vec::new();
         for conn in self.table.iter() {
@@ -168,6 +172,14 @@ impl Pipeline {
         self.top.update(&self.table, &self.local, now);
         self.save_state();
         Ok(())
+    }
+
+    /// DNS messages, each between its pre-NAT endpoints: the translations of the
+    /// connections they belong to are taken first.
+    fn record_dns(&mut self, batch: &mut Batch) {
+        self.nat.refresh();
+        let (dns, nat, clock) = (&mut self.dns, &self.nat, self.clock);
+        batch.drain(|record| dns.record(record, |ns| clock.epoch_secs(ns), nat));
     }
 
     /// One read of the whole map into the table, each entry under its pre-NAT key.
@@ -517,11 +529,10 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                 if let Err(err) = read {
                     warn!("reading DNS events failed: {err:#}");
                 }
-                let clock = pipeline.clock;
-                dns_batch.drain(|record| pipeline.dns.record(record, |ns| clock.epoch_secs(ns)));
+                pipeline.record_dns(&mut dns_batch);
             }
             _ = ticks.tick() => {
-                if let Err(err) = pipeline.poll() {
+                if let Err(err) = pipeline.poll(&mut dns_events, &mut dns_batch) {
                     warn!("poll failed: {err:#}");
                 }
             }

@@ -12,10 +12,12 @@ use std::{
 
 use tests::{
     agent::ConnRecord,
+    dns_lab::{TYPE_A, add_wan_address, resolve, start_dnsmasq},
     lab::{self, Lab, LanCounters, run_in_ns},
     nfdump::{NatFlow, Nfcapd, read_nat_flows},
     rules_lab::{
-        self, RulesAgent, connect, join, listen, listing, of, read_to_eof, send, spawn_discard,
+        self, RulesAgent, Scratch, connect, join, listen, listing, of, read_json_lines,
+        read_to_eof, send, spawn_discard,
     },
 };
 
@@ -341,4 +343,63 @@ fn ipfix_records_carry_the_translation_to_nfdump() {
         .map(|f| f.packets)
         .sum();
     assert_eq!(packets, record.u64("orig_pkts"), "{record}");
+}
+
+/// A LAN client's lookups cross the NAT as the gateway's, yet they are the client's: its
+/// connections carry the names it resolved, dns.log names it, and a name allowlist follows
+/// what it resolved.
+#[test]
+fn names_behind_nat_are_the_lan_clients() {
+    let lab = Lab::masquerading();
+    let resolver = start_dnsmasq(&lab, &["--address=/example.test/203.0.113.10"]);
+    let resolved: IpAddr = "203.0.113.10".parse().expect("address");
+    let unresolved: IpAddr = "203.0.113.12".parse().expect("address");
+    add_wan_address(&lab, resolved);
+    add_wan_address(&lab, unresolved);
+    let scratch = Scratch::new("nat-dns");
+    let dns_log = scratch.path("dns.jsonl");
+    let dns_arg = dns_log.to_str().expect("UTF-8").to_owned();
+    let agent = RulesAgent::start_default(
+        &lab,
+        &[
+            "--restricted-net",
+            "198.18.1.0/24",
+            "--allow-dst",
+            "*.example.test",
+            "--allow-service",
+            "203.0.113.2/32,53/udp",
+            "--dns-log",
+            &dns_arg,
+        ],
+    );
+    let answer = resolve(&lab.lan, resolver, "files.example.test", TYPE_A, false);
+    assert_eq!(answer.addrs, vec![resolved], "{answer:?}");
+    let mut clients = Vec::new();
+    for target in [resolved, unresolved] {
+        let server = SocketAddr::new(target, 5001);
+        let discard = spawn_discard(listen(&lab.wan, server), 1);
+        let mut sender = connect(&lab.lan, server);
+        clients.push((sender.local_addr().expect("client address"), server));
+        send(&mut sender, 10_000);
+        sender.shutdown(Shutdown::Write).expect("close");
+        drop(sender);
+        assert_eq!(join(discard), vec![10_000], "bytes {target} received");
+    }
+    let (loud_client, loud_server) = clients[1];
+    let alerts = agent.wait_alerts("RestrictedOutbound", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", loud_client, loud_server)
+    });
+    assert_eq!(alerts[0].ip("src"), LAN, "{}", alerts[0]);
+    let (quiet_client, quiet_server) = clients[0];
+    let named = agent.wait_finished("tcp", quiet_client, quiet_server, FINISH_LIMIT);
+    assert_eq!(named.str("remote_fqdn"), "files.example.test", "{named}");
+    let stopped = agent.stop();
+    let restricted = of(&stopped.alerts, "RestrictedOutbound");
+    assert_eq!(restricted.len(), 1, "{}", listing(&stopped.alerts));
+    let lookups: Vec<_> = read_json_lines(&dns_log)
+        .into_iter()
+        .filter(|r| r["query"] == "files.example.test")
+        .collect();
+    assert_eq!(lookups.len(), 1, "{lookups:?}");
+    assert_eq!(lookups[0]["id.orig_h"], LAN.to_string(), "{:?}", lookups[0]);
 }

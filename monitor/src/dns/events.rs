@@ -39,6 +39,18 @@ impl DnsEvents {
     }
 }
 
+impl DnsEvents {
+    /// Appends every record waiting now to `batch`, without waiting: what the kernel queued
+    /// before a flow-map read, taken before that read's connections are judged.
+    pub fn take_ready(&mut self, batch: &mut Batch) {
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            batch.bytes.extend_from_slice(&item);
+            batch.ends.push(batch.bytes.len());
+        }
+    }
+}
+
 /// Records read in one go, kept in one buffer: a flood allocates nothing per record.
 #[derive(Default)]
 pub struct Batch {

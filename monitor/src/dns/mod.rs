@@ -18,7 +18,14 @@ use std::{
 
 use monitor_common::{flow::FlowKey, parse::PacketInfo};
 
-use crate::{alerts::Alert, cli::DnsArgs, conntable::LocalNets, logs::JsonLines, rules::Now};
+use crate::{
+    alerts::Alert,
+    cli::DnsArgs,
+    conntable::{Endpoint, LocalNets},
+    logs::JsonLines,
+    nat::Nat,
+    rules::Now,
+};
 use cache::PassiveDns;
 use log::{DnsRecord, Transactions};
 use parse::Payload;
@@ -69,12 +76,26 @@ impl Dns {
         }
     }
 
-    /// One ring buffer record; `epoch` converts kernel time for the log.
-    pub fn record(&mut self, bytes: &[u8], epoch: impl Fn(u64) -> f64) {
-        let Some((meta, payload)) = parse::decode(bytes) else {
+    /// One ring buffer record; `epoch` converts kernel time for the log. A message seen
+    /// translated is taken as between its pre-NAT endpoints (the LAN client behind a
+    /// gateway, not the gateway).
+    pub fn record(&mut self, bytes: &[u8], epoch: impl Fn(u64) -> f64, nat: &Nat) {
+        let Some((mut meta, payload)) = parse::decode(bytes) else {
             self.counts.malformed += 1;
             return;
         };
+        let (src, dst) = nat.untranslate(
+            meta.proto,
+            Endpoint {
+                addr: meta.src,
+                port: meta.sport,
+            },
+            Endpoint {
+                addr: meta.dst,
+                port: meta.dport,
+            },
+        );
+        (meta.src, meta.sport, meta.dst, meta.dport) = (src.addr, src.port, dst.addr, dst.port);
         match payload {
             Payload::Message(msg) => {
                 if msg.response {

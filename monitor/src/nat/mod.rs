@@ -390,6 +390,23 @@ impl Nat {
         }
     }
 
+    /// A packet's endpoints before translation, for one seen under a translated key (a DNS
+    /// message of a LAN client, seen on the WAN side): those of the connection it belongs
+    /// to. Others stay as they are.
+    pub fn untranslate(&self, proto: u8, src: Endpoint, dst: Endpoint) -> (Endpoint, Endpoint) {
+        let translation = flow_key(proto, src, dst).and_then(|key| {
+            self.learned
+                .get(&key)
+                .or_else(|| self.bound.get(&key))
+                .filter(|t| t.outside == key)
+        });
+        match translation {
+            Some(t) if src == t.nat_orig => (t.orig, t.resp),
+            Some(t) => (t.resp, t.orig),
+            None => (src, dst),
+        }
+    }
+
     /// The translation of the connection with this (pre-NAT) key, if it was translated.
     pub fn of(&self, key: &FlowKey) -> Option<&Translation> {
         self.conns.get(key).map(|p| &*p.translation)
@@ -594,5 +611,23 @@ mod tests {
         let out = read(&mut nat, &[wan]);
         let want = snap(ep(client, 50000), ep(LAN, 80), (dir(2, 10), dir(9, 20)), 7);
         assert_eq!(out, vec![want]);
+    }
+
+    #[test]
+    fn a_dns_message_seen_translated_is_the_lan_clients() {
+        let udp = monitor_common::parse::IPPROTO_UDP;
+        let mut nat = Nat::without_conntrack();
+        nat.learn(&Entry {
+            proto: udp,
+            orig: tuple(ep(LAN, 40000), ep(SERVER, 53)),
+            reply: tuple(ep(SERVER, 53), ep(PUBLIC, 61000)),
+        });
+        let (lan, public, server) = (ep(LAN, 40000), ep(PUBLIC, 61000), ep(SERVER, 53));
+        assert_eq!(nat.untranslate(udp, public, server), (lan, server));
+        assert_eq!(nat.untranslate(udp, server, public), (server, lan));
+        // Seen on the LAN side: already as it was.
+        assert_eq!(nat.untranslate(udp, lan, server), (lan, server));
+        let other = ep(PUBLIC, 5000);
+        assert_eq!(nat.untranslate(udp, other, server), (other, server));
     }
 }
