@@ -581,6 +581,28 @@ impl ConnTable {
         read
     }
 
+    /// A connection the table holds under a key that turned out to be part of another
+    /// (a translated connection whose map entry was read before its translation was
+    /// known) goes without a record: what it accounted counts as already seen in `into`,
+    /// ordered for it by `orient`.
+    pub fn absorb(
+        &mut self,
+        gone: &FlowKey,
+        into: &FlowKey,
+        orient: impl FnOnce([Totals; 2]) -> [Totals; 2],
+    ) {
+        let Some(old) = self.conns.remove(gone) else {
+            return;
+        };
+        if let Some(conn) = self.conns.get_mut(into) {
+            for (prev, seen) in conn.prev.iter_mut().zip(orient(old.totals())) {
+                prev.pkts += seen.pkts;
+                prev.ip_bytes += seen.ip_bytes;
+                prev.bytes += seen.bytes;
+            }
+        }
+    }
+
     /// A connection whose map entry is gone carried nothing since it was last observed.
     pub fn settle(&mut self, key: &FlowKey) {
         if let Some(conn) = self.conns.get_mut(key) {
@@ -929,6 +951,28 @@ mod tests {
         table.settle(&c.key);
         assert_eq!(delta(&table), 0);
         assert_eq!(table.added(), 1);
+    }
+
+    #[test]
+    fn an_absorbed_connection_counts_as_already_seen() {
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
+        let raw = conn(IPPROTO_UDP, dir(2, SEC, SEC, 0, false), DirStats::default()).snap();
+        observe_map(&mut table, &[raw]);
+        // The same map entry under the key it belongs to, in the other key order.
+        let mut whole = raw;
+        whole.key.port_b += 1;
+        whole.dir = [raw.dir[1], raw.dir[0]];
+        whole.dir[0].pkts = 5;
+        observe_map(&mut table, &[whole]);
+        table.absorb(&raw.key, &whole.key, |[ab, ba]| [ba, ab]);
+        assert!(table.get(&raw.key).is_none(), "no record of its own");
+        let c = table.get(&whole.key).expect("the connection it belongs to");
+        assert_eq!(
+            (c.delta(0).pkts, c.delta(1).pkts),
+            (3, 0),
+            "only what is new"
+        );
+        assert_eq!(table.len(), 1);
     }
 
     #[test]

@@ -189,8 +189,14 @@ impl Pipeline {
         self.table.observe_map(|observe| {
             poller.snapshot(|snap| nat.route(snap, observe))?;
             nat.end_read(observe);
-            Ok(())
-        })
+            Ok::<(), PollError>(())
+        })?;
+        for (raw, translation) in self.nat.take_rebound() {
+            self.table.absorb(&raw, &translation.key, |seen| {
+                translation.orient(&raw, seen)
+            });
+        }
+        Ok(())
     }
 
     fn save_state(&mut self) {

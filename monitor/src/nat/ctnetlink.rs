@@ -25,6 +25,8 @@ pub struct Tuple {
 /// What a message said about one conntrack entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// The kernel's id of the entry: a later entry with the same tuples has another.
+    pub id: u32,
     pub proto: u8,
     /// As the originator sent it (before any translation).
     pub orig: Tuple,
@@ -56,6 +58,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ID: u16 = 12;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -308,7 +311,15 @@ fn parse_entry(payload: &[u8]) -> Option<Entry> {
         reply.sport = orig.dport;
         reply.dport = orig.sport;
     }
-    Some(Entry { proto, orig, reply })
+    let id = attribute(attrs, CTA_ID)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes);
+    Some(Entry {
+        id,
+        proto,
+        orig,
+        reply,
+    })
 }
 
 fn parse_tuple(tuple: &[u8]) -> Option<(u8, Tuple)> {
@@ -400,6 +411,7 @@ mod tests {
     #[test]
     fn a_masqueraded_entry_gives_both_tuples() {
         let mut payload = vec![2, 0, 0, 0];
+        payload.extend(attr(CTA_ID, &7u32.to_be_bytes()));
         payload.extend(tuple(
             CTA_TUPLE_ORIG,
             [198, 18, 1, 2],
@@ -415,7 +427,7 @@ mod tests {
             61000,
         ));
         let entry = parse_entry(&payload).expect("an entry");
-        assert_eq!(entry.proto, 6);
+        assert_eq!((entry.id, entry.proto), (7, 6));
         assert_eq!(entry.orig.src, IpAddr::from([198, 18, 1, 2]));
         assert_eq!((entry.orig.sport, entry.orig.dport), (40000, 443));
         assert_eq!(entry.reply.dst, IpAddr::from([203, 0, 113, 1]));

@@ -100,26 +100,32 @@ impl Translation {
     /// A map entry's snapshot (under either key) as one of this connection's parts:
     /// under the pre-NAT key, its directions ordered as that key orders them.
     fn part(&self, snap: &FlowSnapshot) -> FlowSnapshot {
-        let orig_side = if snap.key == self.outside {
+        FlowSnapshot {
+            key: self.key,
+            dir: self.orient(&snap.key, snap.dir),
+            ifindex: snap.ifindex,
+        }
+    }
+
+    /// Per-direction figures of the map entry under `kernel_key` (either of this
+    /// connection's keys), ordered as the pre-NAT key orders its directions.
+    pub fn orient<T>(&self, kernel_key: &FlowKey, [ab, ba]: [T; 2]) -> [T; 2] {
+        let orig_side = if *kernel_key == self.outside {
             self.nat_orig
         } else {
             self.orig
         };
         // [sent by the initiator, sent by the responder]
-        let sent = if key_a(&snap.key) == orig_side {
-            snap.dir
+        let sent = if key_a(kernel_key) == orig_side {
+            [ab, ba]
         } else {
-            [snap.dir[1], snap.dir[0]]
+            [ba, ab]
         };
-        let dir = if key_a(&self.key) == self.orig {
-            sent
+        let [o, r] = sent;
+        if key_a(&self.key) == self.orig {
+            [o, r]
         } else {
-            [sent[1], sent[0]]
-        };
-        FlowSnapshot {
-            key: self.key,
-            dir,
-            ifindex: snap.ifindex,
+            [r, o]
         }
     }
 }
@@ -247,8 +253,9 @@ fn add(into: &mut DirStats, from: &DirStats) {
 /// The translations the gateway makes, and the connections they concern.
 pub struct Nat {
     events: Option<ctnetlink::Events>,
-    /// Translations by either key, as conntrack reports them now.
-    learned: HashMap<FlowKey, Arc<Translation>>,
+    /// Translations by either key, as conntrack reports them now, with the id of the
+    /// conntrack entry that made each.
+    learned: HashMap<FlowKey, (u32, Arc<Translation>)>,
     /// Map entries already handed on as a translated connection, by their key: kept
     /// until that connection is finished, whatever becomes of its conntrack entry.
     bound: HashMap<FlowKey, Arc<Translation>>,
@@ -256,6 +263,10 @@ pub struct Nat {
     conns: HashMap<FlowKey, Parts>,
     /// Pre-NAT keys of the connections the current read touched.
     touched: Vec<FlowKey>,
+    /// Map entries bound to a translated connection in the current read under their
+    /// translated key: the table may hold them as connections of their own, from a read
+    /// before the translation was known.
+    rebound: Vec<(FlowKey, Arc<Translation>)>,
 }
 
 impl Nat {
@@ -287,6 +298,7 @@ impl Nat {
             bound: HashMap::new(),
             conns: HashMap::new(),
             touched: Vec::new(),
+            rebound: Vec::new(),
         }
     }
 
@@ -330,8 +342,11 @@ impl Nat {
         let translation = match self.bound.get(&snap.key) {
             Some(t) => t.clone(),
             None => match self.learned.get(&snap.key) {
-                Some(t) => {
+                Some((_, t)) => {
                     self.bound.insert(snap.key, t.clone());
+                    if snap.key != t.key {
+                        self.rebound.push((snap.key, t.clone()));
+                    }
                     t.clone()
                 }
                 None => return observe(snap),
@@ -358,6 +373,12 @@ impl Nat {
                 observe(parts.merged());
             }
         }
+    }
+
+    /// The map entries the last read bound to a translated connection under their
+    /// translated key, each with its translation.
+    pub fn take_rebound(&mut self) -> Vec<(FlowKey, Arc<Translation>)> {
+        std::mem::take(&mut self.rebound)
     }
 
     /// Removes a finished connection's entries from the map: its final counts, as
@@ -397,6 +418,7 @@ impl Nat {
         let translation = flow_key(proto, src, dst).and_then(|key| {
             self.learned
                 .get(&key)
+                .map(|(_, t)| t)
                 .or_else(|| self.bound.get(&key))
                 .filter(|t| t.outside == key)
         });
@@ -413,18 +435,22 @@ impl Nat {
     }
 }
 
-fn learn(learned: &mut HashMap<FlowKey, Arc<Translation>>, entry: &Entry) {
+type Learned = HashMap<FlowKey, (u32, Arc<Translation>)>;
+
+fn learn(learned: &mut Learned, entry: &Entry) {
     if let Some(t) = Translation::of(entry) {
         let t = Arc::new(t);
-        learned.insert(t.outside, t.clone());
-        learned.insert(t.key, t);
+        learned.insert(t.outside, (entry.id, t.clone()));
+        learned.insert(t.key, (entry.id, t));
     }
 }
 
-fn forget(learned: &mut HashMap<FlowKey, Arc<Translation>>, entry: &Entry) {
+/// Forgets what the entry taught, unless a later entry with the same tuples (a new id)
+/// taught it again: the kernel may report an entry's end after its successor's start.
+fn forget(learned: &mut Learned, entry: &Entry) {
     if let Some(t) = Translation::of(entry) {
         for key in [t.outside, t.key] {
-            if learned.get(&key).is_some_and(|known| **known == t) {
+            if learned.get(&key).is_some_and(|(id, _)| *id == entry.id) {
                 learned.remove(&key);
             }
         }
@@ -462,6 +488,7 @@ mod tests {
     /// LAN:40000 -> SERVER:443, masqueraded to PUBLIC:61000.
     fn masquerade() -> Entry {
         Entry {
+            id: 1,
             proto: IPPROTO_TCP,
             orig: tuple(ep(LAN, 40000), ep(SERVER, 443)),
             reply: tuple(ep(SERVER, 443), ep(PUBLIC, 61000)),
@@ -508,6 +535,7 @@ mod tests {
     #[test]
     fn an_untranslated_entry_is_no_translation() {
         let entry = Entry {
+            id: 1,
             proto: IPPROTO_TCP,
             orig: tuple(ep(PUBLIC, 5000), ep(SERVER, 22)),
             reply: tuple(ep(SERVER, 22), ep(PUBLIC, 5000)),
@@ -590,6 +618,7 @@ mod tests {
         // CLIENT:50000 -> PUBLIC:8080, forwarded to LAN:80.
         let client = Ipv4Addr::new(198, 51, 100, 7);
         let entry = Entry {
+            id: 1,
             proto: IPPROTO_TCP,
             orig: tuple(ep(client, 50000), ep(PUBLIC, 8080)),
             reply: tuple(ep(LAN, 80), ep(client, 50000)),
@@ -618,6 +647,7 @@ mod tests {
         let udp = monitor_common::parse::IPPROTO_UDP;
         let mut nat = Nat::without_conntrack();
         nat.learn(&Entry {
+            id: 1,
             proto: udp,
             orig: tuple(ep(LAN, 40000), ep(SERVER, 53)),
             reply: tuple(ep(SERVER, 53), ep(PUBLIC, 61000)),
@@ -629,5 +659,48 @@ mod tests {
         assert_eq!(nat.untranslate(udp, lan, server), (lan, server));
         let other = ep(PUBLIC, 5000);
         assert_eq!(nat.untranslate(udp, other, server), (other, server));
+    }
+
+    #[test]
+    fn an_old_entrys_end_reported_late_does_not_forget_its_successor() {
+        let mut nat = Nat::without_conntrack();
+        let old = masquerade();
+        let new = Entry { id: 2, ..old };
+        nat.learn(&old);
+        nat.learn(&new);
+        forget(&mut nat.learned, &old);
+        let wan = snap(
+            ep(PUBLIC, 61000),
+            ep(SERVER, 443),
+            (dir(1, 1), dir(1, 2)),
+            7,
+        );
+        let out = read(&mut nat, &[wan]);
+        assert_eq!(out[0].key, Translation::of(&new).unwrap().key);
+        forget(&mut nat.learned, &new);
+        assert!(nat.learned.is_empty());
+    }
+
+    #[test]
+    fn an_entry_bound_under_its_translated_key_is_reported_as_rebound() {
+        let mut nat = Nat::without_conntrack();
+        nat.learn(&masquerade());
+        let t = Translation::of(&masquerade()).unwrap();
+        let wan = snap(
+            ep(PUBLIC, 61000),
+            ep(SERVER, 443),
+            (dir(4, 1), dir(3, 2)),
+            7,
+        );
+        read(&mut nat, &[wan]);
+        let rebound = nat.take_rebound();
+        assert_eq!(rebound.len(), 1);
+        assert_eq!(rebound[0].0, wan.key);
+        // Bound once: the next read rebinds nothing.
+        read(&mut nat, &[wan]);
+        assert!(nat.take_rebound().is_empty());
+        // What the entry's key directions carried, in the pre-NAT key's order.
+        let want = snap(ep(LAN, 40000), ep(SERVER, 443), (dir(4, 1), dir(3, 2)), 7);
+        assert_eq!(t.orient(&wan.key, wan.dir), want.dir);
     }
 }
