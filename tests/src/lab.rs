@@ -328,6 +328,65 @@ impl Lab {
     /// the LAN link as well, so the counters of its two ends count the LAN host's wire
     /// packets, the ground truth behind NAT.
     pub fn masquerading() -> Lab {
+        let lab = Lab::routed_to_wan();
+        nft(&lab.gw, &["add", "table", "inet", "nat"]);
+        nft(
+            &lab.gw,
+            &["add chain inet nat prerouting { type nat hook prerouting priority dstnat; }"],
+        );
+        nft(
+            &lab.gw,
+            &["add chain inet nat postrouting { type nat hook postrouting priority srcnat; }"],
+        );
+        let wan = lab.gw_wan_if.clone();
+        nft(
+            &lab.gw,
+            &[
+                "add",
+                "rule",
+                "inet",
+                "nat",
+                "postrouting",
+                "oifname",
+                &wan,
+                "masquerade",
+            ],
+        );
+        lab.wait_quiet();
+        lab
+    }
+
+    /// Like [`masquerading`](Self::masquerading), translating IPv4 with an iptables rule
+    /// (`iptables-nft`, Debian's default) that sources what leaves the WAN veth from gw's
+    /// WAN address (`SNAT --to-source`).
+    pub fn snat_with_iptables() -> Lab {
+        let lab = Lab::routed_to_wan();
+        require_tool("iptables", "iptables");
+        let wan = lab.gw_wan_if.clone();
+        let to = GW_WAN_V4.to_string();
+        ns_exec(
+            &lab.gw,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                &wan,
+                "-j",
+                "SNAT",
+                "--to-source",
+                &to,
+            ],
+        );
+        lab.wait_quiet();
+        lab
+    }
+
+    /// The lab with gw's default routes through the wan host, which has no route back to
+    /// the LAN, and segmentation off on the LAN link.
+    fn routed_to_wan() -> Lab {
         let lab = Lab::new();
         segmentation_off(&lab.lan, &lab.lan_if);
         segmentation_off(&lab.gw, &lab.gw_lan_if);
@@ -352,29 +411,6 @@ impl Lab {
             "via",
             "2001:db8:2::2",
         ]);
-        nft(&lab.gw, &["add", "table", "inet", "nat"]);
-        nft(
-            &lab.gw,
-            &["add chain inet nat prerouting { type nat hook prerouting priority dstnat; }"],
-        );
-        nft(
-            &lab.gw,
-            &["add chain inet nat postrouting { type nat hook postrouting priority srcnat; }"],
-        );
-        nft(
-            &lab.gw,
-            &[
-                "add",
-                "rule",
-                "inet",
-                "nat",
-                "postrouting",
-                "oifname",
-                &lab.gw_wan_if,
-                "masquerade",
-            ],
-        );
-        lab.wait_quiet();
         lab
     }
 

@@ -403,3 +403,20 @@ fn names_behind_nat_are_the_lan_clients() {
     assert_eq!(lookups.len(), 1, "{lookups:?}");
     assert_eq!(lookups[0]["id.orig_h"], LAN.to_string(), "{:?}", lookups[0]);
 }
+
+/// The same with iptables (its nft backend) translating to an address (SNAT) instead of
+/// nftables masquerading: the agent reads the translation, not the rules.
+#[test]
+fn iptables_snat_is_the_lan_hosts() {
+    let lab = Lab::snat_with_iptables();
+    let agent = RulesAgent::start_default(&lab, &FLAGS);
+    let server = SocketAddr::new(WAN, 5004);
+    let discard = spawn_discard(listen(&lab.wan, server), 1);
+    let before = lab.lan_counters();
+    let sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    let (record, lan) = upload_and_judge(&lab, agent, sender, (client, server), before, "orig");
+    assert_eq!(join(discard), vec![UPLOAD], "bytes the wan host received");
+    assert_counts(&record, &lab, lan, true);
+    assert_eq!(record.ip("nat.orig_h"), PUBLIC, "{record}");
+}

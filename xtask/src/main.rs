@@ -27,9 +27,10 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "iputils-ping",
     "tcpreplay",
-    // NAT gateways in the labs: nftables masquerade and port forwards, and conntrack to
-    // flush the translation table under a running connection.
+    // NAT gateways in the labs: nftables masquerade and port forwards, iptables (-nft)
+    // SNAT, and conntrack to flush the translation table under a running connection.
     "nftables",
+    "iptables",
     "conntrack",
     // A real syslog daemon for the syslog sink's tests (started by the tests, not as a
     // service).
