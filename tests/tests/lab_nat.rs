@@ -16,8 +16,8 @@ use tests::{
     lab::{self, Lab, LanCounters, run_in_ns},
     nfdump::{NatFlow, Nfcapd, read_nat_flows},
     rules_lab::{
-        self, RulesAgent, Scratch, connect, join, listen, listing, of, read_json_lines,
-        read_to_eof, send, spawn_discard,
+        self, Alert, HttpServer, RulesAgent, Scratch, connect, epoch_now, join, listen, listing,
+        of, read_json_lines, read_to_eof, send, spawn_discard,
     },
 };
 
@@ -419,4 +419,101 @@ fn iptables_snat_is_the_lan_hosts() {
     assert_eq!(join(discard), vec![UPLOAD], "bytes the wan host received");
     assert_counts(&record, &lab, lan, true);
     assert_eq!(record.ip("nat.orig_h"), PUBLIC, "{record}");
+}
+
+/// The epoch-aligned `--window` of the test below, in seconds.
+const WINDOW_SECS: f64 = 2.0;
+
+fn sleep_into_next_window(offset: f64) {
+    let now = epoch_now();
+    let next = ((now / WINDOW_SECS).floor() + 1.0) * WINDOW_SECS + offset;
+    thread::sleep(Duration::from_secs_f64(next - now));
+}
+
+/// UploadRatio, LongConnection, WindowExceeded and DataLeak on the masquerading gateway:
+/// each names the LAN host, none the gateway.
+#[test]
+fn ratio_long_window_and_leak_rules_name_the_lan_host_behind_nat() {
+    let lab = Lab::masquerading();
+    let agent = RulesAgent::start_default(
+        &lab,
+        &[
+            "--ratio-min-bytes",
+            "0",
+            "--long-durations",
+            "2s,4s",
+            "--window",
+            "2s",
+            "--window-threshold",
+            "100KB",
+            "--leak-period",
+            "60s",
+            "--leak-threshold",
+            "250KB",
+        ],
+    );
+    let http = HttpServer::start(&lab.wan, SocketAddr::new(WAN, 80), 1);
+    let web = http.addr;
+    let post = rules_lab::http_request(&lab.lan, web, "POST", "/upload", 300_000);
+    assert_eq!(post.status, 200, "POST answered {post:?}");
+    http.join();
+
+    let server = SocketAddr::new(WAN, 5005);
+    let sink = spawn_discard(listen(&lab.wan, server), 1);
+    let mut sender = connect(&lab.lan, server);
+    let client = sender.local_addr().expect("client address");
+    for _ in 0..3 {
+        sleep_into_next_window(0.3);
+        send(&mut sender, 150_000);
+    }
+    let from_lan = |a: &Alert| a.ip("src") == LAN;
+    agent.wait_alerts("UploadRatio", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", post.client, web) && from_lan(a)
+    });
+    agent.wait_alerts("LongConnection", 1, ALERT_LIMIT, |a| {
+        a.is_conn("tcp", client, server) && from_lan(a)
+    });
+    agent.wait_alerts("WindowExceeded", 2, ALERT_LIMIT, from_lan);
+    agent.wait_alerts("DataLeak", 1, ALERT_LIMIT, from_lan);
+    sender
+        .shutdown(Shutdown::Write)
+        .unwrap_or_else(|e| panic!("close the sender: {e}"));
+    drop(sender);
+    assert_eq!(join(sink), vec![450_000]);
+    let stopped = agent.stop();
+    assert!(
+        stopped.alerts.iter().all(|a| a.ip("src") == LAN),
+        "every alert names the LAN host:\n{}",
+        listing(&stopped.alerts)
+    );
+}
+
+/// DnsTunnel behind NAT: an NXDOMAIN burst of a LAN client, whose queries leave as the
+/// gateway's, is the LAN client's.
+#[test]
+fn an_nxdomain_burst_behind_nat_is_the_lan_clients() {
+    let lab = Lab::masquerading();
+    let resolver = start_dnsmasq(&lab, &["--address=/nx.test/"]);
+    let agent = RulesAgent::start_default(&lab, &["--dns-nxdomain-threshold", "50"]);
+    for i in 0..80 {
+        let name = format!("host{i}.nx.test");
+        let answer = resolve(&lab.lan, resolver, &name, TYPE_A, false);
+        assert_eq!(answer.rcode, 3, "{name}: {answer:?}");
+    }
+    let alert = agent
+        .wait_alerts("DnsTunnel", 1, ALERT_LIMIT, |a| {
+            a.str("reason") == "nxdomain"
+        })
+        .remove(0);
+    assert_eq!(alert.ip("src"), LAN, "{alert}");
+    assert_eq!(alert.str("client"), LAN.to_string(), "{alert}");
+    assert_eq!(alert.str("domain"), "nx.test", "{alert}");
+    let stopped = agent.stop();
+    assert!(
+        of(&stopped.alerts, "DnsTunnel")
+            .iter()
+            .all(|a| a.ip("src") == LAN),
+        "{}",
+        listing(&stopped.alerts)
+    );
 }
