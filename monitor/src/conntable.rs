@@ -603,6 +603,14 @@ impl ConnTable {
         }
     }
 
+    /// New counts for a connection observed earlier in the same read (a later entry of
+    /// the read turned out to be part of it): what it had before the read stays its `prev`.
+    pub fn recount(&mut self, snap: FlowSnapshot) {
+        if let Some(conn) = self.conns.get_mut(&snap.key) {
+            conn.set_snap(snap);
+        }
+    }
+
     /// A connection whose map entry is gone carried nothing since it was last observed.
     pub fn settle(&mut self, key: &FlowKey) {
         if let Some(conn) = self.conns.get_mut(key) {

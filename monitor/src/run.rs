@@ -88,14 +88,13 @@ impl Pipeline {
             if self.table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             }
-            let nat = self.nat.of(&conn.key);
-            let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(nat);
+            let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(&self.nat);
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
             }
             self.metrics.observe(conn, &self.local);
             for exporter in &mut self.exporters {
-                exporter.update(conn, nat, now.mono_ns);
+                exporter.update(conn, &self.nat, now.mono_ns);
             }
         }
         let relief: Vec<FlowKey> = self
@@ -191,11 +190,7 @@ impl Pipeline {
             nat.end_read(observe);
             Ok::<(), PollError>(())
         })?;
-        for (raw, translation) in self.nat.take_rebound() {
-            self.table.absorb(&raw, &translation.key, |seen| {
-                translation.orient(&raw, seen)
-            });
-        }
+        self.nat.settle_read(&mut self.table);
         Ok(())
     }
 
@@ -302,11 +297,10 @@ impl Pipeline {
         alerts: &mut Vec<Alert>,
         reason: EndReason,
     ) -> anyhow::Result<()> {
-        let nat = self.nat.of(&conn.key);
         for exporter in &mut self.exporters {
-            exporter.finish(conn, nat, reason, now.mono_ns);
+            exporter.finish(conn, self.nat.of(&conn.key), reason, now.mono_ns);
         }
-        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(nat);
+        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(&self.nat);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }

@@ -17,6 +17,7 @@ use monitor::{
     clock::Clock,
     conntable::{Conn, LocalNets},
     export::{Collector, EndReason, IpfixConfig, IpfixExporter},
+    nat::Nat,
     poller::FlowSnapshot,
 };
 use monitor_common::{
@@ -147,7 +148,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
             ACK | PSH,
         );
         add(&mut upload, 1, 50, 2600 + step, now, ACK);
-        exporter.update(&upload, None, now);
+        exporter.update(&upload, &Nat::without_conntrack(), now);
         exporter.flush();
         updates += 1;
     }

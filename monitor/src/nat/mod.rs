@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use ctnetlink::{Entry, Tuple};
 
 use crate::{
-    conntable::Endpoint,
+    conntable::{ConnTable, Endpoint},
     poller::{FlowSnapshot, PollError, Poller},
 };
 
@@ -94,16 +94,6 @@ impl Translation {
             orig_p: o.port,
             resp_h: r.addr,
             resp_p: r.port,
-        }
-    }
-
-    /// A map entry's snapshot (under either key) as one of this connection's parts:
-    /// under the pre-NAT key, its directions ordered as that key orders them.
-    fn part(&self, snap: &FlowSnapshot) -> FlowSnapshot {
-        FlowSnapshot {
-            key: self.key,
-            dir: self.orient(&snap.key, snap.dir),
-            ifindex: snap.ifindex,
         }
     }
 
@@ -187,41 +177,63 @@ fn flow_key(proto: u8, x: Endpoint, y: Endpoint) -> Option<FlowKey> {
     })
 }
 
-/// A translated connection's map entries, each as last read.
+/// A map entry bound to a translated connection.
 #[derive(Debug)]
-struct Parts {
-    translation: Arc<Translation>,
-    parts: Vec<(FlowKey, FlowSnapshot)>,
+struct Binding {
+    /// The connection's pre-NAT key.
+    key: FlowKey,
+    /// The entry's key directions are the pre-NAT key's, swapped.
+    swap: bool,
+    /// The connection has other entries too: reads sum them (see [`Nat::end_read`]).
+    shared: bool,
+    /// The read that last handed the entry on as its connection, alone.
+    observed: u64,
+    /// The entry as last read, under the pre-NAT key.
+    last: FlowSnapshot,
 }
 
-impl Parts {
-    /// The sum of the parts: each packet is counted in exactly one of them.
-    fn merged(&self) -> FlowSnapshot {
-        let mut out = FlowSnapshot {
-            key: self.translation.key,
-            ..FlowSnapshot::default()
-        };
-        let earliest = self
-            .parts
-            .iter()
-            .map(|(_, s)| s)
-            .filter(|s| s.dir.iter().any(|d| d.pkts > 0))
-            .min_by_key(|s| first_ns(s));
-        out.ifindex = earliest.map_or(0, |s| s.ifindex);
-        for (_, part) in &self.parts {
-            for (into, from) in out.dir.iter_mut().zip(&part.dir) {
-                add(into, from);
-            }
+impl Binding {
+    fn part(&self, snap: &FlowSnapshot) -> FlowSnapshot {
+        let [ab, ba] = snap.dir;
+        FlowSnapshot {
+            key: self.key,
+            dir: if self.swap { [ba, ab] } else { [ab, ba] },
+            ifindex: snap.ifindex,
         }
-        out
     }
+}
 
-    fn set(&mut self, kernel_key: FlowKey, snap: FlowSnapshot) {
-        match self.parts.iter_mut().find(|(k, _)| *k == kernel_key) {
-            Some((_, part)) => *part = snap,
-            None => self.parts.push((kernel_key, snap)),
+/// A translated connection: its translation and its map entries.
+#[derive(Debug)]
+struct Translated {
+    translation: Arc<Translation>,
+    entries: Vec<FlowKey>,
+    /// The read that last left it for [`Nat::end_read`].
+    touched: u64,
+}
+
+/// The sum of a connection's entries as last read: each packet is counted in exactly one.
+fn merged(translated: &Translated, bound: &HashMap<FlowKey, Binding>) -> FlowSnapshot {
+    let mut out = FlowSnapshot {
+        key: translated.translation.key,
+        ..FlowSnapshot::default()
+    };
+    let parts: Vec<&FlowSnapshot> = translated
+        .entries
+        .iter()
+        .filter_map(|k| bound.get(k).map(|b| &b.last))
+        .collect();
+    let earliest = parts
+        .iter()
+        .filter(|s| s.dir.iter().any(|d| d.pkts > 0))
+        .min_by_key(|s| first_ns(s));
+    out.ifindex = earliest.map_or(0, |s| s.ifindex);
+    for part in parts {
+        for (into, from) in out.dir.iter_mut().zip(&part.dir) {
+            add(into, from);
         }
     }
+    out
 }
 
 fn first_ns(snap: &FlowSnapshot) -> u64 {
@@ -258,11 +270,16 @@ pub struct Nat {
     learned: HashMap<FlowKey, (u32, Arc<Translation>)>,
     /// Map entries already handed on as a translated connection, by their key: kept
     /// until that connection is finished, whatever becomes of its conntrack entry.
-    bound: HashMap<FlowKey, Arc<Translation>>,
+    bound: HashMap<FlowKey, Binding>,
     /// Translated connections by their pre-NAT key.
-    conns: HashMap<FlowKey, Parts>,
-    /// Pre-NAT keys of the connections the current read touched.
+    conns: HashMap<FlowKey, Translated>,
+    /// Reads so far, the current one included.
+    reads: u64,
+    /// Pre-NAT keys of the connections of several entries the current read touched.
     touched: Vec<FlowKey>,
+    /// Connections handed on in the current read before another of their entries came:
+    /// their whole counts, for [`ConnTable::recount`].
+    recount: Vec<FlowSnapshot>,
     /// Map entries bound to a translated connection in the current read under their
     /// translated key: the table may hold them as connections of their own, from a read
     /// before the translation was known.
@@ -297,7 +314,9 @@ impl Nat {
             learned: HashMap::new(),
             bound: HashMap::new(),
             conns: HashMap::new(),
+            reads: 1,
             touched: Vec::new(),
+            recount: Vec::new(),
             rebound: Vec::new(),
         }
     }
@@ -331,54 +350,108 @@ impl Nat {
         }
     }
 
-    /// Learns one entry directly (tests of this stage feed it without a kernel).
+    /// Translations known now.
+    pub fn translations(&self) -> usize {
+        self.learned.len() / 2
+    }
+
+    /// Learns one entry directly (tests and benchmarks of this stage feed it without a
+    /// kernel).
     pub fn learn(&mut self, entry: &Entry) {
         learn(&mut self.learned, entry);
     }
 
-    /// One map entry of a read: handed to `observe` as it is, unless it belongs to a
-    /// translated connection, which [`Self::end_read`] hands on whole.
+    /// One map entry of a read: handed to `observe` as it is, or as the translated
+    /// connection it belongs to. A connection of one entry (one side of the gateway
+    /// watched) is handed on at once; one of several, summed by [`Self::end_read`].
     pub fn route(&mut self, snap: FlowSnapshot, observe: &mut dyn FnMut(FlowSnapshot)) {
-        let translation = match self.bound.get(&snap.key) {
-            Some(t) => t.clone(),
-            None => match self.learned.get(&snap.key) {
-                Some((_, t)) => {
-                    self.bound.insert(snap.key, t.clone());
-                    if snap.key != t.key {
-                        self.rebound.push((snap.key, t.clone()));
-                    }
-                    t.clone()
-                }
-                None => return observe(snap),
-            },
-        };
-        let part = translation.part(&snap);
-        let key = translation.key;
-        self.conns
-            .entry(key)
-            .or_insert_with(|| Parts {
-                translation,
-                parts: Vec::new(),
-            })
-            .set(snap.key, part);
-        self.touched.push(key);
-    }
-
-    /// After a read: every translated connection it touched, its parts summed.
-    pub fn end_read(&mut self, observe: &mut dyn FnMut(FlowSnapshot)) {
-        self.touched.sort_unstable();
-        self.touched.dedup();
-        for key in self.touched.drain(..) {
-            if let Some(parts) = self.conns.get(&key) {
-                observe(parts.merged());
+        if let Some(binding) = self.bound.get_mut(&snap.key) {
+            let part = binding.part(&snap);
+            binding.last = part;
+            if !binding.shared {
+                binding.observed = self.reads;
+                return observe(part);
             }
+            let key = binding.key;
+            let translated = self
+                .conns
+                .get_mut(&key)
+                .expect("a bound entry's connection is known until it is finished");
+            if translated.touched != self.reads {
+                translated.touched = self.reads;
+                self.touched.push(key);
+            }
+            return;
+        }
+        match self.learned.get(&snap.key) {
+            Some((_, t)) => {
+                self.bind(snap.key, t.clone());
+                self.route(snap, observe);
+            }
+            None => observe(snap),
         }
     }
 
-    /// The map entries the last read bound to a translated connection under their
-    /// translated key, each with its translation.
-    pub fn take_rebound(&mut self) -> Vec<(FlowKey, Arc<Translation>)> {
-        std::mem::take(&mut self.rebound)
+    /// Binds the map entry under `kernel_key` to the translated connection `t`.
+    fn bind(&mut self, kernel_key: FlowKey, t: Arc<Translation>) {
+        let translated = self.conns.entry(t.key).or_insert_with(|| Translated {
+            translation: t.clone(),
+            entries: Vec::new(),
+            touched: 0,
+        });
+        for other in &translated.entries {
+            if let Some(binding) = self.bound.get_mut(other) {
+                binding.shared = true;
+            }
+        }
+        translated.entries.push(kernel_key);
+        let binding = Binding {
+            key: t.key,
+            swap: t.orient(&kernel_key, [false, true])[0],
+            shared: translated.entries.len() > 1,
+            observed: 0,
+            last: FlowSnapshot {
+                key: t.key,
+                ..FlowSnapshot::default()
+            },
+        };
+        self.bound.insert(kernel_key, binding);
+        if kernel_key != t.key {
+            self.rebound.push((kernel_key, t));
+        }
+    }
+
+    /// After a read: every connection of several entries it touched, its entries summed.
+    pub fn end_read(&mut self, observe: &mut dyn FnMut(FlowSnapshot)) {
+        for key in self.touched.drain(..) {
+            let Some(translated) = self.conns.get(&key) else {
+                continue;
+            };
+            let whole = merged(translated, &self.bound);
+            let handed_on = translated
+                .entries
+                .iter()
+                .any(|k| self.bound.get(k).is_some_and(|b| b.observed == self.reads));
+            if handed_on {
+                self.recount.push(whole);
+            } else {
+                observe(whole);
+            }
+        }
+        self.reads += 1;
+    }
+
+    /// What the table needs to know after a read it was handed through [`Self::route`]:
+    /// the connections it held under a key the read bound to a translated connection go
+    /// into that connection ([`ConnTable::absorb`]), and those handed on before another of
+    /// their entries came take their whole counts ([`ConnTable::recount`]).
+    pub fn settle_read(&mut self, table: &mut ConnTable) {
+        for (raw, t) in self.rebound.drain(..) {
+            table.absorb(&raw, &t.key, |seen| t.orient(&raw, seen));
+        }
+        for snap in self.recount.drain(..) {
+            table.recount(snap);
+        }
     }
 
     /// Removes a finished connection's entries from the map: its final counts, as
@@ -389,23 +462,23 @@ impl Nat {
         poller: &Poller,
         key: &FlowKey,
     ) -> Result<Option<FlowSnapshot>, PollError> {
-        let Some(parts) = self.conns.get_mut(key) else {
+        let Some(translated) = self.conns.get(key) else {
             return poller.take(key);
         };
-        let kernel_keys: Vec<FlowKey> = parts.parts.iter().map(|(k, _)| *k).collect();
-        for kernel_key in kernel_keys {
-            if let Some(last) = poller.take(&kernel_key)? {
-                let part = parts.translation.part(&last);
-                parts.set(kernel_key, part);
+        for kernel_key in &translated.entries {
+            if let (Some(last), Some(binding)) =
+                (poller.take(kernel_key)?, self.bound.get_mut(kernel_key))
+            {
+                binding.last = binding.part(&last);
             }
         }
-        Ok(Some(parts.merged()))
+        Ok(Some(merged(translated, &self.bound)))
     }
 
     /// Forgets a connection whose record is written.
     pub fn finished(&mut self, key: &FlowKey) {
-        if let Some(parts) = self.conns.remove(key) {
-            for (kernel_key, _) in &parts.parts {
+        if let Some(translated) = self.conns.remove(key) {
+            for kernel_key in &translated.entries {
                 self.bound.remove(kernel_key);
             }
         }
@@ -416,10 +489,14 @@ impl Nat {
     /// to. Others stay as they are.
     pub fn untranslate(&self, proto: u8, src: Endpoint, dst: Endpoint) -> (Endpoint, Endpoint) {
         let translation = flow_key(proto, src, dst).and_then(|key| {
+            let bound = || {
+                let translated = self.conns.get(&self.bound.get(&key)?.key)?;
+                Some(&translated.translation)
+            };
             self.learned
                 .get(&key)
                 .map(|(_, t)| t)
-                .or_else(|| self.bound.get(&key))
+                .or_else(bound)
                 .filter(|t| t.outside == key)
         });
         match translation {
@@ -431,7 +508,7 @@ impl Nat {
 
     /// The translation of the connection with this (pre-NAT) key, if it was translated.
     pub fn of(&self, key: &FlowKey) -> Option<&Translation> {
-        self.conns.get(key).map(|p| &*p.translation)
+        self.conns.get(key).map(|t| &*t.translation)
     }
 }
 
@@ -572,7 +649,7 @@ mod tests {
 
     #[test]
     fn lan_and_wan_entries_are_summed_into_one_connection() {
-        let mut nat = Nat::without_conntrack();
+        let (mut nat, mut table) = (Nat::without_conntrack(), table());
         nat.learn(&masquerade());
         // Watched on both sides: the upload counted where it entered (LAN), the replies
         // where they entered (WAN).
@@ -583,15 +660,15 @@ mod tests {
             (dir(0, 0), dir(3, 150)),
             7,
         );
-        let out = read(&mut nat, &[wan, lan]);
-        assert_eq!(out.len(), 1);
+        poll(&mut nat, &mut table, &[wan, lan]);
+        assert_eq!(table.len(), 1);
         let want = snap(
             ep(LAN, 40000),
             ep(SERVER, 443),
             (dir(5, 100), dir(3, 150)),
             3,
         );
-        assert_eq!(out[0], want);
+        assert_eq!(table.get(&want.key).map(|c| c.snap()), Some(want));
     }
 
     #[test]
@@ -681,26 +758,79 @@ mod tests {
         assert!(nat.learned.is_empty());
     }
 
-    #[test]
-    fn an_entry_bound_under_its_translated_key_is_reported_as_rebound() {
-        let mut nat = Nat::without_conntrack();
-        nat.learn(&masquerade());
+    /// One poll's read of `snaps` through the stage into `table`.
+    fn poll(nat: &mut Nat, table: &mut ConnTable, snaps: &[FlowSnapshot]) {
+        let read: Result<(), ()> = table.observe_map(|observe| {
+            for s in snaps {
+                nat.route(*s, observe);
+            }
+            nat.end_read(observe);
+            Ok(())
+        });
+        read.expect("an in-memory read");
+        nat.settle_read(table);
+    }
+
+    fn table() -> ConnTable {
+        ConnTable::new(
+            std::time::Duration::from_secs(60),
+            crate::conntable::Uids::new([1, 2]),
+        )
+    }
+
+    /// New packets of a connection since the poll before, as (from the LAN host, to it).
+    fn lan_deltas(table: &ConnTable) -> (u64, u64) {
         let t = Translation::of(&masquerade()).unwrap();
-        let wan = snap(
-            ep(PUBLIC, 61000),
-            ep(SERVER, 443),
-            (dir(4, 1), dir(3, 2)),
-            7,
+        let conn = table.get(&t.key).expect("the LAN host's connection");
+        let lan = if key_a(&t.key) == t.orig { 0 } else { 1 };
+        (conn.delta(lan).pkts, conn.delta(1 - lan).pkts)
+    }
+
+    #[test]
+    fn a_connection_read_before_its_translation_is_absorbed() {
+        let (mut nat, mut table) = (Nat::without_conntrack(), table());
+        let wan = |n| {
+            snap(
+                ep(PUBLIC, 61000),
+                ep(SERVER, 443),
+                (dir(n, 1), dir(3, 2)),
+                7,
+            )
+        };
+        poll(&mut nat, &mut table, &[wan(4)]);
+        assert!(
+            table.get(&wan(4).key).is_some(),
+            "the gateway's, as far as known"
         );
-        read(&mut nat, &[wan]);
-        let rebound = nat.take_rebound();
-        assert_eq!(rebound.len(), 1);
-        assert_eq!(rebound[0].0, wan.key);
-        // Bound once: the next read rebinds nothing.
-        read(&mut nat, &[wan]);
-        assert!(nat.take_rebound().is_empty());
-        // What the entry's key directions carried, in the pre-NAT key's order.
-        let want = snap(ep(LAN, 40000), ep(SERVER, 443), (dir(4, 1), dir(3, 2)), 7);
-        assert_eq!(t.orient(&wan.key, wan.dir), want.dir);
+        nat.learn(&masquerade());
+        poll(&mut nat, &mut table, &[wan(6)]);
+        assert!(table.get(&wan(4).key).is_none(), "gone into the LAN host's");
+        assert_eq!(table.len(), 1);
+        assert_eq!(lan_deltas(&table), (2, 0), "only what is new");
+        poll(&mut nat, &mut table, &[wan(7)]);
+        assert_eq!(lan_deltas(&table), (1, 0));
+    }
+
+    #[test]
+    fn a_second_entry_later_in_the_read_adds_to_what_was_handed_on() {
+        let (mut nat, mut table) = (Nat::without_conntrack(), table());
+        nat.learn(&masquerade());
+        let lan = |n| snap(ep(LAN, 40000), ep(SERVER, 443), (dir(n, 1), dir(0, 0)), 3);
+        let wan = |n| {
+            snap(
+                ep(PUBLIC, 61000),
+                ep(SERVER, 443),
+                (dir(0, 0), dir(n, 2)),
+                7,
+            )
+        };
+        poll(&mut nat, &mut table, &[lan(5)]);
+        assert_eq!(lan_deltas(&table), (5, 0));
+        // The WAN side's entry comes after the LAN side's, which was handed on at once.
+        poll(&mut nat, &mut table, &[lan(6), wan(3)]);
+        assert_eq!(lan_deltas(&table), (1, 3));
+        poll(&mut nat, &mut table, &[wan(4), lan(8)]);
+        assert_eq!(lan_deltas(&table), (2, 1));
+        assert_eq!(table.len(), 1);
     }
 }

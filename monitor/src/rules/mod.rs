@@ -17,7 +17,7 @@ use crate::{
     clock::Clock,
     conntable::{Conn, Endpoint, LocalNets, Totals, Uid},
     logs::conn::ConnRecord,
-    nat::Translation,
+    nat::Nat,
 };
 pub use allowlist::{AddrMatcher, Names};
 pub use large_upload::LargeUpload;
@@ -52,7 +52,7 @@ pub struct ConnCtx<'a> {
     pub local_resp: bool,
     clock: &'a Clock,
     local: &'a LocalNets,
-    nat: Option<&'a Translation>,
+    nat: Option<&'a Nat>,
 }
 
 /// Which side of a connection sends from the local network to a non-local one.
@@ -86,9 +86,13 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
-    /// The same connection, which the gateway translated as `nat` says.
-    pub fn translated(self, nat: Option<&'a Translation>) -> Self {
-        Self { nat, ..self }
+    /// The same connection, whose translation (if any) `nat` knows: looked up only when
+    /// a record is built.
+    pub fn translated(self, nat: &'a Nat) -> Self {
+        Self {
+            nat: Some(nat),
+            ..self
+        }
     }
 
     /// The side that is local when exactly one is: bytes it sends leave the network.
@@ -154,7 +158,10 @@ impl<'a> ConnCtx<'a> {
     /// The connection's record, built only when an alert needs it.
     pub fn record(&self) -> ConnRecord {
         let mut record = ConnRecord::new(self.conn, self.local, self.clock);
-        record.fields.nat = self.nat.map(|t| t.fields(self.orig));
+        record.fields.nat = self
+            .nat
+            .and_then(|nat| nat.of(&self.conn.key))
+            .map(|t| t.fields(self.orig));
         record
     }
 

@@ -59,7 +59,7 @@ pub use transport::Collector;
 use crate::{
     clock::Clock,
     conntable::{Conn, LocalNets},
-    nat::Translation,
+    nat::{Nat, Translation},
 };
 
 /// Messages waiting for the sender thread before new ones are dropped.
@@ -185,7 +185,7 @@ impl IpfixExporter {
     /// For an open connection at kernel time `now_ns`: queues its deltas (reason "active
     /// timeout") when the active timeout has passed since its previous export or its first
     /// packet.
-    pub fn update(&mut self, conn: &Conn, nat: Option<&Translation>, now_ns: u64) {
+    pub fn update(&mut self, conn: &Conn, nat: &Nat, now_ns: u64) {
         let first = conn.first_ns();
         let at = self
             .exported
@@ -197,7 +197,13 @@ impl IpfixExporter {
             .at_ns;
         let timeout = self.config.active_timeout.as_nanos() as u64;
         if now_ns.saturating_sub(at) >= timeout {
-            self.export(conn, nat, EndReason::ActiveTimeout, now_ns, false);
+            self.export(
+                conn,
+                nat.of(&conn.key),
+                EndReason::ActiveTimeout,
+                now_ns,
+                false,
+            );
         }
     }
 
@@ -511,7 +517,7 @@ mod tests {
         );
         c.edit(|s| s.dir[1].syn_only = 1);
         // Before the active timeout: nothing.
-        exporter.update(&c, None, 105 * SECOND);
+        exporter.update(&c, &Nat::without_conntrack(), 105 * SECOND);
         assert!(take(&mut exporter).is_empty());
         let steps = [
             (111, [(5, 3000, 101, 111), (7, 500, 100, 110)]),
@@ -528,7 +534,7 @@ mod tests {
                     ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
                 };
             });
-            exporter.update(&c, None, now * SECOND);
+            exporter.update(&c, &Nat::without_conntrack(), now * SECOND);
             all.extend(take(&mut exporter));
         }
         // 111: both directions; 115: not due; 122: both again; 133: due, nothing new.
@@ -567,7 +573,7 @@ mod tests {
         assert_eq!(exporter.tracked(), 0, "finish forgets the connection");
 
         // Finished with nothing left: one zero record carries the reason.
-        exporter.update(&c, None, 200 * SECOND);
+        exporter.update(&c, &Nat::without_conntrack(), 200 * SECOND);
         take(&mut exporter);
         exporter.finish(&c, None, EndReason::Idle, 300 * SECOND);
         let last = take(&mut exporter);
