@@ -543,6 +543,119 @@ impl Drop for Lab {
     }
 }
 
+/// A second LAN on a lab's gw: host `lan2` (198.18.2.2, veth `lan2-0`) -- gw (`gw-lan2`,
+/// 198.18.2.1). The first lan host reaches it through gw; what leaves for the wan host
+/// is translated as the first LAN's is (the masquerade rule matches the WAN veth).
+/// Segmentation is off on the link, whose counters count the host's wire packets.
+/// Its namespace is deleted when it is dropped: drop it before the lab.
+pub struct SecondLan {
+    pub ns: String,
+    pub host_if: String,
+    pub gw_if: String,
+}
+
+pub const LAN2_HOST_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+
+impl SecondLan {
+    pub fn attach(lab: &Lab) -> SecondLan {
+        let lan2 = SecondLan {
+            ns: lab.gw.replace("-gw", "-lan2"),
+            host_if: "lan2-0".into(),
+            gw_if: "gw-lan2".into(),
+        };
+        add_namespace(&lan2.ns);
+        ip(&[
+            "-n",
+            &lab.gw,
+            "link",
+            "add",
+            &lan2.gw_if,
+            "address",
+            "02:00:00:00:03:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lan2.host_if,
+            "address",
+            "02:00:00:00:03:02",
+            "netns",
+            &lan2.ns,
+        ]);
+        segmentation_off(&lab.gw, &lan2.gw_if);
+        segmentation_off(&lan2.ns, &lan2.host_if);
+        let ends = [
+            (
+                &lab.gw,
+                &lan2.gw_if,
+                "198.18.2.1/24",
+                "198.18.2.2",
+                "02:00:00:00:03:02",
+            ),
+            (
+                &lan2.ns,
+                &lan2.host_if,
+                "198.18.2.2/24",
+                "198.18.2.1",
+                "02:00:00:00:03:01",
+            ),
+        ];
+        for (ns, dev, own, peer, peer_mac) in ends {
+            ip(&["-n", ns, "addr", "add", own, "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                peer,
+                "lladdr",
+                peer_mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        ip(&["-n", &lan2.ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &lan2.ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.2.1",
+        ]);
+        ip(&[
+            "-n",
+            &lab.lan,
+            "route",
+            "add",
+            "198.18.2.0/24",
+            "via",
+            "198.18.1.1",
+        ]);
+        wait_quiet(&[(&lan2.ns, &lan2.host_if), (&lab.gw, &lan2.gw_if)]);
+        lan2
+    }
+
+    /// Counters of both ends of its link: the host's tx is what it sent, gw's what it
+    /// received.
+    pub fn counters(&self, lab: &Lab) -> LanCounters {
+        LanCounters {
+            lan_host: counters(&self.ns, &self.host_if),
+            gw_lan: counters(&lab.gw, &self.gw_if),
+        }
+    }
+}
+
+impl Drop for SecondLan {
+    fn drop(&mut self) {
+        delete_namespaces(&[&self.ns]);
+    }
+}
+
 /// Waits until the counters of `interfaces` (namespace, device) stay unchanged for a
 /// second; panics after 15 s.
 pub fn wait_quiet(interfaces: &[(&str, &str)]) {

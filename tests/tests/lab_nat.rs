@@ -13,7 +13,7 @@ use std::{
 use tests::{
     agent::ConnRecord,
     dns_lab::{TYPE_A, add_wan_address, resolve, start_dnsmasq},
-    lab::{self, Lab, LanCounters, run_in_ns},
+    lab::{self, Lab, LanCounters, SecondLan, run_in_ns},
     nfdump::{NatFlow, Nfcapd, read_nat_flows},
     rules_lab::{
         self, Alert, HttpServer, RulesAgent, Scratch, connect, epoch_now, join, listen, listing,
@@ -516,4 +516,93 @@ fn an_nxdomain_burst_behind_nat_is_the_lan_clients() {
         "{}",
         listing(&stopped.alerts)
     );
+}
+
+/// A gateway with two LANs, all three links watched: traffic between the LANs (not
+/// translated, both ends local) and an upload from the second LAN out through the NAT are
+/// each one record with the counts of the sending host's link.
+#[test]
+fn two_lans_and_the_wan_watched_count_each_connection_once() {
+    let lab = Lab::masquerading();
+    let lan2 = SecondLan::attach(&lab);
+    let agent = RulesAgent::start_on(&lab, &[&lab.gw_lan_if, &lan2.gw_if, &lab.gw_wan_if], &FLAGS);
+    let l2 = lab::ETH_HEADER;
+    let lan2_host = IpAddr::V4(lab::LAN2_HOST_V4);
+    let cases = [
+        // (what, server, sent from the first LAN to the second)
+        ("between the LANs", SocketAddr::new(lan2_host, 5006), true),
+        ("out of the second LAN", SocketAddr::new(WAN, 5007), false),
+    ];
+    let mut records = Vec::new();
+    for (what, server, from_first_lan) in cases {
+        let (client_ns, server_ns) = if from_first_lan {
+            (lab.lan.as_str(), lan2.ns.as_str())
+        } else {
+            (lan2.ns.as_str(), lab.wan.as_str())
+        };
+        let link = |lab: &Lab| {
+            if from_first_lan {
+                lab.lan_counters()
+            } else {
+                lan2.counters(lab)
+            }
+        };
+        let sink = spawn_discard(listen(server_ns, server), 1);
+        let before = link(&lab);
+        let mut sender = connect(client_ns, server);
+        let client = sender.local_addr().expect("client address");
+        send(&mut sender, 1_000_000);
+        sender.shutdown(Shutdown::Write).expect("close");
+        drop(sender);
+        assert_eq!(join(sink), vec![1_000_000], "{what}");
+        let record = agent.wait_finished("tcp", client, server, FINISH_LIMIT);
+        let sent = link(&lab).since(before);
+        assert_eq!(
+            record.u64("orig_pkts"),
+            sent.lan_host.tx_packets,
+            "{what}: {record}"
+        );
+        assert_eq!(
+            record.u64("orig_ip_bytes"),
+            sent.lan_host.tx_ip_bytes(l2),
+            "{what}: {record}"
+        );
+        assert_eq!(
+            record.u64("resp_pkts"),
+            sent.gw_lan.tx_packets,
+            "{what}: {record}"
+        );
+        assert_eq!(
+            record.u64("resp_ip_bytes"),
+            sent.gw_lan.tx_ip_bytes(l2),
+            "{what}: {record}"
+        );
+        assert_eq!(
+            record.bool("local_resp"),
+            from_first_lan,
+            "{what}: {record}"
+        );
+        assert_eq!(
+            record.has("nat.orig_h"),
+            !from_first_lan,
+            "{what}: {record}"
+        );
+        records.push((client, server));
+    }
+    let stopped = agent.stop();
+    for (client, server) in records {
+        let found = stopped
+            .conns
+            .iter()
+            .filter(|r| {
+                r.is_between(
+                    "tcp",
+                    (client.ip(), client.port()),
+                    (server.ip(), server.port()),
+                )
+            })
+            .count();
+        assert_eq!(found, 1, "{client} -> {server}: one record");
+    }
+    assert_eq!(stopped.conns.len(), 2, "{:?}", stopped.conns);
 }
