@@ -178,42 +178,14 @@ impl Lab {
         );
 
         // Both ends are created inside their namespaces, so names cannot clash between labs.
-        ip(&[
-            "-n",
-            &self.gw,
-            "link",
-            "add",
-            &self.gw_lan_if,
-            "address",
-            GW_LAN_MAC,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.lan_if,
-            "address",
-            LAN_HOST_MAC,
-            "netns",
-            &self.lan,
-        ]);
-        ip(&[
-            "-n",
-            &self.gw,
-            "link",
-            "add",
-            &self.gw_wan_if,
-            "address",
-            GW_WAN_MAC,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.wan_if,
-            "address",
-            WAN_HOST_MAC,
-            "netns",
-            &self.wan,
-        ]);
+        add_veth(
+            (&self.gw, &self.gw_lan_if, GW_LAN_MAC),
+            (&self.lan, &self.lan_if, LAN_HOST_MAC),
+        );
+        add_veth(
+            (&self.gw, &self.gw_wan_if, GW_WAN_MAC),
+            (&self.wan, &self.wan_if, WAN_HOST_MAC),
+        );
 
         segmentation_off(&self.gw, &self.gw_wan_if);
         segmentation_off(&self.wan, &self.wan_if);
@@ -261,19 +233,7 @@ impl Lab {
             ip(&["-n", ns, "addr", "add", v4, "dev", dev]);
             ip(&["-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"]);
             for peer in [peer4, peer6] {
-                ip(&[
-                    "-n",
-                    ns,
-                    "neigh",
-                    "replace",
-                    peer,
-                    "lladdr",
-                    peer_mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ]);
+                permanent_neighbour(ns, dev, peer, peer_mac);
             }
         }
         for (ns, dev) in self.interfaces() {
@@ -564,24 +524,12 @@ impl SecondLan {
             gw_if: "gw-lan2".into(),
         };
         add_namespace(&lan2.ns);
-        ip(&[
-            "-n",
-            &lab.gw,
-            "link",
-            "add",
-            &lan2.gw_if,
-            "address",
-            "02:00:00:00:03:01",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &lan2.host_if,
-            "address",
-            "02:00:00:00:03:02",
-            "netns",
-            &lan2.ns,
-        ]);
+        const GW_MAC: &str = "02:00:00:00:03:01";
+        const HOST_MAC: &str = "02:00:00:00:03:02";
+        add_veth(
+            (&lab.gw, &lan2.gw_if, GW_MAC),
+            (&lan2.ns, &lan2.host_if, HOST_MAC),
+        );
         segmentation_off(&lab.gw, &lan2.gw_if);
         segmentation_off(&lan2.ns, &lan2.host_if);
         let ends = [
@@ -590,31 +538,19 @@ impl SecondLan {
                 &lan2.gw_if,
                 "198.18.2.1/24",
                 "198.18.2.2",
-                "02:00:00:00:03:02",
+                HOST_MAC,
             ),
             (
                 &lan2.ns,
                 &lan2.host_if,
                 "198.18.2.2/24",
                 "198.18.2.1",
-                "02:00:00:00:03:01",
+                GW_MAC,
             ),
         ];
         for (ns, dev, own, peer, peer_mac) in ends {
             ip(&["-n", ns, "addr", "add", own, "dev", dev]);
-            ip(&[
-                "-n",
-                ns,
-                "neigh",
-                "replace",
-                peer,
-                "lladdr",
-                peer_mac,
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
+            permanent_neighbour(ns, dev, peer, peer_mac);
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         ip(&["-n", &lan2.ns, "link", "set", "lo", "up"]);
@@ -694,6 +630,31 @@ pub fn require_tool(tool: &str, package: &str) {
         std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()),
         "{tool} is not installed: run `cargo xtask setup` (Debian package {package})"
     );
+}
+
+/// A veth pair: `(ns, name, MAC)` of each end, both created in their namespaces.
+fn add_veth((ns, name, mac): (&str, &str, &str), (peer_ns, peer, peer_mac): (&str, &str, &str)) {
+    ip(&[
+        "-n", ns, "link", "add", name, "address", mac, "type", "veth", "peer", "name", peer,
+        "address", peer_mac, "netns", peer_ns,
+    ]);
+}
+
+/// A permanent neighbour entry: no ARP or neighbour discovery in the counts.
+fn permanent_neighbour(ns: &str, dev: &str, peer: &str, peer_mac: &str) {
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        peer,
+        "lladdr",
+        peer_mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ]);
 }
 
 /// `nft ARGS...` in `ns` (nftables, installed by `cargo xtask setup`).

@@ -343,6 +343,14 @@ impl RulesAgent {
     }
 }
 
+/// Sleeps until `offset` seconds into the next window of `window_secs` aligned to the
+/// epoch, as the agent's `--window` is.
+pub fn sleep_into_next_window(window_secs: f64, offset: f64) {
+    let now = epoch_now();
+    let next = ((now / window_secs).floor() + 1.0) * window_secs + offset;
+    thread::sleep(Duration::from_secs_f64(next - now));
+}
+
 /// Gives the wan host `addr` as a second address (a /32 on its veth) and gw a permanent
 /// neighbour entry for it, so no ARP adds packets.
 pub fn add_wan_address(lab: &Lab, addr: Ipv4Addr) {

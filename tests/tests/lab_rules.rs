@@ -491,13 +491,6 @@ const LEAK_THRESHOLD: u64 = 500_000;
 const BURST: u64 = 300_000;
 const BURSTS: usize = 5;
 
-/// Sleeps until `offset` seconds into the next aligned window.
-fn sleep_into_next_window(offset: f64) {
-    let now = epoch_now();
-    let next = ((now / WINDOW_SECS).floor() + 1.0) * WINDOW_SECS + offset;
-    thread::sleep(Duration::from_secs_f64(next - now));
-}
-
 #[test]
 fn window_exceeded_and_data_leak_on_short_windows_excluded_destination_silent() {
     let lab = Lab::new();
@@ -532,7 +525,7 @@ fn window_exceeded_and_data_leak_on_short_windows_excluded_destination_silent() 
     // The same 300 KB to each destination early in each of 5 windows.
     let mut windows = BTreeSet::new();
     for _ in 0..BURSTS {
-        sleep_into_next_window(0.3);
+        rules_lab::sleep_into_next_window(WINDOW_SECS, 0.3);
         send(&mut counted, BURST);
         send(&mut excluded, BURST);
         windows.insert((epoch_now() / WINDOW_SECS).floor() as u64);

@@ -16,13 +16,13 @@ use monitor::{
     nat::{Entry, Nat, Tuple},
     poller::FlowSnapshot,
 };
-use monitor_common::flow::{DirStats, FlowKey, tcp_flags};
+use monitor_common::flow::{FlowKey, tcp_flags};
 use tests::{
     lab::{self, Lab, run_in_ns},
     procfs,
 };
 
-use crate::{Plan, median};
+use crate::{Plan, median, poll::active};
 
 pub struct LearnRow {
     pub translations: u32,
@@ -112,18 +112,12 @@ fn translated(n: u32, now_ns: u64) -> (FlowSnapshot, Entry) {
     };
     key.addr_a[..4].copy_from_slice(&remote_octets);
     key.addr_b[..4].copy_from_slice(&lab::GW_WAN_V4.octets());
-    let dir = |flags| DirStats {
-        pkts: 10,
-        ip_bytes: 10_000,
-        bytes: 9_480,
-        first_ns: now_ns - 1_000_000_000,
-        last_ns: now_ns,
-        tcp_flags: flags,
-        ..DirStats::default()
-    };
     let snap = FlowSnapshot {
         key,
-        dir: [dir(tcp_flags::ACK), dir(tcp_flags::ACK | tcp_flags::PSH)],
+        dir: [
+            active(tcp_flags::ACK, now_ns),
+            active(tcp_flags::ACK | tcp_flags::PSH, now_ns),
+        ],
         ifindex: 1,
     };
     let tuple = |src: Endpoint, dst: Endpoint| Tuple {

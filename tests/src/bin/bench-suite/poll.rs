@@ -86,6 +86,19 @@ fn scrape(lab: &Lab) -> String {
     })
 }
 
+/// One direction of a synthetic connection active until `now_ns`: 10 packets, 10 kB.
+pub fn active(tcp_flags: u8, now_ns: u64) -> DirStats {
+    DirStats {
+        pkts: 10,
+        ip_bytes: 10_000,
+        bytes: 9_480,
+        first_ns: now_ns - 1_000_000_000,
+        last_ns: now_ns,
+        tcp_flags,
+        ..DirStats::default()
+    }
+}
+
 /// Connection `n`: a TCP connection from a local host to a remote one, both ways active.
 fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
     let mut key = FlowKey {
@@ -97,17 +110,11 @@ fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
     };
     key.addr_a[..4].copy_from_slice(&[198, 18, (n >> 24) as u8 & 1, 2]);
     key.addr_b[..4].copy_from_slice(&[10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-    let dir = |flags| DirStats {
-        pkts: 10,
-        ip_bytes: 10_000,
-        bytes: 9_480,
-        first_ns: now_ns - 1_000_000_000,
-        last_ns: now_ns,
-        tcp_flags: flags,
-        ..DirStats::default()
-    };
     let value = FlowValue {
-        dir: [dir(tcp_flags::ACK | tcp_flags::PSH), dir(tcp_flags::ACK)],
+        dir: [
+            active(tcp_flags::ACK | tcp_flags::PSH, now_ns),
+            active(tcp_flags::ACK, now_ns),
+        ],
         ifindex: 1,
         _pad: 0,
     };
