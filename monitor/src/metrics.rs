@@ -170,7 +170,8 @@ impl Metrics {
         let unparsed = IntCounterVec::new(
             opts(
                 "packets_unparsed_total",
-                "Packets passed without counting because they could not be parsed, by reason.",
+                "Packets passed without counting because they could not be parsed, by reason; \
+                 ip_len_exceeds_frame: malformed packets counted as the frame's length.",
             ),
             &["reason"],
         )?;
@@ -258,7 +259,7 @@ impl Metrics {
             alerts.with_label_values(&[note.as_str()]);
             suppressed.with_label_values(&[note.as_str()]);
         }
-        for reason in stats::UNPARSED_REASONS {
+        for (_, reason) in stats::UNPARSED_REASONS {
             unparsed.with_label_values(&[reason]);
         }
         for kind in DNS_TYPES {
@@ -358,7 +359,7 @@ impl Metrics {
                 self.flow_map_full.inc_by(new);
             } else if slot == stats::DNS_EVENTS_LOST as usize {
                 self.dns_events_lost.inc_by(new);
-            } else if let Some(reason) = stats::UNPARSED_REASONS.get(slot) {
+            } else if let Some(reason) = stats::unparsed_reason(slot as u32) {
                 self.unparsed.with_label_values(&[reason]).inc_by(new);
             }
         }

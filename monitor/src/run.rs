@@ -239,7 +239,7 @@ impl Pipeline {
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
             .iter()
-            .zip(counters)
+            .map(|&(slot, reason)| (reason, counters[slot as usize]))
             .filter(|(_, n)| *n > 0)
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
