@@ -70,7 +70,7 @@ impl std::fmt::Display for LinkType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match Self::KNOWN.iter().find(|(t, _, _)| *t == self.0) {
             Some((_, name, _)) => f.write_str(name),
-            None => write!(f, "type {}", self.0),
+            None => write!(f, "[{}]", self.0),
         }
     }
 }
@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(LinkType(1).framing(), Some(Framing::Ethernet));
         // Infiniband: neither Ethernet nor IP first.
         assert_eq!(LinkType(32).framing(), None);
-        assert_eq!(LinkType(32).to_string(), "type 32");
+        assert_eq!(LinkType(32).to_string(), "[32]");
         assert!(link_type("no-such-if0").is_err());
     }
 

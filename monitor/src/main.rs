@@ -78,7 +78,7 @@ fn check_links(ifaces: &[String], args: &cli::RunArgs) {
         };
         match link.framing() {
             None => cli::usage_error(&format!(
-                "error: {name}: link type {link} cannot be parsed: the programs read Ethernet \
+                "error: {name}: link/{link} cannot be parsed: the programs read Ethernet \
                  frames, or IP packets on devices without a link-layer header"
             )),
             Some(iface::Framing::Ip)

@@ -61,7 +61,15 @@ impl Agent {
     pub fn start(ns: &str, iface: &str, extra: &[&str]) -> Agent {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]);
-        Self::launch(cmd, ns, iface, extra)
+        Self::launch(cmd, ns, Some(iface), extra)
+    }
+
+    /// Like [`start`](Self::start) without `--iface`: the agent watches what it chooses
+    /// by default (the default route's interface).
+    pub fn start_default(ns: &str, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]);
+        Self::launch(cmd, ns, None, extra)
     }
 
     /// Like [`start`](Self::start), but entering only the namespace's network: `ip netns
@@ -69,10 +77,10 @@ impl Agent {
     pub fn start_seeing_pins(ns: &str, iface: &str, extra: &[&str]) -> Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"));
-        Self::launch(cmd, ns, iface, extra)
+        Self::launch(cmd, ns, Some(iface), extra)
     }
 
-    fn launch(mut cmd: Command, ns: &str, iface: &str, extra: &[&str]) -> Agent {
+    fn launch(mut cmd: Command, ns: &str, iface: Option<&str>, extra: &[&str]) -> Agent {
         let binary = Self::binary();
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("monitor-agent-{}-{n}", std::process::id()));
@@ -82,8 +90,11 @@ impl Agent {
             .unwrap_or_else(|e| panic!("create agent dir {}: {e}", dir.display()));
         let conn_log = dir.join("conn.log");
 
-        cmd.arg(&binary)
-            .args(["run", "--iface", iface, "--conn-log"])
+        cmd.arg(&binary).arg("run");
+        if let Some(iface) = iface {
+            cmd.args(["--iface", iface]);
+        }
+        cmd.arg("--conn-log")
             .arg(&conn_log)
             .args(extra)
             .stdin(Stdio::null())
@@ -114,7 +125,7 @@ impl Agent {
             child,
             pid,
             ns: ns.to_string(),
-            iface: iface.to_string(),
+            iface: iface.unwrap_or("(default route)").to_string(),
             stderr,
             stdout,
             readers,

@@ -46,7 +46,7 @@ pub enum KernelError {
     #[error("no such interface: {0} (see `ip link`)")]
     NoSuchInterface(String),
     #[error(
-        "{iface}: link type {link} cannot be parsed: the programs read Ethernet frames, or IP \
+        "{iface}: link/{link} cannot be parsed: the programs read Ethernet frames, or IP \
          packets on devices without a link-layer header"
     )]
     UnknownLink { iface: String, link: LinkType },
