@@ -14,6 +14,7 @@ pub mod iface;
 pub mod kernel;
 pub mod logs;
 pub mod metrics;
+pub mod parse_watch;
 pub mod poller;
 pub mod privileges;
 pub mod resolve;

@@ -46,6 +46,7 @@ pub struct Metrics {
     dns_cache_entries: IntGauge,
     last_dns: DnsCounts,
     unparsed: IntCounterVec,
+    parse_failing: IntGauge,
     poll_duration: Histogram,
     /// Connections the table had added at the last poll.
     added: u64,
@@ -175,6 +176,11 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let parse_failing = IntGauge::with_opts(opts(
+            "parse_failing",
+            "1 while most packets of the last minute could not be parsed (at least 60): the \
+             programs may not understand a watched interface's framing.",
+        ))?;
         let poll_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "poll_duration_seconds",
@@ -237,6 +243,7 @@ impl Metrics {
             Box::new(dns_messages.clone()),
             Box::new(dns_cache_entries.clone()),
             Box::new(unparsed.clone()),
+            Box::new(parse_failing.clone()),
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
             Box::new(top_talkers_gauge.clone()),
@@ -283,6 +290,7 @@ impl Metrics {
             dns_cache_entries,
             last_dns: DnsCounts::default(),
             unparsed,
+            parse_failing,
             poll_duration,
             added: 0,
             last_stats: [0; stats::SLOTS as usize],
@@ -299,6 +307,18 @@ impl Metrics {
             ipfix_messages,
             ipfix_errors,
         })
+    }
+
+    /// Wire packets counted so far, all directions.
+    pub fn packets_counted(&self) -> u64 {
+        self.by_direction
+            .iter()
+            .map(|(_, packets)| packets.get())
+            .sum()
+    }
+
+    pub fn parse_failing(&self, failing: bool) {
+        self.parse_failing.set(i64::from(failing));
     }
 
     /// Adds what a connection carried since its observation before the latest.

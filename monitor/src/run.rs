@@ -29,6 +29,7 @@ use crate::{
     kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
+    parse_watch::{self, Change, ParseWatch},
     poller::Poller,
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
@@ -64,6 +65,9 @@ struct Pipeline {
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
     state: Option<StateDir>,
     dns: Dns,
+    parse_watch: ParseWatch,
+    /// The interfaces and how they are hooked, as the `watching` line says.
+    watching: String,
 }
 
 impl Pipeline {
@@ -156,6 +160,7 @@ impl Pipeline {
                 (r + s.records, m + s.messages, e + s.errors)
             });
         self.metrics.ipfix(records, messages, errors);
+        self.check_parsing(now.mono_ns, &counters);
         self.metrics.polled(
             (self.table.len(), self.table.added()),
             counters,
@@ -352,6 +357,24 @@ impl Pipeline {
         Ok(())
     }
 
+    /// An interface whose packets the programs cannot parse counts nothing: say so once
+    /// when most of a minute's packets were not parsed, and when that ends.
+    fn check_parsing(&mut self, mono_ns: u64, counters: &[u64; stats::SLOTS as usize]) {
+        let counted = self.metrics.packets_counted();
+        let unparsed = parse_watch::unparsed_total(counters);
+        match self.parse_watch.update(mono_ns, counted, unparsed) {
+            Some(Change::Failing { unparsed, counted }) => warn!(
+                "most packets of the last minute could not be parsed ({unparsed} not parsed, \
+                 {counted} counted; see packets_unparsed_total by reason): the programs may \
+                 not understand the framing of {}",
+                self.watching
+            ),
+            Some(Change::Recovered) => info!("packets are parsed again"),
+            None => {}
+        }
+        self.metrics.parse_failing(self.parse_watch.failing());
+    }
+
     /// A full map loses counts visibly: say so each time more were refused.
     fn check_map_full(&mut self, full: u64) {
         if full > self.map_full {
@@ -479,6 +502,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         top,
         state,
         dns,
+        parse_watch: ParseWatch::default(),
+        watching: watching.join(", "),
     };
     if let Some(saved) = saved {
         pipeline.restore(saved, resumed);
@@ -487,7 +512,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         info!("resuming the connections counted while no agent ran");
     }
     // Tests and scripts wait for this line: the programs are counting from here on.
-    eprintln!("monitor: watching {}", watching.join(", "));
+    eprintln!("monitor: watching {}", pipeline.watching);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
