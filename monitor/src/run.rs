@@ -511,11 +511,13 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     if resumed {
         info!("resuming the connections counted while no agent ran");
     }
+    // Before the line below: a signal sent as soon as it appears must find its handler.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dns_batch = Batch::default();
@@ -537,7 +539,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                 logs::request_reopen();
                 info!("SIGHUP: log files reopen before their next line");
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }
