@@ -40,7 +40,7 @@ fn xdp_modes_without_native_xdp() {
         "skb warns: {stderr}"
     );
     assert!(
-        stderr.contains("(ingress: xdp skb"),
+        stderr.contains("(link: loopback, ingress: xdp skb"),
         "skb is what was asked: {stderr}"
     );
     skb.stop();
