@@ -23,5 +23,14 @@ pub mod names {
 /// Interfaces one agent can watch.
 pub const MAX_WATCHED_IFACES: u32 = 64;
 
+/// Bits of a `WATCHED` map value (ifindex -> bits).
+pub mod watched {
+    /// The interface's ingress is hooked: a forwarded packet that came in there was
+    /// counted there. Alone, it is the value agents before link types wrote.
+    pub const INGRESS_HOOKED: u8 = 1;
+    /// The interface has no link-layer header: packets start at the IP header.
+    pub const NO_L2: u8 = 2;
+}
+
 /// Capacity of the flow map unless the agent asks for another with `--flow-map-size`.
 pub const DEFAULT_FLOW_MAP_SIZE: u32 = 262_144;

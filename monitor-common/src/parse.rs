@@ -46,7 +46,7 @@ pub struct PacketInfo {
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    /// Ethernet header and VLAN tags.
+    /// Ethernet header and VLAN tags; 0 on a device without a link-layer header.
     pub l2_len: u32,
     /// Length of the IP packet by its header (IPv4 total length, IPv6 payload length + 40);
     /// 0 where the header does not say (BIG TCP aggregates, IPv6 jumbograms).
@@ -79,13 +79,22 @@ impl PacketInfo {
         (key, dir)
     }
 
+    /// Whether a single packet (not an aggregate, whose header may say anything) claims
+    /// more IP bytes than its `frame_len`-byte frame holds: a lie, or a frame cut short.
+    #[inline(always)]
+    pub fn ip_len_exceeds_frame(&self, frame_len: u32, segs: u32) -> bool {
+        segs <= 1 && self.ip_len > frame_len.saturating_sub(self.l2_len)
+    }
+
     /// Packets, IP bytes and payload bytes on the wire for a frame of `frame_len` bytes
     /// (L2 included) that stands for `segs` segments (GSO/GRO), each repeating the headers.
+    /// A single packet counts its header's length, unless that exceeds the frame: then what
+    /// the frame holds.
     #[inline(always)]
     pub fn wire_counts(&self, frame_len: u32, segs: u32) -> (u64, u64, u64) {
         let segs = if segs == 0 { 1 } else { segs };
         let hdr = self.hdr_len as u64;
-        if segs == 1 && self.ip_len != 0 {
+        if segs == 1 && self.ip_len != 0 && !self.ip_len_exceeds_frame(frame_len, segs) {
             // The header's length leaves out Ethernet padding.
             let ip = self.ip_len as u64;
             return (1, ip, ip.saturating_sub(hdr));
@@ -162,20 +171,55 @@ pub fn icmp_ports(proto: u8, icmp_type: u8, code: u8) -> (u16, u16) {
     (icmp_type as u16, counterpart.unwrap_or(code) as u16)
 }
 
-/// Parses an Ethernet frame; the error is the `stats` slot of the reason it failed.
+/// What a packet starts with on its device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// An Ethernet header, of which the kernel has already moved `stripped_tags` outer
+    /// VLAN tags out of the data (an skb's `vlan_present` on receive): they count towards
+    /// the two-tag limit.
+    Ethernet { stripped_tags: usize },
+    /// The IP header, on a device without a link-layer header (tun, WireGuard, PPP, IP
+    /// tunnels); `protocol` is the EtherType the kernel gives the packet (an skb's
+    /// `protocol`, host order).
+    Ip { protocol: u16 },
+}
+
+/// Parses a packet as its device frames it; the error is the `stats` slot of the reason
+/// it failed.
+#[inline(always)]
+pub fn parse_packet<F: Frame + ?Sized>(f: &F, link: Link) -> Result<PacketInfo, u32> {
+    let (off, ethertype) = match link {
+        Link::Ethernet { stripped_tags } => ethernet(f, stripped_tags)?,
+        Link::Ip { protocol } => (0, protocol),
+    };
+    parse_ip(f, off, ethertype)
+}
+
+/// Parses an Ethernet frame.
 #[inline(always)]
 pub fn parse_frame<F: Frame + ?Sized>(f: &F) -> Result<PacketInfo, u32> {
     parse_frame_after_tags(f, 0)
 }
 
 /// Like [`parse_frame`], for a frame whose outer `stripped_tags` VLAN tags the kernel has
-/// already moved out of the data (an skb's `vlan_present` on receive): they count
-/// towards the two-tag limit.
+/// already moved out of the data.
 #[inline(always)]
 pub fn parse_frame_after_tags<F: Frame + ?Sized>(
     f: &F,
     stripped_tags: usize,
 ) -> Result<PacketInfo, u32> {
+    parse_packet(f, Link::Ethernet { stripped_tags })
+}
+
+/// Parses a packet that starts at its IP header.
+#[inline(always)]
+pub fn parse_l3<F: Frame + ?Sized>(f: &F, protocol: u16) -> Result<PacketInfo, u32> {
+    parse_packet(f, Link::Ip { protocol })
+}
+
+/// The L3 offset (Ethernet header and VLAN tags) and the EtherType found there.
+#[inline(always)]
+fn ethernet<F: Frame + ?Sized>(f: &F, stripped_tags: usize) -> Result<(usize, u16), u32> {
     let eth: [u8; ETH_HLEN] = f.load(0).ok_or(stats::TRUNCATED_ETHERNET)?;
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
@@ -192,6 +236,12 @@ pub fn parse_frame_after_tags<F: Frame + ?Sized>(
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         return Err(stats::VLAN_TOO_DEEP);
     }
+    Ok((off, ethertype))
+}
+
+/// The IP packet at `off` (the L2 length) of EtherType `ethertype`.
+#[inline(always)]
+fn parse_ip<F: Frame + ?Sized>(f: &F, off: usize, ethertype: u16) -> Result<PacketInfo, u32> {
     let mut info = PacketInfo {
         l2_len: off as u32,
         ..PacketInfo::default()

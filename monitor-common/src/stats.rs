@@ -1,5 +1,6 @@
-//! Slots of the per-CPU `STATS` array: why packets were not parsed, and updates lost to
-//! a full flow map or ring buffer.
+//! Slots of the per-CPU `STATS` array: why packets were not parsed or are malformed, and
+//! updates lost to a full flow map or ring buffer. Slot numbers never change: pinned maps
+//! and the agent must agree on them.
 
 pub const TRUNCATED_ETHERNET: u32 = 0;
 pub const TRUNCATED_VLAN: u32 = 1;
@@ -18,21 +19,33 @@ pub const TRUNCATED_ICMP: u32 = 12;
 pub const FLOW_MAP_FULL: u32 = 13;
 /// Not a parse failure: a DNS message not copied because the ring buffer was full.
 pub const DNS_EVENTS_LOST: u32 = 14;
-pub const SLOTS: u32 = 15;
+/// Malformed but counted: a single packet whose IP header claims more bytes than its frame
+/// holds. It counts what the frame holds.
+pub const IP_LEN_EXCEEDS_FRAME: u32 = 15;
+pub const SLOTS: u32 = 16;
 
-/// The `reason` label of `packets_unparsed_total`, indexed by slot.
-pub const UNPARSED_REASONS: [&str; FLOW_MAP_FULL as usize] = [
-    "truncated_ethernet",
-    "truncated_vlan",
-    "vlan_too_deep",
-    "not_ip",
-    "truncated_ipv4",
-    "bad_ipv4_header",
-    "truncated_ipv6",
-    "truncated_ipv6_ext",
-    "ipv6_ext_limit",
-    "truncated_tcp",
-    "bad_tcp_header",
-    "truncated_udp",
-    "truncated_icmp",
+/// The `reason` label of `packets_unparsed_total` of each slot that has one.
+pub const UNPARSED_REASONS: [(u32, &str); 14] = [
+    (TRUNCATED_ETHERNET, "truncated_ethernet"),
+    (TRUNCATED_VLAN, "truncated_vlan"),
+    (VLAN_TOO_DEEP, "vlan_too_deep"),
+    (NOT_IP, "not_ip"),
+    (TRUNCATED_IPV4, "truncated_ipv4"),
+    (BAD_IPV4_HEADER, "bad_ipv4_header"),
+    (TRUNCATED_IPV6, "truncated_ipv6"),
+    (TRUNCATED_IPV6_EXT, "truncated_ipv6_ext"),
+    (IPV6_EXT_LIMIT, "ipv6_ext_limit"),
+    (TRUNCATED_TCP, "truncated_tcp"),
+    (BAD_TCP_HEADER, "bad_tcp_header"),
+    (TRUNCATED_UDP, "truncated_udp"),
+    (TRUNCATED_ICMP, "truncated_icmp"),
+    (IP_LEN_EXCEEDS_FRAME, "ip_len_exceeds_frame"),
 ];
+
+/// The `reason` label of a slot, if it has one.
+pub fn unparsed_reason(slot: u32) -> Option<&'static str> {
+    UNPARSED_REASONS
+        .iter()
+        .find(|(s, _)| *s == slot)
+        .map(|(_, reason)| *reason)
+}

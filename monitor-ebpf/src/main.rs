@@ -25,8 +25,8 @@ use monitor_common::{
         DnsEventHeader, dns_span, flags as dns_flags, is_dns_port,
     },
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
-    parse::{Frame, PacketInfo, parse_frame_after_tags},
-    stats,
+    parse::{Frame, Link, PacketInfo, parse_packet},
+    stats, watched,
 };
 
 /// One value per connection, shared by the CPUs (every count an atomic add): a poll
@@ -39,9 +39,10 @@ static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FL
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 
-/// Interfaces whose ingress is hooked (ifindex -> 1), filled by the agent. A forwarded
-/// packet that came in on one of them was counted there: TC egress leaves it alone, so a
-/// gateway watched on several interfaces counts each packet once.
+/// The agent's interfaces (ifindex -> `watched` bits), filled by the agent. A forwarded
+/// packet that came in on one whose ingress is hooked was counted there: TC egress leaves
+/// it alone, so a gateway watched on several interfaces counts each packet once. On one
+/// without a link-layer header, the TC programs parse from the IP header.
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
 
@@ -107,7 +108,8 @@ impl Copier for SkbCopier {
     }
 }
 
-/// Reads through a copier: what locating a DNS message needs.
+/// Reads through a copier: what locating a DNS message needs, and headers beyond the
+/// linear part of an skb.
 struct Copied<'a, C>(&'a C);
 
 impl<C: Copier> Frame for Copied<'_, C> {
@@ -119,20 +121,29 @@ impl<C: Copier> Frame for Copied<'_, C> {
 }
 
 /// Counts one frame standing for `segs` wire segments; `frame_len` includes L2.
-/// `stripped_tags`: VLAN tags the kernel took out of the data before the hook.
 #[inline(always)]
 fn count<C: Copier>(
     pkt: &Packet,
     frame_len: u32,
     segs: u32,
     ifindex: u32,
-    stripped_tags: usize,
+    link: Link,
     hook: (u8, &C),
 ) {
-    let info = match parse_frame_after_tags(pkt, stripped_tags) {
+    let parsed = match parse_packet(pkt, link) {
+        // An skb built from pages (AF_PACKET, tun, some drivers) may hold no more than the
+        // link-layer header in its linear part: the helper reads the rest. Only packets
+        // that fail directly pay for it.
+        Err(_) if ((pkt.end - pkt.start) as u32) < frame_len => parse_packet(&Copied(hook.1), link),
+        parsed => parsed,
+    };
+    let info = match parsed {
         Ok(info) => info,
         Err(reason) => return bump(reason),
     };
+    if info.ip_len_exceeds_frame(frame_len, segs) {
+        bump(stats::IP_LEN_EXCEEDS_FRAME);
+    }
     if is_dns_port(&info) {
         copy_dns(&info, frame_len, ifindex, hook);
     }
@@ -309,7 +320,16 @@ fn xdp_ingress(ctx: XdpContext) -> u32 {
     // frame's where the header has none (generic XDP on a BIG TCP aggregate).
     let frame_len = (pkt.end - pkt.start) as u32;
     let copier = XdpCopier(ctx.ctx);
-    count(&pkt, frame_len, 1, ifindex, 0, (DIRECTION_INGRESS, &copier));
+    // The agent hooks only Ethernet devices with XDP.
+    let link = Link::Ethernet { stripped_tags: 0 };
+    count(
+        &pkt,
+        frame_len,
+        1,
+        ifindex,
+        link,
+        (DIRECTION_INGRESS, &copier),
+    );
     xdp_action::XDP_PASS
 }
 
@@ -325,11 +345,17 @@ fn tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run. ingress_ifindex is 0
     // for locally sent packets.
     let came_in = unsafe { (*skb).ingress_ifindex };
-    // SAFETY: a plain read of a value the agent wrote.
-    if came_in == 0 || unsafe { WATCHED.get(&came_in) }.is_none() {
+    if came_in == 0 || watched_bits(came_in) & watched::INGRESS_HOOKED == 0 {
         count_skb(&ctx, DIRECTION_EGRESS);
     }
     TC_ACT_OK
+}
+
+/// The interface's `watched` bits; 0 when the agent does not watch it.
+#[inline(always)]
+fn watched_bits(ifindex: u32) -> u8 {
+    // SAFETY: a plain read of a value the agent wrote.
+    unsafe { WATCHED.get(&ifindex) }.copied().unwrap_or(0)
 }
 
 /// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.
@@ -337,30 +363,34 @@ fn tc_egress(ctx: TcContext) -> i32 {
 fn count_skb(ctx: &TcContext, direction: u8) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run.
-    let (len, segs, ifindex, vlan_present) = unsafe {
+    let (len, segs, ifindex, vlan_present, protocol) = unsafe {
         (
             (*skb).len,
             (*skb).gso_segs,
             (*skb).ifindex,
             (*skb).vlan_present,
+            (*skb).protocol,
         )
     };
     let pkt = Packet {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    // On receive the kernel moves the outer VLAN tag into the skb (vlan_present); the
-    // wire frame still had it. Its 4 bytes are L2, which no count includes.
-    let stripped_tags = if vlan_present != 0 { 1 } else { 0 };
+    let link = if watched_bits(ifindex) & watched::NO_L2 != 0 {
+        // The kernel's word on what the packet is (tun's packet information, PPP's
+        // protocol field, the tunnel's inner type), in network byte order.
+        Link::Ip {
+            protocol: u16::from_be(protocol as u16),
+        }
+    } else {
+        // On receive the kernel moves the outer VLAN tag into the skb (vlan_present); the
+        // wire frame still had it. Its 4 bytes are L2, which no count includes.
+        Link::Ethernet {
+            stripped_tags: if vlan_present != 0 { 1 } else { 0 },
+        }
+    };
     let copier = SkbCopier(ctx.as_ptr().cast());
-    count(
-        &pkt,
-        len,
-        segs,
-        ifindex,
-        stripped_tags,
-        (direction, &copier),
-    );
+    count(&pkt, len, segs, ifindex, link, (direction, &copier));
 }
 
 // On the host (clippy), a dependency brings std and its handler.

@@ -24,6 +24,86 @@ pub fn name(index: u32) -> String {
         .into_owned()
 }
 
+/// A device's link type (`ARPHRD_*`, what `ip link` shows after `link/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkType(pub u16);
+
+/// How the programs find the IP header on a device of some link type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Behind an Ethernet header (and VLAN tags).
+    Ethernet,
+    /// First: the device has no link-layer header.
+    Ip,
+}
+
+impl LinkType {
+    /// The link types the programs can parse, with iproute2's names for them.
+    const KNOWN: [(u16, &'static str, Framing); 10] = [
+        (libc::ARPHRD_ETHER, "ether", Framing::Ethernet),
+        (libc::ARPHRD_LOOPBACK, "loopback", Framing::Ethernet),
+        // tun, WireGuard, xfrm interfaces.
+        (libc::ARPHRD_NONE, "none", Framing::Ip),
+        (libc::ARPHRD_PPP, "ppp", Framing::Ip),
+        (ARPHRD_RAWIP, "rawip", Framing::Ip),
+        (libc::ARPHRD_TUNNEL, "ipip", Framing::Ip),
+        (libc::ARPHRD_TUNNEL6, "tunnel6", Framing::Ip),
+        (libc::ARPHRD_SIT, "sit", Framing::Ip),
+        (libc::ARPHRD_IPGRE, "gre", Framing::Ip),
+        (ARPHRD_IP6GRE, "gre6", Framing::Ip),
+    ];
+
+    /// `None` for a link type the programs cannot parse.
+    pub fn framing(self) -> Option<Framing> {
+        Self::KNOWN
+            .iter()
+            .find(|(t, _, _)| *t == self.0)
+            .map(|(_, _, framing)| *framing)
+    }
+}
+
+/// Not in the libc crate: raw IP over a modem (qmi_wwan and others), and IPv6 GRE.
+const ARPHRD_RAWIP: u16 = 519;
+const ARPHRD_IP6GRE: u16 = 823;
+
+impl std::fmt::Display for LinkType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match Self::KNOWN.iter().find(|(t, _, _)| *t == self.0) {
+            Some((_, name, _)) => f.write_str(name),
+            None => write!(f, "[{}]", self.0),
+        }
+    }
+}
+
+/// The device's link type, as `SIOCGIFHWADDR` gives it in this thread's network
+/// namespace (unlike /sys/class/net, which belongs to the namespace that mounted /sys).
+pub fn link_type(name: &str) -> std::io::Result<LinkType> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IF_NAMESIZE {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in req.ifr_name.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name; the kernel fills in
+    // ifr_hwaddr.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hardware address member of the union.
+    Ok(LinkType(unsafe { req.ifr_ifru.ifru_hwaddr }.sa_family))
+}
+
 /// The interface of the IPv4 default route, else of the IPv6 one.
 pub fn default_route() -> Option<String> {
     let v4 = fs::read_to_string("/proc/net/route").unwrap_or_default();
@@ -69,6 +149,19 @@ mod tests {
         let table = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 wan0\n\
                      00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
         assert_eq!(default_route_v6(table).as_deref(), Some("wan0"));
+    }
+
+    #[test]
+    fn link_types() {
+        assert_eq!(link_type("lo").unwrap(), LinkType(libc::ARPHRD_LOOPBACK));
+        assert_eq!(LinkType(libc::ARPHRD_LOOPBACK).to_string(), "loopback");
+        assert_eq!(LinkType(65534).to_string(), "none");
+        assert_eq!(LinkType(65534).framing(), Some(Framing::Ip));
+        assert_eq!(LinkType(1).framing(), Some(Framing::Ethernet));
+        // Infiniband: neither Ethernet nor IP first.
+        assert_eq!(LinkType(32).framing(), None);
+        assert_eq!(LinkType(32).to_string(), "[32]");
+        assert!(link_type("no-such-if0").is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod logs;
 pub mod metrics;
 pub mod nat;
+pub mod parse_watch;
 pub mod poller;
 pub mod privileges;
 pub mod resolve;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             check_consistent(&args);
             let ifaces = watched_interfaces(&args.ifaces);
+            check_links(&ifaces, &args);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -62,6 +63,34 @@ fn check_consistent(args: &cli::RunArgs) {
                 "error: invalid value '{net}' for '--restricted-net <CIDR>': not inside any --local-net \
                  (restricted hosts are local hosts; add --local-net for it)"
             ));
+        }
+    }
+}
+
+/// An interface whose link type the programs cannot parse, or one without a link-layer
+/// header asked to be hooked with XDP explicitly, is bad input (exit 2). `--xdp-mode auto`
+/// counts such an interface's ingress with TC.
+fn check_links(ifaces: &[String], args: &cli::RunArgs) {
+    for name in ifaces {
+        let link = match iface::link_type(name) {
+            Ok(link) => link,
+            Err(err) => cli::usage_error(&format!("error: {name}: reading its link type: {err}")),
+        };
+        match link.framing() {
+            None => cli::usage_error(&format!(
+                "error: {name}: link/{link} cannot be parsed: the programs read Ethernet \
+                 frames, or IP packets on devices without a link-layer header"
+            )),
+            Some(iface::Framing::Ip)
+                if args.ingress_hook == cli::IngressHook::Xdp
+                    && args.xdp_mode != cli::XdpMode::Auto =>
+            {
+                cli::usage_error(&format!(
+                    "error: {name}: link/{link} has no Ethernet header for XDP: use --ingress-hook tc, \
+                     or --xdp-mode auto to count its ingress with TC"
+                ))
+            }
+            Some(_) => {}
         }
     }
 }

@@ -46,6 +46,7 @@ pub struct Metrics {
     dns_cache_entries: IntGauge,
     last_dns: DnsCounts,
     unparsed: IntCounterVec,
+    parse_failing: IntGauge,
     poll_duration: Histogram,
     /// Connections the table had added at the last poll.
     added: u64,
@@ -170,10 +171,16 @@ impl Metrics {
         let unparsed = IntCounterVec::new(
             opts(
                 "packets_unparsed_total",
-                "Packets passed without counting because they could not be parsed, by reason.",
+                "Packets passed without counting because they could not be parsed, by reason; \
+                 ip_len_exceeds_frame: malformed packets counted as the frame's length.",
             ),
             &["reason"],
         )?;
+        let parse_failing = IntGauge::with_opts(opts(
+            "parse_failing",
+            "1 while most packets of the last minute could not be parsed (at least 60): the \
+             programs may not understand a watched interface's framing.",
+        ))?;
         let poll_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "poll_duration_seconds",
@@ -236,6 +243,7 @@ impl Metrics {
             Box::new(dns_messages.clone()),
             Box::new(dns_cache_entries.clone()),
             Box::new(unparsed.clone()),
+            Box::new(parse_failing.clone()),
             Box::new(poll_duration.clone()),
             Box::new(build_info.clone()),
             Box::new(top_talkers_gauge.clone()),
@@ -258,7 +266,7 @@ impl Metrics {
             alerts.with_label_values(&[note.as_str()]);
             suppressed.with_label_values(&[note.as_str()]);
         }
-        for reason in stats::UNPARSED_REASONS {
+        for (_, reason) in stats::UNPARSED_REASONS {
             unparsed.with_label_values(&[reason]);
         }
         for kind in DNS_TYPES {
@@ -282,6 +290,7 @@ impl Metrics {
             dns_cache_entries,
             last_dns: DnsCounts::default(),
             unparsed,
+            parse_failing,
             poll_duration,
             added: 0,
             last_stats: [0; stats::SLOTS as usize],
@@ -298,6 +307,18 @@ impl Metrics {
             ipfix_messages,
             ipfix_errors,
         })
+    }
+
+    /// Wire packets counted so far, all directions.
+    pub fn packets_counted(&self) -> u64 {
+        self.by_direction
+            .iter()
+            .map(|(_, packets)| packets.get())
+            .sum()
+    }
+
+    pub fn parse_failing(&self, failing: bool) {
+        self.parse_failing.set(i64::from(failing));
     }
 
     /// Adds what a connection carried since its observation before the latest.
@@ -358,7 +379,7 @@ impl Metrics {
                 self.flow_map_full.inc_by(new);
             } else if slot == stats::DNS_EVENTS_LOST as usize {
                 self.dns_events_lost.inc_by(new);
-            } else if let Some(reason) = stats::UNPARSED_REASONS.get(slot) {
+            } else if let Some(reason) = stats::unparsed_reason(slot as u32) {
                 self.unparsed.with_label_values(&[reason]).inc_by(new);
             }
         }

@@ -30,6 +30,7 @@ use crate::{
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
     nat::Nat,
+    parse_watch::{self, Change, ParseWatch},
     poller::{PollError, Poller},
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
@@ -66,6 +67,9 @@ struct Pipeline {
     state: Option<StateDir>,
     dns: Dns,
     nat: Nat,
+    parse_watch: ParseWatch,
+    /// The interfaces and how they are hooked, as the `watching` line says.
+    watching: String,
 }
 
 impl Pipeline {
@@ -162,6 +166,7 @@ impl Pipeline {
                 (r + s.records, m + s.messages, e + s.errors)
             });
         self.metrics.ipfix(records, messages, errors);
+        self.check_parsing(now.mono_ns, &counters);
         self.metrics.polled(
             (self.table.len(), self.table.added()),
             counters,
@@ -265,7 +270,7 @@ impl Pipeline {
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
             .iter()
-            .zip(counters)
+            .map(|&(slot, reason)| (reason, counters[slot as usize]))
             .filter(|(_, n)| *n > 0)
             .map(|(reason, n)| format!("{reason}={n}"))
             .collect();
@@ -376,6 +381,24 @@ impl Pipeline {
                 .with_context(|| format!("writing {}", log.path().display()))?;
         }
         Ok(())
+    }
+
+    /// An interface whose packets the programs cannot parse counts nothing: say so once
+    /// when most of a minute's packets were not parsed, and when that ends.
+    fn check_parsing(&mut self, mono_ns: u64, counters: &[u64; stats::SLOTS as usize]) {
+        let counted = self.metrics.packets_counted();
+        let unparsed = parse_watch::unparsed_total(counters);
+        match self.parse_watch.update(mono_ns, counted, unparsed) {
+            Some(Change::Failing { unparsed, counted }) => warn!(
+                "most packets of the last minute could not be parsed ({unparsed} not parsed, \
+                 {counted} counted; see packets_unparsed_total by reason): the programs may \
+                 not understand the framing of {}",
+                self.watching
+            ),
+            Some(Change::Recovered) => info!("packets are parsed again"),
+            None => {}
+        }
+        self.metrics.parse_failing(self.parse_watch.failing());
     }
 
     /// A full map loses counts visibly: say so each time more were refused.
@@ -508,6 +531,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         state,
         dns,
         nat,
+        parse_watch: ParseWatch::default(),
+        watching: watching.join(", "),
     };
     if let Some(saved) = saved {
         pipeline.restore(saved, resumed);
@@ -515,11 +540,13 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     if resumed {
         info!("resuming the connections counted while no agent ran");
     }
-    // Tests and scripts wait for this line: the programs are counting from here on.
-    eprintln!("monitor: watching {}", watching.join(", "));
-
+    // Before the line below: a signal sent as soon as it appears must find its handler.
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    // Tests and scripts wait for this line: the programs are counting from here on.
+    eprintln!("monitor: watching {}", pipeline.watching);
+
     let mut ticks = tokio::time::interval(args.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dns_batch = Batch::default();
@@ -540,7 +567,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                 logs::request_reopen();
                 info!("SIGHUP: log files reopen before their next line");
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
     }

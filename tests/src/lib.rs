@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod http;
 pub mod ipfix_decoded;
 pub mod lab;
+pub mod lab_tun;
 pub mod netlink;
 pub mod nfdump;
 pub mod packet;

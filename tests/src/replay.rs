@@ -181,6 +181,9 @@ pub fn parse(frame: &[u8]) -> Option<Packet> {
         _ => return None,
     };
 
+    // A header that claims more than the frame holds (a lie, or a capture cut at its
+    // snaplen) counts what the frame holds.
+    let ip_len = ip_len.min(frame.len() - off);
     let (mut sport, mut dport, mut l4_len, mut flags) = (0, 0, 0, 0);
     if !later_fragment {
         match proto {

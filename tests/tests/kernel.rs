@@ -31,7 +31,7 @@ use monitor_common::{
     flow::{FlowKey, FlowValue},
     names,
     parse::{MAX_IPV6_EXT, parse_frame},
-    stats,
+    stats, watched,
 };
 use tests::bpf::{K, loopback_ifindex};
 use tests::packet::{
@@ -108,6 +108,17 @@ fn c(pkts: u64, ip_bytes: u64, bytes: u64, tcp_flags: u8, syn_only: u8) -> Count
 }
 
 impl Counts {
+    /// These and `other`'s packets together.
+    fn add(self, other: Counts) -> Self {
+        c(
+            self.pkts + other.pkts,
+            self.ip_bytes + other.ip_bytes,
+            self.bytes + other.bytes,
+            self.tcp_flags | other.tcp_flags,
+            self.syn_only | other.syn_only,
+        )
+    }
+
     /// `n` packets like this one.
     fn times(self, n: u64) -> Self {
         c(
@@ -315,10 +326,15 @@ impl Kernel {
 
     /// Marks an interface as watched, as the agent does when it hooks its ingress.
     fn watch(&mut self, ifindex: u32) {
+        self.mark(ifindex, watched::INGRESS_HOOKED);
+    }
+
+    /// Sets an interface's `watched` bits, as the agent does.
+    fn mark(&mut self, ifindex: u32, bits: u8) {
         let map = self.ebpf.map_mut(names::WATCHED_MAP).expect("WATCHED map");
         aya::maps::HashMap::<_, u32, u8>::try_from(map)
             .expect("WATCHED is a hash map")
-            .insert(&ifindex, &1, 0)
+            .insert(&ifindex, &bits, 0)
             .expect("insert into WATCHED");
     }
 
@@ -550,10 +566,11 @@ fn describe(flows: &BTreeMap<FlowKey, [Counts; 2]>) -> String {
 }
 
 fn slot_name(slot: usize) -> &'static str {
-    stats::UNPARSED_REASONS
-        .get(slot)
-        .copied()
-        .unwrap_or("flow_map_full")
+    match stats::unparsed_reason(slot as u32) {
+        Some(reason) => reason,
+        None if slot == stats::DNS_EVENTS_LOST as usize => "dns_events_lost",
+        None => "flow_map_full",
+    }
 }
 
 fn stats_diff(got: &[u64; SLOTS], want: &[u64; SLOTS]) -> String {
@@ -1519,6 +1536,121 @@ fn header_without_length_counts_the_frame() {
             ),
         ]);
         k.assert_stats(&[]);
+    }
+}
+
+/// Sixty-byte frames whose IP header claims 65,535 bytes: every hook counts the 46 bytes
+/// each carried, not what it claimed, and counts it as malformed. An aggregate's header
+/// may claim anything: its length comes from the skb, and it is no lie.
+#[test]
+fn ip_length_beyond_the_frame_counts_what_the_frame_holds() {
+    const N: u32 = 1000;
+    let v4 = Frame::eth()
+        .ipv4(A4, B4)
+        .tcp(40000, 443, ACK)
+        .pad_to_min()
+        .ipv4_total_len(65535)
+        .build();
+    assert_eq!(v4.len(), 60);
+    let v6 = Frame::eth()
+        .ipv6(A6, B6)
+        .udp(1, 2)
+        .payload_len(100)
+        .ipv6_payload_len(65535)
+        .build();
+    for hook in Hook::ALL {
+        let k = Kernel::load(hook);
+        k.run_repeat(&v4, N);
+        k.run(&v6);
+        k.assert_flows(&[
+            (
+                key4(A4, 40000, B4, 443, ipproto::TCP),
+                [c(1, 46, 6, ACK, 0).times(u64::from(N)), NONE],
+            ),
+            (
+                key6(A6, 1, B6, 2, ipproto::UDP),
+                [c(1, 148, 100, 0, 0), NONE],
+            ),
+        ]);
+        k.assert_stats(&[(stats::IP_LEN_EXCEEDS_FRAME, u64::from(N) + 1)]);
+    }
+    for hook in Hook::TC {
+        let k = Kernel::load(hook);
+        let tso = Frame::eth()
+            .ipv4(A4, B4)
+            .tcp(40000, 443, ACK)
+            .payload_len(2 * 500)
+            .ipv4_total_len(65535);
+        k.run_gso(&tso.build(), 2, 500);
+        k.assert_flows(&[(
+            key4(A4, 40000, B4, 443, ipproto::TCP),
+            [c(2, 2 * 40 + 1000, 1000, ACK, 0), NONE],
+        )]);
+        k.assert_stats(&[]);
+    }
+}
+
+/// On a device without a link-layer header (tun, WireGuard, PPP, IP tunnels), which the
+/// agent marks `NO_L2`, the TC programs parse from the IP header and take the packet's
+/// type from the skb's protocol, as the device's driver set it.
+///
+/// test_run runs the skb on `lo` (marked here) and sets its protocol with
+/// `eth_type_trans`, from bytes 12-13 of the data, whatever the device: behind no Ethernet
+/// header those are the first two bytes of an IPv4 source address, or bytes 4-5 of an
+/// IPv6 source address. So the IPv4 packets here come from 8.0.0.1 (protocol 0x0800) and
+/// the IPv6 ones from 2001:db8:86dd::1 (0x86dd); a packet from 10.0.0.1 gets protocol
+/// 0x0a00, which is not IP: counted as `not_ip` like any non-IP packet on such a device.
+#[test]
+fn tc_parses_from_the_ip_header_on_devices_without_l2() {
+    const V4_SRC: [u8; 4] = [8, 0, 0, 1];
+    let v6_src = Ipv6Addr::new(0x2001, 0xdb8, 0x86dd, 0, 0, 0, 0, 1);
+    let l3 = |f: &Frame| f.build()[ETH_HLEN..].to_vec();
+    let tcp4 = Frame::eth()
+        .ipv4(V4_SRC, C4)
+        .ipv4_options(&[1; 4])
+        .tcp(40000, 443, SYN)
+        .payload_len(100);
+    let udp6 = Frame::eth()
+        .ipv6(v6_src, B6)
+        .udp(5000, 6000)
+        .payload_len(300);
+    let not_ip = Frame::eth().ipv4(A4, C4).udp(1, 2).payload_len(10);
+    // 40 bytes that claim 65,535.
+    let lying = Frame::eth()
+        .ipv4(V4_SRC, D4)
+        .tcp(1, 2, ACK)
+        .ipv4_total_len(65535);
+    // A TSO aggregate of 3 segments.
+    let tso = Frame::eth()
+        .ipv4(V4_SRC, C4)
+        .tcp(40000, 443, ACK)
+        .payload_len(3 * 500);
+    for hook in Hook::TC {
+        let mut k = Kernel::load(hook);
+        k.mark(loopback_ifindex(), watched::NO_L2);
+        k.run_repeat(&l3(&tcp4), 3);
+        k.run(&l3(&udp6));
+        k.run_repeat(&l3(&not_ip), 2);
+        k.run(&l3(&lying));
+        k.run_gso(&l3(&tso), 3, 500);
+        k.assert_flows(&[
+            (
+                key4(V4_SRC, 40000, C4, 443, ipproto::TCP),
+                [
+                    c(3, 3 * 144, 300, SYN, 1).add(c(3, 3 * 40 + 1500, 1500, ACK, 0)),
+                    NONE,
+                ],
+            ),
+            (
+                key6(B6, 6000, v6_src, 5000, ipproto::UDP),
+                [NONE, c(1, 348, 300, 0, 0)],
+            ),
+            (
+                key4(V4_SRC, 1, D4, 2, ipproto::TCP),
+                [c(1, 40, 0, ACK, 0), NONE],
+            ),
+        ]);
+        k.assert_stats(&[(stats::NOT_IP, 2), (stats::IP_LEN_EXCEEDS_FRAME, 1)]);
     }
 }
 

@@ -191,11 +191,14 @@ impl Counts {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
-    /// Counted under `key`, direction `dir` (0: a to b), adding `one` per execution.
+    /// Counted under `key`, direction `dir` (0: a to b), adding `one` per execution;
+    /// `lying`: its IP header claims more than the frame holds, which also grows
+    /// `ip_len_exceeds_frame` by one per execution.
     Counted {
         key: FlowKey,
         dir: usize,
         one: Counts,
+        lying: bool,
     },
     /// Not parsed: this STATS slot grows by one per execution.
     Unparsed(u32),
@@ -204,8 +207,17 @@ enum Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Counted { key, dir, one } => {
-                write!(f, "counted: {} direction {dir}: {one:?}", K(key))
+            Outcome::Counted {
+                key,
+                dir,
+                one,
+                lying,
+            } => {
+                write!(f, "counted: {} direction {dir}: {one:?}", K(key))?;
+                if *lying {
+                    f.write_str(" (ip_len_exceeds_frame)")?;
+                }
+                Ok(())
             }
             Outcome::Unparsed(slot) => write!(f, "unparsed: {}", slot_name(*slot as usize)),
         }
@@ -404,11 +416,14 @@ fn oracle(frame: &[u8]) -> Outcome {
         Ok(h) => h,
         Err(slot) => return Outcome::Unparsed(slot),
     };
-    // One segment: the header's IP length, else the frame's length less L2.
-    let ip = if h.ip_claim != 0 {
+    // One segment: the header's IP length, else (no length, or more than the frame holds)
+    // the frame's length less L2.
+    let in_frame = (frame.len() - h.l2) as u64;
+    let lying = h.ip_claim > in_frame;
+    let ip = if h.ip_claim != 0 && !lying {
         h.ip_claim
     } else {
-        (frame.len() - h.l2) as u64
+        in_frame
     };
     let one = Counts {
         pkts: 1,
@@ -434,7 +449,12 @@ fn oracle(frame: &[u8]) -> Outcome {
         family: h.family,
         _pad: [0; 2],
     };
-    Outcome::Counted { key, dir, one }
+    Outcome::Counted {
+        key,
+        dir,
+        one,
+        lying,
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1273,7 +1293,7 @@ impl Kernel {
 }
 
 fn slot_name(slot: usize) -> &'static str {
-    match stats::UNPARSED_REASONS.get(slot) {
+    match stats::unparsed_reason(slot as u32) {
         Some(reason) => reason,
         None if slot == stats::DNS_EVENTS_LOST as usize => "dns_events_lost",
         None => "flow_map_full",
@@ -1462,11 +1482,20 @@ impl Fuzz {
         tally.frames += 1;
         tally.executions += n;
         match &outcome {
-            Outcome::Counted { key, dir, one } => {
+            Outcome::Counted {
+                key,
+                dir,
+                one,
+                lying,
+            } => {
                 f.valid_executions += n;
                 f.valid_frames += 1;
                 tally.counted += 1;
                 self.want_flows.entry(*key).or_default()[*dir].add(one, n);
+                if *lying {
+                    f.per_reason[stats::IP_LEN_EXCEEDS_FRAME as usize] += n;
+                    self.want_stats[stats::IP_LEN_EXCEEDS_FRAME as usize] += n;
+                }
             }
             Outcome::Unparsed(slot) => {
                 f.per_reason[*slot as usize] += n;
@@ -1582,11 +1611,18 @@ fn replay_one(k: &mut Kernel, hook: Hook, s: &Sent) -> Option<String> {
         }
     };
     match s.outcome {
-        Outcome::Counted { key, dir, one } => {
+        Outcome::Counted {
+            key,
+            dir,
+            one,
+            lying,
+        } => {
             let got = k.flow(&key);
             let mut want = [Counts::default(); 2];
             want[dir] = one;
-            (got != want || delta != [0; SLOTS]).then(|| {
+            let mut want_delta = [0; SLOTS];
+            want_delta[stats::IP_LEN_EXCEEDS_FRAME as usize] = u64::from(lying);
+            (got != want || delta != want_delta).then(|| {
                 format!(
                     "{}; the oracle's key holds {:?} / {:?}",
                     delta_text(),
@@ -1659,7 +1695,9 @@ fn random_and_mutated_frames_match_the_oracle() {
     if target >= 200_000 {
         // A run this long reaches every reason the programs can see (truncated_ethernet
         // never reaches them; flow_map_full is not a parse failure).
-        for slot in 1..stats::FLOW_MAP_FULL as usize {
+        let reasons =
+            (1..stats::FLOW_MAP_FULL as usize).chain([stats::IP_LEN_EXCEEDS_FRAME as usize]);
+        for slot in reasons {
             assert_ne!(
                 f.per_reason[slot],
                 0,

@@ -24,7 +24,7 @@ fn xdp_modes_without_native_xdp() {
         "auto says it falls back: {stderr}"
     );
     assert!(
-        stderr.contains("monitor: watching lo (ingress: tc, egress: tc)"),
+        stderr.contains("monitor: watching lo (link: loopback, ingress: tc, egress: tc)"),
         "auto ends on TC ingress: {stderr}"
     );
     auto.stop();
@@ -40,7 +40,7 @@ fn xdp_modes_without_native_xdp() {
         "skb warns: {stderr}"
     );
     assert!(
-        stderr.contains("(ingress: xdp skb"),
+        stderr.contains("(link: loopback, ingress: xdp skb"),
         "skb is what was asked: {stderr}"
     );
     skb.stop();

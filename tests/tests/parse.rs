@@ -6,7 +6,7 @@ use std::net::Ipv6Addr;
 
 use monitor_common::{
     flow::{DIR_A_TO_B, DIR_B_TO_A, FlowKey},
-    parse::{MAX_IPV6_EXT, PacketInfo, parse_frame, parse_frame_after_tags},
+    parse::{MAX_IPV6_EXT, PacketInfo, parse_frame, parse_frame_after_tags, parse_l3},
     stats,
 };
 use tests::packet::{
@@ -20,10 +20,7 @@ const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 
 fn reason_name(slot: u32) -> &'static str {
-    stats::UNPARSED_REASONS
-        .get(slot as usize)
-        .copied()
-        .unwrap_or("<not a reason slot>")
+    stats::unparsed_reason(slot).unwrap_or("<not a reason slot>")
 }
 
 /// Parses a frame that must parse.
@@ -884,16 +881,117 @@ fn wire_counts_single_packet() {
     let l = f.layout();
     let expected = (1, l.ip_len as u64, l.payload_len as u64);
     assert_eq!(expected, (1, 28 + 32 + 500, 500));
-    // One segment (gso_segs 0 means 1): the header's length, whatever the frame length.
-    for frame_len in [0, frame.len() as u32, 9000] {
+    // One segment (gso_segs 0 means 1): the header's length, however long the frame
+    // beyond it; a frame shorter than the header claims counts what it holds.
+    let l2 = l.l2_len as u32;
+    for frame_len in [l2 + l.ip_len as u32, frame.len() as u32, 9000] {
         for segs in [0, 1] {
             assert_eq!(
                 info.wire_counts(frame_len, segs),
                 expected,
                 "frame_len {frame_len}, segs {segs}"
             );
+            assert!(!info.ip_len_exceeds_frame(frame_len, segs));
         }
     }
+    let short = l2 + l.ip_len as u32 - 1;
+    assert!(info.ip_len_exceeds_frame(short, 1));
+    assert_eq!(
+        info.wire_counts(short, 1),
+        (1, l.ip_len as u64 - 1, l.payload_len as u64 - 1)
+    );
+}
+
+/// Frames whose IP header claims 65,535 bytes count what they carry (a sixty-byte IPv4
+/// frame: 46 bytes) and are marked as lying; an aggregate's length comes from the frame
+/// anyway and is no lie.
+#[test]
+fn ip_length_beyond_the_frame_counts_the_frame() {
+    let v4 = Frame::eth()
+        .ipv4(A4, B4)
+        .tcp(1, 2, tcp_flags::ACK)
+        .pad_to_min()
+        .ipv4_total_len(65535)
+        .build();
+    let v6 = Frame::eth()
+        .vlan(ethertype::VLAN, 5)
+        .ipv6(A6, B6)
+        .udp(1, 2)
+        .payload_len(2)
+        .ipv6_payload_len(65535)
+        .build();
+    for (frame, l2, hdr) in [(&v4, 14, 40), (&v6, 18, 48)] {
+        let info = parse(frame);
+        let len = frame.len() as u32;
+        let on_wire = u64::from(len - l2);
+        assert!(info.ip_len > len, "{info:?}");
+        assert!(info.ip_len_exceeds_frame(len, 0));
+        assert!(info.ip_len_exceeds_frame(len, 1));
+        assert_eq!(info.wire_counts(len, 1), (1, on_wire, on_wire - hdr));
+        assert!(!info.ip_len_exceeds_frame(len, 2));
+        assert_eq!(info.wire_counts(len, 2), (2, on_wire + hdr, on_wire - hdr));
+    }
+    assert_eq!(v4.len(), 60);
+    assert_eq!(parse(&v4).wire_counts(60, 1), (1, 46, 6));
+}
+
+/// A device without a link-layer header hands the programs the IP header first, and the
+/// kernel says what it is (an skb's protocol).
+#[test]
+fn l3_packets_parse_from_the_ip_header() {
+    for f in [
+        Frame::eth()
+            .ipv4(A4, B4)
+            .ipv4_options(&[1; 4])
+            .tcp(40000, 443, tcp_flags::SYN)
+            .payload_len(10),
+        Frame::eth()
+            .ipv6(A6, B6)
+            .ipv6_ext(ipproto::DSTOPTS, 8)
+            .udp(5000, 53)
+            .payload_len(30),
+        Frame::eth().ipv4(B4, A4).icmp(8, 0).payload_len(56),
+    ] {
+        let frame = f.build();
+        let protocol = u16::from_be_bytes([frame[12], frame[13]]);
+        let on_eth = parse(&frame);
+        let l3 = &frame[ETH_HLEN..];
+        let info = parse_l3(l3, protocol)
+            .unwrap_or_else(|slot| panic!("{} bytes: {} ({slot})", l3.len(), reason_name(slot)));
+        assert_eq!(
+            info,
+            PacketInfo {
+                l2_len: 0,
+                ..on_eth
+            }
+        );
+        assert_eq!(
+            info.wire_counts(l3.len() as u32, 1),
+            on_eth.wire_counts(frame.len() as u32, 1)
+        );
+    }
+    let v4 = Frame::eth().ipv4(A4, B4).udp(1, 2).payload_len(4).build();
+    let v4 = &v4[ETH_HLEN..];
+    // Only what the kernel calls IP is parsed as IP.
+    for protocol in [ethertype::ARP, 0x8847, 0] {
+        assert_eq!(parse_l3(v4, protocol), Err(stats::NOT_IP), "{protocol:#x}");
+    }
+    // An IPv4 header announced as IPv6 (or the reverse) is cut or bad, never counted.
+    assert_eq!(parse_l3(v4, ethertype::IPV6), Err(stats::TRUNCATED_IPV6));
+    let v6 = Frame::eth().ipv6(A6, B6).udp(1, 2).payload_len(4).build();
+    assert_eq!(
+        parse_l3(&v6[ETH_HLEN..], ethertype::IPV4),
+        Err(stats::BAD_IPV4_HEADER)
+    );
+    // Cut short: the same reasons as behind an Ethernet header.
+    assert_eq!(
+        parse_l3(&v4[..19], ethertype::IPV4),
+        Err(stats::TRUNCATED_IPV4)
+    );
+    assert_eq!(
+        parse_l3(&v4[..27], ethertype::IPV4),
+        Err(stats::TRUNCATED_UDP)
+    );
 }
 
 #[test]

@@ -451,7 +451,8 @@ fn scripts() -> Vec<Script> {
             .push(long),
     );
 
-    // Cut inside the payload, headers whole: counts with the lengths its headers claim.
+    // Cut inside the payload, headers whole: counts what the frame holds, not the
+    // lengths its headers claim.
     let u = Udp {
         h: hosts("198.18.0.22", "203.0.113.22"),
         pa: 6000,
@@ -677,7 +678,7 @@ fn aggregator_follows_zeek_conventions() {
         counts(&get("udp-ipv4-options")),
         ((2, 196, 96), (1, 88, 48))
     );
-    assert_eq!(counts(&get("udp-snaplen")), ((1, 528, 500), (0, 0, 0)));
+    assert_eq!(counts(&get("udp-snaplen")), ((1, 48, 20), (0, 0, 0)));
     assert_eq!(flags(&get("udp-local-local")), ("SF", false, true, true));
     assert_eq!(
         flags(&get("udp-remote-remote")),

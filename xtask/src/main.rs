@@ -55,6 +55,9 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "iodine",
     "dns2tcp",
+    // A gateway whose default route is a tun device, as with OpenVPN: socat's TUN address
+    // tunnels it over UDP to the Internet host.
+    "socat",
 ];
 
 #[derive(Parser)]

@@ -16,12 +16,12 @@ use aya::{
     },
 };
 use log::warn;
-use monitor_common::names;
+use monitor_common::{names, watched};
 use thiserror::Error;
 
 use crate::{
     cli::{IngressHook, XdpMode},
-    iface,
+    iface::{self, Framing, LinkType},
 };
 use pins::{Hook, PinDir};
 
@@ -45,6 +45,11 @@ pub enum KernelError {
     },
     #[error("no such interface: {0} (see `ip link`)")]
     NoSuchInterface(String),
+    #[error(
+        "{iface}: link/{link} cannot be parsed: the programs read Ethernet frames, or IP \
+         packets on devices without a link-layer header"
+    )]
+    UnknownLink { iface: String, link: LinkType },
     #[error(
         "attaching native XDP to {iface} failed: {error}; try --xdp-mode skb or --ingress-hook tc"
     )]
@@ -124,6 +129,7 @@ impl std::fmt::Display for IngressAttach {
 /// How an interface got hooked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attached {
+    pub link: LinkType,
     pub ingress: IngressAttach,
     /// Left pinned by an earlier agent, and kept as it was.
     pub kept: bool,
@@ -131,7 +137,11 @@ pub struct Attached {
 
 impl std::fmt::Display for Attached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ingress: {}, egress: tc", self.ingress)?;
+        write!(
+            f,
+            "link: {}, ingress: {}, egress: tc",
+            self.link, self.ingress
+        )?;
         if self.kept {
             f.write_str(", pinned by an earlier run")?;
         }
@@ -197,28 +207,59 @@ impl Kernel {
     }
 
     /// Hooks egress with TC and ingress as asked, unless an earlier agent's pinned links
-    /// still hook the interface.
+    /// still hook the interface. An interface without a link-layer header has its ingress
+    /// hooked with TC whatever the hook asked: the XDP program reads Ethernet frames.
     pub fn attach(
         &mut self,
         iface: &str,
         hook: IngressHook,
         xdp_mode: XdpMode,
     ) -> Result<Attached, KernelError> {
-        let index =
-            iface::index(iface).ok_or_else(|| KernelError::NoSuchInterface(iface.to_owned()))?;
+        let no_such = || KernelError::NoSuchInterface(iface.to_owned());
+        let index = iface::index(iface).ok_or_else(no_such)?;
+        let link = iface::link_type(iface).map_err(|_| no_such())?;
+        let Some(framing) = link.framing() else {
+            return Err(KernelError::UnknownLink {
+                iface: iface.to_owned(),
+                link,
+            });
+        };
+        let no_l2 = if framing == Framing::Ip {
+            watched::NO_L2
+        } else {
+            0
+        };
         if let Some(pins) = &self.pins {
             let kept = pins.kept(iface).map_err(|error| KernelError::PinnedLinks {
                 dir: pins.root().to_owned(),
                 error,
             })?;
             if let Some(ingress) = kept {
+                // An earlier agent's links hook both directions; its bits may predate
+                // NO_L2.
+                self.mark(iface, index, watched::INGRESS_HOOKED | no_l2)?;
                 return Ok(Attached {
+                    link,
                     ingress,
                     kept: true,
                 });
             }
         }
         let iface = Iface { name: iface, index };
+        // The TC programs must know the framing before their first packet.
+        if no_l2 != 0 {
+            self.mark(iface.name, index, no_l2)?;
+        }
+        let hook = match hook {
+            IngressHook::Xdp if no_l2 != 0 => {
+                warn!(
+                    "{}: link/{link} has no Ethernet header for XDP; counting ingress with TC instead",
+                    iface.name
+                );
+                IngressHook::Tc
+            }
+            hook => hook,
+        };
         // Ingress first, then WATCHED, then egress: a packet forwarded meanwhile is counted
         // at least once, never twice.
         let ingress = match (hook, xdp_mode) {
@@ -250,17 +291,23 @@ impl Kernel {
         if ingress == IngressAttach::Tc {
             self.attach_tc(iface, TcAttachType::Ingress)?;
         }
-        self.watched()?
-            .insert(&index, &1, 0)
-            .map_err(|error| KernelError::Watch {
-                iface: iface.name.to_owned(),
-                error,
-            })?;
+        self.mark(iface.name, index, watched::INGRESS_HOOKED | no_l2)?;
         self.attach_tc(iface, TcAttachType::Egress)?;
         Ok(Attached {
+            link,
             ingress,
             kept: false,
         })
+    }
+
+    /// Sets the interface's `watched` bits for the programs.
+    fn mark(&mut self, iface: &str, index: u32, bits: u8) -> Result<(), KernelError> {
+        self.watched()?
+            .insert(&index, &bits, 0)
+            .map_err(|error| KernelError::Watch {
+                iface: iface.to_owned(),
+                error,
+            })
     }
 
     fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, KernelError> {

@@ -5,20 +5,28 @@
 //! the bare "pass" program run the same way, so the timer's own cost cancels out. Hot
 //! flows are also run from two CPUs at once on one key, where a map shared by the CPUs
 //! pays for the cache line both write.
+//!
+//! test_run builds linear skbs only. What headers beyond an skb's linear part cost (the
+//! programs read them through `bpf_skb_load_bytes`) is measured on `tc_ingress` attached
+//! to a veth, fed through AF_PACKET, timed by the kernel's run-time statistics.
 
 use std::{
+    io,
     net::{Ipv4Addr, Ipv6Addr},
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     sync::Barrier,
     thread,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp},
+    programs::{SchedClassifier, TcAttachType, Xdp},
+    sys::Stats,
 };
 use monitor_common::{flow::FlowValue, names};
 use tests::{
+    bpf,
+    lab::{self, add_namespace, delete_namespaces, ip, run_in_ns},
     packet::{
         Frame, ethertype,
         tcp_flags::{ACK, PSH},
@@ -150,6 +158,12 @@ fn once_each_ns(prog: BorrowedFd<'_>, frames: &[Vec<u8>]) -> f64 {
 }
 
 pub fn measure(plan: &Plan) -> Vec<Row> {
+    let mut rows = measure_test_run(plan);
+    rows.extend(measure_nonlinear(plan));
+    rows
+}
+
+fn measure_test_run(plan: &Plan) -> Vec<Row> {
     let mut rows = Vec::new();
     for (kind, hook) in [(Kind::Xdp, "XDP"), (Kind::Tc, "TC")] {
         let bare = refprog::bare(kind).expect("load the bare reference program");
@@ -337,4 +351,156 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// Two namespaces joined by a veth with MTU 9000; deleted on drop.
+struct Jumbo {
+    inj: String,
+    host: String,
+}
+
+impl Drop for Jumbo {
+    fn drop(&mut self) {
+        delete_namespaces(&[&self.inj, &self.host]);
+    }
+}
+
+/// An AF_PACKET socket in `ns` that sends out of `dev`, and `dev`'s index.
+fn packet_socket(ns: &str, dev: &'static str) -> (OwnedFd, i32) {
+    run_in_ns(ns, move || {
+        let name = std::ffi::CString::new(dev).expect("interface name");
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(ifindex, 0, "no interface {dev}");
+        // Protocol 0: the socket only sends.
+        // SAFETY: plain syscall.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        (unsafe { OwnedFd::from_raw_fd(fd) }, ifindex as i32)
+    })
+}
+
+fn send_frames(socket: &(OwnedFd, i32), frame: &[u8], n: u32) {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = socket.1;
+    for _ in 0..n {
+        // SAFETY: buffer and address are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                socket.0.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(sent, frame.len() as isize, "{}", io::Error::last_os_error());
+    }
+}
+
+/// AF_PACKET frames per run of the attached `tc_ingress`.
+pub fn nonlinear_frames(plan: &Plan) -> u32 {
+    plan.new_flows * 4
+}
+
+/// `tc_ingress` on a veth fed by AF_PACKET: a 3,000-byte frame is built linear (less
+/// than a page), an 8,000-byte one from pages with only its Ethernet header linear, so
+/// that the parse from the linear part fails and runs again through the helper. Mean ns
+/// per run from the kernel's run-time statistics, which time the program alone.
+fn measure_nonlinear(plan: &Plan) -> Vec<Row> {
+    let frames_per_run = nonlinear_frames(plan);
+    let jumbo = Jumbo {
+        inj: format!("bench-nl{}-inj", std::process::id()),
+        host: format!("bench-nl{}-host", std::process::id()),
+    };
+    add_namespace(&jumbo.inj);
+    add_namespace(&jumbo.host);
+    ip(&[
+        "-n",
+        &jumbo.inj,
+        "link",
+        "add",
+        "inj0",
+        "mtu",
+        "9000",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "host0",
+        "mtu",
+        "9000",
+        "netns",
+        &jumbo.host,
+    ]);
+    for (ns, dev) in [(&jumbo.inj, "inj0"), (&jumbo.host, "host0")] {
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
+    let mut agent = Agent::load(Kind::Tc, 1024);
+    let program: &mut SchedClassifier = agent
+        .ebpf
+        .program_mut(names::TC_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .expect("tc_ingress in the object");
+    program.load().expect("load tc_ingress");
+    let id = program.info().expect("program info").id();
+    // Attached from a thread inside the host namespace, where host0's index means host0.
+    let netns = std::fs::File::open(format!("/run/netns/{}", jumbo.host)).expect("host netns");
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: plain syscall on a valid fd; it changes only this thread.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+                program
+                    .attach(c"host0", TcAttachType::Ingress)
+                    .expect("attach tc_ingress to host0");
+            })
+            .join()
+            .expect("attach thread")
+    });
+    let socket = packet_socket(&jumbo.inj, "inj0");
+    lab::wait_quiet(&[(&jumbo.inj, "inj0"), (&jumbo.host, "host0")]);
+    let frame = |payload: usize| {
+        Frame::eth()
+            .ipv4(Ipv4Addr::new(198, 18, 1, 2), Ipv4Addr::new(203, 0, 113, 99))
+            .tcp(40000, 443, PSH | ACK)
+            .payload_len(payload)
+            .build()
+    };
+    let mut per_case = Vec::new();
+    for payload in [3000 - 54, 8000 - 54] {
+        let frame = frame(payload);
+        per_case.push(median((0..plan.runs).map(|_| {
+            let (runs, time) = bpf::run_stats(&[id]);
+            send_frames(&socket, &frame, frames_per_run);
+            lab::wait_quiet(&[(&jumbo.host, "host0")]);
+            let (runs_after, time_after) = bpf::run_stats(&[id]);
+            assert_eq!(
+                runs_after - runs,
+                u64::from(frames_per_run),
+                "tc_ingress runs"
+            );
+            (time_after - time).as_nanos() as f64 / f64::from(frames_per_run)
+        })));
+    }
+    vec![
+        Row {
+            hook: "TC ingress, attached",
+            case: "agent: 3,000-byte AF_PACKET frame, headers in the linear part",
+            ns: per_case[0],
+            added: None,
+        },
+        Row {
+            hook: "TC ingress, attached",
+            case: "agent: 8,000-byte AF_PACKET frame, only the Ethernet header linear: parsed again through bpf_skb_load_bytes (added: over the linear frame)",
+            ns: per_case[1],
+            added: Some(per_case[1] - per_case[0]),
+        },
+    ]
 }
