@@ -28,7 +28,7 @@ use std::{
 };
 
 use crate::lab::{
-    Counters, LOCAL_NET_V4, add_namespace, counters, delete_namespaces, ip, kill_children,
+    Counters, LOCAL_NET_V4, add_namespace, counters, delete_namespaces, ip, kill_children, nft,
     require_tool, set_sysctls, wait_quiet,
 };
 
@@ -240,6 +240,32 @@ impl TunLab {
     }
 
     /// Every interface whose counters must settle before a measurement.
+    /// Makes gw masquerade what leaves through the tunnel (nftables), as a VPN client
+    /// gateway does, and takes the wan host's route back to the LAN away: only translated
+    /// packets come back.
+    pub fn masquerade(&self) {
+        ip(&["-n", &self.wan, "route", "del", LOCAL_NET_V4, "dev", TUN]);
+        nft(&self.gw, &["add", "table", "ip", "nat"]);
+        nft(
+            &self.gw,
+            &["add chain ip nat postrouting { type nat hook postrouting priority srcnat; }"],
+        );
+        nft(
+            &self.gw,
+            &[
+                "add",
+                "rule",
+                "ip",
+                "nat",
+                "postrouting",
+                "oifname",
+                TUN,
+                "masquerade",
+            ],
+        );
+        self.wait_quiet();
+    }
+
     pub fn interfaces(&self) -> Vec<(&str, &str)> {
         vec![
             (&self.lan, &self.lan_if),

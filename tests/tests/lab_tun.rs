@@ -22,7 +22,22 @@ const ALERT_LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn tun_default_route_counts_exactly_and_alerts() {
+    upload_through_the_tunnel(false);
+}
+
+/// A VPN client gateway: the LAN is masqueraded behind the tunnel's address.
+#[test]
+fn tun_default_route_with_masquerade_names_the_lan_host() {
+    upload_through_the_tunnel(true);
+}
+
+/// A 12 MB upload from the lan host out through gw's tun, the agent on its defaults:
+/// one LargeUpload naming the LAN host, one record with the tun's counts.
+fn upload_through_the_tunnel(masquerade: bool) {
     let lab = TunLab::new();
+    if masquerade {
+        lab.masquerade();
+    }
     let scratch = Scratch::new("tun");
     let alert_log = scratch.path("alerts.jsonl");
     let agent = Agent::start_default(
@@ -109,6 +124,11 @@ fn tun_default_route_counts_exactly_and_alerts() {
     // Payload: at least what the generator wrote (retransmissions count again).
     assert!(r.u64("orig_bytes") >= UPLOAD, "{r}");
     assert_ne!(IpAddr::V4(GW_PUBLIC), r.ip("id.orig_h"));
+    if masquerade {
+        assert_eq!(r.ip("nat.orig_h"), IpAddr::V4(GW_PUBLIC), "{r}");
+    } else {
+        assert!(!r.has("nat.orig_h"), "nothing translated: {r}");
+    }
 }
 
 /// `TUNSETLINK`: gives a tun device (down) another link type.
