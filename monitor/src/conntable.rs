@@ -321,6 +321,30 @@ fn key_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
     }
 }
 
+/// Which ends of a connection are local. Decided here, by [`LocalNets::sides`], for every
+/// consumer (rules, records, metrics, the top view, export), from the endpoints the table
+/// keys the connection by: the pre-NAT ones of a translated connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sides {
+    pub orig: Endpoint,
+    pub resp: Endpoint,
+    /// The originator's key direction.
+    pub orig_dir: usize,
+    pub local_orig: bool,
+    pub local_resp: bool,
+}
+
+impl Sides {
+    /// Whether the sender of key direction `dir` is local, and whether its receiver is.
+    pub fn local_from_to(&self, dir: usize) -> (bool, bool) {
+        if dir == self.orig_dir {
+            (self.local_orig, self.local_resp)
+        } else {
+            (self.local_resp, self.local_orig)
+        }
+    }
+}
+
 /// The networks that count as local, as (network, mask) integers: asked several times
 /// per connection and poll, so a masked compare rather than `IpNet::contains`.
 #[derive(Clone, Debug)]
@@ -346,6 +370,18 @@ impl LocalNets {
             }
         }
         local
+    }
+
+    /// The connection's ends and which of them are local.
+    pub fn sides(&self, conn: &Conn) -> Sides {
+        let (orig, resp) = conn.endpoints();
+        Sides {
+            orig,
+            resp,
+            orig_dir: conn.orig_dir(),
+            local_orig: self.contains(orig.addr),
+            local_resp: self.contains(resp.addr),
+        }
     }
 
     pub fn contains(&self, addr: IpAddr) -> bool {
@@ -1058,6 +1094,23 @@ mod tests {
         let nets = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
         assert!(nets.contains("198.19.255.1".parse().unwrap()));
         assert!(!nets.contains("203.0.113.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn sides_follow_the_originator_whichever_key_direction_it_sends() {
+        let nets = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
+        // key(): a is the remote host (203.0.113.2), b the local client, which sent the SYN.
+        let c = conn(
+            IPPROTO_TCP,
+            dir(3, SEC, 3 * SEC, SYN, true),
+            dir(2, 2 * SEC, 3 * SEC, SYN | ACK, false),
+        );
+        let sides = nets.sides(&c);
+        assert_eq!(sides.orig_dir, DIR_B_TO_A);
+        assert!(sides.local_orig && !sides.local_resp);
+        assert_eq!(sides.orig.addr, "198.18.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(sides.local_from_to(DIR_B_TO_A), (true, false));
+        assert_eq!(sides.local_from_to(DIR_A_TO_B), (false, true));
     }
 
     #[test]

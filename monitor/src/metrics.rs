@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::{
     alerts::Note,
-    conntable::{Conn, LocalNets},
+    conntable::{Conn, Sides},
     dns::DnsCounts,
     top,
 };
@@ -322,16 +322,12 @@ impl Metrics {
     }
 
     /// Adds what a connection carried since its observation before the latest.
-    pub fn observe(&mut self, conn: &Conn, local: &LocalNets) {
+    /// `sides`: as [`crate::conntable::LocalNets::sides`] decided for `conn`.
+    pub fn observe(&mut self, conn: &Conn, sides: Sides) {
         let (a, b) = conn.key_endpoints();
-        let (local_a, local_b) = (local.contains(a.addr), local.contains(b.addr));
         for i in [DIR_A_TO_B, DIR_B_TO_A] {
             let new = conn.delta(i);
-            let (from_local, to_local) = if i == DIR_A_TO_B {
-                (local_a, local_b)
-            } else {
-                (local_b, local_a)
-            };
+            let (from_local, to_local) = sides.local_from_to(i);
             // Indexes into DIRECTIONS.
             let direction = match (from_local, to_local) {
                 (true, false) => 0,
@@ -496,7 +492,7 @@ mod tests {
             let snap = spec.conn().snap();
             table.observe(snap);
             let conn = table.iter().find(|c| c.key == snap.key).unwrap();
-            m.observe(conn, &local());
+            m.observe(conn, local().sides(conn));
         };
         let mut spec = ConnSpec {
             orig_bytes: 10_000,
@@ -623,7 +619,8 @@ mod tests {
                 uid: ["C1", "C2", "C3"][i],
                 ..ConnSpec::default()
             };
-            m.observe(&spec.conn(), &local());
+            let conn = spec.conn();
+            m.observe(&conn, local().sides(&conn));
         }
         poll(&mut m, 30.0);
         assert!(

@@ -92,11 +92,12 @@ impl Pipeline {
             if self.table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             }
-            let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(&self.nat);
+            let sides = self.local.sides(conn);
+            let ctx = ConnCtx::new(conn, sides, &self.clock).translated(&self.nat);
             for rule in &mut self.rules {
                 rule.on_update(&ctx, now, &mut alerts);
             }
-            self.metrics.observe(conn, &self.local);
+            self.metrics.observe(conn, sides);
             for exporter in &mut self.exporters {
                 exporter.update(conn, &self.nat, now.mono_ns);
             }
@@ -305,11 +306,12 @@ impl Pipeline {
         for exporter in &mut self.exporters {
             exporter.finish(conn, self.nat.of(&conn.key), reason, now.mono_ns);
         }
-        let ctx = ConnCtx::new(conn, &self.clock, &self.local).translated(&self.nat);
+        let sides = self.local.sides(conn);
+        let ctx = ConnCtx::new(conn, sides, &self.clock).translated(&self.nat);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }
-        self.metrics.observe(conn, &self.local);
+        self.metrics.observe(conn, sides);
         if let Some(log) = &mut self.conn_log {
             let mut record = ctx.record();
             let (local, remote) = record.fields.local_remote();
@@ -513,7 +515,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                     .map_or_else(Uids::random_seed, |saved| saved.uid_seed),
             ),
         ),
-        rules: rules::from_args(&args.rules, &local, &names),
+        rules: rules::from_args(&args.rules, &names),
         local,
         clock,
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::{
     cli::TopArgs,
-    conntable::{Conn, ConnTable, Endpoint, LocalNets, Uid},
+    conntable::{Conn, ConnTable, Endpoint, LocalNets, Sides, Uid},
     rules::{Now, human_bytes, proto_name},
 };
 
@@ -138,15 +138,19 @@ impl Tracker {
             if floor.is_some_and(|f| rank.busier(&f) != Ordering::Less) {
                 continue;
             }
-            let (orig, resp) = conn.endpoints();
-            let orig_dir = conn.orig_dir();
+            let Sides {
+                orig,
+                resp,
+                orig_dir,
+                local_orig,
+                local_resp,
+            } = local.sides(conn);
             // "out" is what the local side sends; orig's when both or neither are local.
-            let (local_ep, remote_ep, out_dir) =
-                if !local.contains(orig.addr) && local.contains(resp.addr) {
-                    (resp, orig, 1 - orig_dir)
-                } else {
-                    (orig, resp, orig_dir)
-                };
+            let (local_ep, remote_ep, out_dir) = if !local_orig && local_resp {
+                (resp, orig, 1 - orig_dir)
+            } else {
+                (orig, resp, orig_dir)
+            };
             busiest.push(Candidate {
                 conn,
                 rank,

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     clock::Clock,
-    conntable::{Conn, LocalNets},
+    conntable::{Conn, Sides},
     iface,
     nat::NatFields,
 };
@@ -67,8 +67,9 @@ impl ConnFields {
 }
 
 impl ConnRecord {
-    pub fn new(conn: &Conn, local: &LocalNets, clock: &Clock) -> Self {
-        let (orig, resp) = conn.endpoints();
+    /// `sides`: as [`crate::conntable::LocalNets::sides`] decided for `conn`.
+    pub fn new(conn: &Conn, sides: Sides, clock: &Clock) -> Self {
+        let (orig, resp) = (sides.orig, sides.resp);
         let (o, r) = (conn.orig(), conn.resp());
         let (first, last) = (conn.first_ns(), conn.last_ns());
         let fields = ConnFields {
@@ -86,8 +87,8 @@ impl ConnRecord {
             resp_pkts: r.pkts,
             resp_ip_bytes: r.ip_bytes,
             conn_state: conn.conn_state(),
-            local_orig: local.contains(orig.addr),
-            local_resp: local.contains(resp.addr),
+            local_orig: sides.local_orig,
+            local_resp: sides.local_resp,
             missed_start: conn.missed_start(),
             iface: iface::name(conn.ifindex),
             remote_fqdn: None,

@@ -15,7 +15,7 @@ use crate::{
     alerts::{Alert, Note},
     cli::RuleArgs,
     clock::Clock,
-    conntable::{Conn, Endpoint, LocalNets, Totals, Uid},
+    conntable::{Conn, Endpoint, Sides, Totals, Uid},
     logs::conn::ConnRecord,
     nat::Nat,
 };
@@ -50,8 +50,8 @@ pub struct ConnCtx<'a> {
     pub resp: Endpoint,
     pub local_orig: bool,
     pub local_resp: bool,
+    sides: Sides,
     clock: &'a Clock,
-    local: &'a LocalNets,
     nat: Option<&'a Nat>,
 }
 
@@ -72,16 +72,16 @@ impl LocalSide {
 }
 
 impl<'a> ConnCtx<'a> {
-    pub fn new(conn: &'a Conn, clock: &'a Clock, local: &'a LocalNets) -> Self {
-        let (orig, resp) = conn.endpoints();
+    /// `sides`: as [`LocalNets::sides`] decided for `conn`.
+    pub fn new(conn: &'a Conn, sides: Sides, clock: &'a Clock) -> Self {
         Self {
             conn,
-            orig,
-            resp,
-            local_orig: local.contains(orig.addr),
-            local_resp: local.contains(resp.addr),
+            orig: sides.orig,
+            resp: sides.resp,
+            local_orig: sides.local_orig,
+            local_resp: sides.local_resp,
+            sides,
             clock,
-            local,
             nat: None,
         }
     }
@@ -157,7 +157,7 @@ impl<'a> ConnCtx<'a> {
 
     /// The connection's record, built only when an alert needs it.
     pub fn record(&self) -> ConnRecord {
-        let mut record = ConnRecord::new(self.conn, self.local, self.clock);
+        let mut record = ConnRecord::new(self.conn, self.sides, self.clock);
         record.fields.nat = self
             .nat
             .and_then(|nat| nat.of(&self.conn.key))
@@ -212,7 +212,7 @@ pub fn save_as(saved: &mut Saved, name: &str, state: impl serde::Serialize) {
 }
 
 /// Every rule the flags turn on.
-pub fn from_args(args: &RuleArgs, local: &LocalNets, names: &Names) -> Vec<Box<dyn Rule>> {
+pub fn from_args(args: &RuleArgs, names: &Names) -> Vec<Box<dyn Rule>> {
     let mut rules: Vec<Box<dyn Rule>> = vec![
         Box::new(LargeUpload::new(
             args.upload_threshold.0,
@@ -241,7 +241,6 @@ pub fn from_args(args: &RuleArgs, local: &LocalNets, names: &Names) -> Vec<Box<d
     if !args.restricted_nets.is_empty() {
         rules.push(Box::new(RestrictedOutbound::new(
             args.restricted_nets.clone(),
-            local.clone(),
             allowlist::Allowlist::new(args, names.clone()),
         )));
     }
@@ -285,7 +284,7 @@ pub(crate) mod testkit {
     use monitor_common::flow::{DirStats, FlowKey, tcp_flags};
 
     use super::*;
-    use crate::poller::FlowSnapshot;
+    use crate::{conntable::LocalNets, poller::FlowSnapshot};
 
     /// Monotonic zero is 2026-11-24T00:00:00Z.
     pub const EPOCH_AT_ZERO: f64 = 1_795_478_400.0;
@@ -385,14 +384,22 @@ pub(crate) mod testkit {
     pub fn update(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_update(&ConnCtx::new(conn, &clock, &local), now, &mut out);
+        rule.on_update(
+            &ConnCtx::new(conn, local.sides(conn), &clock),
+            now,
+            &mut out,
+        );
         out
     }
 
     pub fn finish(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_finish(&ConnCtx::new(conn, &clock, &local), now, &mut out);
+        rule.on_finish(
+            &ConnCtx::new(conn, local.sides(conn), &clock),
+            now,
+            &mut out,
+        );
         out
     }
 }

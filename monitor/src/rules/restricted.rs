@@ -11,22 +11,20 @@ use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, human_bytes, save_a
 use crate::{
     alerts::{Alert, Note},
     cli::Service,
-    conntable::{LocalNets, Uid},
+    conntable::Uid,
 };
 
 pub struct RestrictedOutbound {
     restricted: Vec<IpNet>,
-    local: LocalNets,
     allow: Allowlist,
     /// Open connections from restricted hosts already judged.
     judged: HashSet<Uid>,
 }
 
 impl RestrictedOutbound {
-    pub fn new(restricted: Vec<IpNet>, local: LocalNets, allow: Allowlist) -> Self {
+    pub fn new(restricted: Vec<IpNet>, allow: Allowlist) -> Self {
         Self {
             restricted,
-            local,
             allow,
             judged: HashSet::new(),
         }
@@ -46,7 +44,7 @@ impl Rule for RestrictedOutbound {
             port: conn.resp.port,
             proto: conn.proto(),
         };
-        if self.local.contains(dst) || self.allow.covers(src, dst, service) {
+        if conn.local_resp || self.allow.covers(src, dst, service) {
             return;
         }
         let sent = conn.conn.orig();
@@ -98,11 +96,7 @@ mod tests {
         let mut argv = vec!["test", "--restricted-net", "198.18.5.0/24"];
         argv.extend(flags);
         let args = Flags::try_parse_from(argv).unwrap().rules;
-        RestrictedOutbound::new(
-            args.restricted_nets.clone(),
-            local(),
-            Allowlist::new(&args, names),
-        )
+        RestrictedOutbound::new(args.restricted_nets.clone(), Allowlist::new(&args, names))
     }
 
     fn from_restricted(resp: (&'static str, u16), proto: u8, uid: &'static str) -> ConnSpec {

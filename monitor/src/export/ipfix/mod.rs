@@ -322,10 +322,10 @@ impl IpfixExporter {
         let ends = [(a, b), (b, a)];
         let tcp = snap.key.proto == IPPROTO_TCP;
         let flags = |d: usize| if tcp { snap.dir[d].tcp_flags } else { 0 };
-        let local = &self.config.local;
+        let sides = self.config.local.sides(conn);
         let egress = |d: usize| {
-            let (src, dst) = ends[d];
-            local.contains(src.addr) || (!local.contains(dst.addr) && d == orig)
+            let (from_local, to_local) = sides.local_from_to(d);
+            from_local || (!to_local && d == orig)
         };
         let base = |d: usize, (start_ns, end_ns): (u64, u64)| {
             let (src, dst) = ends[d];
