@@ -289,7 +289,7 @@ fn tcp_collector_down_at_start_gets_the_flows_once_up() {
     assert!(
         messages
             .first()
-            .is_some_and(|m| m.templates == 2 && m.records.is_empty()),
+            .is_some_and(|m| m.templates == 4 && m.records.is_empty()),
         "the connection starts with the templates alone: {messages:?}"
     );
     let exported: Vec<&ipfix_decoded::Exported> =
