@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup()?;
             cargo(&["build", "--release", "-p", "monitor"])?;
-            let bin = root.join("target/release/monitor");
+            let bin = target_dir(&root).join("release/monitor");
             let mut cmd = as_root(&bin);
             cmd.arg("run").args(&args);
             check(cmd.status(), "monitor run")
@@ -154,7 +154,7 @@ fn main() -> anyhow::Result<()> {
                 "--",
             ])
             .args(&args)
-            .env("MONITOR_BIN", root.join("target/release/monitor"));
+            .env("MONITOR_BIN", target_dir(&root).join("release/monitor"));
             check(cmd.status(), bin)
         }
         Task::Demo => {
@@ -162,13 +162,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "-p", "monitor"])?;
             let mut cmd = as_root(Path::new("cargo"));
             cmd.args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
-                .env("MONITOR_BIN", root.join("target/debug/monitor"));
+                .env("MONITOR_BIN", target_dir(&root).join("debug/monitor"));
             check(cmd.status(), "demo")
         }
         Task::Test { args } => {
             setup()?;
             cargo(&["build", "-p", "monitor"])?;
-            let bin = root.join("target/debug/monitor");
+            let bin = target_dir(&root).join("debug/monitor");
             let mut cmd = as_root(Path::new("cargo"));
             cmd.args(["test", "--workspace", "--no-fail-fast"])
                 .args(&args)
@@ -176,6 +176,12 @@ fn main() -> anyhow::Result<()> {
             check(cmd.status(), "cargo test")
         }
     }
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR` (relative to the workspace) when set, else
+/// `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
 fn workspace_root() -> PathBuf {
