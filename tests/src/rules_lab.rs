@@ -343,6 +343,26 @@ impl RulesAgent {
     }
 }
 
+/// From the lan host, `bytes` to port 5001 of each of `targets` (wan host addresses), one
+/// connection each, closed cleanly once the wan host has read it all; the (client, server)
+/// of each.
+pub fn upload_to_each(lab: &Lab, targets: &[IpAddr], bytes: u64) -> Vec<(SocketAddr, SocketAddr)> {
+    targets
+        .iter()
+        .map(|&target| {
+            let server = SocketAddr::new(target, 5001);
+            let discard = spawn_discard(listen(&lab.wan, server), 1);
+            let mut sender = connect(&lab.lan, server);
+            let client = sender.local_addr().expect("client address");
+            send(&mut sender, bytes);
+            sender.shutdown(Shutdown::Write).expect("close");
+            drop(sender);
+            assert_eq!(join(discard), vec![bytes], "bytes {target} received");
+            (client, server)
+        })
+        .collect()
+}
+
 /// Sleeps until `offset` seconds into the next window of `window_secs` aligned to the
 /// epoch, as the agent's `--window` is.
 pub fn sleep_into_next_window(window_secs: f64, offset: f64) {

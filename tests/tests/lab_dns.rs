@@ -18,6 +18,7 @@ use tests::{
     lab::{self, Lab, run_in_ns},
     rules_lab::{
         RulesAgent, Scratch, connect, join, listen, listing, read_json_lines, send, spawn_discard,
+        upload_to_each,
     },
 };
 
@@ -198,17 +199,7 @@ fn allowlist_by_name_follows_what_the_client_resolved() {
     );
     let answer = resolve(&lab.lan, resolver, "files.example.test", TYPE_A, false);
     assert_eq!(answer.addrs, vec![resolved], "{answer:?}");
-    let mut clients = Vec::new();
-    for target in [resolved, unresolved] {
-        let server = SocketAddr::new(target, 5001);
-        let discard = spawn_discard(listen(&lab.wan, server), 1);
-        let mut sender = connect(&lab.lan, server);
-        clients.push((sender.local_addr().expect("client address"), server));
-        send(&mut sender, 10_000);
-        sender.shutdown(Shutdown::Write).expect("close");
-        drop(sender);
-        assert_eq!(join(discard), vec![10_000], "bytes {target} received");
-    }
+    let clients = upload_to_each(&lab, &[resolved, unresolved], 10_000);
     let (loud_client, loud_server) = clients[1];
     agent.wait_alerts("RestrictedOutbound", 1, ALERT_LIMIT, |a| {
         a.is_conn("tcp", loud_client, loud_server)

@@ -17,7 +17,7 @@ use tests::{
     nfdump::{NatFlow, Nfcapd, read_nat_flows},
     rules_lab::{
         self, Alert, HttpServer, RulesAgent, Scratch, connect, join, listen, listing, of,
-        read_json_lines, read_to_eof, send, spawn_discard,
+        read_json_lines, read_to_eof, send, spawn_discard, upload_to_each,
     },
 };
 
@@ -382,17 +382,7 @@ fn names_behind_nat_are_the_lan_clients() {
     );
     let answer = resolve(&lab.lan, resolver, "files.example.test", TYPE_A, false);
     assert_eq!(answer.addrs, vec![resolved], "{answer:?}");
-    let mut clients = Vec::new();
-    for target in [resolved, unresolved] {
-        let server = SocketAddr::new(target, 5001);
-        let discard = spawn_discard(listen(&lab.wan, server), 1);
-        let mut sender = connect(&lab.lan, server);
-        clients.push((sender.local_addr().expect("client address"), server));
-        send(&mut sender, 10_000);
-        sender.shutdown(Shutdown::Write).expect("close");
-        drop(sender);
-        assert_eq!(join(discard), vec![10_000], "bytes {target} received");
-    }
+    let clients = upload_to_each(&lab, &[resolved, unresolved], 10_000);
     let (loud_client, loud_server) = clients[1];
     let alerts = agent.wait_alerts("RestrictedOutbound", 1, ALERT_LIMIT, |a| {
         a.is_conn("tcp", loud_client, loud_server)
