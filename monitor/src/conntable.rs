@@ -225,16 +225,7 @@ impl Conn {
 
     /// The key's endpoints (a, b): the senders of key directions 0 and 1.
     pub fn key_endpoints(&self) -> (Endpoint, Endpoint) {
-        let k = &self.key;
-        let a = Endpoint {
-            addr: key_addr(k.family, &k.addr_a),
-            port: k.port_a,
-        };
-        let b = Endpoint {
-            addr: key_addr(k.family, &k.addr_b),
-            port: k.port_b,
-        };
-        (a, b)
+        key_endpoints(&self.key)
     }
 
     /// (originator, responder).
@@ -311,6 +302,19 @@ impl Conn {
         let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
         quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
     }
+}
+
+/// A flow key's endpoints (a, b): the senders of key directions 0 and 1.
+pub fn key_endpoints(k: &FlowKey) -> (Endpoint, Endpoint) {
+    let a = Endpoint {
+        addr: key_addr(k.family, &k.addr_a),
+        port: k.port_a,
+    };
+    let b = Endpoint {
+        addr: key_addr(k.family, &k.addr_b),
+        port: k.port_b,
+    };
+    (a, b)
 }
 
 fn key_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {

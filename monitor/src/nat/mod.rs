@@ -15,13 +15,16 @@ use std::{net::IpAddr, sync::Arc};
 
 use foldhash::{HashMap, HashMapExt as _};
 use log::{info, warn};
-use monitor_common::flow::{DirStats, FlowKey};
+use monitor_common::{
+    flow::{DirStats, FlowKey},
+    parse::PacketInfo,
+};
 use serde::Serialize;
 
 pub use ctnetlink::{Entry, Tuple};
 
 use crate::{
-    conntable::{ConnTable, Endpoint},
+    conntable::{ConnTable, Endpoint, key_endpoints},
     poller::{FlowSnapshot, PollError, Poller},
 };
 
@@ -134,47 +137,32 @@ pub struct NatFields {
 }
 
 fn key_a(key: &FlowKey) -> Endpoint {
-    let addr = if key.family == 4 {
-        IpAddr::from(<[u8; 4]>::try_from(&key.addr_a[..4]).expect("4 bytes"))
-    } else {
-        IpAddr::from(key.addr_a)
-    };
-    Endpoint {
-        addr,
-        port: key.port_a,
-    }
+    key_endpoints(key).0
 }
 
-/// The flow map's key of a connection between two endpoints of one family.
+/// The flow map's key of a connection between two endpoints of one family, as the kernel
+/// programs key it.
 fn flow_key(proto: u8, x: Endpoint, y: Endpoint) -> Option<FlowKey> {
-    let bytes = |addr: IpAddr| -> [u8; 16] {
-        match addr {
-            IpAddr::V4(a) => {
-                let mut b = [0; 16];
-                b[..4].copy_from_slice(&a.octets());
-                b
-            }
-            IpAddr::V6(a) => a.octets(),
-        }
+    let v4 = |a: std::net::Ipv4Addr| {
+        let mut b = [0; 16];
+        b[..4].copy_from_slice(&a.octets());
+        b
     };
-    let family = match (x.addr, y.addr) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => 4,
-        (IpAddr::V6(_), IpAddr::V6(_)) => 6,
+    let (family, src, dst) = match (x.addr, y.addr) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (4, v4(a), v4(b)),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (6, a.octets(), b.octets()),
         _ => return None,
     };
-    let ((a, pa), (b, pb)) = {
-        let (ex, ey) = ((bytes(x.addr), x.port), (bytes(y.addr), y.port));
-        if ex <= ey { (ex, ey) } else { (ey, ex) }
-    };
-    Some(FlowKey {
-        addr_a: a,
-        addr_b: b,
-        port_a: pa,
-        port_b: pb,
-        proto,
+    let packet = PacketInfo {
         family,
-        _pad: [0; 2],
-    })
+        proto,
+        src,
+        dst,
+        sport: x.port,
+        dport: y.port,
+        ..PacketInfo::default()
+    };
+    Some(packet.flow_key().0)
 }
 
 /// A map entry bound to a translated connection.
@@ -297,7 +285,7 @@ impl Nat {
                 nat.reload();
                 info!(
                     "following address translation (conntrack): {} translated connections now",
-                    nat.learned.len() / 2
+                    nat.translations()
                 );
             }
             Err(err) => warn!(
