@@ -23,12 +23,13 @@ use crate::{
     alerts::Note,
     conntable::{Conn, Sides},
     dns::DnsCounts,
+    logs::LogStats,
     top,
 };
 
 const PREFIX: &str = "egress_monitor";
 const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
-const DNS_TYPES: [&str; 3] = ["query", "response", "malformed"];
+const DNS_TYPES: [&str; 4] = ["query", "response", "unsolicited", "malformed"];
 
 pub struct Metrics {
     registry: Registry,
@@ -55,6 +56,8 @@ pub struct Metrics {
     top: TopTalkers,
     sink_dropped: IntCounterVec,
     sink_failures: IntCounterVec,
+    log_errors: IntCounterVec,
+    log_lost: IntCounterVec,
     ipfix_records: IntCounter,
     ipfix_messages: IntCounter,
     ipfix_errors: IntCounter,
@@ -212,6 +215,20 @@ impl Metrics {
             ),
             &["sink"],
         )?;
+        let log_errors = IntCounterVec::new(
+            opts(
+                "log_write_errors_total",
+                "Failed writes of a file log (conn, conn_long, dns); what was not written is retried at the next poll.",
+            ),
+            &["log"],
+        )?;
+        let log_lost = IntCounterVec::new(
+            opts(
+                "log_records_lost_total",
+                "Records a file log dropped because too much was already waiting for a failing file.",
+            ),
+            &["log"],
+        )?;
         let ipfix_records = IntCounter::with_opts(opts(
             "ipfix_records_total",
             "IPFIX data records sent, all collectors together.",
@@ -249,6 +266,8 @@ impl Metrics {
             Box::new(top_talkers_gauge.clone()),
             Box::new(sink_dropped.clone()),
             Box::new(sink_failures.clone()),
+            Box::new(log_errors.clone()),
+            Box::new(log_lost.clone()),
             Box::new(ipfix_records.clone()),
             Box::new(ipfix_messages.clone()),
             Box::new(ipfix_errors.clone()),
@@ -303,6 +322,8 @@ impl Metrics {
             },
             sink_dropped,
             sink_failures,
+            log_errors,
+            log_lost,
             ipfix_records,
             ipfix_messages,
             ipfix_errors,
@@ -388,6 +409,7 @@ impl Metrics {
         for (kind, now, was) in [
             ("query", counts.query, before.query),
             ("response", counts.response, before.response),
+            ("unsolicited", counts.unsolicited, before.unsolicited),
             ("malformed", counts.malformed, before.malformed),
         ] {
             self.dns_messages
@@ -405,6 +427,20 @@ impl Metrics {
         ] {
             let counter = counter.with_label_values(&[name]);
             counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
+    /// Each file log's totals (they only grow); None for a log that is not written.
+    pub fn logs<'a>(&self, logs: impl IntoIterator<Item = (&'a str, Option<LogStats>)>) {
+        for (name, stats) in logs {
+            let Some(stats) = stats else { continue };
+            for (counter, total) in [
+                (&self.log_errors, stats.errors),
+                (&self.log_lost, stats.lost),
+            ] {
+                let counter = counter.with_label_values(&[name]);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
         }
     }
 

@@ -131,7 +131,7 @@ impl Pipeline {
                 } else {
                     EndReason::Idle
                 });
-                self.finish(&conn, now, &mut alerts, reason)?;
+                self.finish(&conn, now, &mut alerts, reason);
             }
             self.nat.finished(&key);
         }
@@ -142,19 +142,17 @@ impl Pipeline {
             rule.on_tick(now);
         }
         let (clock, table) = (self.clock, &self.table);
-        self.dns
-            .poll(
-                now,
-                |ns| clock.epoch_secs(ns),
-                |key| table.get(key).map(|c| c.uid.to_string()),
-                &mut alerts,
-            )
-            .context("writing --dns-log")?;
+        self.dns.poll(
+            now,
+            |ns| clock.epoch_secs(ns),
+            |key| table.get(key).map(|c| c.uid.to_string()),
+            &mut alerts,
+        );
         self.metrics
             .dns(self.dns.counts(), self.dns.cache_entries());
         self.suppressor.prune(now.mono_ns);
-        self.emit(alerts, now)?;
-        self.flush()?;
+        self.emit(alerts, now);
+        self.flush();
         for sink in &self.sinks {
             self.metrics
                 .sink(sink.name(), sink.dropped(), sink.failures());
@@ -245,13 +243,13 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         self.read_map()?;
         // While the table still knows the uids of the connections that carried DNS.
-        self.close_dns_log()?;
+        self.close_dns_log();
         let open: Vec<Conn> = self.table.drain().collect();
         let mut alerts = Vec::new();
         for conn in &open {
-            self.finish(conn, now, &mut alerts, EndReason::ForcedEnd)?;
+            self.finish(conn, now, &mut alerts, EndReason::ForcedEnd);
         }
-        self.emit(alerts, now)?;
+        self.emit(alerts, now);
         info!("wrote {} connections still open at shutdown", open.len());
         self.save_state();
         self.close()
@@ -266,7 +264,7 @@ impl Pipeline {
                 stats.records, stats.messages, stats.errors
             );
         }
-        self.close_dns_log()?;
+        self.close_dns_log();
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
         let unparsed: Vec<String> = stats::UNPARSED_REASONS
@@ -278,7 +276,12 @@ impl Pipeline {
         if !unparsed.is_empty() {
             info!("packets not parsed: {}", unparsed.join(" "));
         }
-        self.flush()?;
+        for log in [&mut self.conn_log, &mut self.conn_long_log]
+            .into_iter()
+            .flatten()
+        {
+            log.close();
+        }
         // All sinks drain at once: two that are down cost one wait, not two.
         std::thread::scope(|scope| {
             for sink in self.sinks {
@@ -296,13 +299,7 @@ impl Pipeline {
         Ok(())
     }
 
-    fn finish(
-        &mut self,
-        conn: &Conn,
-        now: Now,
-        alerts: &mut Vec<Alert>,
-        reason: EndReason,
-    ) -> anyhow::Result<()> {
+    fn finish(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>, reason: EndReason) {
         for exporter in &mut self.exporters {
             exporter.finish(conn, self.nat.of(&conn.key), reason, now.mono_ns);
         }
@@ -316,13 +313,12 @@ impl Pipeline {
             let mut record = ctx.record();
             let (local, remote) = record.fields.local_remote();
             record.fields.remote_fqdn = self.dns.fqdn(local, remote, now.mono_ns);
-            log.write(&record)
-                .with_context(|| format!("writing {}", log.path().display()))?;
+            log.write(&record);
         }
-        Ok(())
     }
 
-    fn emit(&mut self, alerts: Vec<Alert>, now: Now) -> anyhow::Result<()> {
+    /// Alerts go out whatever the logs do: a log that cannot be written is counted.
+    fn emit(&mut self, alerts: Vec<Alert>, now: Now) {
         for mut alert in alerts {
             self.name_remote(&mut alert, now);
             if let (Note::LongConnection, Some(log), Some(fields), Some(ts)) = (
@@ -335,8 +331,7 @@ impl Pipeline {
                     ts,
                     fields: fields.clone(),
                 };
-                log.write(&record)
-                    .with_context(|| format!("writing {}", log.path().display()))?;
+                log.write(&record);
             }
             if !self.suppressor.admit(&alert, now.mono_ns) {
                 self.metrics.suppressed(alert.note);
@@ -347,18 +342,15 @@ impl Pipeline {
                 sink.submit(alert.clone());
             }
         }
-        Ok(())
     }
 
     /// Writes the DNS transactions still waiting (unanswered queries included).
-    fn close_dns_log(&mut self) -> anyhow::Result<()> {
+    fn close_dns_log(&mut self) {
         let (clock, table) = (self.clock, &self.table);
-        self.dns
-            .shutdown(
-                |ns| clock.epoch_secs(ns),
-                |key| table.get(key).map(|c| c.uid.to_string()),
-            )
-            .context("writing --dns-log")
+        self.dns.shutdown(
+            |ns| clock.epoch_secs(ns),
+            |key| table.get(key).map(|c| c.uid.to_string()),
+        );
     }
 
     /// Passive DNS's name for the remote endpoint: in the connection fields, else beside
@@ -374,15 +366,19 @@ impl Pipeline {
         }
     }
 
-    fn flush(&mut self) -> anyhow::Result<()> {
+    fn flush(&mut self) {
         for log in [&mut self.conn_log, &mut self.conn_long_log]
             .into_iter()
             .flatten()
         {
-            log.flush()
-                .with_context(|| format!("writing {}", log.path().display()))?;
+            log.flush_or_count();
         }
-        Ok(())
+        let stats = |log: &Option<JsonLines>| log.as_ref().map(JsonLines::stats);
+        self.metrics.logs([
+            ("conn", stats(&self.conn_log)),
+            ("conn_long", stats(&self.conn_long_log)),
+            ("dns", self.dns.log_stats()),
+        ]);
     }
 
     /// An interface whose packets the programs cannot parse counts nothing: say so once

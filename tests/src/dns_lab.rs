@@ -38,6 +38,33 @@ pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     m
 }
 
+/// The response to `query` (one question) a server of the test's own would send: `rcode`,
+/// and an A record with `addr` for the question's name when there is one (TTL 60).
+pub fn response(query: &[u8], rcode: u8, addr: Option<std::net::Ipv4Addr>) -> Vec<u8> {
+    let question_end = skip_name(query, 12) + 4;
+    let mut m = query[..question_end].to_vec();
+    m[2] |= 0x80;
+    m[3] = 0x80 | rcode;
+    if let Some(addr) = addr {
+        m[7] = 1;
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+        m.extend_from_slice(&addr.octets());
+    }
+    m
+}
+
+/// The name a message's first question asks for, dotted.
+pub fn decode_question(m: &[u8]) -> String {
+    let mut labels = Vec::new();
+    let mut at = 12;
+    while m[at] != 0 {
+        let len = m[at] as usize;
+        labels.push(String::from_utf8_lossy(&m[at + 1..at + 1 + len]).into_owned());
+        at += 1 + len;
+    }
+    labels.join(".")
+}
+
 /// What a response said: its rcode and the A/AAAA addresses among its answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {

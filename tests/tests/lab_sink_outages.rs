@@ -11,6 +11,9 @@
 //! addresses on the wan host), because Alertmanager merges alerts with equal labels and
 //! its labels carry the destination but not the port.
 //!
+//! A full disk under `--conn-log` and `--dns-log` is an outage of another kind: those logs
+//! wait and retry, and no alert is lost to them (the last case).
+//!
 //! Needs `rsyslogd` (Debian package `rsyslog`) and `prometheus-alertmanager`.
 
 use std::{
@@ -20,7 +23,10 @@ use std::{
     os::unix::fs::FileTypeExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -29,9 +35,10 @@ use monitor::alerts::sinks::syslog::APP_NAME;
 use serde_json::Value;
 use tests::{
     agent::{Agent, READY_MARKER},
-    http,
+    dns_lab, http,
     lab::{self, Lab, run_in_ns},
     rules_lab::{Scratch, add_wan_address, read_json_lines},
+    traffic,
 };
 
 const RSYSLOGD: &str = "/usr/sbin/rsyslogd";
@@ -862,5 +869,169 @@ fn polling_and_detection_go_on_with_both_sinks_down() {
     assert!(
         syslog_dir.received().is_empty(),
         "no receiver ever listened"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// A failing log disk
+
+/// A tmpfs of 64 KiB at a scratch directory, filled to the last byte; unmounted on drop.
+struct FullDisk {
+    scratch: Scratch,
+    filler: PathBuf,
+}
+
+impl FullDisk {
+    fn new() -> FullDisk {
+        let scratch = Scratch::new("full-disk");
+        let mount = scratch.path("");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs at {}", mount.display());
+        let filler = scratch.path("filler");
+        let mut file = fs::File::create(&filler).expect("create the filler");
+        let block = [0u8; 4096];
+        loop {
+            match file.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("fill the tmpfs: {e}"),
+            }
+        }
+        FullDisk { scratch, filler }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.scratch.path(name).display().to_string()
+    }
+
+    /// Room again: the filler goes.
+    fn free(&self) {
+        fs::remove_file(&self.filler).expect("remove the filler");
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.scratch.path("")).status();
+    }
+}
+
+/// Lookups from the lan host every 20 ms until finished or dropped: every poll has
+/// dns.log records to write. At most 3000 lookups (a minute).
+struct Lookups {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<u32>>,
+}
+
+impl Lookups {
+    fn start(lab: &Lab, resolver: SocketAddr) -> Lookups {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (lan, stopped) = (lab.lan.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut lookups = 0;
+            while !stopped.load(Ordering::Relaxed) && lookups < 3000 {
+                dns_lab::resolve(&lan, resolver, "files.example.test", dns_lab::TYPE_A, false);
+                lookups += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            lookups
+        });
+        Lookups {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the lookups; how many were answered.
+    fn finish(mut self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        let thread = self.thread.take().expect("joined once");
+        thread.join().expect("the lookups thread")
+    }
+}
+
+impl Drop for Lookups {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_full_log_disk_loses_no_alert() {
+    let lab = Lab::new();
+    let dir = SyslogDir::new();
+    let _rsyslog = Rsyslog::start(&dir);
+    let disk = FullDisk::new();
+    let resolver = dns_lab::start_dnsmasq(&lab, &["--address=/files.example.test/203.0.113.2"]);
+    let (conn_log, dns_log) = (disk.path("conn.log"), disk.path("dns.log"));
+    let agent = SinkAgent::start(
+        &lab,
+        &[
+            "--syslog",
+            &dir.url(),
+            "--conn-log",
+            &conn_log,
+            "--dns-log",
+            &dns_log,
+            "--upload-threshold",
+            "200KB",
+            "--upload-min-packets",
+            "10",
+        ],
+    );
+    let lookups = Lookups::start(&lab, resolver);
+    agent.wait_stderr("No space left on device", ALERT_LOG_LIMIT);
+
+    let upload = traffic::tcp_upload(&lab.lan, &lab.wan, SocketAddr::from((WAN, 5302)), 1_000_000);
+    let is_upload = |a: &Value| {
+        a["note"] == "LargeUpload"
+            && a["id.orig_p"] == upload.client.port()
+            && a["id.resp_p"] == 5302
+    };
+    let start = Instant::now();
+    while !read_json_lines(&agent.alert_log).iter().any(is_upload) {
+        if start.elapsed() > ALERT_LOG_LIMIT {
+            agent.fail("the LargeUpload never reached the alert log while dns.log failed");
+        }
+        thread::sleep(STEP);
+    }
+    let start = Instant::now();
+    while !dir.received().iter().any(is_upload) {
+        if start.elapsed() > DELIVERY_LIMIT {
+            agent.fail("the LargeUpload never reached rsyslog while dns.log failed");
+        }
+        thread::sleep(STEP);
+    }
+    let errors = http::sample(
+        &agent.metrics(),
+        "egress_monitor_log_write_errors_total{log=\"dns\"}",
+    );
+    assert!(
+        errors.is_some_and(|n| n >= 1.0),
+        "dns.log's failed writes counted: {errors:?}"
+    );
+
+    // Room again: what waited is written, and the agent says the episode ended.
+    disk.free();
+    agent.wait_stderr("dns.log: writes succeed again", ALERT_LOG_LIMIT);
+    let lookups = lookups.finish();
+    let stopped = agent.stop();
+    assert_eq!(
+        stopped.stderr.matches("dns.log: writing failed").count(),
+        1,
+        "one warning for the one episode:\n{}",
+        stopped.stderr
+    );
+    let written = read_json_lines(Path::new(&dns_log));
+    assert!(
+        written.len() as u32 >= lookups,
+        "every lookup has its dns.log record once the disk had room: {} records, {lookups} \
+         lookups",
+        written.len()
     );
 }

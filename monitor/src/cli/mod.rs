@@ -214,7 +214,9 @@ pub struct DnsArgs {
           help_heading = "DNS")]
     pub dns_min_ttl: Duration,
 
-    /// The site's own resolvers (repeatable): never "non-DNS on port 53". Default: none.
+    /// The site's own resolvers (repeatable): only their answers teach names (allowlists,
+    /// exclusions, remote_fqdn), and they are never "non-DNS on port 53". Recommended;
+    /// default: none (any answered query teaches).
     #[arg(long = "dns-resolver", value_name = "CIDR", value_parser = parse_cidr,
           help_heading = "DNS")]
     pub dns_resolvers: Vec<IpNet>,

@@ -1,7 +1,8 @@
 //! `--dns-log`: one record per transaction (a query and its response), Zeek dns.log
 //! field names. A query without a response is written once it is older than
-//! [`UNANSWERED_AFTER`], without `rcode`; a response whose query went unseen is written
-//! on its own.
+//! [`UNANSWERED_AFTER`], without `rcode`. A response that answers no query the agent saw
+//! (same client, server, ports, protocol, id and question, in time) is unsolicited: it is
+//! written on its own, marked so, and teaches nothing.
 
 use std::{net::IpAddr, num::NonZeroUsize, time::Duration};
 
@@ -11,8 +12,10 @@ use serde::Serialize;
 use super::parse::{AnswerData, Message, Meta, display_name, rcode_name, type_name};
 
 pub const UNANSWERED_AFTER: Duration = Duration::from_secs(30);
-/// Queries waiting for their response at most; the oldest is written unanswered.
-const PENDING_MAX: usize = 65_536;
+/// Queries waiting for their response at most; the oldest is written unanswered. Each
+/// keeps its question only (at most 255 bytes of name), never what else the message
+/// carried: about 26 MB when full.
+pub const PENDING_MAX: usize = 65_536;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DnsRecord {
@@ -44,6 +47,9 @@ pub struct DnsRecord {
     pub answers: Vec<String>,
     #[serde(rename = "TTLs")]
     pub ttls: Vec<f64>,
+    /// A response to no query the agent saw.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unsolicited: bool,
 }
 
 /// The transaction a message belongs to: client, server, protocol, id.
@@ -75,33 +81,53 @@ fn key(meta: &Meta, msg: &Message) -> TxKey {
 }
 
 impl Transactions {
-    /// Takes one message; returns the records it completes.
-    pub fn add(&mut self, meta: Meta, msg: &Message, epoch: impl Fn(u64) -> f64) -> Vec<DnsRecord> {
-        let mut done = Vec::new();
-        if !msg.response {
-            if let Some((_, old)) = self.pending.push(
-                key(&meta, msg),
-                Query {
-                    ts_ns: meta.ts_ns,
-                    meta,
-                    msg: msg.clone(),
-                },
-            ) {
-                // Evicted for room, or the same id asked again: written unanswered.
-                done.push(record(old.meta, &old.msg, None, &epoch));
-            }
-            return done;
-        }
-        let query = self.pending.pop(&key(&meta, msg));
-        let ts_ns = query.as_ref().map_or(meta.ts_ns, |q| q.ts_ns);
-        let rtt = query
-            .as_ref()
-            .map(|q| meta.ts_ns.saturating_sub(q.ts_ns) as f64 / 1e9);
+    /// Takes a query; returns the record of the one it pushed out, if any.
+    pub fn query(
+        &mut self,
+        meta: Meta,
+        msg: &Message,
+        epoch: impl Fn(u64) -> f64,
+    ) -> Option<DnsRecord> {
+        let question = Message {
+            answers: Vec::new(),
+            ..msg.clone()
+        };
+        let (_, old) = self.pending.push(
+            key(&meta, msg),
+            Query {
+                ts_ns: meta.ts_ns,
+                meta,
+                msg: question,
+            },
+        )?;
+        // Evicted for room, or the same id asked again: written unanswered.
+        Some(record(old.meta, &old.msg, None, &epoch))
+    }
+
+    /// Takes a response: its record, and whether it answers a query seen waiting for it.
+    /// A response that matches a waiting query's id but not its question leaves the query
+    /// waiting for the real answer.
+    pub fn answer(
+        &mut self,
+        meta: Meta,
+        msg: &Message,
+        epoch: impl Fn(u64) -> f64,
+    ) -> (DnsRecord, bool) {
+        let key = key(&meta, msg);
+        let answers = self.pending.peek(&key).is_some_and(|q| {
+            q.msg.qname == msg.qname
+                && q.msg.qtype == msg.qtype
+                && meta.ts_ns.saturating_sub(q.ts_ns) < UNANSWERED_AFTER.as_nanos() as u64
+        });
         let mut rec = record(meta, msg, Some(msg), &epoch);
-        rec.ts = epoch(ts_ns);
-        rec.rtt = rtt;
-        done.push(rec);
-        done
+        if answers {
+            let query = self.pending.pop(&key).expect("peeked");
+            rec.ts = epoch(query.ts_ns);
+            rec.rtt = Some(meta.ts_ns.saturating_sub(query.ts_ns) as f64 / 1e9);
+        } else {
+            rec.unsolicited = true;
+        }
+        (rec, answers)
     }
 
     /// Queries unanswered for [`UNANSWERED_AFTER`] at `now_ns`.
@@ -169,6 +195,7 @@ fn record(
         rcode_name: response.map(|r| rcode_name(r.rcode)),
         answers,
         ttls,
+        unsolicited: false,
     }
 }
 
@@ -222,10 +249,11 @@ mod tests {
             &[(b"files.example.test", 300, 1, vec![203, 0, 113, 10])],
         ))
         .unwrap();
-        assert!(t.add(meta(SEC, false), &q, epoch).is_empty());
-        let recs = t.add(meta(SEC + SEC / 100, true), &r, epoch);
-        assert_eq!(recs.len(), 1);
-        let json = serde_json::to_value(&recs[0]).unwrap();
+        assert!(t.query(meta(SEC, false), &q, epoch).is_none());
+        let (rec, solicited) = t.answer(meta(SEC + SEC / 100, true), &r, epoch);
+        assert!(solicited);
+        let json = serde_json::to_value(&rec).unwrap();
+        assert!(json.get("unsolicited").is_none());
         assert_eq!(json["ts"], 1e9 + 1.0);
         assert_eq!(json["id.orig_h"], "198.18.0.10");
         assert_eq!(json["id.resp_p"], 53);
@@ -243,7 +271,7 @@ mod tests {
     fn unanswered_queries_are_written_after_a_while() {
         let mut t = Transactions::default();
         let q = parse_message(&message(8, false, 0, b"gone.example.test", 28, &[])).unwrap();
-        t.add(meta(0, false), &q, epoch);
+        t.query(meta(0, false), &q, epoch);
         assert!(t.expire(29 * SEC, epoch).is_empty());
         let recs = t.expire(30 * SEC, epoch);
         assert_eq!(recs.len(), 1);
@@ -251,5 +279,39 @@ mod tests {
         assert_eq!(json["qtype_name"], "AAAA");
         assert!(json.get("rcode_name").is_none());
         assert!(t.drain(epoch).is_empty());
+    }
+
+    #[test]
+    fn only_an_answer_to_the_question_asked_in_time_is_solicited() {
+        let mut t = Transactions::default();
+        let q = parse_message(&message(9, false, 0, b"cdn.allowed.test", 1, &[])).unwrap();
+        let answer = |id, name: &[u8]| {
+            parse_message(&message(
+                id,
+                true,
+                0,
+                name,
+                1,
+                &[(name, 60, 1, vec![192, 0, 2, 66])],
+            ))
+            .unwrap()
+        };
+        t.query(meta(0, false), &q, epoch);
+        for (id, name, at) in [
+            (10, b"cdn.allowed.test".as_slice(), SEC),
+            (9, b"drop.site.test".as_slice(), SEC),
+        ] {
+            let (rec, solicited) = t.answer(meta(at, true), &answer(id, name), epoch);
+            assert!(!solicited, "id {id} {name:?}");
+            assert_eq!(serde_json::to_value(&rec).unwrap()["unsolicited"], true);
+        }
+        let (_, solicited) = t.answer(meta(2 * SEC, true), &answer(9, b"cdn.allowed.test"), epoch);
+        assert!(solicited, "the query waited for its own answer");
+        let (_, solicited) = t.answer(meta(3 * SEC, true), &answer(9, b"cdn.allowed.test"), epoch);
+        assert!(!solicited, "a query is answered once");
+
+        t.query(meta(0, false), &q, epoch);
+        let (_, solicited) = t.answer(meta(31 * SEC, true), &answer(9, b"cdn.allowed.test"), epoch);
+        assert!(!solicited, "too late");
     }
 }

@@ -11,18 +11,18 @@ pub mod parse;
 pub mod tunnel;
 
 use std::{
-    io,
     net::IpAddr,
     sync::{Arc, RwLock},
 };
 
+use ipnet::IpNet;
 use monitor_common::{flow::FlowKey, parse::PacketInfo};
 
 use crate::{
     alerts::Alert,
     cli::DnsArgs,
     conntable::{Endpoint, LocalNets},
-    logs::JsonLines,
+    logs::{JsonLines, LogStats},
     nat::Nat,
     rules::Now,
 };
@@ -35,7 +35,10 @@ use tunnel::{TunnelConfig, TunnelDetector};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsCounts {
     pub query: u64,
+    /// Responses to a query the agent saw.
     pub response: u64,
+    /// Responses to no query the agent saw: forged, late, or for a query it missed.
+    pub unsolicited: u64,
     /// Not parsable as DNS, or one IP fragment of a message.
     pub malformed: u64,
 }
@@ -43,7 +46,11 @@ pub struct DnsCounts {
 pub struct Dns {
     /// Shared with the rules' name matching.
     cache: Arc<RwLock<PassiveDns>>,
-    log: Option<(JsonLines, Transactions)>,
+    /// The queries waiting for their answers: only an answer to one of them teaches.
+    queries: Transactions,
+    log: Option<JsonLines>,
+    /// `--dns-resolver`: when set, only their answers teach names.
+    resolvers: Vec<IpNet>,
     /// Records completed since the last poll: written then, when their connection (and
     /// its uid) is in the table.
     ready: Vec<DnsRecord>,
@@ -61,7 +68,9 @@ impl Dns {
     ) -> Self {
         Self {
             cache,
-            log: log.map(|l| (l, Transactions::default())),
+            queries: Transactions::default(),
+            log,
+            resolvers: args.dns_resolvers.clone(),
             ready: Vec::new(),
             tunnel: TunnelDetector::new(TunnelConfig {
                 threshold: args.dns_tunnel_threshold.0,
@@ -97,17 +106,28 @@ impl Dns {
         );
         (meta.src, meta.sport, meta.dst, meta.dport) = (src.addr, src.port, dst.addr, dst.port);
         match payload {
-            Payload::Message(msg) => {
-                if msg.response {
+            Payload::Message(msg) if msg.response => {
+                let ((client, _), (server, _)) = meta.client_server(true);
+                let (rec, solicited) = self.queries.answer(meta, &msg, epoch);
+                if solicited {
                     self.counts.response += 1;
-                    let ((client, _), _) = meta.client_server(true);
-                    self.cache_mut().learn(client, &msg, meta.ts_ns);
+                    if self.teaches(client, server) {
+                        self.cache_mut().learn(client, &msg, meta.ts_ns);
+                    }
+                    self.tunnel.message(&meta, &msg);
                 } else {
-                    self.counts.query += 1;
+                    self.counts.unsolicited += 1;
                 }
+                if self.log.is_some() {
+                    self.ready.push(rec);
+                }
+            }
+            Payload::Message(msg) => {
+                self.counts.query += 1;
                 self.tunnel.message(&meta, &msg);
-                if let Some((_, tx)) = &mut self.log {
-                    self.ready.extend(tx.add(meta, &msg, epoch));
+                let pushed_out = self.queries.query(meta, &msg, epoch);
+                if self.log.is_some() {
+                    self.ready.extend(pushed_out);
                 }
             }
             Payload::Fragment => self.counts.malformed += 1,
@@ -118,26 +138,34 @@ impl Dns {
         }
     }
 
+    /// Whether an answer `server` gave `client` may teach names: with `--dns-resolver`,
+    /// only one given by a listed resolver, or to one (its own upstream lookups).
+    fn teaches(&self, client: IpAddr, server: IpAddr) -> bool {
+        self.resolvers.is_empty()
+            || self
+                .resolvers
+                .iter()
+                .any(|n| n.contains(&server) || n.contains(&client))
+    }
+
     /// At each poll: DnsTunnel alerts, expired cache entries, and the dns.log records
-    /// completed meanwhile, with the uid of their connection where `uid` knows it.
+    /// completed meanwhile, with the uid of their connection where `uid` knows it. A log
+    /// that cannot be written is counted, never in the way of the alerts.
     pub fn poll(
         &mut self,
         now: Now,
         epoch: impl Fn(u64) -> f64,
         uid: impl Fn(&FlowKey) -> Option<String>,
         alerts: &mut Vec<Alert>,
-    ) -> io::Result<()> {
+    ) {
         self.tunnel.poll(now, alerts);
         self.cache_mut().prune(now.mono_ns);
-        if let Some((out, tx)) = &mut self.log {
-            self.ready.extend(tx.expire(now.mono_ns, epoch));
-            for mut rec in self.ready.drain(..) {
-                rec.uid = uid(&flow_key(&rec));
-                out.write(&rec)?;
-            }
-            out.flush()?;
+        let expired = self.queries.expire(now.mono_ns, epoch);
+        if let Some(out) = &mut self.log {
+            self.ready.extend(expired);
+            write(out, &mut self.ready, uid);
+            out.flush_or_count();
         }
-        Ok(())
     }
 
     /// At shutdown: every query still waiting is written unanswered.
@@ -145,16 +173,17 @@ impl Dns {
         &mut self,
         epoch: impl Fn(u64) -> f64,
         uid: impl Fn(&FlowKey) -> Option<String>,
-    ) -> io::Result<()> {
-        if let Some((out, tx)) = &mut self.log {
-            self.ready.extend(tx.drain(epoch));
-            for mut rec in self.ready.drain(..) {
-                rec.uid = uid(&flow_key(&rec));
-                out.write(&rec)?;
-            }
-            out.flush()?;
+    ) {
+        if let Some(out) = &mut self.log {
+            self.ready.extend(self.queries.drain(epoch));
+            write(out, &mut self.ready, uid);
+            out.close();
         }
-        Ok(())
+    }
+
+    /// `--dns-log`'s write errors and lost records.
+    pub fn log_stats(&self) -> Option<LogStats> {
+        self.log.as_ref().map(JsonLines::stats)
     }
 
     /// The name `local` resolved for `remote` (else anyone's name for it).
@@ -175,6 +204,17 @@ impl Dns {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .entries()
+    }
+}
+
+fn write(
+    out: &mut JsonLines,
+    ready: &mut Vec<DnsRecord>,
+    uid: impl Fn(&FlowKey) -> Option<String>,
+) {
+    for mut rec in ready.drain(..) {
+        rec.uid = uid(&flow_key(&rec));
+        out.write(&rec);
     }
 }
 

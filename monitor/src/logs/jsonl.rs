@@ -1,28 +1,49 @@
 use std::{
     fs::OpenOptions,
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use log::{info, warn};
 use serde::Serialize;
 
 /// Bumped on SIGHUP: every file log reopens its path before its next write, so logrotate
 /// can move files away without losing a line.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Lines a log keeps while its file cannot take them (a full disk, a read-only remount);
+/// past this, new records are counted as lost.
+const PENDING_MAX: usize = 4 << 20;
+
 /// Asks every [`JsonLines`] file to reopen its path on its next write.
 pub fn request_reopen() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Appends JSON objects, one per line, to a file (or stdout for `-`). Buffered: call
-/// [`JsonLines::flush`] after each poll so readers see whole lines promptly.
+/// A log's troubles since the agent started: `log_write_errors_total` and
+/// `log_records_lost_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Flushes that failed (each is retried at the next one).
+    pub errors: u64,
+    /// Records dropped because [`PENDING_MAX`] bytes were already waiting.
+    pub lost: u64,
+}
+
+/// Appends JSON objects, one per line, to a file (or stdout for `-`). Records wait in
+/// memory until [`JsonLines::flush`]; a flush that fails keeps what the file did not take
+/// and writes it first next time, so a line is never cut or written twice.
 pub struct JsonLines {
     path: PathBuf,
-    out: BufWriter<Box<dyn Write + Send>>,
+    /// None after a reopen failed: tried again at the next flush.
+    out: Option<Box<dyn Write + Send>>,
+    pending: Vec<u8>,
     generation: u64,
+    stats: LogStats,
+    /// In a failure episode: said once when it starts and once when it ends.
+    failing: bool,
 }
 
 fn open_out(path: &Path) -> io::Result<Box<dyn Write + Send>> {
@@ -42,28 +63,120 @@ impl JsonLines {
     pub fn open(path: &Path) -> io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            out: BufWriter::new(open_out(path)?),
+            out: Some(open_out(path)?),
+            pending: Vec::new(),
             generation: GENERATION.load(Ordering::Relaxed),
+            stats: LogStats::default(),
+            failing: false,
         })
     }
 
-    pub fn write<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
+    /// Queues one record as a line; written by the next [`JsonLines::flush`].
+    pub fn write<T: Serialize>(&mut self, record: &T) {
+        self.reopen_if_asked();
+        if self.pending.len() >= PENDING_MAX {
+            self.stats.lost += 1;
+            return;
+        }
+        let start = self.pending.len();
+        match serde_json::to_writer(&mut self.pending, record) {
+            Ok(()) => self.pending.push(b'\n'),
+            Err(err) => {
+                self.pending.truncate(start);
+                self.stats.lost += 1;
+                warn!(
+                    "{}: a record could not be encoded: {err}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// Whether lines are waiting for the file: after a failed flush, or before any flush.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes every waiting line. On failure what the file did not take stays, in order.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.reopen_if_asked();
+        self.write_pending()
+    }
+
+    /// After SIGHUP, lines queued before it go to the old file while it takes them; the
+    /// rest, and every line after, to a file opened at the path.
+    fn reopen_if_asked(&mut self) {
         let generation = GENERATION.load(Ordering::Relaxed);
         if generation != self.generation && self.path != Path::new("-") {
-            self.out.flush()?;
-            self.out = BufWriter::new(open_out(&self.path)?);
+            let _ = self.write_pending();
+            self.out = None;
             self.generation = generation;
         }
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out.write_all(b"\n")
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+    fn write_pending(&mut self) -> io::Result<()> {
+        let out = match &mut self.out {
+            Some(out) => out,
+            None => self.out.insert(open_out(&self.path)?),
+        };
+        let mut written = 0;
+        let result = loop {
+            if written == self.pending.len() {
+                break out.flush();
+            }
+            match out.write(&self.pending[written..]) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => break Err(err),
+            }
+        };
+        self.pending.drain(..written);
+        result
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// For logs that must never hold up the pipeline: flushes, and counts and reports a
+    /// failure instead of returning it, once when an episode starts and once when it ends.
+    pub fn flush_or_count(&mut self) {
+        match self.flush() {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                info!(
+                    "{}: writes succeed again ({} records lost meanwhile in all)",
+                    self.path.display(),
+                    self.stats.lost
+                );
+            }
+            Ok(()) => {}
+            Err(err) => {
+                self.stats.errors += 1;
+                if !self.failing {
+                    self.failing = true;
+                    warn!(
+                        "{}: writing failed: {err}; records wait in memory (up to {} MiB, then \
+                         they are counted in log_records_lost_total) and are retried every poll",
+                        self.path.display(),
+                        PENDING_MAX >> 20
+                    );
+                }
+            }
+        }
+    }
+
+    /// The last flush, at shutdown: what still cannot be written is reported.
+    pub fn close(&mut self) {
+        self.flush_or_count();
+        if self.has_pending() {
+            warn!(
+                "{}: {} bytes of records could not be written before exit",
+                self.path.display(),
+                self.pending.len()
+            );
+        }
+    }
+
+    pub fn stats(&self) -> LogStats {
+        self.stats
     }
 }
 
@@ -71,21 +184,100 @@ impl JsonLines {
 mod tests {
     use super::*;
 
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("jsonl-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn reopens_a_moved_file_on_request() {
-        let dir = std::env::temp_dir().join(format!("jsonl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (path, rotated) = (dir.join("conn.log"), dir.join("conn.log.1"));
+        let dir = Scratch::new("reopen");
+        let (path, rotated) = (dir.0.join("conn.log"), dir.0.join("conn.log.1"));
         let mut log = JsonLines::open(&path).unwrap();
-        log.write(&1).unwrap();
+        log.write(&1);
         log.flush().unwrap();
         std::fs::rename(&path, &rotated).unwrap();
-        log.write(&2).unwrap();
+        log.write(&2);
+        log.flush().unwrap();
         request_reopen();
-        log.write(&3).unwrap();
+        log.write(&3);
         log.flush().unwrap();
         assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "1\n2\n");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "3\n");
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A writer that takes `room` bytes, then fails until it is given more.
+    struct Disk {
+        taken: std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut taken = self.taken.lock().unwrap();
+            let (data, room) = &mut *taken;
+            if *room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(*room);
+            data.extend_from_slice(&buf[..n]);
+            *room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_cuts_no_line_and_loses_none_once_it_has_room() {
+        let taken = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), 5)));
+        let mut log = JsonLines {
+            // Stdout's name: a reopen requested by another test leaves it alone.
+            path: "-".into(),
+            out: Some(Box::new(Disk {
+                taken: taken.clone(),
+            })),
+            pending: Vec::new(),
+            generation: GENERATION.load(Ordering::Relaxed),
+            stats: LogStats::default(),
+            failing: false,
+        };
+        log.write(&"first");
+        log.write(&"second");
+        log.flush_or_count();
+        log.flush_or_count();
+        assert_eq!(log.stats(), LogStats { errors: 2, lost: 0 });
+        assert!(log.has_pending());
+        taken.lock().unwrap().1 = 1000;
+        log.write(&"third");
+        log.flush_or_count();
+        assert!(!log.has_pending());
+        assert_eq!(
+            String::from_utf8(taken.lock().unwrap().0.clone()).unwrap(),
+            "\"first\"\n\"second\"\n\"third\"\n"
+        );
+    }
+
+    #[test]
+    fn past_the_bound_records_are_counted_as_lost() {
+        let dir = Scratch::new("bound");
+        let mut log = JsonLines::open(&dir.0.join("x.log")).unwrap();
+        let record = "x".repeat(1 << 20);
+        for _ in 0..6 {
+            log.write(&record);
+        }
+        assert_eq!(log.stats().lost, 2);
     }
 }

@@ -3,4 +3,4 @@
 pub mod conn;
 mod jsonl;
 
-pub use jsonl::{JsonLines, request_reopen};
+pub use jsonl::{JsonLines, LogStats, request_reopen};

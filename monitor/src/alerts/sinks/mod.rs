@@ -32,7 +32,11 @@ impl Sink for AlertLog {
     }
 
     fn deliver(&mut self, alert: &Alert) -> io::Result<()> {
-        self.0.write(alert)?;
+        // A line still waiting is this alert's: the dispatcher retries its head until
+        // delivered, so writing it again would log it twice.
+        if !self.0.has_pending() {
+            self.0.write(alert);
+        }
         self.0.flush()
     }
 }
