@@ -22,7 +22,10 @@ pub const DNS_EVENTS_LOST: u32 = 14;
 /// Malformed but counted: a single packet whose IP header claims more bytes than its frame
 /// holds. It counts what the frame holds.
 pub const IP_LEN_EXCEEDS_FRAME: u32 = 15;
-pub const SLOTS: u32 = 16;
+/// Not counted: a packet that came in on an interface its source address is not routed
+/// through (a strict reverse-path check), so its source is forged.
+pub const SPOOFED_SOURCE: u32 = 16;
+pub const SLOTS: u32 = 17;
 
 /// The `reason` label of `packets_unparsed_total` of each slot that has one.
 pub const UNPARSED_REASONS: [(u32, &str); 14] = [

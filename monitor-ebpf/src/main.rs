@@ -9,10 +9,13 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_NOEXIST, TC_ACT_OK, xdp_action, xdp_md},
+    bindings::{
+        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK,
+        bpf_fib_lookup, xdp_action, xdp_md,
+    },
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
+        generated::{bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     },
     macros::{classifier, map, xdp},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -50,6 +53,11 @@ static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES,
 #[map(name = "DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 
+/// Scratch for the reverse-path lookup: its 64 bytes would not fit the stack beside the
+/// parser's.
+#[map(name = "FIB_PARAMS")]
+static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
 /// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
 static ZERO_FLOW: FlowValue = FlowValue::ZERO;
 
@@ -83,10 +91,15 @@ fn bump(slot: u32) {
 
 /// Copies packet bytes the way the hook allows: the helpers also reach data outside the
 /// linear part of an skb or an XDP frame, and take offsets the verifier need not track.
+/// The same context asks the routing table.
 trait Copier {
     /// 0 on success.
     fn copy(&self, offset: u32, to: *mut u8, len: u32) -> i64;
+    /// `bpf_fib_lookup` from this hook: a `BPF_FIB_LKUP_RET_*` code.
+    fn route(&self, params: &mut bpf_fib_lookup) -> i64;
 }
+
+const FIB_PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 struct XdpCopier(*mut xdp_md);
 
@@ -95,6 +108,12 @@ impl Copier for XdpCopier {
     fn copy(&self, offset: u32, to: *mut u8, len: u32) -> i64 {
         // SAFETY: `to` points to at least `len` writable bytes.
         unsafe { bpf_xdp_load_bytes(self.0, offset, to.cast(), len) }
+    }
+
+    #[inline(always)]
+    fn route(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: `params` is a whole bpf_fib_lookup.
+        unsafe { fib_lookup(self.0.cast(), params, FIB_PARAMS_LEN, 0) }
     }
 }
 
@@ -106,7 +125,73 @@ impl Copier for SkbCopier {
         // SAFETY: as above.
         unsafe { bpf_skb_load_bytes(self.0.cast(), offset, to.cast(), len) }
     }
+
+    #[inline(always)]
+    fn route(&self, params: &mut bpf_fib_lookup) -> i64 {
+        // SAFETY: as above.
+        unsafe { fib_lookup(self.0.cast(), params, FIB_PARAMS_LEN, 0) }
+    }
 }
+
+/// Whether a packet that came in on `ifindex` has a source the routing table reaches
+/// through another interface (a strict reverse-path check, as `rp_filter=1` does): someone
+/// on this side forged it. Where forwarding is off on the interface the kernel answers no
+/// route, and the packet passes; so does an unspecified IPv4 source (DHCP) and a packet
+/// that is not plain IP behind at most one VLAN tag. It reads the addresses on its own,
+/// before the parser, in a function of its own: the verifier sees the parser's paths
+/// start from one state, not one per way through this check.
+#[inline(never)]
+fn spoofed<C: Copier>(link: Link, ifindex: u32, copier: &C) -> bool {
+    let at = |off: u32| {
+        Copied(copier)
+            .load::<2>(off as usize)
+            .map(u16::from_be_bytes)
+    };
+    let (ethertype, l3) = match link {
+        Link::Ip { protocol } => (protocol, 0),
+        Link::Ethernet { .. } => match at(12) {
+            Some(0x8100 | 0x88a8) => (at(16).unwrap_or(0), 18),
+            Some(ethertype) => (ethertype, 14),
+            None => return false,
+        },
+    };
+    let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
+    let params = unsafe { &mut *params };
+    // SAFETY: plain data; all-zero is a valid lookup of nothing.
+    *params = unsafe { core::mem::zeroed() };
+    params.ifindex = ifindex;
+    // The way back: from the packet's destination to its source.
+    let copied = match ethertype {
+        0x0800 => {
+            params.family = AF_INET;
+            // SAFETY: each field is 4 writable bytes.
+            unsafe {
+                copier.copy(l3 + 12, (&raw mut params.__bindgen_anon_4).cast(), 4) == 0
+                    && copier.copy(l3 + 16, (&raw mut params.__bindgen_anon_3).cast(), 4) == 0
+                    && params.__bindgen_anon_4.ipv4_dst != 0
+            }
+        }
+        0x86dd => {
+            params.family = AF_INET6;
+            copier.copy(l3 + 8, (&raw mut params.__bindgen_anon_4).cast(), 16) == 0
+                && copier.copy(l3 + 24, (&raw mut params.__bindgen_anon_3).cast(), 16) == 0
+        }
+        _ => false,
+    };
+    if !copied {
+        return false;
+    }
+    let found = copier.route(params);
+    // No neighbour entry yet still names the interface the route leaves through.
+    (found == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || found == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH))
+        && params.ifindex != ifindex
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Reads through a copier: what locating a DNS message needs, and headers beyond the
 /// linear part of an skb.
@@ -130,6 +215,9 @@ fn count<C: Copier>(
     link: Link,
     hook: (u8, &C),
 ) {
+    if hook.0 == DIRECTION_INGRESS && spoofed(link, ifindex, hook.1) {
+        return bump(stats::SPOOFED_SOURCE);
+    }
     let parsed = match parse_packet(pkt, link) {
         // An skb built from pages (AF_PACKET, tun, some drivers) may hold no more than the
         // link-layer header in its linear part: the helper reads the rest. Only packets

@@ -43,6 +43,7 @@ pub struct Metrics {
     flow_map_entries: IntGauge,
     flow_map_full: IntCounter,
     dns_events_lost: IntCounter,
+    spoofed: IntCounter,
     dns_messages: IntCounterVec,
     dns_cache_entries: IntGauge,
     last_dns: DnsCounts,
@@ -156,6 +157,10 @@ impl Metrics {
             "flow_map_full_total",
             "Packets of new connections not counted because the connection map was full.",
         ))?;
+        let spoofed = IntCounter::with_opts(opts(
+            "packets_spoofed_total",
+            "Packets not counted because they came in on an interface their source address is not routed through (a forged source).",
+        ))?;
         let dns_events_lost = IntCounter::with_opts(opts(
             "dns_events_lost_total",
             "DNS messages the kernel could not hand over because the ring buffer was full.",
@@ -257,6 +262,7 @@ impl Metrics {
             Box::new(flow_map_capacity.clone()),
             Box::new(flow_map_full.clone()),
             Box::new(dns_events_lost.clone()),
+            Box::new(spoofed.clone()),
             Box::new(dns_messages.clone()),
             Box::new(dns_cache_entries.clone()),
             Box::new(unparsed.clone()),
@@ -305,6 +311,7 @@ impl Metrics {
             flow_map_entries,
             flow_map_full,
             dns_events_lost,
+            spoofed,
             dns_messages,
             dns_cache_entries,
             last_dns: DnsCounts::default(),
@@ -396,6 +403,8 @@ impl Metrics {
                 self.flow_map_full.inc_by(new);
             } else if slot == stats::DNS_EVENTS_LOST as usize {
                 self.dns_events_lost.inc_by(new);
+            } else if slot == stats::SPOOFED_SOURCE as usize {
+                self.spoofed.inc_by(new);
             } else if let Some(reason) = stats::unparsed_reason(slot as u32) {
                 self.unparsed.with_label_values(&[reason]).inc_by(new);
             }

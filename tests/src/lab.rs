@@ -453,7 +453,7 @@ impl Lab {
     }
 
     /// (own MAC, peer MAC) of a lab veth.
-    fn macs(&self, dev: &str) -> ([u8; 6], [u8; 6]) {
+    pub fn macs(&self, dev: &str) -> ([u8; 6], [u8; 6]) {
         let (own, peer) = if dev == self.lan_if {
             (LAN_HOST_MAC, GW_LAN_MAC)
         } else if dev == self.gw_lan_if {
@@ -815,7 +815,7 @@ fn parse_mac(text: &str) -> [u8; 6] {
 }
 
 /// Sends one raw Ethernet frame out of `dev` in `ns` through an AF_PACKET socket.
-fn send_raw_frame(ns: &str, dev: &str, dst: [u8; 6], frame: Vec<u8>) {
+pub fn send_raw_frame(ns: &str, dev: &str, dst: [u8; 6], frame: Vec<u8>) {
     let dev = dev.to_string();
     let ns_name = ns.to_string();
     run_in_ns(ns, move || {
