@@ -1,7 +1,10 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        mpsc::{self, RecvTimeoutError},
+    },
     time::{Duration, Instant},
 };
 
@@ -23,7 +26,7 @@ use crate::{
     dns::{
         Dns,
         cache::PassiveDns,
-        events::{Batch, DnsEvents},
+        events::{Batch, DnsEvents, DnsQueue},
     },
     export::{EndReason, IpfixConfig, IpfixExporter},
     kernel::{Kernel, pins::PinDir},
@@ -70,13 +73,16 @@ struct Pipeline {
     parse_watch: ParseWatch,
     /// The interfaces and how they are hooked, as the `watching` line says.
     watching: String,
+    /// DNS messages drained from the kernel's ring meanwhile.
+    dns_queue: DnsQueue,
+    dns_batch: Batch,
 }
 
 impl Pipeline {
     /// Reads the map, runs the rules on every open connection, then finishes what is done:
     /// each finished entry is taken out of the map with its final counts, judged by the
     /// rules once more, and written.
-    fn poll(&mut self, dns_events: &mut DnsEvents, dns_batch: &mut Batch) -> anyhow::Result<()> {
+    fn poll(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
@@ -84,8 +90,7 @@ impl Pipeline {
         self.read_map()?;
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
-        dns_events.take_ready(dns_batch);
-        self.record_dns(dns_batch);
+        self.record_dns();
         let mut alerts = Vec::new();
         let mut finished = Vec::new();
         for conn in self.table.iter() {
@@ -179,10 +184,29 @@ impl Pipeline {
 
     /// DNS messages, each between its pre-NAT endpoints: the translations of the
     /// connections they belong to are taken first.
-    fn record_dns(&mut self, batch: &mut Batch) {
+    fn record_dns(&mut self) {
+        self.dns_queue.take(&mut self.dns_batch);
         self.nat.refresh();
         let (dns, nat, clock) = (&mut self.dns, &self.nat, self.clock);
-        batch.drain(|record| dns.record(record, |ns| clock.epoch_secs(ns), nat));
+        self.dns_batch
+            .drain(|record| dns.record(record, |ns| clock.epoch_secs(ns), nat));
+    }
+
+    /// Polls every `every` on its own thread until `stop` says so (or its sender goes),
+    /// then hands itself back. A poll that runs late delays the next by `every`.
+    fn run(mut self, every: Duration, stop: &mpsc::Receiver<()>) -> Self {
+        let mut due = Instant::now();
+        loop {
+            let wait = due.saturating_duration_since(Instant::now());
+            if !matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout)) {
+                return self;
+            }
+            let fired = Instant::now();
+            if let Err(err) = self.poll() {
+                warn!("poll failed: {err:#}");
+            }
+            due = due.max(fired) + every;
+        }
     }
 
     /// One read of the whole map into the table, each entry under its pre-NAT key.
@@ -226,6 +250,7 @@ impl Pipeline {
     /// With `--pin-path`: the programs keep counting and the open connections are left,
     /// unfinished, to the next run; what the rules know is saved, the sinks drained.
     fn suspend(mut self, pins: &std::path::Path) -> anyhow::Result<()> {
+        self.record_dns();
         self.save_state();
         info!(
             "{} open connections left to the next run: the programs stay attached, pinned under {} \
@@ -242,6 +267,7 @@ impl Pipeline {
     fn shutdown(mut self) -> anyhow::Result<()> {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         self.read_map()?;
+        self.record_dns();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log();
         let open: Vec<Conn> = self.table.drain().collect();
@@ -462,7 +488,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     );
-    let mut dns_events = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
+    let (dns_events, dns_queue) = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
     let mut watching = Vec::new();
     for iface in &ifaces {
         let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
@@ -531,6 +557,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         nat,
         parse_watch: ParseWatch::default(),
         watching: watching.join(", "),
+        dns_queue,
+        dns_batch: Batch::default(),
     };
     if let Some(saved) = saved {
         pipeline.restore(saved, resumed);
@@ -545,22 +573,20 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 
-    let mut ticks = tokio::time::interval(args.poll_interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut dns_batch = Batch::default();
+    // Polls run on a thread of their own: /metrics and the DNS drain stay on this one.
+    let (stop, stopped) = mpsc::channel();
+    let every = args.poll_interval;
+    let polling = std::thread::Builder::new()
+        .name("poll".into())
+        .spawn(move || pipeline.run(every, &stopped))
+        .context("starting the poll thread")?;
+    let drain = tokio::spawn(async move {
+        if let Err(err) = dns_events.run().await {
+            warn!("reading DNS events failed: {err:#}");
+        }
+    });
     loop {
         tokio::select! {
-            read = dns_events.read(&mut dns_batch) => {
-                if let Err(err) = read {
-                    warn!("reading DNS events failed: {err:#}");
-                }
-                pipeline.record_dns(&mut dns_batch);
-            }
-            _ = ticks.tick() => {
-                if let Err(err) = pipeline.poll(&mut dns_events, &mut dns_batch) {
-                    warn!("poll failed: {err:#}");
-                }
-            }
             _ = sighup.recv() => {
                 logs::request_reopen();
                 info!("SIGHUP: log files reopen before their next line");
@@ -569,6 +595,12 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    drain.abort();
+    // The poll in progress ends first: the last read below follows it.
+    drop(stop);
+    let pipeline = polling
+        .join()
+        .map_err(|_| anyhow::anyhow!("the poll thread panicked"))?;
     drop(kernel);
     if let Some(pins) = &args.pin_path {
         return pipeline.suspend(pins);

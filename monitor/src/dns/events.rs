@@ -1,52 +1,101 @@
-//! The `DNS_EVENTS` ring buffer, read as soon as the kernel writes to it (the poll
-//! period would let a burst fill it).
+//! The `DNS_EVENTS` ring buffer, drained as soon as the kernel writes to it (the poll
+//! period would let a burst fill it) on the runtime's thread, while the pipeline polls on
+//! its own: a long poll never leaves the ring unread.
+
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use aya::maps::{Map, MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
-pub struct DnsEvents {
-    ring: AsyncFd<RingBuf<MapData>>,
-}
-
-/// Records taken per wake-up at most, so a flood cannot starve the poll loop.
+/// Records taken per wake-up at most, so a flood cannot starve the runtime.
 const BATCH: usize = 4096;
+/// Bytes of records waiting for the pipeline at most. Past this the drain leaves them in
+/// the ring, where the next poll takes them; meanwhile the kernel counts what the full
+/// ring cannot take (`dns_events_lost_total`).
+const WAITING_MAX: usize = 16 << 20;
 
-impl DnsEvents {
-    pub fn new(map: Map) -> anyhow::Result<Self> {
-        let ring = RingBuf::try_from(map)?;
-        // SAFETY: the ring buffer owns its map's file descriptor, which stays open and the
-        // same until the AsyncFd (which owns the ring) drops it.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(Self { ring })
-    }
+/// The ring and what was drained from it, shared by the drain and the pipeline.
+struct Shared {
+    ring: RingBuf<MapData>,
+    waiting: Batch,
+}
 
-    /// Waits for records, then appends them to `batch` (at most [`BATCH`] per call).
-    pub async fn read(&mut self, batch: &mut Batch) -> anyhow::Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut taken = 0;
-        while taken < BATCH {
-            let Some(item) = ring.next() else { break };
-            batch.bytes.extend_from_slice(&item);
-            batch.ends.push(batch.bytes.len());
-            taken += 1;
-        }
-        if taken < BATCH {
-            guard.clear_ready();
-        }
-        Ok(())
-    }
+/// The drain's side: wakes when the kernel writes.
+pub struct DnsEvents {
+    readable: AsyncFd<OwnedFd>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// The pipeline's side: takes what was drained, and what the ring holds now.
+pub struct DnsQueue {
+    shared: Arc<Mutex<Shared>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DnsEvents {
-    /// Appends every record waiting now to `batch`, without waiting: what the kernel queued
-    /// before a flow-map read, taken before that read's connections are judged.
-    pub fn take_ready(&mut self, batch: &mut Batch) {
-        let ring = self.ring.get_mut();
+    pub fn new(map: Map) -> anyhow::Result<(Self, DnsQueue)> {
+        let ring = RingBuf::try_from(map)?;
+        // A second descriptor of the same ring, for readiness alone: the ring itself is
+        // read under the lock.
+        let fd = ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: the AsyncFd owns this descriptor, which stays open and the same until
+        // the AsyncFd drops it.
+        let readable = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let shared = Arc::new(Mutex::new(Shared {
+            ring,
+            waiting: Batch::default(),
+        }));
+        let queue = DnsQueue {
+            shared: shared.clone(),
+        };
+        Ok((Self { readable, shared }, queue))
+    }
+
+    /// Drains the ring whenever the kernel writes to it, until the ring fails.
+    pub async fn run(self) -> anyhow::Result<()> {
+        loop {
+            let mut guard = self.readable.readable().await?;
+            let (taken, full) = {
+                let mut shared = lock(&self.shared);
+                let Shared { ring, waiting } = &mut *shared;
+                let mut taken = 0;
+                while taken < BATCH && waiting.bytes.len() < WAITING_MAX {
+                    let Some(item) = ring.next() else { break };
+                    waiting.push(&item);
+                    taken += 1;
+                }
+                (taken, waiting.bytes.len() >= WAITING_MAX)
+            };
+            if taken < BATCH || full {
+                guard.clear_ready();
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+impl DnsQueue {
+    /// Appends to `batch` every record drained so far and every record the ring holds
+    /// now: what the kernel queued before a flow-map read, taken before that read's
+    /// connections are judged.
+    pub fn take(&self, batch: &mut Batch) {
+        let mut shared = lock(&self.shared);
+        let Shared { ring, waiting } = &mut *shared;
         while let Some(item) = ring.next() {
-            batch.bytes.extend_from_slice(&item);
-            batch.ends.push(batch.bytes.len());
+            waiting.push(&item);
+        }
+        if batch.ends.is_empty() {
+            std::mem::swap(batch, waiting);
+        } else {
+            waiting.drain(|record| batch.push(record));
         }
     }
 }
@@ -59,6 +108,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    fn push(&mut self, record: &[u8]) {
+        self.bytes.extend_from_slice(record);
+        self.ends.push(self.bytes.len());
+    }
+
     /// Hands out every record and empties the batch.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) {
         let mut start = 0;

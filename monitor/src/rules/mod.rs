@@ -179,7 +179,7 @@ pub struct Sent {
     pub pkts: u64,
 }
 
-pub trait Rule {
+pub trait Rule: Send {
     /// An open connection's latest totals; every poll.
     fn on_update(&mut self, _conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {}
     /// A connection's final totals; once, before its record is written.

@@ -18,11 +18,12 @@ use monitor::{
 };
 use monitor_common::flow::{FlowKey, tcp_flags};
 use tests::{
+    flowmap::active,
     lab::{self, Lab, run_in_ns},
     procfs,
 };
 
-use crate::{Plan, median, poll::active};
+use crate::{Plan, median};
 
 pub struct LearnRow {
     pub translations: u32,

@@ -7,19 +7,16 @@
 //! such a map per map kind: a per-CPU and a shared hash of the same sizes, read in turn.
 
 use std::{
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Map, MapData};
 use monitor::poller::Poller;
-use monitor_common::{
-    flow::{DirStats, FlowKey, FlowValue, tcp_flags},
-    names,
-};
+use monitor_common::{flow::FlowValue, names};
 use tests::{
     agent::Agent,
+    flowmap::{Pins, fill},
     http,
     lab::{self, Lab},
     procfs,
@@ -41,19 +38,6 @@ pub struct Row {
     pub bytes_per_conn: f64,
 }
 
-/// The pin directory, removed even when the benchmark fails.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn map(&self, name: &str) -> PathBuf {
-        self.0.join("maps").join(name)
-    }
-
-    fn flows(&self) -> PathBuf {
-        self.map(names::FLOW_MAP)
-    }
-}
-
 /// Reads the pinned flow map as the agent's poller does, `times` times; the median ms.
 fn read_alone(pins: &Pins, times: u32) -> f64 {
     let flows = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
@@ -70,12 +54,6 @@ fn read_alone(pins: &Pins, times: u32) -> f64 {
     }))
 }
 
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = monitor::kernel::pins::remove(&self.0);
-    }
-}
-
 fn metric(body: &str, name: &str) -> f64 {
     http::sample(body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
@@ -84,53 +62,6 @@ fn scrape(lab: &Lab) -> String {
     http::eventually("the agent's /metrics", Duration::from_secs(30), || {
         http::get(&lab.gw, METRICS, "/metrics")
     })
-}
-
-/// One direction of a synthetic connection active until `now_ns`: 10 packets, 10 kB.
-pub fn active(tcp_flags: u8, now_ns: u64) -> DirStats {
-    DirStats {
-        pkts: 10,
-        ip_bytes: 10_000,
-        bytes: 9_480,
-        first_ns: now_ns - 1_000_000_000,
-        last_ns: now_ns,
-        tcp_flags,
-        ..DirStats::default()
-    }
-}
-
-/// Connection `n`: a TCP connection from a local host to a remote one, both ways active.
-fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
-    let mut key = FlowKey {
-        port_a: 1024 + (n % 60_000) as u16,
-        port_b: 443,
-        proto: 6,
-        family: 4,
-        ..FlowKey::default()
-    };
-    key.addr_a[..4].copy_from_slice(&[198, 18, (n >> 24) as u8 & 1, 2]);
-    key.addr_b[..4].copy_from_slice(&[10, (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-    let value = FlowValue {
-        dir: [
-            active(tcp_flags::ACK | tcp_flags::PSH, now_ns),
-            active(tcp_flags::ACK, now_ns),
-        ],
-        ifindex: 1,
-        _pad: 0,
-    };
-    (key, value)
-}
-
-fn fill(pins: &Pins, entries: u32) {
-    let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
-    let mut map =
-        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map");
-    let now = monitor::clock::monotonic_ns();
-    for n in 0..entries {
-        let (key, value) = synthetic(n, now);
-        map.insert(&key, &value, 0)
-            .expect("insert a synthetic connection");
-    }
 }
 
 fn rss_bytes(pid: u32) -> f64 {
@@ -224,18 +155,14 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
 
 fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     let lab = Lab::new();
-    let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/monitor-bench-poll-{}",
-        std::process::id()
-    ));
-    let pins = Pins(dir.clone());
+    let pins = Pins::new("bench-poll");
     let capacity = (entries * 2).to_string();
     let agent = Agent::start_seeing_pins(
         &lab.gw,
         "lo",
         &[
             "--pin-path",
-            dir.to_str().expect("UTF-8 path"),
+            pins.root().to_str().expect("UTF-8 path"),
             "--flow-map-size",
             &capacity,
             "--idle-timeout",

@@ -1,0 +1,90 @@
+//! A poll of a million connections runs on a thread of its own: /metrics answers at once
+//! while it runs. The agent runs with `--pin-path`, so the test fills the very map it
+//! polls with synthetic connections, all active.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    agent::Agent,
+    flowmap::{Pins, fill},
+    http,
+    lab::{self, Lab},
+};
+
+const METRICS: &str = "127.0.0.1:9877";
+const ENTRIES: u32 = 1_000_000;
+const SCRAPES: u32 = 30;
+/// What a scrape may take while a poll runs.
+const ANSWER_LIMIT: Duration = Duration::from_millis(100);
+
+fn scrape(lab: &Lab) -> (Duration, String) {
+    let started = Instant::now();
+    let body = http::get(&lab.gw, METRICS, "/metrics").expect("/metrics answers 200");
+    (started.elapsed(), body)
+}
+
+fn sample(body: &str, name: &str) -> f64 {
+    http::sample(body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+#[test]
+fn metrics_answer_while_a_million_connections_are_polled() {
+    let lab = Lab::new();
+    let pins = Pins::new("test-long-poll");
+    let capacity = (2 * ENTRIES).to_string();
+    let _agent = Agent::start_seeing_pins(
+        &lab.gw,
+        "lo",
+        &[
+            "--pin-path",
+            pins.root().to_str().expect("UTF-8 path"),
+            "--flow-map-size",
+            &capacity,
+            "--idle-timeout",
+            "1h",
+            "--poll-interval",
+            "100ms",
+            "--local-net",
+            lab::LOCAL_NET_V4,
+        ],
+    );
+    fill(&pins, ENTRIES);
+    http::eventually(
+        "the agent tracking every synthetic connection",
+        Duration::from_secs(120),
+        || {
+            let body = http::get(&lab.gw, METRICS, "/metrics")?;
+            (sample(&body, "egress_monitor_connections_active") as u32 >= ENTRIES).then_some(())
+        },
+    );
+    let (_, before) = scrape(&lab);
+    let mut took = Vec::new();
+    for _ in 0..SCRAPES {
+        took.push(scrape(&lab).0);
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (_, after) = scrape(&lab);
+    let polls = sample(&after, "egress_monitor_poll_duration_seconds_count")
+        - sample(&before, "egress_monitor_poll_duration_seconds_count");
+    let polling = sample(&after, "egress_monitor_poll_duration_seconds_sum")
+        - sample(&before, "egress_monitor_poll_duration_seconds_sum");
+    // Polls longer than the interval run back to back: every scrape met one.
+    assert!(
+        polls >= 1.0 && polling / polls > 0.1,
+        "{polls} polls took {polling} s: too short to overlap the scrapes"
+    );
+    let slowest = took.iter().max().expect("scrapes");
+    eprintln!(
+        "slowest of {SCRAPES} scrapes: {slowest:?}, while polls took {:.2} s each",
+        polling / polls
+    );
+    assert!(
+        *slowest < ANSWER_LIMIT,
+        "a scrape took {slowest:?} while {ENTRIES} connections were polled (polls of {:.2} s); \
+         all: {took:?}",
+        polling / polls
+    );
+}
