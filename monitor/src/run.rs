@@ -439,10 +439,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let pins = args
         .pin_path
         .as_deref()
-        .map(|dir| {
-            PinDir::create(dir)
-                .with_context(|| format!("--pin-path {}: creating it", dir.display()))
-        })
+        .map(|dir| PinDir::create(dir).context("--pin-path"))
         .transpose()?;
     if pins.is_some() && state.is_none() {
         warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
