@@ -431,7 +431,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let dns_log = open_log(args.dns.dns_log.as_deref())?;
     let (state, saved) = match &args.state_dir {
         Some(dir) => {
-            let (state, saved) = StateDir::open(dir)?;
+            let (state, saved) = StateDir::open(dir, args.flow_map_size)?;
             (Some(state), saved)
         }
         None => (None, None),
@@ -502,6 +502,11 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         dns_log,
         passive,
     );
+    let rules = rules::from_args(&args.rules, &names);
+    let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
+        let now = Now::new(clock::monotonic_ns(), &clock);
+        dir.vetted(saved, now, args.flow_map_size, &rules)
+    });
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(
@@ -512,7 +517,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                     .map_or_else(Uids::random_seed, |saved| saved.uid_seed),
             ),
         ),
-        rules: rules::from_args(&args.rules, &names),
+        rules,
         local,
         clock,
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),

@@ -1,6 +1,7 @@
 //! What other users of the machine may plant or change must not steer the agent: a log
-//! path that is a symbolic link is refused (its target untouched), and a pin directory is
-//! made private and refused when someone else owns it or may write to it.
+//! path that is a symbolic link is refused (its target untouched), a pin directory is
+//! made private and refused when someone else owns it or may write to it, and a tampered
+//! or oversized `state.json` is ignored with a warning (a fresh start).
 
 use std::{
     fs,
@@ -10,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use serde_json::{Value, json};
 use tests::{
     agent::Agent,
     lab::{self, Lab},
@@ -139,4 +141,98 @@ fn pin_directories_are_private_and_refused_when_not_ours() {
     symlink(&made.0, &linked.0).expect("plant the symlink");
     let out = run_to_end(&lab, &["--pin-path", linked.arg()]);
     assert_refused(&out, &["--pin-path", linked.arg(), "symbolic link"]);
+}
+
+/// A state file as an agent of this boot writes it, holding `rules` and `suppressor`.
+fn state(rules: Value, suppressor: Value) -> Value {
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    json!({
+        "version": 1,
+        "boot_id": boot_id.trim(),
+        "uid_seed": [1, 2],
+        "conns": [],
+        "rules": rules,
+        "suppressor": suppressor,
+    })
+}
+
+#[test]
+fn tampered_or_oversized_state_is_ignored_with_a_warning() {
+    let lab = Lab::new();
+    let scratch = Scratch::new("tampered-state");
+    let pair = json!({"src": "198.18.1.2", "dst": "203.0.113.2"});
+    let group = |window: u64, past: Value, last_leak: Value| {
+        json!({"Windows.groups": [[pair, {
+            "window": window, "bytes": 1, "exceeded": false, "past": past, "last_leak": last_leak,
+        }]]})
+    };
+    let now_window = || {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch");
+        epoch.as_secs() / 300
+    };
+    let far_future_ns = u64::MAX / 2;
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "suppression timer in the future",
+            state(json!({}), json!([["LargeUpload", "k", far_future_ns]])).to_string(),
+        ),
+        (
+            "window in the future",
+            state(
+                group(now_window() + 10, json!([]), Value::Null),
+                Value::Null,
+            )
+            .to_string(),
+        ),
+        (
+            "past window after the current one",
+            state(
+                group(
+                    now_window(),
+                    json!([[now_window() + 1, 7_000_000]]),
+                    Value::Null,
+                ),
+                Value::Null,
+            )
+            .to_string(),
+        ),
+        (
+            "leak in the future",
+            state(group(now_window(), json!([]), json!(1e12)), Value::Null).to_string(),
+        ),
+        (
+            "oversized",
+            // Valid JSON, padded far beyond what a map of 1024 connections leaves.
+            format!("{}{}", state(json!({}), Value::Null), " ".repeat(64 << 20)),
+        ),
+    ];
+    for (what, text) in cases {
+        let dir = scratch.path(&what.replace(' ', "-"));
+        fs::create_dir(&dir).expect("make the state dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod 700");
+        let file = dir.join("state.json");
+        fs::write(&file, &text).expect("write the state");
+        let agent = Agent::start(
+            &lab.gw,
+            &lab.gw_wan_if,
+            &["--state-dir", utf8(&dir), "--flow-map-size", "1024"],
+        );
+        let stderr = agent.stderr();
+        agent.stop();
+        assert!(
+            stderr.contains("state.json") && stderr.contains("starting without saved state"),
+            "{what}: a warning names the file: {stderr}"
+        );
+        let written: Value = serde_json::from_slice(&fs::read(&file).expect("read the state"))
+            .unwrap_or_else(|e| panic!("{what}: the agent's own state is JSON: {e}"));
+        assert_ne!(written["uid_seed"], json!([1, 2]), "{what}: a fresh start");
+        assert_eq!(written["suppressor"], json!([]), "{what}: {written}");
+        assert_eq!(
+            written["rules"]["Windows.groups"],
+            json!([]),
+            "{what}: {written}"
+        );
+    }
 }
