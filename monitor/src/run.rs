@@ -457,6 +457,12 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let top = top::Tracker::new(clock::monotonic_ns());
     metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
 
+    // Before anything is loaded: a signal that comes while the programs attach waits for
+    // the loop below, which detaches them cleanly, instead of killing the agent with
+    // programs attached through netlink left behind.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut kernel = Kernel::load(args.flow_map_size, pins)?;
     let resumed = kernel.resumed();
     let poller = Poller::new(
@@ -544,10 +550,6 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     if resumed {
         info!("resuming the connections counted while no agent ran");
     }
-    // Before the line below: a signal sent as soon as it appears must find its handler.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 

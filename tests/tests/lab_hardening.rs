@@ -1,19 +1,23 @@
 //! What other users of the machine may plant or change must not steer the agent: a log
 //! path that is a symbolic link is refused (its target untouched), a pin directory is
-//! made private and refused when someone else owns it or may write to it, and a tampered
-//! or oversized `state.json` is ignored with a warning (a fresh start).
+//! made private and refused when someone else owns it or may write to it, a tampered or
+//! oversized `state.json` is ignored with a warning (a fresh start), and a SIGTERM while
+//! the programs attach ends in a clean detach and exit 0.
 
 use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink},
     path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Duration,
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use serde_json::{Value, json};
 use tests::{
     agent::Agent,
+    bpf::prog_ids_of,
     lab::{self, Lab},
     rules_lab::Scratch,
 };
@@ -235,4 +239,75 @@ fn tampered_or_oversized_state_is_ignored_with_a_warning() {
             "{what}: {written}"
         );
     }
+}
+
+/// The agent as a child of this test, killed (by PID) if the test ends first.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The programs TCX runs on the gateway's WAN veth, (ingress, egress).
+fn tcx_programs(lab: &Lab) -> (usize, usize) {
+    let iface = std::ffi::CString::new(lab.gw_wan_if.clone()).expect("interface name");
+    lab::run_in_ns(&lab.gw, move || {
+        let count = |direction| {
+            SchedClassifier::query_tcx(iface.as_c_str(), direction)
+                .unwrap_or_else(|e| panic!("query TCX {direction:?}: {e}"))
+                .1
+                .len()
+        };
+        (count(TcAttachType::Ingress), count(TcAttachType::Egress))
+    })
+}
+
+#[test]
+fn sigterm_while_attaching_detaches_and_exits_0() {
+    let lab = Lab::new();
+    let mut agent = Spawned(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.gw])
+            .arg(Agent::binary())
+            .args(["run", "--iface", &lab.gw_wan_if])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the agent"),
+    );
+    let pid = agent.0.id();
+    // The first program it holds: loading has begun, attaching is to come.
+    let started = Instant::now();
+    while prog_ids_of(pid).is_empty() {
+        assert!(started.elapsed() < LIMIT, "the agent loaded no program");
+        assert!(
+            agent.0.try_wait().expect("wait for the agent").is_none(),
+            "the agent exited before loading"
+        );
+        thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: a signal to the agent this test started, by its PID.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().expect("wait for the agent") {
+            break status;
+        }
+        assert!(started.elapsed() < 2 * LIMIT, "no exit after SIGTERM");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.0.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read the agent's stderr");
+    assert_eq!(status.code(), Some(0), "a clean exit: {status}, {stderr}");
+    assert!(
+        stderr.contains(&format!("detached from {}", lab.gw_wan_if)),
+        "{stderr}"
+    );
+    assert_eq!(tcx_programs(&lab), (0, 0), "nothing left attached");
 }
