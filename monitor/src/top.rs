@@ -371,7 +371,7 @@ mod tests {
         [0, 1, 2].map(|i| ConnSpec {
             orig: ("198.18.1.2", 40_000 + i as u16),
             orig_bytes: bytes[i],
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         })
     }
 
@@ -397,7 +397,7 @@ mod tests {
         let top = &v.connections[0];
         assert_eq!((top.rate_out, top.rate_in), (2_000_000.0, 0.0));
         assert_eq!((top.bytes_out, top.bytes_in), (4_001_000, 0));
-        assert_eq!(top.age, 3.0);
+        assert_eq!(top.age, 2.0, "since its first packet at 1 s");
         assert_eq!(top.proto, "tcp");
         assert_eq!(top.remote.to_string(), "203.0.113.2:443");
         assert_eq!(v.connections[1].rate_out, 0.0);
@@ -411,7 +411,7 @@ mod tests {
             resp: ("198.18.1.5", 22),
             orig_bytes: 100,
             resp_bytes: 7_000,
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         };
         observe(&mut table, &[inbound]);
         let mut tracker = Tracker::new(0);
@@ -433,7 +433,7 @@ mod tests {
             .map(|i| ConnSpec {
                 orig: ("198.18.1.2", 10_000 + i),
                 orig_bytes: u64::from(i) * 1_000,
-                ..ConnSpec::default()
+                ..ConnSpec::timed()
             })
             .collect();
         observe(&mut table, &specs);

@@ -349,6 +349,19 @@ pub(crate) mod testkit {
         }
     }
 
+    impl ConnSpec {
+        /// One whose packets came one second after the kernel clock's zero, as every
+        /// packet the programs time does: the connection table takes no entry without a
+        /// first time.
+        pub fn timed() -> Self {
+            Self {
+                start: 1.0,
+                last: 1.0,
+                ..Self::default()
+            }
+        }
+    }
+
     fn addr16(addr: IpAddr) -> ([u8; 16], u8) {
         match addr {
             IpAddr::V4(a) => {
