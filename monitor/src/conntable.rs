@@ -208,8 +208,12 @@ impl Conn {
                 _ => {}
             }
         }
+        // A direction without a first time yet has its first packet being counted now.
+        let earlier = |x: &DirStats, y: &DirStats| {
+            x.first_ns != 0 && (y.first_ns == 0 || x.first_ns < y.first_ns)
+        };
         match (ab.pkts > 0, ba.pkts > 0) {
-            (true, true) if ba.first_ns < ab.first_ns => DIR_B_TO_A,
+            (true, true) if earlier(ba, ab) => DIR_B_TO_A,
             (false, true) => DIR_B_TO_A,
             _ => DIR_A_TO_B,
         }
@@ -238,11 +242,13 @@ impl Conn {
         }
     }
 
+    /// The first packet's time: the earliest of the directions that have one (a direction
+    /// read between its first count and its timestamp has none yet).
     pub fn first_ns(&self) -> u64 {
         self.counts
             .iter()
-            .filter(|c| c.pkts > 0)
             .map(|c| c.first_ns)
+            .filter(|&t| t != 0)
             .min()
             .unwrap_or(0)
     }
@@ -302,6 +308,15 @@ impl Conn {
         let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
         quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
     }
+}
+
+/// Whether a map entry has a first and a last packet time: the programs insert an entry,
+/// then count, then set its first time; a read in between gets one that is not a
+/// connection yet (a uid from a first time of 0, idle since boot) and waits for a later
+/// read. A connection already in the table takes every later read of its entry: the
+/// directions it has timed keep their times.
+fn timed(snap: &FlowSnapshot) -> bool {
+    snap.dir.iter().any(|d| d.first_ns != 0 && d.last_ns != 0)
 }
 
 /// A flow key's endpoints (a, b): the senders of key directions 0 and 1.
@@ -596,11 +611,11 @@ impl ConnTable {
                     cursor += skipped + 1;
                     let position = last[cursor - 1] as usize;
                     self.update_at(position, snap);
-                    position
+                    Some(position)
                 }
                 None => self.observe_at(self.conns.position(&snap.key), snap),
             };
-            order.push(position as u32);
+            order.extend(position.map(|p| p as u32));
         });
         // Those not handed over (their entries gone: rare, every open connection keeps
         // its entry until finished) carried nothing new. Positions did not move during
@@ -667,11 +682,15 @@ impl ConnTable {
         self.observe_at(self.conns.position(&snap.key), snap);
     }
 
-    /// [`Self::observe`] of a connection at `position`, if known; returns its position.
-    fn observe_at(&mut self, position: Option<usize>, snap: FlowSnapshot) -> usize {
+    /// [`Self::observe`] of a connection at `position`, if known; returns its position,
+    /// `None` for an entry that is not a connection yet (see [`timed`]).
+    fn observe_at(&mut self, position: Option<usize>, snap: FlowSnapshot) -> Option<usize> {
         if let Some(position) = position {
             self.update_at(position, snap);
-            return position;
+            return Some(position);
+        }
+        if !timed(&snap) {
+            return None;
         }
         let mut conn = Conn::new(snap, Uid::default());
         conn.uid = self.uids.uid(&snap.key, conn.first_ns());
@@ -679,7 +698,7 @@ impl ConnTable {
             conn.prev = accounted;
         }
         self.added += 1;
-        self.conns.push_new(conn)
+        Some(self.conns.push_new(conn))
     }
 
     fn update_at(&mut self, position: usize, snap: FlowSnapshot) {
@@ -818,6 +837,47 @@ mod tests {
         let only_server = conn(IPPROTO_UDP, DirStats::default(), dir(1, SEC, SEC, 0, false));
         assert_eq!(only_server.orig_dir(), DIR_A_TO_B);
         assert_eq!(only_server.conn_state(), "S0");
+    }
+
+    /// The programs insert an entry, add its counts, then time it: a read may come in
+    /// between. Such an entry is not a connection yet (no uid from a first time of 0, not
+    /// idle since boot); one of a known connection whose other direction is being
+    /// counted keeps its first time and its orientation.
+    #[test]
+    fn half_written_entries_are_not_connections_yet() {
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+        let snap = |client: DirStats, server: DirStats| FlowSnapshot {
+            key: key(IPPROTO_UDP),
+            dir: [server, client],
+            ifindex: 1,
+        };
+        let none = DirStats::default();
+        for half in [
+            snap(none, none),
+            snap(dir(1, 0, 0, 0, false), none),
+            snap(dir(1, 10 * SEC, 0, 0, false), none),
+        ] {
+            table.observe(half);
+            assert!(table.is_empty(), "{half:?}");
+        }
+        let timed = snap(dir(1, 10 * SEC, 10 * SEC, 0, false), none);
+        table.observe(timed);
+        let conn = table.get(&timed.key).expect("a connection once timed");
+        assert_eq!(conn.uid, Uids::new([1, 2]).uid(&timed.key, 10 * SEC));
+        assert!(!table.is_finished(conn, 11 * SEC));
+
+        table.observe(snap(
+            dir(2, 10 * SEC, 12 * SEC, 0, false),
+            dir(1, 0, 0, 0, false),
+        ));
+        let conn = table.get(&timed.key).unwrap();
+        assert_eq!(
+            conn.first_ns(),
+            10 * SEC,
+            "the answer's untimed packet is later"
+        );
+        assert_eq!(conn.endpoints().0.port, 50_000, "the client stays orig");
+        assert!(!table.is_finished(conn, 13 * SEC));
     }
 
     #[test]
@@ -1064,15 +1124,11 @@ mod tests {
     #[test]
     fn pressure_relief_finishes_the_longest_idle_first() {
         let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
-        // 10 connections: number i last sent at i seconds.
+        // 10 connections: number i sent at i + 1 seconds.
         let keys: Vec<FlowKey> = (0..10u16)
             .map(|i| {
-                let mut c = conn(
-                    IPPROTO_UDP,
-                    dir(1, 0, u64::from(i) * SEC, 0, false),
-                    DirStats::default(),
-                )
-                .snap();
+                let at = u64::from(i + 1) * SEC;
+                let mut c = conn(IPPROTO_UDP, dir(1, at, at, 0, false), DirStats::default()).snap();
                 c.key.port_b = 50_000 + i;
                 table.observe(c);
                 c.key
@@ -1084,7 +1140,7 @@ mod tests {
         );
         // 10 of 10: down to 8, the two longest idle.
         assert_eq!(table.pressure_relief(20 * SEC, 10), keys[..2].to_vec());
-        // At 9.5 s only connections 0..=7 have been quiet for 2 s: the busy ones stay.
+        // At 9.5 s only connections 0..=6 have been quiet for 2 s: the busy ones stay.
         assert_eq!(table.pressure_relief(9_500_000_000, 5), keys[..6].to_vec());
         assert_eq!(
             table.pressure_relief(SEC, 5),

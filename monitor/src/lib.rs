@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod nat;
 pub mod parse_watch;
 pub mod poller;
+pub mod private;
 pub mod privileges;
 pub mod resolve;
 pub mod rules;

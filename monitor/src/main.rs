@@ -95,7 +95,8 @@ fn check_links(ifaces: &[String], args: &cli::RunArgs) {
     }
 }
 
-/// The interfaces to watch; a missing one is bad input (exit 2).
+/// The interfaces to watch; a missing one, or one given twice (by any of its names), is
+/// bad input (exit 2).
 fn watched_interfaces(asked: &[String]) -> Vec<String> {
     if asked.is_empty() {
         return match iface::default_route() {
@@ -105,12 +106,20 @@ fn watched_interfaces(asked: &[String]) -> Vec<String> {
             ),
         };
     }
+    let mut seen = Vec::with_capacity(asked.len());
     for name in asked {
-        if iface::index(name).is_none() {
+        let Some(index) = iface::index(name) else {
             cli::usage_error(&format!(
                 "error: invalid value '{name}' for '--iface <IFACE>': no such interface (see `ip link`)"
+            ))
+        };
+        if seen.contains(&index) {
+            cli::usage_error(&format!(
+                "error: invalid value '{name}' for '--iface <IFACE>': interface given more than once \
+                 (each is watched once)"
             ));
         }
+        seen.push(index);
     }
     asked.to_vec()
 }

@@ -542,7 +542,7 @@ mod tests {
         let mut spec = ConnSpec {
             orig_bytes: 10_000,
             resp_bytes: 2_000,
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         };
         observe(&mut m, &spec);
         spec.orig_bytes = 30_000;
@@ -551,7 +551,7 @@ mod tests {
             resp: ("198.18.9.9", 22),
             orig_bytes: 1_000,
             uid: "Cinternal",
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         };
         observe(&mut m, &internal);
         let added = table.added();

@@ -453,7 +453,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let dns_log = open_log(args.dns.dns_log.as_deref())?;
     let (state, saved) = match &args.state_dir {
         Some(dir) => {
-            let (state, saved) = StateDir::open(dir)?;
+            let (state, saved) = StateDir::open(dir, args.flow_map_size)?;
             (Some(state), saved)
         }
         None => (None, None),
@@ -461,10 +461,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let pins = args
         .pin_path
         .as_deref()
-        .map(|dir| {
-            PinDir::create(dir)
-                .with_context(|| format!("--pin-path {}: creating it", dir.display()))
-        })
+        .map(|dir| PinDir::create(dir).context("--pin-path"))
         .transpose()?;
     if pins.is_some() && state.is_none() {
         warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
@@ -482,6 +479,12 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let top = top::Tracker::new(clock::monotonic_ns());
     metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
 
+    // Before anything is loaded: a signal that comes while the programs attach waits for
+    // the loop below, which detaches them cleanly, instead of killing the agent with
+    // programs attached through netlink left behind.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut kernel = Kernel::load(args.flow_map_size, pins)?;
     let resumed = kernel.resumed();
     let poller = Poller::new(
@@ -527,6 +530,11 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         dns_log,
         passive,
     );
+    let rules = rules::from_args(&args.rules, &names);
+    let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
+        let now = Now::new(clock::monotonic_ns(), &clock);
+        dir.vetted(saved, now, args.flow_map_size, &rules)
+    });
     let mut pipeline = Pipeline {
         poller,
         table: ConnTable::new(
@@ -537,7 +545,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
                     .map_or_else(Uids::random_seed, |saved| saved.uid_seed),
             ),
         ),
-        rules: rules::from_args(&args.rules, &names),
+        rules,
         local,
         clock,
         suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
@@ -566,10 +574,6 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     if resumed {
         info!("resuming the connections counted while no agent ran");
     }
-    // Before the line below: a signal sent as soon as it appears must find its handler.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 

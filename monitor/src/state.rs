@@ -5,8 +5,8 @@
 
 use std::{
     fs,
-    io::{self, Write as _},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    io::{self, Read as _, Write as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -15,10 +15,24 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::conntable::{Totals, Uid};
+use crate::{
+    alerts::suppress::Suppressor,
+    conntable::{Totals, Uid},
+    private,
+    rules::{Now, Rule},
+};
 
 const FILE: &str = "state.json";
 const VERSION: u32 = 1;
+
+/// The largest `state.json` taken back, or written, for a map of `capacity` connections.
+/// An open connection takes up to about 250 bytes there (totals of 20-digit counts, its
+/// uid in the rules' sets); twice that per connection the map can hold leaves room for
+/// window sums and suppression timers, and 16 MiB for a small map. A larger file was not
+/// written by an agent with this map: reading it whole would only cost memory.
+pub fn max_bytes(capacity: u32) -> u64 {
+    (512 * u64::from(capacity)).max(16 << 20)
+}
 
 /// Everything kept across restarts.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -40,37 +54,59 @@ pub struct Saved {
 /// The state directory, and what was last written there.
 pub struct StateDir {
     path: PathBuf,
+    max_bytes: u64,
     last: Vec<u8>,
 }
 
 impl StateDir {
-    /// Opens (makes, mode 0700) the directory, checks that it takes writes, and returns
-    /// the state an earlier agent of this boot left there.
-    pub fn open(dir: &Path) -> anyhow::Result<(Self, Option<Saved>)> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("--state-dir {}: creating it", dir.display()))?;
+    /// Opens (makes, mode 0700) the directory, which must be this user's alone, checks
+    /// that it takes writes, and returns the state an earlier agent of this boot left
+    /// there for a map of `capacity` connections.
+    pub fn open(dir: &Path, capacity: u32) -> anyhow::Result<(Self, Option<Saved>)> {
+        private::dir(dir).with_context(|| format!("--state-dir {}", dir.display()))?;
         let probe = dir.join(".probe");
         fs::write(&probe, b"")
             .and_then(|()| fs::remove_file(&probe))
             .with_context(|| format!("--state-dir {}: not writable", dir.display()))?;
-        let path = dir.join(FILE);
-        let saved = match fs::read(&path) {
-            Ok(bytes) => Self::parse(&path, &bytes),
+        let state = Self {
+            path: dir.join(FILE),
+            max_bytes: max_bytes(capacity),
+            last: Vec::new(),
+        };
+        let saved = match state.read() {
+            Ok(bytes) => Self::parse(&state.path, &bytes),
             Err(err) if err.kind() == io::ErrorKind::NotFound => None,
             Err(err) => {
-                return Err(err).with_context(|| format!("reading {}", path.display()));
+                warn!(
+                    "{}: {err}; starting without saved state",
+                    state.path.display()
+                );
+                None
             }
         };
-        Ok((
-            Self {
-                path,
-                last: Vec::new(),
-            },
-            saved,
-        ))
+        Ok((state, saved))
+    }
+
+    /// The file's bytes: a regular file, not through a symbolic link, within the bound.
+    fn read(&self) -> io::Result<Vec<u8>> {
+        let file = private::open_nofollow(fs::OpenOptions::new().read(true), &self.path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        let len = meta.len();
+        if len > self.max_bytes {
+            return Err(io::Error::other(format!(
+                "{len} bytes, over the {}-byte bound for this --flow-map-size",
+                self.max_bytes
+            )));
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(self.max_bytes + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(io::Error::other("grew over the bound while read"));
+        }
+        Ok(bytes)
     }
 
     fn parse(path: &Path, bytes: &[u8]) -> Option<Saved> {
@@ -102,17 +138,49 @@ impl StateDir {
         Some(saved)
     }
 
+    /// `saved` if every value in it could have been written by an agent of this boot by
+    /// `now` (see [`Saved::check`]); else a warning, and nothing.
+    pub fn vetted(
+        &self,
+        saved: Saved,
+        now: Now,
+        capacity: u32,
+        rules: &[Box<dyn Rule>],
+    ) -> Option<Saved> {
+        match saved.check(now, capacity, rules) {
+            Ok(()) => Some(saved),
+            Err(why) => {
+                warn!(
+                    "{}: {why}; starting without saved state",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
+
     /// Writes `saved` unless it is what was last written.
     pub fn save(&mut self, saved: &Saved) -> io::Result<()> {
         let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
         if bytes == self.last {
             return Ok(());
         }
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(io::Error::other(format!(
+                "{} bytes, over the {}-byte bound the next agent would refuse: not saved",
+                bytes.len(),
+                self.max_bytes
+            )));
+        }
         let tmp = self.path.with_extension("json.tmp");
+        // A new file, never one that is there (an earlier agent's, or a link).
+        match fs::remove_file(&tmp) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
         let mut file = fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(&bytes)?;
@@ -134,6 +202,34 @@ impl Saved {
             suppressor: Value::Null,
         }
     }
+
+    /// Whether an agent of this boot with a map of `capacity` connections and these
+    /// `rules` could have written this by `now`: no more open connections than the map
+    /// holds, totals that packets give, and every rule's state and suppression timer
+    /// readable and not in the future. The first value that is not says why.
+    pub fn check(&self, now: Now, capacity: u32, rules: &[Box<dyn Rule>]) -> Result<(), String> {
+        if self.conns.len() > capacity as usize {
+            return Err(format!(
+                "{} open connections, more than the map holds ({capacity})",
+                self.conns.len()
+            ));
+        }
+        for (uid, totals) in &self.conns {
+            if !totals.iter().all(possible) {
+                return Err(format!("connection {uid}: totals no packets give"));
+            }
+        }
+        for rule in rules {
+            rule.check_saved(&self.rules, now)?;
+        }
+        Suppressor::check_saved(&self.suppressor, now.mono_ns)
+    }
+}
+
+/// Totals packets can give: payload within the IP bytes, and each packet at least a byte
+/// of them.
+fn possible(t: &Totals) -> bool {
+    t.bytes <= t.ip_bytes && t.pkts <= t.ip_bytes && (t.pkts == 0) == (t.ip_bytes == 0)
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), empty where unreadable.
@@ -145,7 +241,18 @@ fn boot_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::symlink;
+
+    use clap::Parser as _;
+    use serde_json::json;
+
     use super::*;
+    use crate::{
+        cli::{Cli, Command},
+        rules::{self, Names, testkit::at},
+    };
+
+    const CAPACITY: u32 = 1024;
 
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("monitor-state-{tag}-{}", std::process::id()));
@@ -156,14 +263,14 @@ mod tests {
     #[test]
     fn saved_state_comes_back_whole() {
         let dir = scratch("roundtrip");
-        let (mut state, none) = StateDir::open(&dir).unwrap();
+        let (mut state, none) = StateDir::open(&dir, CAPACITY).unwrap();
         assert_eq!(none, None);
         let mut saved = Saved::new([1, 2]);
         saved
             .rules
             .insert("LargeUpload".into(), serde_json::json!(["Cabc"]));
         state.save(&saved).unwrap();
-        let (_, back) = StateDir::open(&dir).unwrap();
+        let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
         assert_eq!(back, Some(saved));
         assert!(!dir.join("state.json.tmp").exists());
         fs::remove_dir_all(&dir).unwrap();
@@ -172,21 +279,168 @@ mod tests {
     #[test]
     fn another_boot_or_garbage_is_ignored() {
         let dir = scratch("stale");
-        let (mut state, _) = StateDir::open(&dir).unwrap();
+        let (mut state, _) = StateDir::open(&dir, CAPACITY).unwrap();
         let mut saved = Saved::new([1, 2]);
         saved.boot_id = "another-boot".into();
         state.save(&saved).unwrap();
-        assert_eq!(StateDir::open(&dir).unwrap().1, None);
+        assert_eq!(StateDir::open(&dir, CAPACITY).unwrap().1, None);
         fs::write(dir.join(FILE), b"{not json").unwrap();
-        assert_eq!(StateDir::open(&dir).unwrap().1, None);
+        assert_eq!(StateDir::open(&dir, CAPACITY).unwrap().1, None);
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn unwritable_dir_fails_at_open() {
-        let err = StateDir::open(Path::new("/proc/monitor-state"))
+        let err = StateDir::open(Path::new("/proc/monitor-state"), CAPACITY)
             .err()
             .expect("/proc takes no directories");
         assert!(format!("{err:#}").contains("--state-dir /proc/monitor-state"));
+    }
+
+    fn default_rules() -> Vec<Box<dyn Rule>> {
+        let Command::Run(args) = Cli::parse_from(["monitor", "run"]).command else {
+            unreachable!("`monitor run`");
+        };
+        rules::from_args(&args.rules, &Names::default())
+    }
+
+    /// What an agent 1000 s after boot may have written: a connection's totals, rule state
+    /// and a suppression timer, all in the past (windows of 300 s).
+    fn plausible() -> Saved {
+        let mut saved = Saved::new([1, 2]);
+        let uid: Uid = "Cabc".parse().unwrap();
+        let sent = Totals {
+            pkts: 10,
+            ip_bytes: 5_000,
+            bytes: 4_480,
+        };
+        saved.conns = vec![(uid, [sent, Totals::default()])];
+        let window = (at(1000.0).epoch / 300.0) as u64;
+        saved.rules = json!({
+            "LargeUpload": ["Cabc"],
+            "RestrictedOutbound": [],
+            "LongConnection": {"Cabc": 1},
+            "Windows.groups": [[{"src": "198.18.1.2", "dst": "203.0.113.2"}, {
+                "window": window, "bytes": 6_000_000, "exceeded": true,
+                "past": [[window - 2, 7_000_000]], "last_leak": at(900.0).epoch,
+            }]],
+        })
+        .as_object()
+        .unwrap()
+        .clone();
+        saved.suppressor = json!([["LargeUpload", "Cabc", 900_000_000_000u64]]);
+        saved
+    }
+
+    #[test]
+    fn check_takes_what_this_boot_could_have_written() {
+        assert_eq!(
+            plausible().check(at(1000.0), CAPACITY, &default_rules()),
+            Ok(())
+        );
+    }
+
+    type Tamper = Box<dyn Fn(&mut Saved)>;
+
+    #[test]
+    fn check_refuses_the_future_and_the_absurd() {
+        let window = (at(1000.0).epoch / 300.0) as u64;
+        let group = |g: Value| json!([[{"src": "198.18.1.2", "dst": "203.0.113.2"}, g]]);
+        let tampered: Vec<(&str, Tamper)> = vec![
+            (
+                "starts in the future",
+                Box::new(|s| s.suppressor = json!([["LargeUpload", "k", 1_000_000_000_001u64]])),
+            ),
+            (
+                "a window in the future",
+                Box::new(move |s| {
+                    s.rules["Windows.groups"] = group(json!({
+                        "window": window + 1, "bytes": 1, "exceeded": false,
+                        "past": [], "last_leak": null,
+                    }))
+                }),
+            ),
+            (
+                "exceeded windows out of order",
+                Box::new(move |s| {
+                    s.rules["Windows.groups"] = group(json!({
+                        "window": window, "bytes": 1, "exceeded": false,
+                        "past": [[window, 9_000_000]], "last_leak": null,
+                    }))
+                }),
+            ),
+            (
+                "a DataLeak in the future",
+                Box::new(move |s| {
+                    s.rules["Windows.groups"] = group(json!({
+                        "window": window, "bytes": 1, "exceeded": false,
+                        "past": [], "last_leak": at(1001.0).epoch,
+                    }))
+                }),
+            ),
+            (
+                "longer than this boot",
+                Box::new(|s| s.rules["LongConnection"] = json!({"Cabc": 2})),
+            ),
+            (
+                "LargeUpload: ",
+                Box::new(|s| s.rules["LargeUpload"] = json!("every connection")),
+            ),
+            (
+                "more than the map holds",
+                Box::new(|s| s.conns = vec![Default::default(); CAPACITY as usize + 1]),
+            ),
+            (
+                "totals no packets give",
+                Box::new(|s| s.conns[0].1[1].bytes = 1),
+            ),
+            (
+                "suppression timers: ",
+                Box::new(|s| s.suppressor = json!({"LargeUpload": 0})),
+            ),
+        ];
+        for (why, tamper) in tampered {
+            let mut saved = plausible();
+            tamper(&mut saved);
+            let err = saved
+                .check(at(1000.0), CAPACITY, &default_rules())
+                .expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_or_linked_file_is_not_read() {
+        let dir = scratch("bounds");
+        StateDir::open(&dir, CAPACITY).unwrap();
+        let file = dir.join(FILE);
+        let text = serde_json::to_string(&Saved::new([1, 2])).unwrap();
+        let padding = max_bytes(CAPACITY) as usize + 1 - text.len();
+        fs::write(&file, format!("{text}{}", " ".repeat(padding))).unwrap();
+        assert_eq!(StateDir::open(&dir, CAPACITY).unwrap().1, None);
+        fs::write(&file, &text).unwrap();
+        assert!(StateDir::open(&dir, CAPACITY).unwrap().1.is_some());
+
+        let elsewhere = scratch("bounds-elsewhere");
+        fs::create_dir_all(&elsewhere).unwrap();
+        fs::rename(&file, elsewhere.join(FILE)).unwrap();
+        symlink(elsewhere.join(FILE), &file).unwrap();
+        assert_eq!(StateDir::open(&dir, CAPACITY).unwrap().1, None);
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(&elsewhere).unwrap();
+    }
+
+    #[test]
+    fn saving_never_writes_through_a_planted_link() {
+        let dir = scratch("planted");
+        let (mut state, _) = StateDir::open(&dir, CAPACITY).unwrap();
+        let target = scratch("planted-target");
+        fs::write(&target, "precious").unwrap();
+        symlink(&target, dir.join("state.json.tmp")).unwrap();
+        state.save(&Saved::new([1, 2])).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious");
+        assert!(StateDir::open(&dir, CAPACITY).unwrap().1.is_some());
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_file(&target).unwrap();
     }
 }

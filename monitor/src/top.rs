@@ -292,6 +292,7 @@ pub fn frame(view: Option<&View>, addr: SocketAddr, count: usize, error: Option<
                 human_rate(r.rate_in),
                 human_age(r.age),
             ]
+            .map(|cell| strip_controls(&cell))
         })
         .collect();
     const HEADER: [&str; 8] = [
@@ -320,9 +321,20 @@ pub fn frame(view: Option<&View>, addr: SocketAddr, count: usize, error: Option<
         line(row.each_ref().map(String::as_str), "→");
     }
     if let Some(error) = error {
-        let _ = writeln!(out, "error: {error}");
+        let _ = writeln!(out, "error: {}", strip_controls(error));
     }
     out
+}
+
+/// `text` without control characters (C0, DEL, C1: ESC, CR, CSI, BEL, ...) or the
+/// bidirectional overrides that reorder what follows: what the agent serves, and errors
+/// that quote it, come from the network and must not drive the terminal.
+fn strip_controls(text: &str) -> String {
+    text.chars()
+        .filter(|&c| {
+            !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
 }
 
 /// `1.2 MB/s`.
@@ -359,7 +371,7 @@ mod tests {
         [0, 1, 2].map(|i| ConnSpec {
             orig: ("198.18.1.2", 40_000 + i as u16),
             orig_bytes: bytes[i],
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         })
     }
 
@@ -385,7 +397,7 @@ mod tests {
         let top = &v.connections[0];
         assert_eq!((top.rate_out, top.rate_in), (2_000_000.0, 0.0));
         assert_eq!((top.bytes_out, top.bytes_in), (4_001_000, 0));
-        assert_eq!(top.age, 3.0);
+        assert_eq!(top.age, 2.0, "since its first packet at 1 s");
         assert_eq!(top.proto, "tcp");
         assert_eq!(top.remote.to_string(), "203.0.113.2:443");
         assert_eq!(v.connections[1].rate_out, 0.0);
@@ -399,7 +411,7 @@ mod tests {
             resp: ("198.18.1.5", 22),
             orig_bytes: 100,
             resp_bytes: 7_000,
-            ..ConnSpec::default()
+            ..ConnSpec::timed()
         };
         observe(&mut table, &[inbound]);
         let mut tracker = Tracker::new(0);
@@ -421,7 +433,7 @@ mod tests {
             .map(|i| ConnSpec {
                 orig: ("198.18.1.2", 10_000 + i),
                 orig_bytes: u64::from(i) * 1_000,
-                ..ConnSpec::default()
+                ..ConnSpec::timed()
             })
             .collect();
         observe(&mut table, &specs);
@@ -503,6 +515,32 @@ mod tests {
             failed.ends_with("error: cannot reach the agent\n"),
             "{failed}"
         );
+    }
+
+    /// What `/top` serves comes over the network: no string in it, nor in an error about
+    /// it, may move the cursor, retitle the terminal or rewrite a line.
+    #[test]
+    fn frame_prints_no_control_characters() {
+        let mut hostile = row("198.18.1.2:40000", "203.0.113.2:443", 5, 0.0);
+        hostile.proto = "tcp\x1b[2J\x1b]0;owned\x07\r\u{9b}31m\u{202e}x\x7f".into();
+        let view = View {
+            ts: 1.0,
+            open: 1,
+            connections: vec![hostile],
+        };
+        let addr = "127.0.0.1:9877".parse().unwrap();
+        let text = frame(Some(&view), addr, 20, Some("unknown field `\x1b[31mred\r`"));
+        let controls: Vec<char> = text
+            .chars()
+            .filter(|&c| c != '\n')
+            .filter(|&c| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}'))
+            .collect();
+        assert!(controls.is_empty(), "{controls:?} in:\n{text}");
+        assert!(
+            text.contains("tcp[2J]0;owned31mx"),
+            "the rest stays:\n{text}"
+        );
+        assert!(text.ends_with("error: unknown field `[31mred`\n"), "{text}");
     }
 
     #[test]

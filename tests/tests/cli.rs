@@ -36,6 +36,17 @@ fn nonexistent_interface() {
     );
 }
 
+/// The second attach of one interface would fail: a repeat is bad input, named as such.
+#[test]
+fn repeated_interface() {
+    assert_usage_error(
+        &["run", "--iface", "lo", "--iface", "lo"],
+        "--iface",
+        "lo",
+        "given more than once",
+    );
+}
+
 #[test]
 fn bad_cidr() {
     assert_usage_error(

@@ -20,12 +20,16 @@
 //! - An skb's `gso_segs` is 0 unless the `__sk_buff` context passed in sets it: that is
 //!   how the GSO aggregate tests make TC see an aggregate.
 
-use std::{cell::Cell, collections::BTreeMap, net::Ipv6Addr};
+use std::{cell::Cell, collections::BTreeMap, net::Ipv6Addr, os::fd::AsFd as _, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, Map, MapData, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
+};
+use monitor::{
+    conntable::{ConnTable, Uids},
+    poller::Poller,
 };
 use monitor_common::{
     flow::{FlowKey, FlowValue},
@@ -1697,5 +1701,134 @@ fn expected_counts_match_the_builder() {
         k.run_repeat(&f.build(), 7);
         k.assert_flows(&[(key4(A4, 1, B4, 2, ipproto::TCP), [expected.times(7), NONE])]);
         k.assert_stats(&[]);
+    }
+}
+
+/// One poll as the agent makes it: the whole map read into the table, then each finished
+/// connection taken out of the map with its last counts. Returns the finished ones.
+fn poll(table: &mut ConnTable, poller: &mut Poller) -> Vec<FlowKey> {
+    table
+        .observe_map(|observe| poller.snapshot(observe))
+        .expect("read the flow map");
+    let now = monitor::clock::monotonic_ns();
+    let finished: Vec<FlowKey> = table
+        .iter()
+        .filter(|conn| table.is_finished(conn, now))
+        .map(|conn| conn.key)
+        .collect();
+    for key in &finished {
+        if let Some(last) = poller.take(key).expect("take a finished entry") {
+            table.observe(last);
+        }
+        table.remove(key);
+    }
+    finished
+}
+
+/// The programs insert an entry, then add its counts, then set its first time: a poll can
+/// read it in between. Such an entry is left for a later poll: not finished (its last
+/// time of 0 looks ages old), so not taken out of the map under the packet being counted
+/// (which would split the connection in two), and not named from a first time of 0. Once
+/// the programs have timed it, it is a connection like any other.
+#[test]
+fn half_written_entries_wait_for_their_first_time() {
+    let mut k = Kernel::load(Hook::TcEgress);
+    let flows = k.ebpf.take_map(names::FLOW_MAP).expect("the flow map");
+    let writer = {
+        let Map::HashMap(data) = &flows else {
+            panic!("the flow map is a hash map")
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .expect("dup the map fd");
+        let data = MapData::from_fd(fd).expect("the flow map by fd");
+        HashMap::<_, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map")
+    };
+    let mut writer = writer;
+    let stats = k.ebpf.take_map(names::STATS_MAP).expect("the stats map");
+    let mut poller = Poller::new(flows, stats);
+    let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+
+    let frames: Vec<Vec<u8>> = [40_000, 40_001]
+        .map(|sport| {
+            Frame::eth()
+                .ipv4(A4, C4)
+                .udp(sport, 53)
+                .payload_len(20)
+                .build()
+        })
+        .into();
+    // As the programs leave an entry between their steps: just inserted (all zero), and
+    // counted but not yet timed.
+    let keys: Vec<FlowKey> = frames
+        .iter()
+        .map(|f| parse_frame(f.as_slice()).expect("a UDP frame").flow_key().0)
+        .collect();
+    let (_, dir) = parse_frame(frames[1].as_slice())
+        .expect("a UDP frame")
+        .flow_key();
+    let mut counted = FlowValue {
+        ifindex: loopback_ifindex(),
+        ..FlowValue::ZERO
+    };
+    counted.dir[dir].pkts = 1;
+    counted.dir[dir].ip_bytes = 48;
+    counted.dir[dir].bytes = 20;
+    writer
+        .insert(&keys[0], &FlowValue::ZERO, 0)
+        .expect("insert an entry as just inserted");
+    writer
+        .insert(&keys[1], &counted, 0)
+        .expect("insert an entry as counted, not timed");
+
+    for _ in 0..2 {
+        let finished = poll(&mut table, &mut poller);
+        assert!(
+            finished.is_empty(),
+            "finished while half-written: {finished:?}"
+        );
+        assert_eq!(table.len(), 0, "named before its first packet's time");
+        for key in &keys {
+            assert!(
+                writer.get(key, 0).is_ok(),
+                "{}: the entry stays in the map",
+                K(key)
+            );
+        }
+    }
+
+    let before = monitor::clock::monotonic_ns();
+    for frame in &frames {
+        k.run(frame);
+    }
+    let after = monitor::clock::monotonic_ns();
+    let finished = poll(&mut table, &mut poller);
+    assert!(finished.is_empty(), "finished once timed: {finished:?}");
+    assert_eq!(table.len(), 2);
+    for (key, pkts) in keys.iter().zip([1, 2]) {
+        let conn = table.get(key).expect("a connection once timed");
+        let first = conn.first_ns();
+        assert!(
+            (before..=after).contains(&first),
+            "{}: first time {first} from the program's run",
+            K(key)
+        );
+        assert_eq!(conn.last_ns(), first, "{}", K(key));
+        assert_eq!(
+            conn.orig().pkts,
+            pkts,
+            "{}: one entry, every packet",
+            K(key)
+        );
+        let mut fresh = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+        fresh.observe(conn.snap());
+        assert_eq!(
+            fresh.get(key).expect("observed").uid,
+            conn.uid,
+            "{}: named from its first time",
+            K(key)
+        );
     }
 }

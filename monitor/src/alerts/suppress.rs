@@ -4,6 +4,8 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use serde::Deserialize as _;
+
 use super::{Alert, Note};
 
 pub struct Suppressor {
@@ -71,6 +73,22 @@ impl Suppressor {
                     .collect();
             }
             Err(err) => log::warn!("saved suppression state unreadable ({err}); not restored"),
+        }
+    }
+
+    /// Why `saved` is not what [`Self::save`] could have written by kernel time `now_ns`,
+    /// if it is not: a quiet time that starts later would silence its key for longer.
+    pub fn check_saved(saved: &serde_json::Value, now_ns: u64) -> Result<(), String> {
+        if saved.is_null() {
+            return Ok(());
+        }
+        let since = Vec::<(Note, String, u64)>::deserialize(saved)
+            .map_err(|err| format!("suppression timers: {err}"))?;
+        match since.iter().find(|(_, _, since)| *since > now_ns) {
+            Some((note, key, _)) => Err(format!(
+                "suppression timers: {note:?} {key:?} starts in the future"
+            )),
+            None => Ok(()),
         }
     }
 

@@ -12,6 +12,7 @@ use std::{
 use monitor_common::names;
 
 use super::IngressAttach;
+use crate::private;
 
 /// `statfs(2)`'s `f_type` for bpffs.
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
@@ -76,13 +77,17 @@ pub struct PinDir {
 }
 
 impl PinDir {
-    /// Makes `root`, `root/maps` and `root/links` where missing.
+    /// Makes `root`, `root/maps` and `root/links` (mode 0700) where missing; refuses any
+    /// of them that is a symbolic link, someone else's, or writable by group or others
+    /// (bpffs is usually world-writable and sticky, like /tmp).
     pub fn create(root: &Path) -> io::Result<Self> {
         let dir = Self {
             root: root.to_owned(),
         };
-        fs::create_dir_all(dir.maps())?;
-        fs::create_dir_all(dir.links())?;
+        for path in [dir.root.clone(), dir.maps(), dir.links()] {
+            private::dir(&path)
+                .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", path.display())))?;
+        }
         Ok(dir)
     }
 

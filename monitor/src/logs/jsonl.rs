@@ -9,6 +9,8 @@ use std::{
 use log::{info, warn};
 use serde::Serialize;
 
+use crate::private;
+
 /// Bumped on SIGHUP: every file log reopens its path before its next write, so logrotate
 /// can move files away without losing a line.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -50,12 +52,12 @@ fn open_out(path: &Path) -> io::Result<Box<dyn Write + Send>> {
     if path == Path::new("-") {
         return Ok(Box::new(io::stdout()));
     }
-    // Owner and group only: records name hosts and what they sent.
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)?;
+    // Owner and group only: records name hosts and what they sent. Not through a symbolic
+    // link: one planted where the log goes would have the agent append to any file.
+    let file = private::open_nofollow(
+        OpenOptions::new().create(true).append(true).mode(0o640),
+        path,
+    )?;
     Ok(Box::new(file))
 }
 

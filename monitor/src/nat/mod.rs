@@ -227,8 +227,8 @@ fn merged(translated: &Translated, bound: &HashMap<FlowKey, Binding>) -> FlowSna
 fn first_ns(snap: &FlowSnapshot) -> u64 {
     snap.dir
         .iter()
-        .filter(|d| d.pkts > 0)
         .map(|d| d.first_ns)
+        .filter(|&t| t != 0)
         .min()
         .unwrap_or(u64::MAX)
 }
@@ -237,10 +237,10 @@ fn add(into: &mut DirStats, from: &DirStats) {
     if from.pkts == 0 {
         return;
     }
-    into.first_ns = if into.pkts == 0 {
-        from.first_ns
-    } else {
-        into.first_ns.min(from.first_ns)
+    // A part read before the programs timed its first packet has no first time (0).
+    into.first_ns = match (into.first_ns, from.first_ns) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
     };
     into.last_ns = into.last_ns.max(from.last_ns);
     into.pkts += from.pkts;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use super::{ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved};
+use super::{ConnCtx, Now, Rule, Saved, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     conntable::Uid,
@@ -89,6 +89,10 @@ impl Rule for LargeUpload {
         if conns_resumed && let Some(alerted) = saved(state, "LargeUpload") {
             self.alerted = alerted;
         }
+    }
+
+    fn check_saved(&self, state: &Saved, _now: Now) -> Result<(), String> {
+        decode::<BTreeSet<Uid>>(state, "LargeUpload").map(drop)
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, Saved, save_as, saved};
+use super::{ConnCtx, Now, Rule, Saved, decode, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     conntable::Uid,
@@ -105,6 +105,24 @@ impl Rule for LongConnection {
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {
         if conns_resumed && let Some(crossed) = saved(state, "LongConnection") {
             self.crossed = crossed;
+        }
+    }
+
+    /// No connection is older than the kernel clock (its first packet came after boot):
+    /// a crossing beyond that would silence the rule.
+    fn check_saved(&self, state: &Saved, now: Now) -> Result<(), String> {
+        let crossed = decode::<BTreeMap<Uid, usize>>(state, "LongConnection")?;
+        let uptime = Duration::from_nanos(now.mono_ns);
+        match crossed
+            .into_iter()
+            .flatten()
+            .find(|&(_, n)| n > 0 && self.threshold(n - 1) > uptime)
+        {
+            Some((uid, n)) => Err(format!(
+                "LongConnection: connection {uid} crossed {}, longer than this boot",
+                humantime::format_duration(self.threshold(n - 1))
+            )),
+            None => Ok(()),
         }
     }
 }

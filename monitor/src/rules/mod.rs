@@ -192,6 +192,11 @@ pub trait Rule: Send {
     /// Takes back what `save` wrote in an earlier run; per-connection state only when
     /// `conns_resumed` (that run's connections are still in the pinned map).
     fn restore(&mut self, _saved: &Saved, _conns_resumed: bool) {}
+    /// Why the rule's state in `saved` is not what `save` could have written by `now`
+    /// (unreadable, or a time or window in the future), if it is not.
+    fn check_saved(&self, _saved: &Saved, _now: Now) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Rule states by rule name, as `--state-dir` keeps them.
@@ -199,10 +204,21 @@ pub type Saved = serde_json::Map<String, serde_json::Value>;
 
 /// Rule `name`'s saved state, if any and readable (a warning when it is not).
 pub fn saved<T: serde::de::DeserializeOwned>(saved: &Saved, name: &str) -> Option<T> {
-    let value = saved.get(name)?;
-    serde_json::from_value(value.clone())
-        .inspect_err(|err| log::warn!("saved state of {name} unreadable ({err}); not restored"))
+    decode(saved, name)
+        .inspect_err(|err| log::warn!("saved state unreadable ({err}); not restored"))
         .ok()
+        .flatten()
+}
+
+/// Rule `name`'s saved state, if any; an error naming the rule when it is unreadable.
+pub fn decode<T: serde::de::DeserializeOwned>(
+    saved: &Saved,
+    name: &str,
+) -> Result<Option<T>, String> {
+    saved
+        .get(name)
+        .map(|value| T::deserialize(value).map_err(|err| format!("{name}: {err}")))
+        .transpose()
 }
 
 /// Stores `state` under `name`.
@@ -329,6 +345,19 @@ pub(crate) mod testkit {
                 orig_bytes: 0,
                 resp_bytes: 0,
                 uid: "Ctest",
+            }
+        }
+    }
+
+    impl ConnSpec {
+        /// One whose packets came one second after the kernel clock's zero, as every
+        /// packet the programs time does: the connection table takes no entry without a
+        /// first time.
+        pub fn timed() -> Self {
+            Self {
+                start: 1.0,
+                last: 1.0,
+                ..Self::default()
             }
         }
     }

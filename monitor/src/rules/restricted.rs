@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, human_bytes, save_as, saved};
+use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     cli::Service,
@@ -78,6 +78,10 @@ impl Rule for RestrictedOutbound {
         if conns_resumed && let Some(judged) = saved(state, "RestrictedOutbound") {
             self.judged = judged;
         }
+    }
+
+    fn check_saved(&self, state: &Saved, _now: Now) -> Result<(), String> {
+        decode::<BTreeSet<Uid>>(state, "RestrictedOutbound").map(drop)
     }
 }
 

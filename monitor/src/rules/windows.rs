@@ -8,7 +8,7 @@ use std::{collections::VecDeque, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, human_bytes, save_as, saved};
+use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     cli::LeakGroup,
@@ -299,6 +299,32 @@ impl Rule for Windows {
                 })
                 .collect();
         }
+    }
+
+    /// Sums of windows to come, an exceeded window at or after the group's current one,
+    /// or a DataLeak raised later than now would add bytes or silence alerts.
+    fn check_saved(&self, state: &Saved, now: Now) -> Result<(), String> {
+        let groups = decode::<Vec<(GroupKey, SavedGroup)>>(state, "Windows.groups")?;
+        let current = self.index(now.epoch);
+        for (key, g) in groups.iter().flatten() {
+            let why = if g.window > current {
+                "a window in the future"
+            } else if !g.past.iter().all(|&(w, _)| w < g.window)
+                || !g
+                    .past
+                    .iter()
+                    .zip(g.past.iter().skip(1))
+                    .all(|(a, b)| a.0 < b.0)
+            {
+                "exceeded windows out of order"
+            } else if g.last_leak.is_some_and(|t| !(0.0..=now.epoch).contains(&t)) {
+                "a DataLeak in the future"
+            } else {
+                continue;
+            };
+            return Err(format!("Windows: {key}: {why}"));
+        }
+        Ok(())
     }
 
     fn on_tick(&mut self, now: Now) {
