@@ -738,8 +738,12 @@ impl ConnTable {
             .map(|c| (c.last_ns(), c.key))
             .filter(|(last, _)| now_ns.saturating_sub(*last) >= min_idle)
             .collect();
+        if idle.len() > excess {
+            idle.select_nth_unstable(excess);
+            idle.truncate(excess);
+        }
         idle.sort_unstable();
-        idle.into_iter().take(excess).map(|(_, key)| key).collect()
+        idle.into_iter().map(|(_, key)| key).collect()
     }
 
     pub fn get(&self, key: &FlowKey) -> Option<&Conn> {

@@ -1,6 +1,7 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc, RwLock,
         mpsc::{self, RecvTimeoutError},
@@ -107,12 +108,12 @@ impl Pipeline {
                 exporter.update(conn, &self.nat, now.mono_ns);
             }
         }
-        let relief: Vec<FlowKey> = self
-            .table
-            .pressure_relief(now.mono_ns, self.capacity)
-            .into_iter()
-            .filter(|key| !finished.contains(key))
-            .collect();
+        let mut relief = self.table.pressure_relief(now.mono_ns, self.capacity);
+        if !relief.is_empty() {
+            // A set: a flood finishes many keys, and a scan per key would be quadratic.
+            let finishing: HashSet<&FlowKey> = finished.iter().collect();
+            relief.retain(|key| !finishing.contains(key));
+        }
         if !relief.is_empty() {
             warn!(
                 "flow map over 90% full: finishing {} idle connections early (their records are written)",
