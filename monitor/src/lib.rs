@@ -22,5 +22,6 @@ pub mod privileges;
 pub mod resolve;
 pub mod rules;
 pub mod run;
+pub mod shed;
 pub mod state;
 pub mod top;

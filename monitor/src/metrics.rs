@@ -59,6 +59,7 @@ pub struct Metrics {
     sink_failures: IntCounterVec,
     log_errors: IntCounterVec,
     log_lost: IntCounterVec,
+    shed: IntCounterVec,
     ipfix_records: IntCounter,
     ipfix_messages: IntCounter,
     ipfix_errors: IntCounter,
@@ -74,13 +75,28 @@ struct TopTalkers {
     current: Option<u64>,
     sums: HashMap<IpAddr, u64>,
     gauge: IntGaugeVec,
+    /// Hosts' sums dropped to stay within [`MAX_TOP_HOSTS`].
+    shed: u64,
 }
+
+/// Local hosts summed in one window at most: local nets of IPv6 hold more addresses than
+/// memory. When full, the half that sent least goes (the top N are among the rest).
+const MAX_TOP_HOSTS: usize = 262_144;
 
 impl TopTalkers {
     fn add(&mut self, host: IpAddr, bytes: u64) {
-        if self.n > 0 && bytes > 0 {
-            *self.sums.entry(host).or_default() += bytes;
+        if self.n == 0 || bytes == 0 {
+            return;
         }
+        if self.sums.len() >= MAX_TOP_HOSTS
+            && !self.sums.contains_key(&host)
+            && let Some(cut) = crate::shed::cut(self.sums.values().copied())
+        {
+            let before = self.sums.len();
+            self.sums.retain(|_, sum| *sum > cut);
+            self.shed += (before - self.sums.len()) as u64;
+        }
+        *self.sums.entry(host).or_default() += bytes;
     }
 
     /// At a new window, publishes the last one's top N.
@@ -234,6 +250,13 @@ impl Metrics {
             ),
             &["log"],
         )?;
+        let shed = IntCounterVec::new(
+            opts(
+                "state_shed_total",
+                "Entries dropped from state that floods could grow without end, by state (suppression, window_groups, top_talkers): the smaller half of a full table.",
+            ),
+            &["state"],
+        )?;
         let ipfix_records = IntCounter::with_opts(opts(
             "ipfix_records_total",
             "IPFIX data records sent, all collectors together.",
@@ -274,6 +297,7 @@ impl Metrics {
             Box::new(sink_failures.clone()),
             Box::new(log_errors.clone()),
             Box::new(log_lost.clone()),
+            Box::new(shed.clone()),
             Box::new(ipfix_records.clone()),
             Box::new(ipfix_messages.clone()),
             Box::new(ipfix_errors.clone()),
@@ -326,11 +350,13 @@ impl Metrics {
                 current: None,
                 sums: HashMap::new(),
                 gauge: top_talkers_gauge,
+                shed: 0,
             },
             sink_dropped,
             sink_failures,
             log_errors,
             log_lost,
+            shed,
             ipfix_records,
             ipfix_messages,
             ipfix_errors,
@@ -450,6 +476,18 @@ impl Metrics {
                 let counter = counter.with_label_values(&[name]);
                 counter.inc_by(total.saturating_sub(counter.get()));
             }
+        }
+    }
+
+    /// What the bounded tables shed so far: the suppressor's and the rules' totals.
+    pub fn shed(&self, suppression: u64, window_groups: u64) {
+        for (state, total) in [
+            ("suppression", suppression),
+            ("window_groups", window_groups),
+            ("top_talkers", self.top.shed),
+        ] {
+            let counter = self.shed.with_label_values(&[state]);
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 
@@ -687,6 +725,35 @@ mod tests {
         assert!(
             !render(&m.registry()).contains("top_talker_bytes{"),
             "a quiet window replaces them"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_hosts_sheds_the_smallest_sums_and_keeps_the_top() {
+        let mut m = Metrics::new(1024, 1, Duration::from_secs(60)).unwrap();
+        m.top.current = Some(0);
+        m.top.add("198.18.1.2".parse().unwrap(), 1_000_000);
+        for n in 0..=MAX_TOP_HOSTS as u128 {
+            let host = std::net::Ipv6Addr::from(0x2001_0db8_0001_u128 << 80 | n);
+            m.top.add(host.into(), 1);
+        }
+        assert!(m.top.sums.len() <= MAX_TOP_HOSTS);
+        m.shed(0, 0);
+        let text = render(&m.registry());
+        assert!(
+            value(
+                &text,
+                "egress_monitor_state_shed_total{state=\"top_talkers\"}"
+            ) >= (MAX_TOP_HOSTS / 2) as f64
+        );
+        m.top.roll(61.0);
+        let text = render(&m.registry());
+        assert_eq!(
+            value(
+                &text,
+                "egress_monitor_top_talker_bytes{host=\"198.18.1.2\"}"
+            ),
+            1_000_000.0
         );
     }
 }

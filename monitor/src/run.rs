@@ -158,6 +158,10 @@ impl Pipeline {
             .dns(self.dns.counts(), self.dns.cache_entries());
         self.suppressor.prune(now.mono_ns);
         self.emit(alerts, now);
+        self.metrics.shed(
+            self.suppressor.shed(),
+            self.rules.iter().map(|rule| rule.shed()).sum(),
+        );
         self.flush();
         for sink in &self.sinks {
             self.metrics

@@ -8,11 +8,18 @@ use serde::Deserialize as _;
 
 use super::{Alert, Note};
 
+/// Quiet times kept at most. Each is an alert that went out, kept for its quiet time: a
+/// flood of alerts of distinct keys would grow them for that long. When full, the older
+/// half goes: those keys may alert again sooner, never less.
+pub const MAX_KEYS: usize = 262_144;
+
 pub struct Suppressor {
     quiet: Duration,
     restricted_quiet: Duration,
     /// Kernel-clock time the quiet time of each (rule, key) runs from.
     since: HashMap<(Note, String), u64>,
+    /// Quiet times dropped to stay within [`MAX_KEYS`].
+    shed: u64,
 }
 
 impl Suppressor {
@@ -21,6 +28,7 @@ impl Suppressor {
             quiet,
             restricted_quiet,
             since: HashMap::new(),
+            shed: 0,
         }
     }
 
@@ -43,10 +51,27 @@ impl Suppressor {
                 false
             }
             _ => {
+                if self.since.len() >= MAX_KEYS && !self.since.contains_key(&slot) {
+                    self.make_room();
+                }
                 self.since.insert(slot, now_ns);
                 true
             }
         }
+    }
+
+    fn make_room(&mut self) {
+        let Some(cut) = crate::shed::cut(self.since.values().copied()) else {
+            return;
+        };
+        let before = self.since.len();
+        self.since.retain(|_, since| *since > cut);
+        self.shed += (before - self.since.len()) as u64;
+    }
+
+    /// Quiet times dropped so far to stay within [`MAX_KEYS`].
+    pub fn shed(&self) -> u64 {
+        self.shed
     }
 
     /// The quiet times running, sorted, for `--state-dir`.
@@ -153,5 +178,22 @@ mod tests {
         assert!(s.admit(&a, 161 * SEC), "quiet for 61 s");
         s.prune(222 * SEC);
         assert!(s.since.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_keys_sheds_the_oldest_quiet_times_and_loses_no_alert() {
+        let mut s = Suppressor::new(Duration::from_secs(3600), Duration::from_secs(3600));
+        let first = alert(Note::RestrictedOutbound, "first");
+        assert!(s.admit(&first, 0));
+        for n in 1..=MAX_KEYS as u64 {
+            let flood = alert(Note::RestrictedOutbound, &format!("flood {n}"));
+            assert!(s.admit(&flood, n), "every new key alerts");
+        }
+        assert!(s.since.len() <= MAX_KEYS);
+        assert!(s.shed() >= MAX_KEYS as u64 / 2, "shed {}", s.shed());
+        assert!(
+            s.admit(&first, MAX_KEYS as u64 + 1),
+            "a shed quiet time alerts again"
+        );
     }
 }

@@ -197,6 +197,10 @@ pub trait Rule: Send {
     fn check_saved(&self, _saved: &Saved, _now: Now) -> Result<(), String> {
         Ok(())
     }
+    /// Entries of state dropped so far to keep it within its bound.
+    fn shed(&self) -> u64 {
+        0
+    }
 }
 
 /// Rule states by rule name, as `--state-dir` keeps them.

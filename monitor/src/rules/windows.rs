@@ -89,10 +89,20 @@ struct SavedGroup {
     last_leak: Option<f64>,
 }
 
+/// Groups kept at most. Each group needs only a connection that sent something, so a host
+/// that sends to many addresses would grow them for a whole window. When full, the half of
+/// the groups that never exceeded a window with the least in this one goes: a leak is a
+/// large sum, a flood many small ones.
+pub const MAX_GROUPS: usize = 1 << 20;
+
 pub struct Windows {
     cfg: Config,
     exclude: AddrMatcher,
     groups: DenseMap<Group>,
+    /// [`MAX_GROUPS`]; tests make it small.
+    max_groups: usize,
+    /// Groups dropped to stay within `max_groups`.
+    shed: u64,
     /// The window in which groups were last pruned: once per window is enough (a group
     /// kept longer changes no alert: sums and the leak period are checked on use), and
     /// it saves a pass over every group in every poll.
@@ -105,6 +115,8 @@ impl Windows {
             cfg,
             exclude,
             groups: DenseMap::default(),
+            max_groups: MAX_GROUPS,
+            shed: 0,
             pruned_in: None,
         }
     }
@@ -141,6 +153,9 @@ impl Windows {
             },
         };
         let window = self.index(now.epoch);
+        if self.groups.len() >= self.max_groups && self.groups.position(&key).is_none() {
+            self.make_room();
+        }
         let cfg = self.cfg;
         let window_secs = self.window_secs();
         let state = self.groups.get_or_insert_with(&key, || Group {
@@ -251,7 +266,24 @@ fn group_alert(
     }
 }
 
+impl Windows {
+    fn make_room(&mut self) {
+        let quiet = |g: &Group| !g.exceeded && g.history.is_none();
+        let Some(cut) = crate::shed::cut(self.groups.iter().filter(|g| quiet(g)).map(|g| g.bytes))
+        else {
+            return;
+        };
+        let before = self.groups.len();
+        self.groups.retain(|g| !quiet(g) || g.bytes > cut);
+        self.shed += (before - self.groups.len()) as u64;
+    }
+}
+
 impl Rule for Windows {
+    fn shed(&self) -> u64 {
+        self.shed
+    }
+
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         self.account(conn, now, out);
     }
@@ -414,6 +446,27 @@ mod tests {
         );
         // The next window starts from zero: 4 MB more is not enough.
         assert!(update(&mut r, &sent("C1", "203.0.113.2", 13 * MB), at(300.0)).is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_small_groups_sheds_them_and_keeps_the_leak() {
+        let mut r = rule(LeakGroup::Pair);
+        r.max_groups = 4;
+        let a = update(&mut r, &sent("C1", "203.0.113.2", 6 * MB), at(10.0));
+        assert_eq!(notes(&a), [Note::WindowExceeded]);
+        for n in 0..20 {
+            let uid: &'static str = Box::leak(format!("CF{n}").into_boxed_str());
+            let resp: &'static str = Box::leak(format!("198.51.100.{n}").into_boxed_str());
+            assert!(update(&mut r, &sent(uid, resp, 1000 + n), at(20.0)).is_empty());
+        }
+        assert!(r.groups.len() <= 5, "{} groups", r.groups.len());
+        assert!(r.shed() >= 10, "shed {}", r.shed());
+        let leak = r
+            .groups
+            .iter()
+            .find(|g| g.exceeded)
+            .expect("the leak's group stays");
+        assert_eq!(leak.bytes, 6 * MB);
     }
 
     /// The table keeps each connection's baseline (see `OBSERVED`); the rule, the sums.
