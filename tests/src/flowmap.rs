@@ -9,6 +9,11 @@ use monitor_common::{
     names,
 };
 
+use crate::{
+    agent::Agent,
+    lab::{self, Lab},
+};
+
 /// A pin directory under /sys/fs/bpf for one agent, removed even when the test fails.
 pub struct Pins(PathBuf);
 
@@ -38,6 +43,29 @@ impl Drop for Pins {
     fn drop(&mut self) {
         let _ = monitor::kernel::pins::remove(&self.0);
     }
+}
+
+/// The agent on gw's loopback (no traffic of its own) with its maps pinned in `pins`,
+/// room for `entries` synthetic connections twice over, connections kept an hour idle,
+/// and polls `poll_interval` apart.
+pub fn start_agent(lab: &Lab, pins: &Pins, entries: u32, poll_interval: &str) -> Agent {
+    let capacity = (entries * 2).to_string();
+    Agent::start_seeing_pins(
+        &lab.gw,
+        "lo",
+        &[
+            "--pin-path",
+            pins.root().to_str().expect("UTF-8 path"),
+            "--flow-map-size",
+            &capacity,
+            "--idle-timeout",
+            "1h",
+            "--poll-interval",
+            poll_interval,
+            "--local-net",
+            lab::LOCAL_NET_V4,
+        ],
+    )
 }
 
 /// One direction of a synthetic connection active until `now_ns`: 10 packets, 10 kB.

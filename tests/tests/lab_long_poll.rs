@@ -8,10 +8,9 @@ use std::{
 };
 
 use tests::{
-    agent::Agent,
-    flowmap::{Pins, fill},
+    flowmap::{self, Pins, fill},
     http,
-    lab::{self, Lab},
+    lab::Lab,
 };
 
 const METRICS: &str = "127.0.0.1:9877";
@@ -34,23 +33,7 @@ fn sample(body: &str, name: &str) -> f64 {
 fn metrics_answer_while_a_million_connections_are_polled() {
     let lab = Lab::new();
     let pins = Pins::new("test-long-poll");
-    let capacity = (2 * ENTRIES).to_string();
-    let _agent = Agent::start_seeing_pins(
-        &lab.gw,
-        "lo",
-        &[
-            "--pin-path",
-            pins.root().to_str().expect("UTF-8 path"),
-            "--flow-map-size",
-            &capacity,
-            "--idle-timeout",
-            "1h",
-            "--poll-interval",
-            "100ms",
-            "--local-net",
-            lab::LOCAL_NET_V4,
-        ],
-    );
+    let _agent = flowmap::start_agent(&lab, &pins, ENTRIES, "100ms");
     fill(&pins, ENTRIES);
     http::eventually(
         "the agent tracking every synthetic connection",

@@ -15,10 +15,9 @@ use aya::maps::{Map, MapData};
 use monitor::poller::Poller;
 use monitor_common::{flow::FlowValue, names};
 use tests::{
-    agent::Agent,
-    flowmap::{Pins, fill},
+    flowmap::{self, Pins, fill},
     http,
-    lab::{self, Lab},
+    lab::Lab,
     procfs,
 };
 
@@ -156,23 +155,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
 fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     let lab = Lab::new();
     let pins = Pins::new("bench-poll");
-    let capacity = (entries * 2).to_string();
-    let agent = Agent::start_seeing_pins(
-        &lab.gw,
-        "lo",
-        &[
-            "--pin-path",
-            pins.root().to_str().expect("UTF-8 path"),
-            "--flow-map-size",
-            &capacity,
-            "--idle-timeout",
-            "1h",
-            "--poll-interval",
-            "1s",
-            "--local-net",
-            lab::LOCAL_NET_V4,
-        ],
-    );
+    let agent = flowmap::start_agent(&lab, &pins, entries, "1s");
     let pid = agent.pid();
     // A few empty polls: what the agent holds before any connection.
     thread::sleep(Duration::from_secs(3));
