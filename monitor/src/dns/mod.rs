@@ -54,6 +54,9 @@ pub struct Dns {
     /// Records completed since the last poll: written then, when their connection (and
     /// its uid) is in the table.
     ready: Vec<DnsRecord>,
+    /// Records whose connection the table did not know yet: its packets came after that
+    /// poll's map read. Written at the next poll, with the uid it finds then.
+    unnamed: Vec<DnsRecord>,
     tunnel: TunnelDetector,
     counts: DnsCounts,
 }
@@ -72,6 +75,7 @@ impl Dns {
             log,
             resolvers: args.dns_resolvers.clone(),
             ready: Vec::new(),
+            unnamed: Vec::new(),
             tunnel: TunnelDetector::new(TunnelConfig {
                 threshold: args.dns_tunnel_threshold.0,
                 period: args.dns_tunnel_period,
@@ -162,8 +166,18 @@ impl Dns {
         self.cache_mut().prune(now.mono_ns);
         let expired = self.queries.expire(now.mono_ns, epoch);
         if let Some(out) = &mut self.log {
-            self.ready.extend(expired);
-            write(out, &mut self.ready, uid);
+            for mut rec in self.unnamed.drain(..) {
+                rec.uid = uid(&flow_key(&rec));
+                out.write(&rec);
+            }
+            for mut rec in self.ready.drain(..).chain(expired) {
+                rec.uid = uid(&flow_key(&rec));
+                if rec.uid.is_some() {
+                    out.write(&rec);
+                } else {
+                    self.unnamed.push(rec);
+                }
+            }
             out.flush_or_count();
         }
     }
@@ -175,8 +189,16 @@ impl Dns {
         uid: impl Fn(&FlowKey) -> Option<String>,
     ) {
         if let Some(out) = &mut self.log {
-            self.ready.extend(self.queries.drain(epoch));
-            write(out, &mut self.ready, uid);
+            let waiting = self.queries.drain(epoch);
+            for mut rec in self
+                .unnamed
+                .drain(..)
+                .chain(self.ready.drain(..))
+                .chain(waiting)
+            {
+                rec.uid = uid(&flow_key(&rec));
+                out.write(&rec);
+            }
             out.close();
         }
     }
@@ -204,17 +226,6 @@ impl Dns {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .entries()
-    }
-}
-
-fn write(
-    out: &mut JsonLines,
-    ready: &mut Vec<DnsRecord>,
-    uid: impl Fn(&FlowKey) -> Option<String>,
-) {
-    for mut rec in ready.drain(..) {
-        rec.uid = uid(&flow_key(&rec));
-        out.write(&rec);
     }
 }
 
