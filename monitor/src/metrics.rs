@@ -124,6 +124,11 @@ impl TopTalkers {
     }
 }
 
+/// Brings a counter up to a total another component keeps (totals only grow).
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(PREFIX)
 }
@@ -460,8 +465,7 @@ impl Metrics {
             (&self.sink_dropped, dropped),
             (&self.sink_failures, failures),
         ] {
-            let counter = counter.with_label_values(&[name]);
-            counter.inc_by(total.saturating_sub(counter.get()));
+            catch_up(&counter.with_label_values(&[name]), total);
         }
     }
 
@@ -473,8 +477,7 @@ impl Metrics {
                 (&self.log_errors, stats.errors),
                 (&self.log_lost, stats.lost),
             ] {
-                let counter = counter.with_label_values(&[name]);
-                counter.inc_by(total.saturating_sub(counter.get()));
+                catch_up(&counter.with_label_values(&[name]), total);
             }
         }
     }
@@ -486,8 +489,7 @@ impl Metrics {
             ("window_groups", window_groups),
             ("top_talkers", self.top.shed),
         ] {
-            let counter = self.shed.with_label_values(&[state]);
-            counter.inc_by(total.saturating_sub(counter.get()));
+            catch_up(&self.shed.with_label_values(&[state]), total);
         }
     }
 
@@ -498,7 +500,7 @@ impl Metrics {
             (&self.ipfix_messages, messages),
             (&self.ipfix_errors, errors),
         ] {
-            counter.inc_by(total.saturating_sub(counter.get()));
+            catch_up(counter, total);
         }
     }
 
