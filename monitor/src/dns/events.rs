@@ -83,20 +83,18 @@ impl DnsEvents {
 }
 
 impl DnsQueue {
-    /// Appends to `batch` every record drained so far and every record the ring holds
-    /// now: what the kernel queued before a flow-map read, taken before that read's
-    /// connections are judged.
-    pub fn take(&self, batch: &mut Batch) {
+    /// Fills `drained` (a batch its caller emptied, whose buffers the drain goes on with)
+    /// with every record drained so far and every record the ring holds now: what the
+    /// kernel queued before a flow-map read, taken before that read's connections are
+    /// judged.
+    pub fn take(&self, drained: &mut Batch) {
+        debug_assert!(drained.ends.is_empty(), "records not handed out yet");
         let mut shared = lock(&self.shared);
         let Shared { ring, waiting } = &mut *shared;
         while let Some(item) = ring.next() {
             waiting.push(&item);
         }
-        if batch.ends.is_empty() {
-            std::mem::swap(batch, waiting);
-        } else {
-            waiting.drain(|record| batch.push(record));
-        }
+        std::mem::swap(drained, waiting);
     }
 }
 
