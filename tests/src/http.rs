@@ -10,6 +10,15 @@ use std::{
 
 use crate::lab;
 
+/// The agent's /metrics (its default `--metrics-addr`), inside the agent's namespace.
+pub const AGENT_METRICS: &str = "127.0.0.1:9877";
+
+/// A sample of the /metrics of the agent in `ns` (`name` with its labels, as written), or
+/// `None` while /metrics does not answer or has no such sample.
+pub fn agent_sample(ns: &str, name: &str) -> Option<f64> {
+    sample(&get(ns, AGENT_METRICS, "/metrics")?, name)
+}
+
 /// The body of `GET path` (HTTP/1.0) to `addr` from inside `ns`, or `None` when nothing
 /// answers 200 (yet).
 pub fn get(ns: &str, addr: &str, path: &str) -> Option<String> {

@@ -26,8 +26,6 @@ use tests::{
 const ALERT_LIMIT: Duration = Duration::from_secs(30);
 const FINISH_LIMIT: Duration = Duration::from_secs(40);
 const UPLOAD: u64 = 3_000_000;
-/// The agent's /metrics (its default `--metrics-addr`), inside gw's namespace.
-const METRICS: &str = "127.0.0.1:9877";
 
 const FILES_V4: &str = "203.0.113.10";
 const FILES_V6: &str = "2001:db8:2::10";
@@ -415,18 +413,16 @@ fn unsolicited_nxdomains_are_counted_and_raise_nothing() {
         }
     });
     let unsolicited = http::eventually("100 unsolicited responses counted", ALERT_LIMIT, || {
-        let text = http::get(&lab.gw, METRICS, "/metrics")?;
-        http::sample(
-            &text,
+        http::agent_sample(
+            &lab.gw,
             "egress_monitor_dns_messages_total{type=\"unsolicited\"}",
         )
         .filter(|&n| n >= f64::from(FORGED))
     });
     assert_eq!(unsolicited, f64::from(FORGED));
-    let text = http::get(&lab.gw, METRICS, "/metrics").expect("/metrics answers");
     assert_eq!(
-        http::sample(
-            &text,
+        http::agent_sample(
+            &lab.gw,
             "egress_monitor_dns_messages_total{type=\"response\"}"
         ),
         Some(0.0),

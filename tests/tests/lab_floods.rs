@@ -14,12 +14,6 @@ use tests::{
     rules_lab::{RulesAgent, Scratch},
 };
 
-const METRICS: &str = "127.0.0.1:9877";
-
-fn sample(lab: &Lab, name: &str) -> Option<f64> {
-    http::sample(&http::get(&lab.gw, METRICS, "/metrics")?, name)
-}
-
 /// A query for `q<n>.flood.test` (id `n`) whose answer section carries `answers` A
 /// records: bytes a server would ignore, and a naive parser would keep.
 fn stuffed_query(n: u32, answers: u16) -> Vec<u8> {
@@ -76,8 +70,9 @@ fn a_flood_of_stuffed_dns_queries_keeps_memory_bounded() {
         "every query parsed or counted lost",
         Duration::from_secs(60),
         || {
-            let parsed = sample(&lab, "egress_monitor_dns_messages_total{type=\"query\"}")?;
-            let lost = sample(&lab, "egress_monitor_dns_events_lost_total")?;
+            let parsed =
+                http::agent_sample(&lab.gw, "egress_monitor_dns_messages_total{type=\"query\"}")?;
+            let lost = http::agent_sample(&lab.gw, "egress_monitor_dns_events_lost_total")?;
             (parsed + lost >= f64::from(QUERIES)).then_some(parsed)
         },
     );

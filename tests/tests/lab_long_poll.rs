@@ -13,7 +13,6 @@ use tests::{
     lab::Lab,
 };
 
-const METRICS: &str = "127.0.0.1:9877";
 const ENTRIES: u32 = 1_000_000;
 const SCRAPES: u32 = 30;
 /// What a scrape may take while a poll runs.
@@ -21,7 +20,7 @@ const ANSWER_LIMIT: Duration = Duration::from_millis(100);
 
 fn scrape(lab: &Lab) -> (Duration, String) {
     let started = Instant::now();
-    let body = http::get(&lab.gw, METRICS, "/metrics").expect("/metrics answers 200");
+    let body = http::get(&lab.gw, http::AGENT_METRICS, "/metrics").expect("/metrics answers 200");
     (started.elapsed(), body)
 }
 
@@ -39,7 +38,7 @@ fn metrics_answer_while_a_million_connections_are_polled() {
         "the agent tracking every synthetic connection",
         Duration::from_secs(120),
         || {
-            let body = http::get(&lab.gw, METRICS, "/metrics")?;
+            let body = http::get(&lab.gw, http::AGENT_METRICS, "/metrics")?;
             (sample(&body, "egress_monitor_connections_active") as u32 >= ENTRIES).then_some(())
         },
     );

@@ -16,16 +16,10 @@ use tests::{
     rules_lab::{RulesAgent, listing},
 };
 
-/// The agent's /metrics (its default `--metrics-addr`), inside gw's namespace.
-const METRICS: &str = "127.0.0.1:9877";
 /// An Internet address the forged packets claim to go to.
 const REMOTE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
 /// Frames of each kind.
 const FORGED: u64 = 50;
-
-fn metric(lab: &Lab, name: &str) -> Option<f64> {
-    http::sample(&http::get(&lab.gw, METRICS, "/metrics")?, name)
-}
 
 #[test]
 fn lan_sources_forged_on_the_wan_side_count_for_nobody() {
@@ -75,7 +69,7 @@ fn lan_sources_forged_on_the_wan_side_count_for_nobody() {
         "the forged packets counted as spoofed",
         Duration::from_secs(15),
         || {
-            metric(&lab, "egress_monitor_packets_spoofed_total")
+            http::agent_sample(&lab.gw, "egress_monitor_packets_spoofed_total")
                 .filter(|&n| n >= (2 * FORGED) as f64)
         },
     );
@@ -87,7 +81,10 @@ fn lan_sources_forged_on_the_wan_side_count_for_nobody() {
     // Two polls more: anything counted would be judged by then.
     thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        metric(&lab, "egress_monitor_bytes_total{direction=\"outbound\"}"),
+        http::agent_sample(
+            &lab.gw,
+            "egress_monitor_bytes_total{direction=\"outbound\"}"
+        ),
         Some(0.0),
         "nothing counted as sent by the LAN host"
     );
