@@ -242,11 +242,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_disk_cuts_no_line_and_loses_none_once_it_has_room() {
-        let taken = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), 5)));
-        let mut log = JsonLines {
-            // Stdout's name: a reopen requested by another test leaves it alone.
+    /// A log on a [`Disk`] with `room` bytes. It carries stdout's name: a reopen that
+    /// another test requests meanwhile leaves it alone.
+    fn on_disk(
+        room: usize,
+    ) -> (
+        JsonLines,
+        std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>,
+    ) {
+        let taken = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), room)));
+        let log = JsonLines {
             path: "-".into(),
             out: Some(Box::new(Disk {
                 taken: taken.clone(),
@@ -256,6 +261,12 @@ mod tests {
             stats: LogStats::default(),
             failing: false,
         };
+        (log, taken)
+    }
+
+    #[test]
+    fn a_full_disk_cuts_no_line_and_loses_none_once_it_has_room() {
+        let (mut log, taken) = on_disk(5);
         log.write(&"first");
         log.write(&"second");
         log.flush_or_count();
@@ -274,8 +285,7 @@ mod tests {
 
     #[test]
     fn past_the_bound_records_are_counted_as_lost() {
-        let dir = Scratch::new("bound");
-        let mut log = JsonLines::open(&dir.0.join("x.log")).unwrap();
+        let (mut log, _) = on_disk(0);
         let record = "x".repeat(1 << 20);
         for _ in 0..6 {
             log.write(&record);
