@@ -219,9 +219,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "3\n");
     }
 
+    /// What a [`Disk`] took, and the room it has left.
+    type Taken = std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>;
+
     /// A writer that takes `room` bytes, then fails until it is given more.
     struct Disk {
-        taken: std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>,
+        taken: Taken,
     }
 
     impl Write for Disk {
@@ -244,12 +247,7 @@ mod tests {
 
     /// A log on a [`Disk`] with `room` bytes. It carries stdout's name: a reopen that
     /// another test requests meanwhile leaves it alone.
-    fn on_disk(
-        room: usize,
-    ) -> (
-        JsonLines,
-        std::sync::Arc<std::sync::Mutex<(Vec<u8>, usize)>>,
-    ) {
+    fn on_disk(room: usize) -> (JsonLines, Taken) {
         let taken = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), room)));
         let log = JsonLines {
             path: "-".into(),
