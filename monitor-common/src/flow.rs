@@ -38,7 +38,11 @@ pub struct DirStats {
     pub tcp_flags: u8,
     /// 1 when a SYN without ACK was seen: its sender is the originator.
     pub syn_only: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The interface whose ingress last found this direction's source routed back through
+    /// it (the reverse-path check); 0 before a check. Packets arriving there are not
+    /// checked again.
+    pub source_checked_on: u32,
 }
 
 /// Value of the flow map: one per connection, shared by the CPUs. The kernel programs
@@ -70,7 +74,8 @@ impl DirStats {
         last_ns: 0,
         tcp_flags: 0,
         syn_only: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        source_checked_on: 0,
     };
 }
 

@@ -136,25 +136,10 @@ impl Copier for SkbCopier {
 /// Whether a packet that came in on `ifindex` has a source the routing table reaches
 /// through another interface (a strict reverse-path check, as `rp_filter=1` does): someone
 /// on this side forged it. Where forwarding is off on the interface the kernel answers no
-/// route, and the packet passes; so does an unspecified IPv4 source (DHCP) and a packet
-/// that is not plain IP behind at most one VLAN tag. It reads the addresses on its own,
-/// before the parser, in a function of its own: the verifier sees the parser's paths
-/// start from one state, not one per way through this check.
+/// route, and the packet passes; so does an unspecified IPv4 source (DHCP). Not inlined:
+/// the verifier follows its paths once per call, not once per way the parser took.
 #[inline(never)]
-fn spoofed<C: Copier>(link: Link, ifindex: u32, copier: &C) -> bool {
-    let at = |off: u32| {
-        Copied(copier)
-            .load::<2>(off as usize)
-            .map(u16::from_be_bytes)
-    };
-    let (ethertype, l3) = match link {
-        Link::Ip { protocol } => (protocol, 0),
-        Link::Ethernet { .. } => match at(12) {
-            Some(0x8100 | 0x88a8) => (at(16).unwrap_or(0), 18),
-            Some(ethertype) => (ethertype, 14),
-            None => return false,
-        },
-    };
+fn spoofed<C: Copier>(info: &PacketInfo, ifindex: u32, copier: &C) -> bool {
     let Some(params) = FIB_PARAMS.get_ptr_mut(0) else {
         return false;
     };
@@ -164,25 +149,22 @@ fn spoofed<C: Copier>(link: Link, ifindex: u32, copier: &C) -> bool {
     *params = unsafe { core::mem::zeroed() };
     params.ifindex = ifindex;
     // The way back: from the packet's destination to its source.
-    let copied = match ethertype {
-        0x0800 => {
-            params.family = AF_INET;
-            // SAFETY: each field is 4 writable bytes.
-            unsafe {
-                copier.copy(l3 + 12, (&raw mut params.__bindgen_anon_4).cast(), 4) == 0
-                    && copier.copy(l3 + 16, (&raw mut params.__bindgen_anon_3).cast(), 4) == 0
-                    && params.__bindgen_anon_4.ipv4_dst != 0
-            }
+    if info.family == 4 {
+        let source = [info.src[0], info.src[1], info.src[2], info.src[3]];
+        if source == [0; 4] {
+            return false;
         }
-        0x86dd => {
-            params.family = AF_INET6;
-            copier.copy(l3 + 8, (&raw mut params.__bindgen_anon_4).cast(), 16) == 0
-                && copier.copy(l3 + 24, (&raw mut params.__bindgen_anon_3).cast(), 16) == 0
+        params.family = AF_INET;
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(source);
+        params.__bindgen_anon_3.ipv4_src =
+            u32::from_ne_bytes([info.dst[0], info.dst[1], info.dst[2], info.dst[3]]);
+    } else {
+        params.family = AF_INET6;
+        // SAFETY: both are 16 bytes, as the addresses.
+        unsafe {
+            params.__bindgen_anon_4.ipv6_dst = core::mem::transmute::<[u8; 16], [u32; 4]>(info.src);
+            params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(info.dst);
         }
-        _ => false,
-    };
-    if !copied {
-        return false;
     }
     let found = copier.route(params);
     // No neighbour entry yet still names the interface the route leaves through.
@@ -215,9 +197,6 @@ fn count<C: Copier>(
     link: Link,
     hook: (u8, &C),
 ) {
-    if hook.0 == DIRECTION_INGRESS && spoofed(link, ifindex, hook.1) {
-        return bump(stats::SPOOFED_SOURCE);
-    }
     let parsed = match parse_packet(pkt, link) {
         // An skb built from pages (AF_PACKET, tun, some drivers) may hold no more than the
         // link-layer header in its linear part: the helper reads the rest. Only packets
@@ -229,17 +208,20 @@ fn count<C: Copier>(
         Ok(info) => info,
         Err(reason) => return bump(reason),
     };
+    if !account(&info, frame_len, segs, ifindex, hook) {
+        return bump(stats::SPOOFED_SOURCE);
+    }
     if info.ip_len_exceeds_frame(frame_len, segs) {
         bump(stats::IP_LEN_EXCEEDS_FRAME);
     }
     if is_dns_port(&info) {
         copy_dns(&info, frame_len, ifindex, hook);
     }
-    account(&info, frame_len, segs, ifindex);
 }
 
-/// Hands a DNS message to the agent. Never touches the packet.
-#[inline(always)]
+/// Hands a DNS message to the agent. Never touches the packet. Not inlined: its stack
+/// would not fit in the counting path's frame.
+#[inline(never)]
 fn copy_dns<C: Copier>(
     info: &PacketInfo,
     frame_len: u32,
@@ -334,8 +316,8 @@ mod atomic {
     }
 }
 
-// `tcp_flags` and `syn_only` are the two low bytes of one aligned little-endian word
-// (the rest is padding, always 0): one atomic OR sets both.
+// `tcp_flags` and `syn_only` are the two low bytes of one aligned little-endian word: one
+// atomic OR sets both, and leaves the word's other bytes (`source_checked_on`) as they are.
 const _: () = {
     assert!(core::mem::offset_of!(DirStats, tcp_flags) % 8 == 0);
     assert!(
@@ -344,12 +326,32 @@ const _: () = {
 };
 const SYN_ONLY_BIT: u64 = 1 << 8;
 
+/// Counts the packet in its connection's entry, made if new; false for a forged source.
+///
+/// An ingress packet's source is checked against the routing table when its connection
+/// is new and when its direction arrives on an interface other than the one that last
+/// passed the check: a known connection's packets pay for one comparison, and a forger
+/// cannot add to a connection from the side its source is not routed through.
 #[inline(always)]
-fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
+fn account<C: Copier>(
+    info: &PacketInfo,
+    frame_len: u32,
+    segs: u32,
+    ifindex: u32,
+    (direction, copier): (u8, &C),
+) -> bool {
+    let ingress = direction == DIRECTION_INGRESS;
+    let mut source_checked = false;
     let (key, dir) = info.flow_key();
     let value = match FLOWS.get_ptr_mut(&key) {
         Some(value) => value,
         None => {
+            if ingress {
+                if spoofed(info, ifindex, copier) {
+                    return false;
+                }
+                source_checked = true;
+            }
             // Another CPU may have inserted the key meanwhile (EEXIST): the lookup below
             // still finds it. Only a full map leaves no entry.
             let inserted = FLOWS.insert(&key, &ZERO_FLOW, BPF_NOEXIST as u64).is_ok();
@@ -361,20 +363,38 @@ fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
                     }
                     value
                 }
-                None => return bump(stats::FLOW_MAP_FULL),
+                None => {
+                    bump(stats::FLOW_MAP_FULL);
+                    return true;
+                }
             }
         }
     };
+    // SAFETY: a field of the map's entry.
+    let d: *mut DirStats = unsafe {
+        if dir == 0 {
+            &raw mut (*value).dir[0]
+        } else {
+            &raw mut (*value).dir[1]
+        }
+    };
+    if ingress {
+        // SAFETY: as above; CPUs racing here store the same interface.
+        unsafe {
+            let checked_on = &raw mut (*d).source_checked_on;
+            if checked_on.read_volatile() != ifindex {
+                if !source_checked && spoofed(info, ifindex, copier) {
+                    return false;
+                }
+                checked_on.write_volatile(ifindex);
+            }
+        }
+    }
     let (pkts, ip_bytes, bytes) = info.wire_counts(frame_len, segs);
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `value` is the map's entry, which other CPUs update at the same time: every
     // read-modify-write below is atomic. Fields are 8-byte aligned (#[repr(C)] of u64s).
     unsafe {
-        let d: *mut DirStats = if dir == 0 {
-            &raw mut (*value).dir[0]
-        } else {
-            &raw mut (*value).dir[1]
-        };
         atomic::add(&raw mut (*d).pkts, pkts);
         atomic::add(&raw mut (*d).ip_bytes, ip_bytes);
         atomic::add(&raw mut (*d).bytes, bytes);
@@ -394,6 +414,7 @@ fn account(info: &PacketInfo, frame_len: u32, segs: u32, ifindex: u32) {
             atomic::or(flags, bits);
         }
     }
+    true
 }
 
 #[xdp]

@@ -432,7 +432,12 @@ impl Kernel {
             };
             for (i, d) in v.dir.iter().enumerate() {
                 assert!(d.syn_only <= 1, "{k}: syn_only {}", d.syn_only);
-                assert_eq!(d._pad, [0; 6], "{k}: direction {i}: padding");
+                assert_eq!(d._pad, [0; 2], "{k}: direction {i}: padding");
+                assert!(
+                    [0, lo].contains(&d.source_checked_on),
+                    "{k}: direction {i}: source checked on {}",
+                    d.source_checked_on
+                );
                 flow.dir[i] = Counts {
                     pkts: d.pkts,
                     ip_bytes: d.ip_bytes,

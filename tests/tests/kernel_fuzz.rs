@@ -1216,7 +1216,7 @@ impl Kernel {
                 continue;
             }
             assert!(
-                0 < d.first_ns && d.first_ns <= d.last_ns && d.syn_only <= 1 && d._pad == [0; 6],
+                0 < d.first_ns && d.first_ns <= d.last_ns && d.syn_only <= 1 && d._pad == [0; 2],
                 "seed {:#x}: {k}: direction {i}: {d:?}",
                 self.seed
             );

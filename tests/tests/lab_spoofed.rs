@@ -4,14 +4,14 @@
 //! source is not routed is counted in `packets_spoofed_total` and nowhere else.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     thread,
     time::Duration,
 };
 
 use tests::{
     http,
-    lab::{self, Lab, send_raw_frame},
+    lab::{self, Lab, run_in_ns, send_raw_frame},
     packet::Frame,
     rules_lab::{RulesAgent, listing},
 };
@@ -100,4 +100,67 @@ fn lan_sources_forged_on_the_wan_side_count_for_nobody() {
         named.is_empty(),
         "connections with the forged remote: {named:?}"
     );
+}
+
+/// A forger who knows an open connection's ports still adds nothing to it: the LAN
+/// host's side of it arrives on the WAN link only forged.
+#[test]
+fn forged_packets_of_an_open_connection_count_for_nobody() {
+    const REAL: u64 = 5;
+    let lab = Lab::new();
+    let agent = RulesAgent::start(
+        &lab,
+        &["--upload-threshold", "10KB", "--upload-min-packets", "1"],
+    );
+    let client = SocketAddr::from((lab::LAN_HOST_V4, 40_002));
+    let server = SocketAddr::from((lab::WAN_HOST_V4, 40_003));
+    // Bound for the test's length, so the datagrams meet no port-unreachable.
+    let _listener = run_in_ns(&lab.wan, move || UdpSocket::bind(server).unwrap());
+    run_in_ns(&lab.lan, move || {
+        let socket = UdpSocket::bind(client).unwrap();
+        for _ in 0..REAL {
+            socket.send_to(&[7; 100], server).unwrap();
+        }
+    });
+    let outbound = "egress_monitor_bytes_total{direction=\"outbound\"}";
+    let counted = http::eventually(
+        "the LAN host's datagrams counted",
+        Duration::from_secs(15),
+        || http::agent_sample(&lab.gw, outbound).filter(|&n| n > 0.0),
+    );
+
+    let (wan_mac, gw_mac) = lab.macs(&lab.wan_if);
+    let forged = Frame::eth()
+        .ipv4(lab::LAN_HOST_V4, lab::WAN_HOST_V4)
+        .udp(client.port(), server.port())
+        .payload_len(1000)
+        .macs(wan_mac, gw_mac)
+        .build();
+    for _ in 0..FORGED {
+        send_raw_frame(&lab.wan, &lab.wan_if, gw_mac, forged.clone());
+    }
+    let spoofed = http::eventually(
+        "the forged packets counted as spoofed",
+        Duration::from_secs(15),
+        || {
+            http::agent_sample(&lab.gw, "egress_monitor_packets_spoofed_total")
+                .filter(|&n| n >= FORGED as f64)
+        },
+    );
+    assert_eq!(spoofed, FORGED as f64, "every forged frame, nothing else");
+    // Two polls more: anything counted would be judged by then.
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        http::agent_sample(&lab.gw, outbound),
+        Some(counted),
+        "the LAN host's upload as it sent it"
+    );
+    let stopped = agent.stop();
+    assert!(stopped.alerts.is_empty(), "{}", listing(&stopped.alerts));
+    let conn = stopped
+        .conns
+        .iter()
+        .find(|c| c.orig().0 == client.ip() && c.resp().0 == server.ip())
+        .expect("the LAN host's connection");
+    assert_eq!(conn.u64("orig_pkts"), REAL, "{conn}");
 }
