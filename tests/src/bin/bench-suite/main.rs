@@ -271,8 +271,9 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
          with its default hooks; pmacctd (pmacct, libpcap) with the memory plugin aggregating \
          by src_host, dst_host, src_port, dst_port, proto, its core-to-plugin queue sized as \
          pmacct's QUICKSTART advises for heavy traffic (plugin_buffer_size 10240, \
-         plugin_pipe_size 10240000); `softflowd -d` (libpcap) exporting NetFlow v5 to the \
-         gateway's loopback. \
+         plugin_pipe_size 10240000), its table allowed 65,536 memory pools \
+         (imt_mem_pools_number; 16 hold about 8,000 flows); `softflowd -d` (libpcap) \
+         exporting NetFlow v5 to the gateway's loopback. \
          iperf3 from the lan host to the wan host: a TCP upload for {} s, then UDP with {} B \
          of payload offered at `-b {}` for {} s. Each round runs every setup in turn in one \
          lab; every figure is the median over the rounds, and \"vs no monitor\" the median of \
