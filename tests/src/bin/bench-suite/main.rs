@@ -8,6 +8,7 @@ mod latency;
 mod nat;
 mod poll;
 mod refprog;
+mod throughput;
 
 use std::{fmt::Write as _, path::PathBuf, time::Instant};
 
@@ -20,6 +21,8 @@ pub struct Plan {
     pub repeat: u32,
     /// Distinct frames per new-flow run.
     pub new_flows: u32,
+    /// Rounds of every setup in the lab with offloads off (the issue measured three).
+    pub wire_rounds: u32,
 }
 
 impl Plan {
@@ -30,6 +33,7 @@ impl Plan {
                 runs: 3,
                 repeat: 200_000,
                 new_flows: 5_000,
+                wire_rounds: 1,
             }
         } else {
             Plan {
@@ -37,6 +41,7 @@ impl Plan {
                 runs: 5,
                 repeat: 1_000_000,
                 new_flows: 20_000,
+                wire_rounds: 3,
             }
         }
     }
@@ -100,6 +105,11 @@ fn main() {
         eprintln!("bench: end to end through the lab gateway, against the peers");
         let rows = e2e::measure(&plan);
         let _ = writeln!(report, "{}", e2e_tables(&plan, &rows));
+    }
+    if runs("throughput") {
+        eprintln!("bench: throughput with offloads off, against the peers");
+        let rows = throughput::measure(&plan);
+        let _ = writeln!(report, "{}", throughput_table(&plan, &rows));
     }
     if runs("latency") {
         eprintln!("bench: LargeUpload detection latency");
@@ -363,6 +373,61 @@ fn ratio(own: f64, peer: f64) -> String {
     } else {
         "—".to_owned()
     }
+}
+
+/// What the parts in the lab with offloads off share.
+const WIRE_LAB: &str = "The test lab as above, but with TSO, GSO, UDP segmentation and \
+     GSO lists off on all four veths (a veth has GRO off unless asked): each sender \
+     segments before its veth, so every wire packet crosses the gateway, and the \
+     monitors' hooks, as a packet of its own. The monitors watch the gateway's WAN-facing \
+     veth, each run as above: the agent at its defaults (TC ingress and egress), pmacctd \
+     and softflowd as configured there.";
+
+fn throughput_table(plan: &Plan, rows: &[throughput::Row]) -> String {
+    let mut out = format!(
+        "### Throughput with every wire packet through the hooks\n\n\
+         {WIRE_LAB} iperf3 TCP uploads from the lan host to the wan host for {} s: one \
+         stream, then {} streams (`-P {}`). {}, each running every setup in turn in \
+         one lab; Gbit/s is the median over the rounds, \"vs no monitor\" the median of each \
+         round's ratio to that round's no-monitor run. \"Seen\": the TCP packets the \
+         monitor counted (its conn log, pmacct's table, softflowd's flows) per packet the \
+         WAN veth counted (tx + rx) over both tests; not checked, but a monitor that misses \
+         packets also skips the work they would have cost.\n\n\
+         | setup | 1 stream Gbit/s | vs no monitor | {} streams Gbit/s | vs no monitor | seen |\n\
+         |---|---|---|---|---|---|\n",
+        e2e::test_secs(plan),
+        throughput::STREAMS,
+        throughput::STREAMS,
+        rounds(plan.wire_rounds),
+        throughput::STREAMS,
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {:.3} | {:.2} | {:.3} | {} |",
+            row.setup.label(),
+            row.gbits[0],
+            row.vs_none[0],
+            row.gbits[1],
+            row.vs_none[1],
+            percent(row.seen),
+        );
+    }
+    out
+}
+
+/// "1 round", "3 rounds".
+fn rounds(n: u32) -> String {
+    if n == 1 {
+        "1 round".to_owned()
+    } else {
+        format!("{n} rounds")
+    }
+}
+
+/// A share as a whole percentage, or a dash without one.
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "—".to_owned(), |s| format!("{:.0} %", s * 100.0))
 }
 
 fn latency_table(row: &latency::Row) -> String {
