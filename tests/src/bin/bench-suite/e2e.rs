@@ -21,10 +21,11 @@ use aya::sys::Stats;
 use serde_json::Value;
 use tests::{
     agent::Agent,
-    bpf,
+    bpf, http,
     lab::{self, Counters, Lab},
     peers::{Pmacctd, Softflowd},
     procfs,
+    traffic::NEW_FLOW_PORTS,
 };
 
 use crate::{Plan, median};
@@ -135,6 +136,17 @@ impl Proto {
     }
 }
 
+/// The flows a monitor saw.
+#[derive(Clone, Copy)]
+pub struct FlowsSeen {
+    /// The agent: connections its table learned (`connections_total`); pmacctd: UDP
+    /// entries of its table; softflowd: the flows it tracked, active and expired.
+    pub flows: u64,
+    /// The agent: the UDP records in its conn log once it stopped, and the records its
+    /// conn log had lost before the stop (`log_records_lost_total`).
+    pub conn_log: Option<(u64, u64)>,
+}
+
 /// A running monitor of one setup, on the gateway's WAN-facing veth.
 pub enum Monitor {
     None,
@@ -199,6 +211,43 @@ impl Monitor {
                 let packets = s.packets(proto.number());
                 s.stop();
                 Some(packets)
+            }
+        }
+    }
+
+    /// Stops the monitor; returns the flows it has seen (`None` without one).
+    pub fn stop_flows(self, lab: &Lab) -> Option<FlowsSeen> {
+        match self {
+            Monitor::None => None,
+            Monitor::Agent(agent) => {
+                let metric = |name: &str| {
+                    http::agent_sample(&lab.gw, name)
+                        .unwrap_or_else(|| panic!("the agent's /metrics has no {name}"))
+                        as u64
+                };
+                let flows = metric("egress_monitor_connections_total");
+                let lost_before = metric("egress_monitor_log_records_lost_total{log=\"conn\"}");
+                let records = agent.stop().iter().filter(|r| r.proto() == "udp").count();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: Some((records as u64, lost_before)),
+                })
+            }
+            Monitor::Pmacctd(p) => {
+                let flows = p.flows("udp");
+                p.stop();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: None,
+                })
+            }
+            Monitor::Softflowd(s) => {
+                let flows = s.flows();
+                s.stop();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: None,
+                })
             }
         }
     }
@@ -297,11 +346,23 @@ fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
 /// The lab with every wire packet through the hooks: TSO, GSO, UDP segmentation and GSO
 /// lists off on all four veths (a veth has GRO off unless asked), so each sender
 /// segments before its veth and nothing crosses the gateway as an aggregate. The wan host
-/// runs iperf3's server.
+/// runs iperf3's server and drops UDP datagrams to [`NEW_FLOW_PORTS`] in its input
+/// (nftables): new flows get no answer, not even an ICMP error.
 pub fn wire_lab() -> Lab {
     let lab = Lab::new();
     lab::segmentation_off(&lab.lan, &lab.lan_if);
     lab::segmentation_off(&lab.gw, &lab.gw_lan_if);
+    lab::nft(&lab.wan, &["add table inet sink"]);
+    lab::nft(
+        &lab.wan,
+        &["add chain inet sink input { type filter hook input priority 0; }"],
+    );
+    let drop = format!(
+        "add rule inet sink input udp dport {}-{} drop",
+        NEW_FLOW_PORTS.start,
+        NEW_FLOW_PORTS.end - 1
+    );
+    lab::nft(&lab.wan, &[&drop]);
     serve_iperf3(&lab);
     lab.wait_quiet();
     lab

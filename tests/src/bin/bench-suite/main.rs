@@ -6,11 +6,14 @@ mod e2e;
 mod kernel;
 mod latency;
 mod nat;
+mod new_flows;
 mod poll;
 mod refprog;
 mod throughput;
 
 use std::{fmt::Write as _, path::PathBuf, time::Instant};
+
+use tests::traffic;
 
 /// How much of everything: the full suite or the quick one.
 pub struct Plan {
@@ -110,6 +113,11 @@ fn main() {
         eprintln!("bench: throughput with offloads off, against the peers");
         let rows = throughput::measure(&plan);
         let _ = writeln!(report, "{}", throughput_table(&plan, &rows));
+    }
+    if runs("new-flows") {
+        eprintln!("bench: new UDP flows, against the peers");
+        let rows = new_flows::measure(&plan);
+        let _ = writeln!(report, "{}", new_flows_table(&plan, &rows));
     }
     if runs("latency") {
         eprintln!("bench: LargeUpload detection latency");
@@ -411,6 +419,75 @@ fn throughput_table(plan: &Plan, rows: &[throughput::Row]) -> String {
             row.gbits[1],
             row.vs_none[1],
             percent(row.seen),
+        );
+    }
+    out
+}
+
+fn new_flows_table(plan: &Plan, rows: &[new_flows::Row]) -> String {
+    let mut out = format!(
+        "### New UDP flows\n\n\
+         {WIRE_LAB} The lan host opens {} new UDP flows per second for {} s: one {}-byte \
+         datagram each, from one socket to port after port of the wan host ({}–{}), from \
+         a new socket (a new source port) whenever the ports run out, so that every \
+         datagram is a flow of its own; the sender keeps the pace in 1 ms batches. The wan \
+         host drops them (nftables, in its input): nothing answers. The window runs from \
+         the first datagram to {} s after the last (the agent's next poll and the peers' \
+         queues fall in it). Host CPU: the whole machine's busy time over the window \
+         (/proc/stat: user, nice, system, irq, softirq, steal) per 100k flows: the \
+         generator, the forwarding, the monitor and anything else the machine runs; \
+         \"beyond no monitor\": less that of the same round's no-monitor run, per round, \
+         then the median. Watcher's own CPU: utime + stime of the monitor's own processes \
+         (/proc/PID/stat; pmacctd's core and its plugin) per 100k flows. For the agent \
+         that is its user-space process alone: its BPF programs run in the packet path and \
+         are charged to no process of its own, so their run time (bpf_stats, on during this \
+         part, which adds two clock reads to each run) is shown beside it, and is in the \
+         host CPU. softflowd runs at its defaults, which track at most 8,192 flows and \
+         expire the oldest early to make room. \"Seen\": the flows the monitor saw (the \
+         connections the agent's table learned, its `connections_total` before it stops; \
+         pmacct's UDP table entries; softflowd's active and expired flows) per flow sent; \
+         under 90 % the suite fails. \
+         {}, each running every setup in turn in one lab; medians over the \
+         rounds.\n\n\
+         | setup | flows sent | flows/s | host CPU s per 100k flows | beyond no monitor | watcher's own CPU s per 100k flows | BPF run time s per 100k flows | seen |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        new_flows::RATE,
+        new_flows::secs(plan),
+        new_flows::PAYLOAD,
+        traffic::NEW_FLOW_PORTS.start,
+        traffic::NEW_FLOW_PORTS.end - 1,
+        new_flows::SETTLE.as_secs(),
+        rounds(plan.wire_rounds),
+    );
+    for row in rows {
+        let (extra, own) = if row.setup == e2e::Setup::None {
+            ("—".to_owned(), "—".to_owned())
+        } else {
+            (
+                format!("{:.3}", row.host_extra),
+                format!("{:.3}", row.own_cpu),
+            )
+        };
+        let bpf = row
+            .bpf
+            .map_or_else(|| "—".to_owned(), |s| format!("{s:.3}"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.3} | {extra} | {own} | {bpf} | {} |",
+            row.setup.label(),
+            row.flows,
+            row.flows_per_sec,
+            row.host_cpu,
+            percent(row.seen),
+        );
+    }
+    if let Some((records, lost)) = rows.iter().find_map(|r| r.conn_log) {
+        let _ = writeln!(
+            out,
+            "\nThe agent's conn log once it stopped (its open connections are written at \
+             the stop): {:.1} % of the flows sent as UDP records; records it had counted as \
+             lost before the stop (`log_records_lost_total`): {lost:.0}.",
+            records * 100.0
         );
     }
     out
