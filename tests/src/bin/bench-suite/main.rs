@@ -3,6 +3,7 @@
 //! replaces the suite's section of that file (BENCHMARKS.md).
 
 mod e2e;
+mod in_place;
 mod kernel;
 mod latency;
 mod nat;
@@ -118,6 +119,11 @@ fn main() {
         eprintln!("bench: new UDP flows, against the peers");
         let rows = new_flows::measure(&plan);
         let _ = writeln!(report, "{}", new_flows_table(&plan, &rows));
+    }
+    if runs("in-place") {
+        eprintln!("bench: the agent's kernel cost in place");
+        let rows = in_place::measure(&plan);
+        let _ = writeln!(report, "{}", in_place_table(&plan, &rows));
     }
     if runs("latency") {
         eprintln!("bench: LargeUpload detection latency");
@@ -488,6 +494,41 @@ fn new_flows_table(plan: &Plan, rows: &[new_flows::Row]) -> String {
              the stop): {:.1} % of the flows sent as UDP records; records it had counted as \
              lost before the stop (`log_records_lost_total`): {lost:.0}.",
             records * 100.0
+        );
+    }
+    out
+}
+
+fn in_place_table(plan: &Plan, rows: &[in_place::Row]) -> String {
+    let mut out = format!(
+        "### Kernel cost in place\n\n\
+         {WIRE_LAB} With kernel.bpf_stats_enabled on, the run_time_ns and run_cnt of the \
+         agent's programs (by their IDs, from the kernel) over each workload; then the \
+         same workloads with an empty program (`r0 = TC_ACT_OK; exit`) attached the same \
+         way (TCX ingress and egress) in the same place instead: what the hooks and the \
+         statistics' two clock reads per run cost by themselves. Raw: the agent's ns per \
+         run (a run is one packet through one hook); net: raw less the empty program's, \
+         per round, then the median. Hot TCP flow: one iperf3 upload stream for {} s, its \
+         data segments through TC egress, its ACKs through TC ingress, one connection the \
+         map already knows. New UDP flows: {} per second for {} s as in the new-flows \
+         test, each datagram one run of TC egress and one insert into the agent's flow \
+         map. {}, the agent then the empty program in each; medians.\n\n\
+         | workload | runs per test | raw ns per packet | empty program ns per packet | net ns per packet |\n\
+         |---|---|---|---|---|\n",
+        in_place::secs(plan),
+        new_flows::RATE,
+        in_place::secs(plan),
+        rounds(plan.wire_rounds),
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            row.workload.label(),
+            row.runs,
+            row.raw_ns,
+            row.empty_ns,
+            row.net_ns,
         );
     }
     out
