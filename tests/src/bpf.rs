@@ -4,6 +4,7 @@
 use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, BorrowedFd},
     time::Duration,
 };
 
@@ -52,14 +53,24 @@ pub fn prog_ids_of(pid: u32) -> Vec<u32> {
     let mut ids: Vec<u32> = entries
         .flatten()
         .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
-        })
+        .filter_map(|info| prog_id_in(&info))
         .collect();
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// The ID of the BPF program behind this process's descriptor `fd`.
+pub fn prog_id(fd: BorrowedFd<'_>) -> u32 {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let info = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    prog_id_in(&info).unwrap_or_else(|| panic!("{path} names no BPF program: {info}"))
+}
+
+/// The `prog_id` line of an fdinfo file.
+fn prog_id_in(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
 }
 
 /// Summed run count and run time of programs `ids`, as counted while bpf_stats are on

@@ -74,3 +74,25 @@ pub fn softirq_secs() -> f64 {
         .unwrap_or_else(|| panic!("bad /proc/stat: {stat}"));
     ticks as f64 / clock_ticks_per_sec()
 }
+
+/// The whole machine's busy time (all CPUs: user, nice, system, irq, softirq and steal,
+/// that is everything but idle and iowait), seconds.
+pub fn busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    // cpu  user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+    // already in user.
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(8)
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ticks.len(), 8, "bad /proc/stat: {stat}");
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    busy as f64 / clock_ticks_per_sec()
+}

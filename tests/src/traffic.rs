@@ -485,3 +485,64 @@ pub fn ping(ns: &str, dst: IpAddr, count: u32, size: usize) -> PingResult {
         size,
     }
 }
+
+/// Destination ports of [`udp_new_flows`]: each of its sockets sends one datagram to each
+/// of them in turn.
+pub const NEW_FLOW_PORTS: std::ops::Range<u16> = 1024..61024;
+
+/// What [`udp_new_flows`] sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewFlows {
+    /// Datagrams sent, each the only packet of its flow.
+    pub flows: u64,
+    pub elapsed: Duration,
+}
+
+/// `flows` new UDP flows from `client_ns` to `server`, paced at `rate` per second: one
+/// `size`-byte datagram each, to port after port of [`NEW_FLOW_PORTS`], from a new
+/// socket (a new source port) every time the ports run out, so no two flows share a
+/// 5-tuple. Nothing answers them: the receiving side is expected to drop them. On a busy
+/// machine it falls behind the pace and sends the rest as fast as it can, never skips.
+pub fn udp_new_flows(
+    client_ns: &str,
+    server: IpAddr,
+    flows: u64,
+    rate: u64,
+    size: usize,
+) -> NewFlows {
+    assert!(rate > 0, "a rate of 0 flows per second");
+    let ports = u64::from(NEW_FLOW_PORTS.end - NEW_FLOW_PORTS.start);
+    let unspecified: IpAddr = match server {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sockets = run_in_ns(client_ns, move || {
+        (0..flows.div_ceil(ports))
+            .map(|_| UdpSocket::bind(SocketAddr::new(unspecified, 0)))
+            .collect::<io::Result<Vec<UdpSocket>>>()
+    })
+    .unwrap_or_else(|e| panic!("UDP sockets in {client_ns}: {e}"));
+    let payload = pattern(size);
+    // The pace is kept per millisecond's batch: a sleep per datagram would cost more
+    // than the datagram.
+    let batch = (rate / 1000).max(1);
+    let start = Instant::now();
+    for n in 0..flows {
+        if n % batch == 0 {
+            let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        let port = NEW_FLOW_PORTS.start + (n % ports) as u16;
+        let to = SocketAddr::new(server, port);
+        let sent = sockets[(n / ports) as usize]
+            .send_to(&payload, to)
+            .unwrap_or_else(|e| panic!("UDP flow {n} to {to}: {e}"));
+        assert_eq!(sent, size, "short send to {to}");
+    }
+    NewFlows {
+        flows,
+        elapsed: start.elapsed(),
+    }
+}

@@ -80,8 +80,9 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, build (release) and run the benchmark suite (kernel cost per packet, poll
-    /// cost, end to end against peers, detection latency) and write its section of
-    /// BENCHMARKS.md; or one named benchmark, which prints a Markdown table.
+    /// cost, NAT, end to end against peers; with offloads off: throughput, new flows and
+    /// kernel cost in place; detection latency) and write its section of BENCHMARKS.md;
+    /// or one named benchmark, which prints a Markdown table.
     Bench {
         #[arg(value_enum)]
         which: Option<Bench>,

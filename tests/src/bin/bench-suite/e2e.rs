@@ -11,6 +11,9 @@
 //! packets in the same seconds spends more softirq time on forwarding alone.
 //! Tick-sampled softirq time on a 2-CPU machine is too coarse for the agent's share, so
 //! its programs' own run time (bpf_stats, exact) is reported beside it.
+//!
+//! The monitors, the iperf3 runs and the lab with every wire packet through the hooks
+//! ([`wire_lab`]) serve the parts measured in that lab too.
 
 use std::{thread, time::Duration};
 
@@ -18,10 +21,11 @@ use aya::sys::Stats;
 use serde_json::Value;
 use tests::{
     agent::Agent,
-    bpf,
+    bpf, http,
     lab::{self, Counters, Lab},
     peers::{Pmacctd, Softflowd},
     procfs,
+    traffic::NEW_FLOW_PORTS,
 };
 
 use crate::{Plan, median};
@@ -108,7 +112,43 @@ struct Round {
     seen: Option<f64>,
 }
 
-enum Monitor {
+/// A transport protocol whose packets a monitor counted.
+#[derive(Clone, Copy)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// As the agent's conn log and pmacct name it.
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+}
+
+/// The flows a monitor saw.
+#[derive(Clone, Copy)]
+pub struct FlowsSeen {
+    /// The agent: connections its table learned (`connections_total`); pmacctd: UDP
+    /// entries of its table; softflowd: the flows it tracked, active and expired.
+    pub flows: u64,
+    /// The agent: the UDP records in its conn log once it stopped, and the records its
+    /// conn log had lost before the stop (`log_records_lost_total`).
+    pub conn_log: Option<(u64, u64)>,
+}
+
+/// A running monitor of one setup, on the gateway's WAN-facing veth.
+pub enum Monitor {
     None,
     Agent(Agent),
     Pmacctd(Pmacctd),
@@ -116,7 +156,7 @@ enum Monitor {
 }
 
 impl Monitor {
-    fn start(setup: Setup, lab: &Lab) -> Monitor {
+    pub fn start(setup: Setup, lab: &Lab) -> Monitor {
         match setup {
             Setup::None => Monitor::None,
             Setup::Agent => Monitor::Agent(Agent::start(
@@ -130,7 +170,7 @@ impl Monitor {
     }
 
     /// The IDs of the monitor's BPF programs.
-    fn prog_ids(&self) -> Vec<u32> {
+    pub fn prog_ids(&self) -> Vec<u32> {
         match self {
             Monitor::Agent(agent) => {
                 let ids = bpf::prog_ids_of(agent.pid());
@@ -141,7 +181,7 @@ impl Monitor {
         }
     }
 
-    fn pids(&self) -> Vec<u32> {
+    pub fn pids(&self) -> Vec<u32> {
         match self {
             Monitor::None => Vec::new(),
             Monitor::Agent(agent) => vec![agent.pid()],
@@ -150,33 +190,70 @@ impl Monitor {
         }
     }
 
-    /// Stops the monitor; returns the UDP packets it counted (`None` without one).
-    fn stop(self) -> Option<u64> {
+    /// Stops the monitor; returns the packets of `proto` it counted (`None` without one).
+    pub fn stop(self, proto: Proto) -> Option<u64> {
         match self {
             Monitor::None => None,
             Monitor::Agent(agent) => Some(
                 agent
                     .stop()
                     .iter()
-                    .filter(|r| r.proto() == "udp")
+                    .filter(|r| r.proto() == proto.name())
                     .map(|r| r.u64("orig_pkts") + r.u64("resp_pkts"))
                     .sum(),
             ),
             Monitor::Pmacctd(p) => {
-                let packets = p.packets("udp");
+                let packets = p.packets(proto.name());
                 p.stop();
                 Some(packets)
             }
             Monitor::Softflowd(s) => {
-                let packets = s.packets(17);
+                let packets = s.packets(proto.number());
                 s.stop();
                 Some(packets)
             }
         }
     }
+
+    /// Stops the monitor; returns the flows it has seen (`None` without one).
+    pub fn stop_flows(self, lab: &Lab) -> Option<FlowsSeen> {
+        match self {
+            Monitor::None => None,
+            Monitor::Agent(agent) => {
+                let metric = |name: &str| {
+                    http::agent_sample(&lab.gw, name)
+                        .unwrap_or_else(|| panic!("the agent's /metrics has no {name}"))
+                        as u64
+                };
+                let flows = metric("egress_monitor_connections_total");
+                let lost_before = metric("egress_monitor_log_records_lost_total{log=\"conn\"}");
+                let records = agent.stop().iter().filter(|r| r.proto() == "udp").count();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: Some((records as u64, lost_before)),
+                })
+            }
+            Monitor::Pmacctd(p) => {
+                let flows = p.flows("udp");
+                p.stop();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: None,
+                })
+            }
+            Monitor::Softflowd(s) => {
+                let flows = s.flows();
+                s.stop();
+                Some(FlowsSeen {
+                    flows,
+                    conn_log: None,
+                })
+            }
+        }
+    }
 }
 
-fn cpu_of(pids: &[u32]) -> f64 {
+pub fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter().map(|&pid| procfs::cpu_secs(pid)).sum()
 }
 
@@ -194,21 +271,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     for (ns, dev) in [(&lab.gw, &lab.gw_wan_if), (&lab.wan, &lab.wan_if)] {
         lab::ns_exec(ns, &["ethtool", "-K", dev, "tso", "on", "gso", "on"]);
     }
-    let port = IPERF_PORT.to_string();
-    lab.spawn_in(
-        &lab.wan,
-        &[
-            "iperf3",
-            "-s",
-            "-B",
-            &lab::WAN_HOST_V4.to_string(),
-            "-p",
-            &port,
-            "--logfile",
-            "/dev/null",
-        ],
-    );
-    thread::sleep(Duration::from_millis(500));
+    serve_iperf3(&lab);
 
     let mut rounds: Vec<Vec<Round>> = Vec::new();
     for run in 0..plan.runs {
@@ -266,7 +329,7 @@ fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
     let tcp = one_test(lab, &monitor, false, test_secs(plan));
     let udp = one_test(lab, &monitor, true, test_secs(plan));
     let wan = udp.wan;
-    let seen = monitor.stop().map(|packets| {
+    let seen = monitor.stop(Proto::Udp).map(|packets| {
         let share = packets as f64 / (wan.tx_packets + wan.rx_packets) as f64;
         assert!(
             share >= MIN_SEEN,
@@ -280,33 +343,93 @@ fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
     Round { tcp, udp, seen }
 }
 
-fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
-    let pids = monitor.pids();
-    let prog_ids = monitor.prog_ids();
+/// The lab with every wire packet through the hooks: TSO, GSO, UDP segmentation and GSO
+/// lists off on all four veths (a veth has GRO off unless asked), so each sender
+/// segments before its veth and nothing crosses the gateway as an aggregate. The wan host
+/// runs iperf3's server and drops UDP datagrams to [`NEW_FLOW_PORTS`] in its input
+/// (nftables): new flows get no answer, not even an ICMP error.
+pub fn wire_lab() -> Lab {
+    let lab = Lab::new();
+    lab::segmentation_off(&lab.lan, &lab.lan_if);
+    lab::segmentation_off(&lab.gw, &lab.gw_lan_if);
+    lab::nft(&lab.wan, &["add table inet sink"]);
+    lab::nft(
+        &lab.wan,
+        &["add chain inet sink input { type filter hook input priority 0; }"],
+    );
+    let drop = format!(
+        "add rule inet sink input udp dport {}-{} drop",
+        NEW_FLOW_PORTS.start,
+        NEW_FLOW_PORTS.end - 1
+    );
+    lab::nft(&lab.wan, &[&drop]);
+    serve_iperf3(&lab);
+    lab.wait_quiet();
+    lab
+}
+
+/// Starts iperf3's server on the wan host (the lab kills it when dropped).
+pub fn serve_iperf3(lab: &Lab) {
+    let port = IPERF_PORT.to_string();
+    lab.spawn_in(
+        &lab.wan,
+        &[
+            "iperf3",
+            "-s",
+            "-B",
+            &lab::WAN_HOST_V4.to_string(),
+            "-p",
+            &port,
+            "--logfile",
+            "/dev/null",
+        ],
+    );
+    thread::sleep(Duration::from_millis(500));
+}
+
+/// Runs iperf3's client on the lan host against the wan host's server for `secs`, with
+/// `extra` arguments; returns its JSON report.
+pub fn iperf3(lab: &Lab, secs: u32, extra: &[&str]) -> Value {
     let secs_arg = secs.to_string();
     let server = lab::WAN_HOST_V4.to_string();
     let port = IPERF_PORT.to_string();
-    let payload = UDP_PAYLOAD.to_string();
     let mut args = vec!["iperf3", "-c", &server, "-p", &port, "-t", &secs_arg, "-J"];
-    if udp {
-        args.extend(["-u", "-l", &payload, "-b", UDP_RATE]);
-    }
-    let cpu_before = cpu_of(&pids);
-    let bpf_before = bpf::run_stats(&prog_ids).1;
-    let wan_before = lab::counters(&lab.gw, &lab.gw_wan_if);
-    let softirq_before = procfs::softirq_secs();
+    args.extend(extra);
     let out = lab::ns_output(&lab.lan, &args, Duration::from_secs(u64::from(secs) + 30));
-    let softirq = procfs::softirq_secs() - softirq_before;
-    let wan = lab::counters(&lab.gw, &lab.gw_wan_if).since(wan_before);
-    let process_cpu = cpu_of(&pids) - cpu_before;
-    let bpf = (bpf::run_stats(&prog_ids).1 - bpf_before).as_secs_f64();
     assert!(
         out.status.success(),
         "iperf3 {args:?} failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J output");
+    serde_json::from_slice(&out.stdout).expect("iperf3 -J output")
+}
+
+/// Gbit/s the server received in an iperf3 TCP report.
+pub fn tcp_gbits(report: &Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no bits_per_second in iperf3's sum_received: {report}"))
+        / 1e9
+}
+
+fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
+    let pids = monitor.pids();
+    let prog_ids = monitor.prog_ids();
+    let payload = UDP_PAYLOAD.to_string();
+    let mut extra = Vec::new();
+    if udp {
+        extra.extend(["-u", "-l", &payload, "-b", UDP_RATE]);
+    }
+    let cpu_before = cpu_of(&pids);
+    let bpf_before = bpf::run_stats(&prog_ids).1;
+    let wan_before = lab::counters(&lab.gw, &lab.gw_wan_if);
+    let softirq_before = procfs::softirq_secs();
+    let report = iperf3(lab, secs, &extra);
+    let softirq = procfs::softirq_secs() - softirq_before;
+    let wan = lab::counters(&lab.gw, &lab.gw_wan_if).since(wan_before);
+    let process_cpu = cpu_of(&pids) - cpu_before;
+    let bpf = (bpf::run_stats(&prog_ids).1 - bpf_before).as_secs_f64();
     let received = &report["end"]["sum_received"];
     let number = |v: &Value, what: &str| {
         v[what]
@@ -321,7 +444,7 @@ fn one_test(lab: &Lab, monitor: &Monitor, udp: bool, secs: u32) -> Test {
         )
     } else {
         (
-            number(received, "bits_per_second") / 1e9,
+            tcp_gbits(&report),
             report["end"]["sum_sent"]["retransmits"]
                 .as_f64()
                 .unwrap_or(0.0),

@@ -3,13 +3,18 @@
 //! replaces the suite's section of that file (BENCHMARKS.md).
 
 mod e2e;
+mod in_place;
 mod kernel;
 mod latency;
 mod nat;
+mod new_flows;
 mod poll;
 mod refprog;
+mod throughput;
 
 use std::{fmt::Write as _, path::PathBuf, time::Instant};
+
+use tests::traffic;
 
 /// How much of everything: the full suite or the quick one.
 pub struct Plan {
@@ -20,6 +25,8 @@ pub struct Plan {
     pub repeat: u32,
     /// Distinct frames per new-flow run.
     pub new_flows: u32,
+    /// Rounds of every setup in the lab with offloads off (the issue measured three).
+    pub wire_rounds: u32,
 }
 
 impl Plan {
@@ -30,6 +37,7 @@ impl Plan {
                 runs: 3,
                 repeat: 200_000,
                 new_flows: 5_000,
+                wire_rounds: 1,
             }
         } else {
             Plan {
@@ -37,6 +45,7 @@ impl Plan {
                 runs: 5,
                 repeat: 1_000_000,
                 new_flows: 20_000,
+                wire_rounds: 3,
             }
         }
     }
@@ -100,6 +109,21 @@ fn main() {
         eprintln!("bench: end to end through the lab gateway, against the peers");
         let rows = e2e::measure(&plan);
         let _ = writeln!(report, "{}", e2e_tables(&plan, &rows));
+    }
+    if runs("throughput") {
+        eprintln!("bench: throughput with offloads off, against the peers");
+        let rows = throughput::measure(&plan);
+        let _ = writeln!(report, "{}", throughput_table(&plan, &rows));
+    }
+    if runs("new-flows") {
+        eprintln!("bench: new UDP flows, against the peers");
+        let rows = new_flows::measure(&plan);
+        let _ = writeln!(report, "{}", new_flows_table(&plan, &rows));
+    }
+    if runs("in-place") {
+        eprintln!("bench: the agent's kernel cost in place");
+        let rows = in_place::measure(&plan);
+        let _ = writeln!(report, "{}", in_place_table(&plan, &rows));
     }
     if runs("latency") {
         eprintln!("bench: LargeUpload detection latency");
@@ -271,8 +295,9 @@ fn e2e_tables(plan: &Plan, rows: &[e2e::Row]) -> String {
          with its default hooks; pmacctd (pmacct, libpcap) with the memory plugin aggregating \
          by src_host, dst_host, src_port, dst_port, proto, its core-to-plugin queue sized as \
          pmacct's QUICKSTART advises for heavy traffic (plugin_buffer_size 10240, \
-         plugin_pipe_size 10240000); `softflowd -d` (libpcap) exporting NetFlow v5 to the \
-         gateway's loopback. \
+         plugin_pipe_size 10240000), its table allowed 65,536 memory pools \
+         (imt_mem_pools_number; 16 hold about 8,000 flows); `softflowd -d` (libpcap) \
+         exporting NetFlow v5 to the gateway's loopback. \
          iperf3 from the lan host to the wan host: a TCP upload for {} s, then UDP with {} B \
          of payload offered at `-b {}` for {} s. Each round runs every setup in turn in one \
          lab; every figure is the median over the rounds, and \"vs no monitor\" the median of \
@@ -362,6 +387,165 @@ fn ratio(own: f64, peer: f64) -> String {
     } else {
         "—".to_owned()
     }
+}
+
+/// What the parts in the lab with offloads off share.
+const WIRE_LAB: &str = "The test lab as above, but with TSO, GSO, UDP segmentation and \
+     GSO lists off on all four veths (a veth has GRO off unless asked): each sender \
+     segments before its veth, so every wire packet crosses the gateway, and the \
+     monitors' hooks, as a packet of its own. The monitors watch the gateway's WAN-facing \
+     veth, each run as above: the agent at its defaults (TC ingress and egress), pmacctd \
+     and softflowd as configured there.";
+
+fn throughput_table(plan: &Plan, rows: &[throughput::Row]) -> String {
+    let mut out = format!(
+        "### Throughput with every wire packet through the hooks\n\n\
+         {WIRE_LAB} iperf3 TCP uploads from the lan host to the wan host for {} s: one \
+         stream, then {} streams (`-P {}`). {}, each running every setup in turn in \
+         one lab; Gbit/s is the median over the rounds, \"vs no monitor\" the median of each \
+         round's ratio to that round's no-monitor run. \"Seen\": the TCP packets the \
+         monitor counted (its conn log, pmacct's table, softflowd's flows) per packet the \
+         WAN veth counted (tx + rx) over both tests; not checked, but a monitor that misses \
+         packets also skips the work they would have cost.\n\n\
+         | setup | 1 stream Gbit/s | vs no monitor | {} streams Gbit/s | vs no monitor | seen |\n\
+         |---|---|---|---|---|---|\n",
+        e2e::test_secs(plan),
+        throughput::STREAMS,
+        throughput::STREAMS,
+        rounds(plan.wire_rounds),
+        throughput::STREAMS,
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {:.3} | {:.2} | {:.3} | {} |",
+            row.setup.label(),
+            row.gbits[0],
+            row.vs_none[0],
+            row.gbits[1],
+            row.vs_none[1],
+            percent(row.seen),
+        );
+    }
+    out
+}
+
+fn new_flows_table(plan: &Plan, rows: &[new_flows::Row]) -> String {
+    let mut out = format!(
+        "### New UDP flows\n\n\
+         {WIRE_LAB} The lan host opens {} new UDP flows per second for {} s: one {}-byte \
+         datagram each, from one socket to port after port of the wan host ({}–{}), from \
+         a new socket (a new source port) whenever the ports run out, so that every \
+         datagram is a flow of its own; the sender keeps the pace in 1 ms batches. The wan \
+         host drops them (nftables, in its input): nothing answers. The window runs from \
+         the first datagram to {} s after the last (the agent's next poll and the peers' \
+         queues fall in it). Host CPU: the whole machine's busy time over the window \
+         (/proc/stat: user, nice, system, irq, softirq, steal) per 100k flows: the \
+         generator, the forwarding, the monitor and anything else the machine runs; \
+         \"beyond no monitor\": less that of the same round's no-monitor run, per round, \
+         then the median. Watcher's own CPU: utime + stime of the monitor's own processes \
+         (/proc/PID/stat; pmacctd's core and its plugin) per 100k flows. For the agent \
+         that is its user-space process alone: its BPF programs run in the packet path and \
+         are charged to no process of its own, so their run time (bpf_stats, on during this \
+         part, which adds two clock reads to each run) is shown beside it, and is in the \
+         host CPU. softflowd runs at its defaults, which track at most 8,192 flows and \
+         expire the oldest early to make room. \"Seen\": the flows the monitor saw (the \
+         connections the agent's table learned, its `connections_total` before it stops; \
+         pmacct's UDP table entries; softflowd's active and expired flows) per flow sent; \
+         under 90 % the suite fails. \
+         {}, each running every setup in turn in one lab; medians over the \
+         rounds.\n\n\
+         | setup | flows sent | flows/s | host CPU s per 100k flows | beyond no monitor | watcher's own CPU s per 100k flows | BPF run time s per 100k flows | seen |\n\
+         |---|---|---|---|---|---|---|---|\n",
+        new_flows::RATE,
+        new_flows::secs(plan),
+        new_flows::PAYLOAD,
+        traffic::NEW_FLOW_PORTS.start,
+        traffic::NEW_FLOW_PORTS.end - 1,
+        new_flows::SETTLE.as_secs(),
+        rounds(plan.wire_rounds),
+    );
+    for row in rows {
+        let (extra, own) = if row.setup == e2e::Setup::None {
+            ("—".to_owned(), "—".to_owned())
+        } else {
+            (
+                format!("{:.3}", row.host_extra),
+                format!("{:.3}", row.own_cpu),
+            )
+        };
+        let bpf = row
+            .bpf
+            .map_or_else(|| "—".to_owned(), |s| format!("{s:.3}"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.3} | {extra} | {own} | {bpf} | {} |",
+            row.setup.label(),
+            row.flows,
+            row.flows_per_sec,
+            row.host_cpu,
+            percent(row.seen),
+        );
+    }
+    if let Some((records, lost)) = rows.iter().find_map(|r| r.conn_log) {
+        let _ = writeln!(
+            out,
+            "\nThe agent's conn log once it stopped (its open connections are written at \
+             the stop): {:.1} % of the flows sent as UDP records; records it had counted as \
+             lost before the stop (`log_records_lost_total`): {lost:.0}.",
+            records * 100.0
+        );
+    }
+    out
+}
+
+fn in_place_table(plan: &Plan, rows: &[in_place::Row]) -> String {
+    let mut out = format!(
+        "### Kernel cost in place\n\n\
+         {WIRE_LAB} With kernel.bpf_stats_enabled on, the run_time_ns and run_cnt of the \
+         agent's programs (by their IDs, from the kernel) over each workload; then the \
+         same workloads with an empty program (`r0 = TC_ACT_OK; exit`) attached the same \
+         way (TCX ingress and egress) in the same place instead: what the hooks and the \
+         statistics' two clock reads per run cost by themselves. Raw: the agent's ns per \
+         run (a run is one packet through one hook); net: raw less the empty program's, \
+         per round, then the median. Hot TCP flow: one iperf3 upload stream for {} s, its \
+         data segments through TC egress, its ACKs through TC ingress, one connection the \
+         map already knows. New UDP flows: {} per second for {} s as in the new-flows \
+         test, each datagram one run of TC egress and one insert into the agent's flow \
+         map. {}, the agent then the empty program in each; medians.\n\n\
+         | workload | runs per test | raw ns per packet | empty program ns per packet | net ns per packet |\n\
+         |---|---|---|---|---|\n",
+        in_place::secs(plan),
+        new_flows::RATE,
+        in_place::secs(plan),
+        rounds(plan.wire_rounds),
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            row.workload.label(),
+            row.runs,
+            row.raw_ns,
+            row.empty_ns,
+            row.net_ns,
+        );
+    }
+    out
+}
+
+/// "1 round", "3 rounds".
+fn rounds(n: u32) -> String {
+    if n == 1 {
+        "1 round".to_owned()
+    } else {
+        format!("{n} rounds")
+    }
+}
+
+/// A share as a whole percentage, or a dash without one.
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "—".to_owned(), |s| format!("{:.0} %", s * 100.0))
 }
 
 fn latency_table(row: &latency::Row) -> String {

@@ -10,6 +10,8 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
+use aya::programs::TcAttachType;
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -531,6 +533,41 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches TC program `prog` to interface `ifindex` of the calling thread's network
+/// namespace in `direction` through TCX (`BPF_LINK_CREATE`), as the agent attaches its
+/// own on kernels that have TCX; it stays attached while the returned link is open.
+pub fn attach_tcx(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    direction: TcAttachType,
+) -> io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        // tcx: relative_fd, padding, expected_revision; zero: no ordering, any revision.
+        tcx: [u64; 2],
+        rest: [u8; 32],
+    }
+    let attr = LinkCreate {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: match direction {
+            TcAttachType::Ingress => BPF_TCX_INGRESS,
+            TcAttachType::Egress => BPF_TCX_EGRESS,
+        },
+        flags: 0,
+        tcx: [0; 2],
+        rest: [0; 32],
+    };
+    bpf(BPF_LINK_CREATE, &attr)
 }
 
 /// `BPF_PROG_TEST_RUN` of `prog` on `frame`, `repeat` times: the kernel's mean ns per run.
