@@ -30,7 +30,9 @@ pub struct DirStats {
     pub ip_bytes: u64,
     /// L4 payload.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns` of the first and last packet; 0 when none was seen.
+    /// `bpf_ktime_get_ns` of the first and last packet; 0 when none was seen. The last is
+    /// read from the clock as of the last tick (up to one tick early) unless that packet
+    /// was the first or carried FIN or RST.
     pub first_ns: u64,
     pub last_ns: u64,
     /// Union of the TCP flags seen. With `syn_only` and `_pad`, the low bytes of one

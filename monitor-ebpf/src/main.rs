@@ -14,7 +14,7 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action, xdp_md,
     },
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns,
         generated::{bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     },
     macros::{classifier, map, xdp},
@@ -57,6 +57,13 @@ static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
 /// parser's.
 #[map(name = "FIB_PARAMS")]
 static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// The parsed packet, from the parser to what follows it. Read from a map, the verifier
+/// knows nothing of it: every way through the parser (in the linear part, or copied; of
+/// each protocol) then meets the same state at `counted`, which it follows once instead of
+/// once per way.
+#[map(name = "PARSED")]
+static PARSED: PerCpuArray<PacketInfo> = PerCpuArray::with_max_entries(1, 0);
 
 /// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
 static ZERO_FLOW: FlowValue = FlowValue::ZERO;
@@ -187,48 +194,62 @@ impl<C: Copier> Frame for Copied<'_, C> {
     }
 }
 
-/// Counts one frame standing for `segs` wire segments; `frame_len` includes L2.
-#[inline(always)]
-fn count<C: Copier>(
-    pkt: &Packet,
+/// What a hook knows of a frame beside its bytes.
+struct Seen {
+    /// Includes L2.
     frame_len: u32,
+    /// Wire segments the frame stands for.
     segs: u32,
     ifindex: u32,
-    link: Link,
-    hook: (u8, &C),
-) {
+    direction: u8,
+}
+
+/// Counts one frame.
+#[inline(always)]
+fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) {
     let parsed = match parse_packet(pkt, link) {
         // An skb built from pages (AF_PACKET, tun, some drivers) may hold no more than the
         // link-layer header in its linear part: the helper reads the rest. Only packets
         // that fail directly pay for it.
-        Err(_) if ((pkt.end - pkt.start) as u32) < frame_len => parse_packet(&Copied(hook.1), link),
+        Err(_) if ((pkt.end - pkt.start) as u32) < seen.frame_len => {
+            parse_packet(&Copied(copier), link)
+        }
         parsed => parsed,
     };
     let info = match parsed {
         Ok(info) => info,
         Err(reason) => return bump(reason),
     };
-    if !account(&info, frame_len, segs, ifindex, hook) {
-        return bump(stats::SPOOFED_SOURCE);
-    }
-    if info.ip_len_exceeds_frame(frame_len, segs) {
-        bump(stats::IP_LEN_EXCEEDS_FRAME);
-    }
-    if is_dns_port(&info) {
-        copy_dns(&info, frame_len, ifindex, hook);
+    if let Some(slot) = PARSED.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
+        unsafe { *slot = info };
+        counted(seen, copier);
     }
 }
 
-/// Hands a DNS message to the agent. Never touches the packet. Not inlined: its stack
-/// would not fit in the counting path's frame.
+/// Everything after parsing, for the packet in [`PARSED`].
 #[inline(never)]
-fn copy_dns<C: Copier>(
-    info: &PacketInfo,
-    frame_len: u32,
-    ifindex: u32,
-    (direction, copier): (u8, &C),
-) {
-    let Some(span) = dns_span(&Copied(copier), info, frame_len) else {
+fn counted<C: Copier>(seen: &Seen, copier: &C) {
+    let Some(info) = PARSED.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: as in `count`.
+    let info = unsafe { &*info };
+    if !account(info, seen, copier) {
+        return bump(stats::SPOOFED_SOURCE);
+    }
+    if info.ip_len_exceeds_frame(seen.frame_len, seen.segs) {
+        bump(stats::IP_LEN_EXCEEDS_FRAME);
+    }
+    if is_dns_port(info) {
+        copy_dns(info, seen, copier);
+    }
+}
+
+/// Hands a DNS message to the agent. Never touches the packet.
+#[inline(always)]
+fn copy_dns<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) {
+    let Some(span) = dns_span(&Copied(copier), info, seen.frame_len) else {
         return;
     };
     let Some(mut entry) = DNS_EVENTS.reserve::<DnsEvent>(0) else {
@@ -253,10 +274,10 @@ fn copy_dns<C: Copier>(
             dst: info.dst,
             sport: info.sport,
             dport: info.dport,
-            ifindex,
+            ifindex: seen.ifindex,
             family: info.family,
             proto: info.proto,
-            direction,
+            direction: seen.direction,
             flags,
             msg_len: span.msg_len as u16,
             captured_len: len as u16,
@@ -332,15 +353,10 @@ const SYN_ONLY_BIT: u64 = 1 << 8;
 /// is new and when its direction arrives on an interface other than the one that last
 /// passed the check: a known connection's packets pay for one comparison, and a forger
 /// cannot add to a connection from the side its source is not routed through.
+///
 #[inline(always)]
-fn account<C: Copier>(
-    info: &PacketInfo,
-    frame_len: u32,
-    segs: u32,
-    ifindex: u32,
-    (direction, copier): (u8, &C),
-) -> bool {
-    let ingress = direction == DIRECTION_INGRESS;
+fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
+    let (ifindex, ingress) = (seen.ifindex, seen.direction == DIRECTION_INGRESS);
     let mut source_checked = false;
     let (key, dir) = info.flow_key();
     let value = match FLOWS.get_ptr_mut(&key) {
@@ -390,21 +406,14 @@ fn account<C: Copier>(
             }
         }
     }
-    let (pkts, ip_bytes, bytes) = info.wire_counts(frame_len, segs);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let (pkts, ip_bytes, bytes) = info.wire_counts(seen.frame_len, seen.segs);
     // SAFETY: `value` is the map's entry, which other CPUs update at the same time: every
     // read-modify-write below is atomic. Fields are 8-byte aligned (#[repr(C)] of u64s).
     unsafe {
         atomic::add(&raw mut (*d).pkts, pkts);
         atomic::add(&raw mut (*d).ip_bytes, ip_bytes);
         atomic::add(&raw mut (*d).bytes, bytes);
-        // Set once: a CPU racing the one that sets it read the clock a few ns apart.
-        let first = &raw mut (*d).first_ns;
-        if first.read_volatile() == 0 {
-            atomic::set_if_zero(first, now);
-        }
-        // CPUs racing here differ by the few ns between their clock reads and stores.
-        (&raw mut (*d).last_ns).write_volatile(now);
+        stamp(d, info.tcp_flags);
         let mut bits = u64::from(info.tcp_flags);
         if info.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
             bits |= SYN_ONLY_BIT;
@@ -415,6 +424,36 @@ fn account<C: Copier>(
         }
     }
     true
+}
+
+/// Times a packet in its direction's `first_ns` and `last_ns`. The precise clock costs more
+/// than the rest of a known connection's update: it times a direction's first packet and a
+/// close. Every other packet reads the clock as of the last tick, so `last_ns` can be up to
+/// one tick early. Not inlined: the verifier then follows its three ways once per call
+/// rather than along every path after it.
+#[inline(never)]
+fn stamp(d: *mut DirStats, tcp_flags: u8) {
+    // SAFETY: `d` is a direction of the map's entry (8-byte aligned fields).
+    unsafe {
+        let first = &raw mut (*d).first_ns;
+        let last = &raw mut (*d).last_ns;
+        let now = if first.read_volatile() == 0 {
+            let now = bpf_ktime_get_ns();
+            // Set once: a CPU racing the one that sets it read the clock a few ns apart.
+            atomic::set_if_zero(first, now);
+            now
+        } else if tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+            bpf_ktime_get_ns()
+        } else {
+            bpf_ktime_get_coarse_ns()
+        };
+        // Forward only: a tick-old reading after a precise one would put the last packet
+        // before the first. CPUs racing here differ by the few ns between their clock reads
+        // and stores.
+        if last.read_volatile() < now {
+            last.write_volatile(now);
+        }
+    }
 }
 
 #[xdp]
@@ -431,14 +470,13 @@ fn xdp_ingress(ctx: XdpContext) -> u32 {
     let copier = XdpCopier(ctx.ctx);
     // The agent hooks only Ethernet devices with XDP.
     let link = Link::Ethernet { stripped_tags: 0 };
-    count(
-        &pkt,
+    let seen = Seen {
         frame_len,
-        1,
+        segs: 1,
         ifindex,
-        link,
-        (DIRECTION_INGRESS, &copier),
-    );
+        direction: DIRECTION_INGRESS,
+    };
+    count(&pkt, link, &seen, &copier);
     xdp_action::XDP_PASS
 }
 
@@ -498,8 +536,13 @@ fn count_skb(ctx: &TcContext, direction: u8) {
             stripped_tags: if vlan_present != 0 { 1 } else { 0 },
         }
     };
-    let copier = SkbCopier(ctx.as_ptr().cast());
-    count(&pkt, len, segs, ifindex, link, (direction, &copier));
+    let seen = Seen {
+        frame_len: len,
+        segs,
+        ifindex,
+        direction,
+    };
+    count(&pkt, link, &seen, &SkbCopier(ctx.as_ptr().cast()));
 }
 
 // On the host (clippy), a dependency brings std and its handler.
