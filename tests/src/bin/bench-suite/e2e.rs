@@ -273,15 +273,9 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     }
     serve_iperf3(&lab);
 
-    let mut rounds: Vec<Vec<Round>> = Vec::new();
-    for run in 0..plan.runs {
-        let mut round = Vec::new();
-        for setup in SETUPS {
-            eprintln!("bench: end to end, {}, run {}", setup.label(), run + 1);
-            round.push(one_setup(plan, &lab, setup));
-        }
-        rounds.push(round);
-    }
+    let rounds = interleaved(plan.runs, "end to end", |setup| {
+        one_setup(plan, &lab, setup)
+    });
 
     SETUPS
         .iter()
@@ -348,6 +342,22 @@ fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
 /// segments before its veth and nothing crosses the gateway as an aggregate. The wan host
 /// runs iperf3's server and drops UDP datagrams to [`NEW_FLOW_PORTS`] in its input
 /// (nftables): new flows get no answer, not even an ICMP error.
+/// `rounds` rounds, each running every setup in turn: one entry per round, one result per
+/// setup in [`SETUPS`] order.
+pub fn interleaved<R>(rounds: u32, part: &str, mut run: impl FnMut(Setup) -> R) -> Vec<Vec<R>> {
+    (1..=rounds)
+        .map(|round| {
+            SETUPS
+                .iter()
+                .map(|&setup| {
+                    eprintln!("bench: {part}, {}, round {round}", setup.label());
+                    run(setup)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 pub fn wire_lab() -> Lab {
     let lab = Lab::new();
     lab::segmentation_off(&lab.lan, &lab.lan_if);

@@ -76,19 +76,9 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     // Costs every BPF program two clock reads per run while it is held.
     let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
     let lab = e2e::wire_lab();
-    let mut rounds: Vec<Vec<Round>> = Vec::new();
-    for round in 0..plan.wire_rounds {
-        let mut runs = Vec::new();
-        for setup in SETUPS {
-            eprintln!(
-                "bench: new UDP flows, {}, round {}",
-                setup.label(),
-                round + 1
-            );
-            runs.push(one_setup(plan, &lab, setup));
-        }
-        rounds.push(runs);
-    }
+    let rounds = e2e::interleaved(plan.wire_rounds, "new UDP flows", |setup| {
+        one_setup(plan, &lab, setup)
+    });
     SETUPS
         .iter()
         .enumerate()

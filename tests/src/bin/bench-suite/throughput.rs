@@ -35,19 +35,9 @@ struct Round {
 
 pub fn measure(plan: &Plan) -> Vec<Row> {
     let lab = e2e::wire_lab();
-    let mut rounds_run: Vec<Vec<Round>> = Vec::new();
-    for round in 0..plan.wire_rounds {
-        let mut runs = Vec::new();
-        for setup in SETUPS {
-            eprintln!(
-                "bench: throughput, offloads off, {}, round {}",
-                setup.label(),
-                round + 1
-            );
-            runs.push(one_setup(plan, &lab, setup));
-        }
-        rounds_run.push(runs);
-    }
+    let rounds_run = e2e::interleaved(plan.wire_rounds, "throughput, offloads off", |setup| {
+        one_setup(plan, &lab, setup)
+    });
     SETUPS
         .iter()
         .enumerate()
