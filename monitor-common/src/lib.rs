@@ -18,6 +18,9 @@ pub mod names {
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";
+    /// The TC programs for interfaces whose packets start at the IP header.
+    pub const TC_INGRESS_IP: &str = "tc_ingress_ip";
+    pub const TC_EGRESS_IP: &str = "tc_egress_ip";
 }
 
 /// Interfaces one agent can watch.
@@ -28,7 +31,9 @@ pub mod watched {
     /// The interface's ingress is hooked: a forwarded packet that came in there was
     /// counted there. Alone, it is the value agents before link types wrote.
     pub const INGRESS_HOOKED: u8 = 1;
-    /// The interface has no link-layer header: packets start at the IP header.
+    /// The interface has no link-layer header: packets start at the IP header. Programs
+    /// of this version know it from the program attached (`tc_*_ip`); those of earlier
+    /// agents, whose pinned links a restart keeps, read it here.
     pub const NO_L2: u8 = 2;
 }
 

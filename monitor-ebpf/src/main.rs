@@ -44,8 +44,7 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 
 /// The agent's interfaces (ifindex -> `watched` bits), filled by the agent. A forwarded
 /// packet that came in on one whose ingress is hooked was counted there: TC egress leaves
-/// it alone, so a gateway watched on several interfaces counts each packet once. On one
-/// without a link-layer header, the TC programs parse from the IP header.
+/// it alone, so a gateway watched on several interfaces counts each packet once.
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
 
@@ -480,22 +479,42 @@ fn xdp_ingress(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// The TC programs come in two kinds, chosen per interface when the agent attaches them:
+/// for interfaces with an Ethernet header, and for those whose packets start at the IP
+/// header (tun, WireGuard, PPP). Knowing it at load costs a packet no map lookup.
 #[classifier]
 fn tc_ingress(ctx: TcContext) -> i32 {
-    count_skb(&ctx, DIRECTION_INGRESS);
+    count_skb(&ctx, DIRECTION_INGRESS, false);
+    TC_ACT_OK
+}
+
+#[classifier]
+fn tc_ingress_ip(ctx: TcContext) -> i32 {
+    count_skb(&ctx, DIRECTION_INGRESS, true);
     TC_ACT_OK
 }
 
 #[classifier]
 fn tc_egress(ctx: TcContext) -> i32 {
+    count_egress(&ctx, false);
+    TC_ACT_OK
+}
+
+#[classifier]
+fn tc_egress_ip(ctx: TcContext) -> i32 {
+    count_egress(&ctx, true);
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn count_egress(ctx: &TcContext, no_l2: bool) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run. ingress_ifindex is 0
     // for locally sent packets.
     let came_in = unsafe { (*skb).ingress_ifindex };
     if came_in == 0 || watched_bits(came_in) & watched::INGRESS_HOOKED == 0 {
-        count_skb(&ctx, DIRECTION_EGRESS);
+        count_skb(ctx, DIRECTION_EGRESS, no_l2);
     }
-    TC_ACT_OK
 }
 
 /// The interface's `watched` bits; 0 when the agent does not watch it.
@@ -507,7 +526,7 @@ fn watched_bits(ifindex: u32) -> u8 {
 
 /// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.
 #[inline(always)]
-fn count_skb(ctx: &TcContext, direction: u8) {
+fn count_skb(ctx: &TcContext, direction: u8, no_l2: bool) {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run.
     let (len, segs, ifindex, vlan_present, protocol) = unsafe {
@@ -523,7 +542,7 @@ fn count_skb(ctx: &TcContext, direction: u8) {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let link = if watched_bits(ifindex) & watched::NO_L2 != 0 {
+    let link = if no_l2 {
         // The kernel's word on what the packet is (tun's packet information, PPP's
         // protocol field, the tunnel's inner type), in network byte order.
         Link::Ip {

@@ -221,6 +221,8 @@ fn test_run_refuses(hook: Hook, frame: &[u8]) -> bool {
 struct Kernel {
     ebpf: Ebpf,
     hook: Hook,
+    /// The program run: the hook's, or its kind for interfaces without a link-layer header.
+    program: &'static str,
     /// CLOCK_MONOTONIC before the first and after the last run: every timestamp in the
     /// flow map must fall inside.
     window: Cell<Option<(u64, u64)>>,
@@ -242,8 +244,23 @@ impl Kernel {
         Self::with(ebpf, hook)
     }
 
-    fn with(mut ebpf: Ebpf, hook: Hook) -> Self {
-        let name = hook.program();
+    /// The TC hook's program for interfaces whose packets start at the IP header.
+    fn load_ip(hook: Hook) -> Self {
+        let ebpf = Ebpf::load(monitor::kernel::object())
+            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
+        let name = match hook {
+            Hook::TcIngress => names::TC_INGRESS_IP,
+            Hook::TcEgress => names::TC_EGRESS_IP,
+            Hook::Xdp => panic!("XDP reads Ethernet frames only"),
+        };
+        Self::with_program(ebpf, hook, name)
+    }
+
+    fn with(ebpf: Ebpf, hook: Hook) -> Self {
+        Self::with_program(ebpf, hook, hook.program())
+    }
+
+    fn with_program(mut ebpf: Ebpf, hook: Hook, name: &'static str) -> Self {
         let program = ebpf
             .program_mut(name)
             .unwrap_or_else(|| panic!("the object has no program {name}"));
@@ -259,15 +276,13 @@ impl Kernel {
         Self {
             ebpf,
             hook,
+            program: name,
             window: Cell::new(None),
         }
     }
 
     fn test_run(&self, opts: TestRunOptions<'_>) -> Result<TestRunResult, ProgramError> {
-        let program = self
-            .ebpf
-            .program(self.hook.program())
-            .expect("loaded above");
+        let program = self.ebpf.program(self.program).expect("loaded above");
         let start = monotonic_ns();
         let result = match self.hook {
             Hook::Xdp => <&Xdp>::try_from(program).expect("XDP").test_run(opts),
@@ -1599,11 +1614,12 @@ fn ip_length_beyond_the_frame_counts_what_the_frame_holds() {
     }
 }
 
-/// On a device without a link-layer header (tun, WireGuard, PPP, IP tunnels), which the
-/// agent marks `NO_L2`, the TC programs parse from the IP header and take the packet's
-/// type from the skb's protocol, as the device's driver set it.
+/// On a device without a link-layer header (tun, WireGuard, PPP, IP tunnels), where the
+/// agent attaches `tc_ingress_ip` and `tc_egress_ip`, the TC programs parse from the IP
+/// header and take the packet's type from the skb's protocol, as the device's driver set
+/// it.
 ///
-/// test_run runs the skb on `lo` (marked here) and sets its protocol with
+/// test_run runs the skb on `lo` and sets its protocol with
 /// `eth_type_trans`, from bytes 12-13 of the data, whatever the device: behind no Ethernet
 /// header those are the first two bytes of an IPv4 source address, or bytes 4-5 of an
 /// IPv6 source address. So the IPv4 packets here come from 8.0.0.1 (protocol 0x0800) and
@@ -1635,8 +1651,7 @@ fn tc_parses_from_the_ip_header_on_devices_without_l2() {
         .tcp(40000, 443, ACK)
         .payload_len(3 * 500);
     for hook in Hook::TC {
-        let mut k = Kernel::load(hook);
-        k.mark(loopback_ifindex(), watched::NO_L2);
+        let k = Kernel::load_ip(hook);
         k.run_repeat(&l3(&tcp4), 3);
         k.run(&l3(&udp6));
         k.run_repeat(&l3(&not_ip), 2);

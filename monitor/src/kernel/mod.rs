@@ -176,7 +176,12 @@ impl Kernel {
             },
             _ => KernelError::Load(error),
         })?;
-        for name in [names::TC_INGRESS, names::TC_EGRESS] {
+        for name in [
+            names::TC_INGRESS,
+            names::TC_EGRESS,
+            names::TC_INGRESS_IP,
+            names::TC_EGRESS_IP,
+        ] {
             classifier(&mut ebpf, name)
                 .load()
                 .map_err(|error| KernelError::LoadProgram { name, error })?;
@@ -235,8 +240,8 @@ impl Kernel {
                 error,
             })?;
             if let Some(ingress) = kept {
-                // An earlier agent's links hook both directions; its bits may predate
-                // NO_L2.
+                // An earlier agent's links hook both directions. Its bits may predate
+                // NO_L2, which its programs, if older than the `tc_*_ip` ones, read.
                 self.mark(iface, index, watched::INGRESS_HOOKED | no_l2)?;
                 return Ok(Attached {
                     link,
@@ -245,11 +250,11 @@ impl Kernel {
                 });
             }
         }
-        let iface = Iface { name: iface, index };
-        // The TC programs must know the framing before their first packet.
-        if no_l2 != 0 {
-            self.mark(iface.name, index, no_l2)?;
-        }
+        let iface = Iface {
+            name: iface,
+            index,
+            no_l2: no_l2 != 0,
+        };
         let hook = match hook {
             IngressHook::Xdp if no_l2 != 0 => {
                 warn!(
@@ -291,7 +296,7 @@ impl Kernel {
         if ingress == IngressAttach::Tc {
             self.attach_tc(iface, TcAttachType::Ingress)?;
         }
-        self.mark(iface.name, index, watched::INGRESS_HOOKED | no_l2)?;
+        self.mark(iface.name, index, watched::INGRESS_HOOKED)?;
         self.attach_tc(iface, TcAttachType::Egress)?;
         Ok(Attached {
             link,
@@ -340,9 +345,11 @@ impl Kernel {
     }
 
     fn attach_tc(&mut self, iface: Iface<'_>, direction: TcAttachType) -> Result<(), KernelError> {
-        let (name, label) = match direction {
-            TcAttachType::Ingress => (names::TC_INGRESS, "ingress"),
-            TcAttachType::Egress => (names::TC_EGRESS, "egress"),
+        let (name, label) = match (direction, iface.no_l2) {
+            (TcAttachType::Ingress, false) => (names::TC_INGRESS, "ingress"),
+            (TcAttachType::Ingress, true) => (names::TC_INGRESS_IP, "ingress"),
+            (TcAttachType::Egress, false) => (names::TC_EGRESS, "egress"),
+            (TcAttachType::Egress, true) => (names::TC_EGRESS_IP, "egress"),
         };
         let program = classifier(&mut self.ebpf, name);
         let attached = program.attach(iface.index, direction).or_else(|_| {
@@ -389,6 +396,8 @@ fn pin_link(
 struct Iface<'a> {
     name: &'a str,
     index: u32,
+    /// No link-layer header: packets start at the IP header.
+    no_l2: bool,
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
