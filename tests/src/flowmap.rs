@@ -99,7 +99,7 @@ pub fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
             active(tcp_flags::ACK, now_ns),
         ],
         ifindex: 1,
-        _pad: 0,
+        epoch: 0,
     };
     (key, value)
 }
