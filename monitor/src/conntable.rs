@@ -554,6 +554,17 @@ pub struct ConnTable {
     /// comparison each, instead of a hash lookup: at a million connections the lookups'
     /// cache misses were a quarter of the agent's poll.
     read_order: Vec<u32>,
+    /// The connections whose `prev` the last read left behind their totals: their
+    /// deltas are what that read found new, and the next read settles them first.
+    unsettled: Unsettled,
+}
+
+#[derive(Debug)]
+enum Unsettled {
+    /// After a read of the whole map: any connection.
+    All,
+    /// After a read of what changed: the connections it observed, by key.
+    Keys(Vec<FlowKey>),
 }
 
 /// How many positions of the last read's order an entry is looked for at, before a hash
@@ -569,6 +580,7 @@ impl ConnTable {
             added: 0,
             resumed: HashMap::new(),
             read_order: Vec::new(),
+            unsettled: Unsettled::Keys(Vec::new()),
         }
     }
 
@@ -632,6 +644,42 @@ impl ConnTable {
             }
         }
         self.read_order = order;
+        self.unsettled = Unsettled::All;
+        self.resumed.clear();
+        read
+    }
+
+    /// One poll's reading of the map entries that changed since the read before: `read`
+    /// hands each to the callback. Every other connection carried nothing new: it keeps
+    /// its totals, and its delta becomes zero, as [`Self::observe_map`] leaves a
+    /// connection it was not handed. The work is in proportion to the entries handed
+    /// over and those the read before observed.
+    pub fn observe_changed<E>(
+        &mut self,
+        read: impl FnOnce(&mut dyn FnMut(FlowSnapshot)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match std::mem::replace(&mut self.unsettled, Unsettled::All) {
+            Unsettled::All => {
+                for conn in self.conns.iter_mut() {
+                    conn.prev = conn.totals();
+                }
+            }
+            Unsettled::Keys(keys) => {
+                for key in &keys {
+                    self.settle(key);
+                }
+            }
+        }
+        let mut observed = Vec::new();
+        let read = read(&mut |snap| {
+            if self
+                .observe_at(self.conns.position(&snap.key), snap)
+                .is_some()
+            {
+                observed.push(snap.key);
+            }
+        });
+        self.unsettled = Unsettled::Keys(observed);
         self.resumed.clear();
         read
     }
@@ -654,6 +702,9 @@ impl ConnTable {
                 prev.pkts += seen.pkts;
                 prev.ip_bytes += seen.ip_bytes;
                 prev.bytes += seen.bytes;
+            }
+            if let Unsettled::Keys(keys) = &mut self.unsettled {
+                keys.push(*into);
             }
         }
     }
@@ -1037,6 +1088,80 @@ mod tests {
                     assert_eq!(conn.delta(1).pkts, 0);
                 }
             }
+        }
+    }
+
+    /// A read of what changed leaves the table as a read of the whole map would: the same
+    /// totals and deltas for every connection, with connections coming, going (finished:
+    /// taken from the map too) and some reads whole.
+    #[test]
+    fn reading_what_changed_is_reading_the_whole_map() {
+        let idle = Duration::from_secs(30);
+        let (mut whole, mut changed) = (
+            ConnTable::new(idle, Uids::new([1, 2])),
+            ConnTable::new(idle, Uids::new([1, 2])),
+        );
+        let snap = |n: u16, pkts: u64| FlowSnapshot {
+            key: FlowKey {
+                port_b: n,
+                ..key(IPPROTO_UDP)
+            },
+            dir: [DirStats::default(), dir(pkts, SEC, SEC, 0, false)],
+            ifindex: 1,
+        };
+        let mut map: HashMap<u16, u64> = (0..300).map(|n| (n, 1)).collect();
+        for round in 1..40u64 {
+            let mut moved = Vec::new();
+            for (&n, pkts) in map.iter_mut() {
+                if (u64::from(n) * round).is_multiple_of(7) {
+                    *pkts += 1;
+                    moved.push(n);
+                }
+            }
+            for i in 0..5 {
+                let n = 300 + (round * 5 + i) as u16;
+                map.insert(n, 1);
+                moved.push(n);
+            }
+            let all: Vec<FlowSnapshot> = map.iter().map(|(&n, &p)| snap(n, p)).collect();
+            observe_map(&mut whole, &all);
+            // The first read is whole, as are some later ones.
+            if round % 10 == 1 {
+                observe_map(&mut changed, &all);
+            } else {
+                let moved: Vec<FlowSnapshot> = moved.iter().map(|&n| snap(n, map[&n])).collect();
+                let read: Result<(), ()> = changed.observe_changed(|observe| {
+                    moved.iter().for_each(|s| observe(*s));
+                    Ok(())
+                });
+                read.unwrap();
+            }
+            assert_same(&whole, &changed);
+            let finished: Vec<u16> = map
+                .keys()
+                .copied()
+                .filter(|n| (u64::from(*n) + round).is_multiple_of(13))
+                .collect();
+            for n in finished {
+                map.remove(&n);
+                whole.remove(&snap(n, 0).key);
+                changed.remove(&snap(n, 0).key);
+            }
+        }
+    }
+
+    /// Both tables hold the same connections with the same totals and deltas.
+    fn assert_same(whole: &ConnTable, changed: &ConnTable) {
+        assert_eq!(whole.len(), changed.len());
+        for conn in whole.iter() {
+            let other = changed.get(&conn.key).expect("the same connections");
+            assert_eq!(other.snap(), conn.snap(), "{:?}", conn.key);
+            assert_eq!(
+                [other.delta(0), other.delta(1)],
+                [conn.delta(0), conn.delta(1)],
+                "{:?}",
+                conn.key
+            );
         }
     }
 

@@ -35,7 +35,7 @@ use crate::{
     metrics::{self, Metrics},
     nat::Nat,
     parse_watch::{self, Change, ParseWatch},
-    poller::{PollError, Poller},
+    poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
     state::{Saved, StateDir},
@@ -214,15 +214,24 @@ impl Pipeline {
         }
     }
 
-    /// One read of the whole map into the table, each entry under its pre-NAT key.
+    /// One read of the map into the table, each entry under its pre-NAT key: of the whole
+    /// map, or of the entries that changed and those a new translation concerns.
     fn read_map(&mut self) -> Result<(), PollError> {
         self.nat.refresh();
+        let coverage = self.poller.begin(self.nat.take_learned())?;
         let (poller, nat) = (&mut self.poller, &mut self.nat);
-        self.table.observe_map(|observe| {
-            poller.snapshot(|snap| nat.route(snap, observe))?;
+        let mut entries = 0;
+        let read = |observe: &mut dyn FnMut(FlowSnapshot)| {
+            entries = poller.read(|snap| nat.route(snap, observe))?;
             nat.end_read(observe);
             Ok::<(), PollError>(())
-        })?;
+        };
+        match coverage {
+            Coverage::Whole => self.table.observe_map(read),
+            Coverage::Changed => self.table.observe_changed(read),
+        }?;
+        self.metrics
+            .read(coverage, entries, self.poller.changes_lost());
         self.nat.settle_read(&mut self.table);
         Ok(())
     }
@@ -492,7 +501,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut kernel = Kernel::load(args.flow_map_size, pins)?;
     let resumed = kernel.resumed();
-    let poller = Poller::new(
+    let mut poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     );
@@ -501,6 +510,18 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     for iface in &ifaces {
         let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
         watching.push(format!("{iface} ({attached})"));
+    }
+    if kernel.changes_complete() {
+        poller.follow_changes(
+            kernel.take_map(names::EPOCH_MAP)?,
+            kernel.take_map(names::CHANGED_MAP)?,
+            kernel.take_map(names::CHANGES_LOST_MAP)?,
+        )?;
+    } else {
+        warn!(
+            "programs of an earlier build stay attached through pinned links: every poll reads \
+             the whole flow map (`monitor detach --pin-path` and a restart attach this build's)"
+        );
     }
     // Before capabilities drop: reading the conntrack table needs CAP_NET_ADMIN.
     let nat = Nat::follow();
