@@ -2,6 +2,8 @@
 //! a connection is finished.
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     hash::{BuildHasher, RandomState},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
@@ -308,6 +310,16 @@ impl Conn {
         let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
         quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
     }
+
+    /// The kernel time from which it is [`Self::finished`] if nothing new comes.
+    pub fn finish_at(&self, idle_timeout: Duration) -> u64 {
+        let quiet = if self.closed() {
+            CLOSE_DELAY.min(idle_timeout)
+        } else {
+            idle_timeout
+        };
+        self.last_ns().saturating_add(quiet.as_nanos() as u64)
+    }
 }
 
 /// Whether a map entry has a first and a last packet time: the programs insert an entry,
@@ -557,6 +569,16 @@ pub struct ConnTable {
     /// The connections whose `prev` the last read left behind their totals: their
     /// deltas are what that read found new, and the next read settles them first.
     unsettled: Unsettled,
+    /// When to look again at connections that carry nothing new (kernel time, key),
+    /// soonest first: every connection has one no later than the first poll at which it
+    /// is finished, or a rule or an exporter acts on it unchanged (see [`Self::due`]).
+    /// Those of connections gone are passed over.
+    wakeups: BinaryHeap<Reverse<(u64, FlowKey)>>,
+    /// Whether `wakeups` is to be made afresh: a read of the whole map schedules nothing.
+    wakeups_stale: bool,
+    /// Connections the last read of what changed made new, closed or older (an earlier
+    /// first packet): the wake-up they had may be too late.
+    rescheduled: Vec<FlowKey>,
 }
 
 #[derive(Debug)]
@@ -581,6 +603,9 @@ impl ConnTable {
             resumed: HashMap::new(),
             read_order: Vec::new(),
             unsettled: Unsettled::Keys(Vec::new()),
+            wakeups: BinaryHeap::new(),
+            wakeups_stale: true,
+            rescheduled: Vec::new(),
         }
     }
 
@@ -645,6 +670,7 @@ impl ConnTable {
         }
         self.read_order = order;
         self.unsettled = Unsettled::All;
+        self.wakeups_stale = true;
         self.resumed.clear();
         read
     }
@@ -671,17 +697,72 @@ impl ConnTable {
             }
         }
         let mut observed = Vec::new();
+        self.rescheduled.clear();
         let read = read(&mut |snap| {
-            if self
-                .observe_at(self.conns.position(&snap.key), snap)
-                .is_some()
+            let position = self.conns.position(&snap.key);
+            let before = position
+                .and_then(|p| self.conns.at(p))
+                .map(|c| (c.first_ns(), c.closed()));
+            let Some(position) = self.observe_at(position, snap) else {
+                return;
+            };
+            observed.push(snap.key);
+            let conn = self.conns.at(position).expect("just observed");
+            if before
+                .is_none_or(|(first, closed)| conn.first_ns() < first || (conn.closed() && !closed))
             {
-                observed.push(snap.key);
+                self.rescheduled.push(snap.key);
             }
         });
         self.unsettled = Unsettled::Keys(observed);
         self.resumed.clear();
         read
+    }
+
+    /// The connections the last read observed, when it read only what changed.
+    pub fn observed(&self) -> Option<&[FlowKey]> {
+        match &self.unsettled {
+            Unsettled::All => None,
+            Unsettled::Keys(keys) => Some(keys),
+        }
+    }
+
+    /// Of those, the ones to schedule again (see [`Self::wake`]).
+    pub fn rescheduled(&self) -> &[FlowKey] {
+        &self.rescheduled
+    }
+
+    /// After a read of what changed: the keys of the connections whose wake-up time is
+    /// `now_ns` or earlier, each to be scheduled again ([`Self::wake`]) unless finished.
+    /// The first such read after one of the whole map first schedules every connection,
+    /// as for [`Self::wake`] with the time `acts_at` gives.
+    pub fn due(&mut self, now_ns: u64, acts_at: impl Fn(&Conn) -> u64) -> Vec<FlowKey> {
+        if self.wakeups_stale {
+            let idle = self.idle_timeout;
+            self.wakeups = self
+                .conns
+                .iter()
+                .map(|c| Reverse((c.finish_at(idle).min(acts_at(c)), c.key)))
+                .collect();
+            self.wakeups_stale = false;
+        }
+        let mut due = Vec::new();
+        while let Some(Reverse((at, key))) = self.wakeups.peek().copied()
+            && at <= now_ns
+        {
+            self.wakeups.pop();
+            due.push(key);
+        }
+        due
+    }
+
+    /// Looks at the connection of `key` again, new packets or not, when it is finished or
+    /// at kernel time `acts_at` if that is sooner.
+    pub fn wake(&mut self, key: FlowKey, acts_at: u64) {
+        if let Some(conn) = self.conns.get(&key) {
+            let at = conn.finish_at(self.idle_timeout).min(acts_at);
+            self.wakeups.push(Reverse((at, key)));
+        }
     }
 
     /// A connection the table holds under a key that turned out to be part of another
@@ -821,6 +902,8 @@ impl ConnTable {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use monitor_common::parse::IPPROTO_UDP;
     use tcp_flags::{ACK, FIN, RST, SYN};
@@ -1148,6 +1231,79 @@ mod tests {
                 changed.remove(&snap(n, 0).key);
             }
         }
+    }
+
+    /// Polls that look, after a read of what changed, only at the connections it observed
+    /// and those due, find every finished connection: idle ones, and closed ones after
+    /// the close delay, whichever read saw them close.
+    #[test]
+    fn every_finished_connection_is_due() {
+        let idle = Duration::from_secs(30);
+        let mut table = ConnTable::new(idle, Uids::new([1, 2]));
+        let snap = |n: u16, pkts: u64, at: u64, flags: u8| FlowSnapshot {
+            key: FlowKey {
+                port_b: n,
+                ..key(IPPROTO_TCP)
+            },
+            dir: [
+                dir(pkts, SEC, at, flags, false),
+                dir(pkts, SEC, at, flags | SYN, true),
+            ],
+            ifindex: 1,
+        };
+        let mut map: HashMap<u16, FlowSnapshot> = HashMap::new();
+        observe_map(&mut table, &[]);
+        for second in 1..200u64 {
+            let now = second * SEC;
+            let mut moved = Vec::new();
+            for n in 0..8u16 {
+                let n = (second as u16 * 7 + n * 13) % 400;
+                let pkts = map.get(&n).map_or(1, |s| s.dir[0].pkts + 1);
+                let flags = if (u64::from(n) + second).is_multiple_of(5) {
+                    FIN | ACK
+                } else {
+                    ACK
+                };
+                let flags = flags | map.get(&n).map_or(0, |s| s.dir[0].tcp_flags);
+                let s = snap(n, pkts, now, flags);
+                map.insert(n, s);
+                moved.push(s);
+            }
+            let read: Result<(), ()> = table.observe_changed(|observe| {
+                moved.iter().for_each(|s| observe(*s));
+                Ok(())
+            });
+            read.unwrap();
+            let due = table.due(now, |_| u64::MAX);
+            let looked: HashSet<FlowKey> = table
+                .observed()
+                .unwrap()
+                .iter()
+                .chain(&due)
+                .copied()
+                .collect();
+            let reschedule: Vec<FlowKey> =
+                table.rescheduled().iter().chain(&due).copied().collect();
+            let finished: Vec<FlowKey> = table
+                .iter()
+                .filter(|c| table.is_finished(c, now))
+                .map(|c| c.key)
+                .collect();
+            for key in &finished {
+                assert!(
+                    looked.contains(key),
+                    "second {second}: {key:?} finished unseen"
+                );
+            }
+            for key in reschedule.into_iter().filter(|k| !finished.contains(k)) {
+                table.wake(key, u64::MAX);
+            }
+            for key in finished {
+                table.remove(&key);
+                map.remove(&key.port_b);
+            }
+        }
+        assert!(table.added() > 400, "connections came and went");
     }
 
     /// Both tables hold the same connections with the same totals and deltas.
