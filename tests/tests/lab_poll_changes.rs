@@ -10,7 +10,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use monitor_common::flow::{FlowKey, FlowValue};
+use monitor_common::{
+    flow::{FlowKey, FlowValue},
+    names,
+};
 use tests::{
     flowmap::{self, Pins, fill},
     http,
@@ -122,4 +125,41 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
         "nothing counted since"
     );
     drop(agent);
+}
+
+/// Programs that an earlier build left attached through pinned links never name what
+/// they change (its pin directory has no `CHANGED`): every poll reads the whole map.
+#[test]
+fn programs_of_a_build_before_the_ring_are_read_whole() {
+    let lab = Lab::new();
+    let pins = Pins::new("test-poll-old-programs");
+    let first = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    sample(&lab.gw, "egress_monitor_poll_entries_read");
+    // SIGKILL leaves the links and maps pinned; without CHANGED they look like an older
+    // build's.
+    first.kill();
+    std::fs::remove_file(pins.map(names::CHANGED_MAP)).expect("remove the pinned CHANGED");
+    let second = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    http::eventually("a few polls", Duration::from_secs(30), || {
+        let whole = http::agent_sample(
+            &lab.gw,
+            "egress_monitor_poll_reads_total{coverage=\"whole\"}",
+        )?;
+        (whole >= 5.0).then_some(())
+    });
+    let changed = sample(
+        &lab.gw,
+        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
+    );
+    assert_eq!(
+        changed, 0.0,
+        "no poll trusted a ring the programs do not write"
+    );
+    assert!(
+        second
+            .stderr()
+            .contains("every poll reads the whole flow map"),
+        "the agent says why: {}",
+        second.stderr()
+    );
 }
