@@ -331,6 +331,11 @@ fn timed(snap: &FlowSnapshot) -> bool {
     snap.dir.iter().any(|d| d.first_ns != 0 && d.last_ns != 0)
 }
 
+/// Whole seconds of kernel time `ns`, rounded down.
+fn secs(ns: u64) -> u32 {
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
+}
+
 /// A flow key's endpoints (a, b): the senders of key directions 0 and 1.
 pub fn key_endpoints(k: &FlowKey) -> (Endpoint, Endpoint) {
     let a = Endpoint {
@@ -569,11 +574,14 @@ pub struct ConnTable {
     /// The connections whose `prev` the last read left behind their totals: their
     /// deltas are what that read found new, and the next read settles them first.
     unsettled: Unsettled,
-    /// When to look again at connections that carry nothing new (kernel time, key),
-    /// soonest first: every connection has one no later than the first poll at which it
-    /// is finished, or a rule or an exporter acts on it unchanged (see [`Self::due`]).
-    /// Those of connections gone are passed over.
-    wakeups: BinaryHeap<Reverse<(u64, FlowKey)>>,
+    /// When to look again at connections that carry nothing new, soonest first: every
+    /// connection has one no later than the first poll at which it is finished, or a rule
+    /// or an exporter acts on it unchanged (see [`Self::due`]). 8 bytes each, one per
+    /// connection: whole seconds of kernel time, rounded down (a connection looked at
+    /// early is scheduled again), and a position in the table. A connection that moves
+    /// (into the place of one removed) is due at once at its new position; whatever
+    /// connection holds a position when it is due is looked at.
+    wakeups: BinaryHeap<Reverse<(u32, u32)>>,
     /// Whether `wakeups` is to be made afresh: a read of the whole map schedules nothing.
     wakeups_stale: bool,
     /// Connections the last read of what changed made new, closed or older (an earlier
@@ -739,19 +747,17 @@ impl ConnTable {
     pub fn due(&mut self, now_ns: u64, acts_at: impl Fn(&Conn) -> u64) -> Vec<FlowKey> {
         if self.wakeups_stale {
             let idle = self.idle_timeout;
-            self.wakeups = self
-                .conns
-                .iter()
-                .map(|c| Reverse((c.finish_at(idle).min(acts_at(c)), c.key)))
+            self.wakeups = (self.conns.iter().enumerate())
+                .map(|(p, c)| Reverse((secs(c.finish_at(idle).min(acts_at(c))), p as u32)))
                 .collect();
             self.wakeups_stale = false;
         }
         let mut due = Vec::new();
-        while let Some(Reverse((at, key))) = self.wakeups.peek().copied()
-            && at <= now_ns
+        while let Some(Reverse((at, position))) = self.wakeups.peek().copied()
+            && at <= secs(now_ns)
         {
             self.wakeups.pop();
-            due.push(key);
+            due.extend(self.conns.at(position as usize).map(|c| c.key));
         }
         due
     }
@@ -759,9 +765,10 @@ impl ConnTable {
     /// Looks at the connection of `key` again, new packets or not, when it is finished or
     /// at kernel time `acts_at` if that is sooner.
     pub fn wake(&mut self, key: FlowKey, acts_at: u64) {
-        if let Some(conn) = self.conns.get(&key) {
+        if let Some(position) = self.conns.position(&key) {
+            let conn = self.conns.at(position).expect("a position in the table");
             let at = conn.finish_at(self.idle_timeout).min(acts_at);
-            self.wakeups.push(Reverse((at, key)));
+            self.wakeups.push(Reverse((secs(at), position as u32)));
         }
     }
 
@@ -775,7 +782,7 @@ impl ConnTable {
         into: &FlowKey,
         orient: impl FnOnce([Totals; 2]) -> [Totals; 2],
     ) {
-        let Some(old) = self.conns.remove(gone) else {
+        let Some(old) = self.remove(gone) else {
             return;
         };
         if let Some(conn) = self.conns.get_mut(into) {
@@ -883,7 +890,18 @@ impl ConnTable {
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
-        self.conns.remove(key)
+        let position = self.conns.position(key)?;
+        let conn = self.conns.remove(key);
+        self.moved_to(position);
+        conn
+    }
+
+    /// After a removal from `position`: the connection that took its place is due at
+    /// once, its wake-ups being at its old position.
+    fn moved_to(&mut self, position: usize) {
+        if position < self.conns.len() {
+            self.wakeups.push(Reverse((0, position as u32)));
+        }
     }
 
     /// Every open connection, leaving the table empty (at shutdown).

@@ -204,9 +204,9 @@ impl Pipeline {
             return finished;
         }
         let due = table.due(now.mono_ns, |conn| turn.acts_at(conn));
-        let reschedule: HashSet<FlowKey> =
+        let reschedule: foldhash::HashSet<FlowKey> =
             table.rescheduled().iter().chain(&due).copied().collect();
-        let mut judged = HashSet::new();
+        let mut judged = foldhash::HashSet::default();
         let mut wakes = Vec::new();
         for key in table.observed().unwrap_or_default().iter().chain(&due) {
             let Some(conn) = table.get(key).filter(|_| judged.insert(*key)) else {
