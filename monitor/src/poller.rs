@@ -100,9 +100,10 @@ impl Poller {
     }
 
     /// From now on reads take only what changed, as `epoch`, `changed` and `lost` (the
-    /// programs' `EPOCH`, `CHANGED` and `CHANGES_LOST`) tell, whenever they tell all of it. Only for programs that
-    /// all keep those maps: one that does not (an older build's, still attached through a
-    /// pinned link) changes entries the ring never names.
+    /// programs' `EPOCH`, `CHANGED` and `CHANGES_LOST`) tell, whenever they tell all of
+    /// it. Only for programs that all keep those maps: one that does not (an older
+    /// build's, still attached through a pinned link) changes entries the ring never
+    /// names.
     pub fn follow_changes(&mut self, epoch: Map, changed: Map, lost: Map) -> Result<(), PollError> {
         let epoch = Array::<MapData, u32>::try_from(epoch)?;
         // An earlier agent's epochs may mark entries of a pinned map: go on from its last.
