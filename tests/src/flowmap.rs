@@ -120,8 +120,8 @@ pub fn fill(pins: &Pins, entries: u32) {
     lose_a_change(pins);
 }
 
-/// Adds one to the pinned `CHANGES_LOST`.
-fn lose_a_change(pins: &Pins) {
+/// Adds one to the pinned `CHANGES_LOST`: the agent's next poll reads the whole map.
+pub fn lose_a_change(pins: &Pins) {
     let data =
         MapData::from_pin(pins.map(names::CHANGES_LOST_MAP)).expect("open the pinned CHANGES_LOST");
     let mut map =

@@ -1,8 +1,10 @@
 //! A poll of a million connections runs on a thread of its own: /metrics answers at once
 //! while it runs. The agent runs with `--pin-path`, so the test fills the very map it
-//! polls with synthetic connections, all active.
+//! polls with synthetic connections, all active, and keeps every poll a read of the whole
+//! map by counting lost changes, as a full ring of changes does.
 
 use std::{
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -34,6 +36,30 @@ fn metrics_answer_while_a_million_connections_are_polled() {
     let pins = Pins::new("test-long-poll");
     let _agent = flowmap::start_agent(&lab, &pins, ENTRIES, "100ms");
     fill(&pins, ENTRIES);
+    let losing = AtomicBool::new(true);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            while losing.load(Ordering::Relaxed) {
+                flowmap::lose_a_change(&pins);
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let _stop = Stop(&losing);
+        scrapes_while_polling(&lab);
+    });
+}
+
+/// Ends the losing of changes when the scrapes end, failed or not.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Scrapes while polls of the whole map run back to back.
+fn scrapes_while_polling(lab: &Lab) {
     http::eventually(
         "the agent tracking every synthetic connection",
         Duration::from_secs(120),
@@ -42,13 +68,24 @@ fn metrics_answer_while_a_million_connections_are_polled() {
             (sample(&body, "egress_monitor_connections_active") as u32 >= ENTRIES).then_some(())
         },
     );
-    let (_, before) = scrape(&lab);
+    let (_, before) = scrape(lab);
+    let count = |body: &str| sample(body, "egress_monitor_poll_duration_seconds_count");
     let mut took = Vec::new();
-    for _ in 0..SCRAPES {
-        took.push(scrape(&lab).0);
+    // At least SCRAPES, and on until two polls ended among them, however long they take.
+    let started = Instant::now();
+    loop {
+        let (answered, body) = scrape(lab);
+        took.push(answered);
+        if took.len() >= SCRAPES as usize && count(&body) - count(&before) >= 2.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "two polls did not end in 120 s"
+        );
         thread::sleep(Duration::from_millis(100));
     }
-    let (_, after) = scrape(&lab);
+    let (_, after) = scrape(lab);
     let polls = sample(&after, "egress_monitor_poll_duration_seconds_count")
         - sample(&before, "egress_monitor_poll_duration_seconds_count");
     let polling = sample(&after, "egress_monitor_poll_duration_seconds_sum")
@@ -60,7 +97,8 @@ fn metrics_answer_while_a_million_connections_are_polled() {
     );
     let slowest = took.iter().max().expect("scrapes");
     eprintln!(
-        "slowest of {SCRAPES} scrapes: {slowest:?}, while polls took {:.2} s each",
+        "slowest of {} scrapes: {slowest:?}, while polls took {:.2} s each",
+        took.len(),
         polling / polls
     );
     assert!(
