@@ -56,8 +56,24 @@ pub struct FlowValue {
     pub dir: [DirStats; 2],
     /// Interface of the packet that created the entry.
     pub ifindex: u32,
+    /// The agent's poll epoch (`EPOCH`) in which the programs last put this entry's key
+    /// in `CHANGED`; 0 in maps written by builds before that ring, as padding.
+    pub epoch: u32,
+}
+
+/// An entry of the `CHANGED` ring: a key whose entry changed, and the poll epoch the
+/// programs saw when they put it there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChangedKey {
+    pub key: FlowKey,
+    pub epoch: u32,
     pub _pad: u32,
 }
+
+/// Size of the `CHANGED` ring in bytes (a power of two): with the kernel's 8-byte record
+/// header, about 74,000 keys between two polls.
+pub const CHANGED_RING_BYTES: u32 = 4 << 20;
 
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
@@ -85,7 +101,7 @@ impl FlowValue {
     pub const ZERO: Self = Self {
         dir: [DirStats::ZERO; 2],
         ifindex: 0,
-        _pad: 0,
+        epoch: 0,
     };
 }
 

@@ -15,6 +15,9 @@ pub mod names {
     pub const STATS_MAP: &str = "STATS";
     pub const WATCHED_MAP: &str = "WATCHED";
     pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
+    pub const EPOCH_MAP: &str = "EPOCH";
+    pub const CHANGED_MAP: &str = "CHANGED";
+    pub const CHANGES_LOST_MAP: &str = "CHANGES_LOST";
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";

@@ -18,7 +18,7 @@ use aya_ebpf::{
         generated::{bpf_fib_lookup as fib_lookup, bpf_skb_load_bytes, bpf_xdp_load_bytes},
     },
     macros::{classifier, map, xdp},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use monitor_common::{
@@ -27,7 +27,7 @@ use monitor_common::{
         DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE_MAX, DNS_RING_BYTES, DnsEvent,
         DnsEventHeader, dns_span, flags as dns_flags, is_dns_port,
     },
-    flow::{DirStats, FlowKey, FlowValue, tcp_flags},
+    flow::{CHANGED_RING_BYTES, ChangedKey, DirStats, FlowKey, FlowValue, tcp_flags},
     parse::{Frame, Link, PacketInfo, parse_packet},
     stats, watched,
 };
@@ -51,6 +51,20 @@ static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES,
 /// DNS messages (port 53) for the agent; a full buffer counts `stats::DNS_EVENTS_LOST`.
 #[map(name = "DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
+
+/// The agent's poll epoch, raised by the agent before each read of `CHANGED`.
+#[map(name = "EPOCH")]
+static EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Keys of the entries that changed, each once per poll epoch, so the agent reads only
+/// those; a full ring counts in `CHANGES_LOST` and the agent reads the whole map.
+#[map(name = "CHANGED")]
+static CHANGED: RingBuf = RingBuf::with_byte_size(CHANGED_RING_BYTES, 0);
+
+/// Changed entries whose key the full `CHANGED` ring could not take. A map of its own, not
+/// a `STATS` slot: maps pinned by builds before it keep their size and are taken over.
+#[map(name = "CHANGES_LOST")]
+static CHANGES_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Scratch for the reverse-path lookup: its 64 bytes would not fit the stack beside the
 /// parser's.
@@ -422,6 +436,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
             atomic::or(flags, bits);
         }
     }
+    mark_changed(&key, value);
     true
 }
 
@@ -453,6 +468,44 @@ fn stamp(d: *mut DirStats, tcp_flags: u8) {
             last.write_volatile(now);
         }
     }
+}
+
+/// Puts the key of an entry just written in `CHANGED`, unless it is there already for
+/// this poll epoch. After every write to the entry: a read that follows the ring's record
+/// sees them all, and a later write in the same epoch is read after the next epoch starts
+/// (the agent reads again next poll the keys that carry its current epoch). Two CPUs may
+/// both put the key: the agent reads it once.
+#[inline(always)]
+fn mark_changed(key: &FlowKey, value: *mut FlowValue) {
+    let Some(current) = EPOCH.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: `current` is the array's value; `value` the flow map's entry, whose epoch
+    // only this function writes (a lost race puts the key twice).
+    let epoch = unsafe {
+        let epoch = current.read_volatile();
+        let marked = &raw mut (*value).epoch;
+        if marked.read_volatile() == epoch {
+            return;
+        }
+        marked.write_volatile(epoch);
+        epoch
+    };
+    let Some(mut entry) = CHANGED.reserve::<ChangedKey>(0) else {
+        if let Some(lost) = CHANGES_LOST.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot; only this CPU writes it while this program runs.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let changed = entry.as_mut_ptr();
+    // SAFETY: the reserved entry, the size of a ChangedKey; every field is written.
+    unsafe {
+        (*changed).key = *key;
+        (*changed).epoch = epoch;
+        (*changed)._pad = 0;
+    }
+    entry.submit(0);
 }
 
 #[xdp]

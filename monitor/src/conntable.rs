@@ -2,6 +2,8 @@
 //! a connection is finished.
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     hash::{BuildHasher, RandomState},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
@@ -308,6 +310,16 @@ impl Conn {
         let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
         quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
     }
+
+    /// The kernel time from which it is [`Self::finished`] if nothing new comes.
+    pub fn finish_at(&self, idle_timeout: Duration) -> u64 {
+        let quiet = if self.closed() {
+            CLOSE_DELAY.min(idle_timeout)
+        } else {
+            idle_timeout
+        };
+        self.last_ns().saturating_add(quiet.as_nanos() as u64)
+    }
 }
 
 /// Whether a map entry has a first and a last packet time: the programs insert an entry,
@@ -317,6 +329,11 @@ impl Conn {
 /// directions it has timed keep their times.
 fn timed(snap: &FlowSnapshot) -> bool {
     snap.dir.iter().any(|d| d.first_ns != 0 && d.last_ns != 0)
+}
+
+/// Whole seconds of kernel time `ns`, rounded down.
+fn secs(ns: u64) -> u32 {
+    u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
 }
 
 /// A flow key's endpoints (a, b): the senders of key directions 0 and 1.
@@ -554,6 +571,30 @@ pub struct ConnTable {
     /// comparison each, instead of a hash lookup: at a million connections the lookups'
     /// cache misses were a quarter of the agent's poll.
     read_order: Vec<u32>,
+    /// The connections whose `prev` the last read left behind their totals: their
+    /// deltas are what that read found new, and the next read settles them first.
+    unsettled: Unsettled,
+    /// When to look again at connections that carry nothing new, soonest first: every
+    /// connection has one no later than the first poll at which it is finished, or a rule
+    /// or an exporter acts on it unchanged (see [`Self::due`]). 8 bytes each, one per
+    /// connection: whole seconds of kernel time, rounded down (a connection looked at
+    /// early is scheduled again), and a position in the table. A connection that moves
+    /// (into the place of one removed) is due at once at its new position; whatever
+    /// connection holds a position when it is due is looked at.
+    wakeups: BinaryHeap<Reverse<(u32, u32)>>,
+    /// Whether `wakeups` is to be made afresh: a read of the whole map schedules nothing.
+    wakeups_stale: bool,
+    /// Connections the last read of what changed made new, closed or older (an earlier
+    /// first packet): the wake-up they had may be too late.
+    rescheduled: Vec<FlowKey>,
+}
+
+#[derive(Debug)]
+enum Unsettled {
+    /// After a read of the whole map: any connection.
+    All,
+    /// After a read of what changed: the connections it observed, by key.
+    Keys(Vec<FlowKey>),
 }
 
 /// How many positions of the last read's order an entry is looked for at, before a hash
@@ -569,6 +610,10 @@ impl ConnTable {
             added: 0,
             resumed: HashMap::new(),
             read_order: Vec::new(),
+            unsettled: Unsettled::Keys(Vec::new()),
+            wakeups: BinaryHeap::new(),
+            wakeups_stale: true,
+            rescheduled: Vec::new(),
         }
     }
 
@@ -632,8 +677,99 @@ impl ConnTable {
             }
         }
         self.read_order = order;
+        self.unsettled = Unsettled::All;
+        self.wakeups_stale = true;
         self.resumed.clear();
         read
+    }
+
+    /// One poll's reading of the map entries that changed since the read before: `read`
+    /// hands each to the callback. Every other connection carried nothing new: it keeps
+    /// its totals, and its delta becomes zero, as [`Self::observe_map`] leaves a
+    /// connection it was not handed. The work is in proportion to the entries handed
+    /// over and those the read before observed.
+    pub fn observe_changed<E>(
+        &mut self,
+        read: impl FnOnce(&mut dyn FnMut(FlowSnapshot)) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match std::mem::replace(&mut self.unsettled, Unsettled::All) {
+            Unsettled::All => {
+                for conn in self.conns.iter_mut() {
+                    conn.prev = conn.totals();
+                }
+            }
+            Unsettled::Keys(keys) => {
+                for key in &keys {
+                    self.settle(key);
+                }
+            }
+        }
+        let mut observed = Vec::new();
+        self.rescheduled.clear();
+        let read = read(&mut |snap| {
+            let position = self.conns.position(&snap.key);
+            let before = position
+                .and_then(|p| self.conns.at(p))
+                .map(|c| (c.first_ns(), c.closed()));
+            let Some(position) = self.observe_at(position, snap) else {
+                return;
+            };
+            observed.push(snap.key);
+            let conn = self.conns.at(position).expect("just observed");
+            if before
+                .is_none_or(|(first, closed)| conn.first_ns() < first || (conn.closed() && !closed))
+            {
+                self.rescheduled.push(snap.key);
+            }
+        });
+        self.unsettled = Unsettled::Keys(observed);
+        self.resumed.clear();
+        read
+    }
+
+    /// The connections the last read observed, when it read only what changed.
+    pub fn observed(&self) -> Option<&[FlowKey]> {
+        match &self.unsettled {
+            Unsettled::All => None,
+            Unsettled::Keys(keys) => Some(keys),
+        }
+    }
+
+    /// Of those, the ones to schedule again (see [`Self::wake`]).
+    pub fn rescheduled(&self) -> &[FlowKey] {
+        &self.rescheduled
+    }
+
+    /// After a read of what changed: the keys of the connections whose wake-up time is
+    /// `now_ns` or earlier, each to be scheduled again ([`Self::wake`]) unless finished.
+    /// The first such read after one of the whole map first schedules every connection,
+    /// as for [`Self::wake`] with the time `acts_at` gives.
+    pub fn due(&mut self, now_ns: u64, acts_at: impl Fn(&Conn) -> u64) -> Vec<FlowKey> {
+        if self.wakeups_stale {
+            let idle = self.idle_timeout;
+            self.wakeups = (self.conns.iter().enumerate())
+                .map(|(p, c)| Reverse((secs(c.finish_at(idle).min(acts_at(c))), p as u32)))
+                .collect();
+            self.wakeups_stale = false;
+        }
+        let mut due = Vec::new();
+        while let Some(Reverse((at, position))) = self.wakeups.peek().copied()
+            && at <= secs(now_ns)
+        {
+            self.wakeups.pop();
+            due.extend(self.conns.at(position as usize).map(|c| c.key));
+        }
+        due
+    }
+
+    /// Looks at the connection of `key` again, new packets or not, when it is finished or
+    /// at kernel time `acts_at` if that is sooner.
+    pub fn wake(&mut self, key: FlowKey, acts_at: u64) {
+        if let Some(position) = self.conns.position(&key) {
+            let conn = self.conns.at(position).expect("a position in the table");
+            let at = conn.finish_at(self.idle_timeout).min(acts_at);
+            self.wakeups.push(Reverse((secs(at), position as u32)));
+        }
     }
 
     /// A connection the table holds under a key that turned out to be part of another
@@ -646,7 +782,7 @@ impl ConnTable {
         into: &FlowKey,
         orient: impl FnOnce([Totals; 2]) -> [Totals; 2],
     ) {
-        let Some(old) = self.conns.remove(gone) else {
+        let Some(old) = self.remove(gone) else {
             return;
         };
         if let Some(conn) = self.conns.get_mut(into) {
@@ -654,6 +790,9 @@ impl ConnTable {
                 prev.pkts += seen.pkts;
                 prev.ip_bytes += seen.ip_bytes;
                 prev.bytes += seen.bytes;
+            }
+            if let Unsettled::Keys(keys) = &mut self.unsettled {
+                keys.push(*into);
             }
         }
     }
@@ -751,7 +890,18 @@ impl ConnTable {
     }
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
-        self.conns.remove(key)
+        let position = self.conns.position(key)?;
+        let conn = self.conns.remove(key);
+        self.moved_to(position);
+        conn
+    }
+
+    /// After a removal from `position`: the connection that took its place is due at
+    /// once, its wake-ups being at its old position.
+    fn moved_to(&mut self, position: usize) {
+        if position < self.conns.len() {
+            self.wakeups.push(Reverse((0, position as u32)));
+        }
     }
 
     /// Every open connection, leaving the table empty (at shutdown).
@@ -770,6 +920,8 @@ impl ConnTable {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use monitor_common::parse::IPPROTO_UDP;
     use tcp_flags::{ACK, FIN, RST, SYN};
@@ -1037,6 +1189,153 @@ mod tests {
                     assert_eq!(conn.delta(1).pkts, 0);
                 }
             }
+        }
+    }
+
+    /// A read of what changed leaves the table as a read of the whole map would: the same
+    /// totals and deltas for every connection, with connections coming, going (finished:
+    /// taken from the map too) and some reads whole.
+    #[test]
+    fn reading_what_changed_is_reading_the_whole_map() {
+        let idle = Duration::from_secs(30);
+        let (mut whole, mut changed) = (
+            ConnTable::new(idle, Uids::new([1, 2])),
+            ConnTable::new(idle, Uids::new([1, 2])),
+        );
+        let snap = |n: u16, pkts: u64| FlowSnapshot {
+            key: FlowKey {
+                port_b: n,
+                ..key(IPPROTO_UDP)
+            },
+            dir: [DirStats::default(), dir(pkts, SEC, SEC, 0, false)],
+            ifindex: 1,
+        };
+        let mut map: HashMap<u16, u64> = (0..300).map(|n| (n, 1)).collect();
+        for round in 1..40u64 {
+            let mut moved = Vec::new();
+            for (&n, pkts) in map.iter_mut() {
+                if (u64::from(n) * round).is_multiple_of(7) {
+                    *pkts += 1;
+                    moved.push(n);
+                }
+            }
+            for i in 0..5 {
+                let n = 300 + (round * 5 + i) as u16;
+                map.insert(n, 1);
+                moved.push(n);
+            }
+            let all: Vec<FlowSnapshot> = map.iter().map(|(&n, &p)| snap(n, p)).collect();
+            observe_map(&mut whole, &all);
+            // The first read is whole, as are some later ones.
+            if round % 10 == 1 {
+                observe_map(&mut changed, &all);
+            } else {
+                let moved: Vec<FlowSnapshot> = moved.iter().map(|&n| snap(n, map[&n])).collect();
+                let read: Result<(), ()> = changed.observe_changed(|observe| {
+                    moved.iter().for_each(|s| observe(*s));
+                    Ok(())
+                });
+                read.unwrap();
+            }
+            assert_same(&whole, &changed);
+            let finished: Vec<u16> = map
+                .keys()
+                .copied()
+                .filter(|n| (u64::from(*n) + round).is_multiple_of(13))
+                .collect();
+            for n in finished {
+                map.remove(&n);
+                whole.remove(&snap(n, 0).key);
+                changed.remove(&snap(n, 0).key);
+            }
+        }
+    }
+
+    /// Polls that look, after a read of what changed, only at the connections it observed
+    /// and those due, find every finished connection: idle ones, and closed ones after
+    /// the close delay, whichever read saw them close.
+    #[test]
+    fn every_finished_connection_is_due() {
+        let idle = Duration::from_secs(30);
+        let mut table = ConnTable::new(idle, Uids::new([1, 2]));
+        let snap = |n: u16, pkts: u64, at: u64, flags: u8| FlowSnapshot {
+            key: FlowKey {
+                port_b: n,
+                ..key(IPPROTO_TCP)
+            },
+            dir: [
+                dir(pkts, SEC, at, flags, false),
+                dir(pkts, SEC, at, flags | SYN, true),
+            ],
+            ifindex: 1,
+        };
+        let mut map: HashMap<u16, FlowSnapshot> = HashMap::new();
+        observe_map(&mut table, &[]);
+        for second in 1..200u64 {
+            let now = second * SEC;
+            let mut moved = Vec::new();
+            for n in 0..8u16 {
+                let n = (second as u16 * 7 + n * 13) % 400;
+                let pkts = map.get(&n).map_or(1, |s| s.dir[0].pkts + 1);
+                let flags = if (u64::from(n) + second).is_multiple_of(5) {
+                    FIN | ACK
+                } else {
+                    ACK
+                };
+                let flags = flags | map.get(&n).map_or(0, |s| s.dir[0].tcp_flags);
+                let s = snap(n, pkts, now, flags);
+                map.insert(n, s);
+                moved.push(s);
+            }
+            let read: Result<(), ()> = table.observe_changed(|observe| {
+                moved.iter().for_each(|s| observe(*s));
+                Ok(())
+            });
+            read.unwrap();
+            let due = table.due(now, |_| u64::MAX);
+            let looked: HashSet<FlowKey> = table
+                .observed()
+                .unwrap()
+                .iter()
+                .chain(&due)
+                .copied()
+                .collect();
+            let reschedule: Vec<FlowKey> =
+                table.rescheduled().iter().chain(&due).copied().collect();
+            let finished: Vec<FlowKey> = table
+                .iter()
+                .filter(|c| table.is_finished(c, now))
+                .map(|c| c.key)
+                .collect();
+            for key in &finished {
+                assert!(
+                    looked.contains(key),
+                    "second {second}: {key:?} finished unseen"
+                );
+            }
+            for key in reschedule.into_iter().filter(|k| !finished.contains(k)) {
+                table.wake(key, u64::MAX);
+            }
+            for key in finished {
+                table.remove(&key);
+                map.remove(&key.port_b);
+            }
+        }
+        assert!(table.added() > 400, "connections came and went");
+    }
+
+    /// Both tables hold the same connections with the same totals and deltas.
+    fn assert_same(whole: &ConnTable, changed: &ConnTable) {
+        assert_eq!(whole.len(), changed.len());
+        for conn in whole.iter() {
+            let other = changed.get(&conn.key).expect("the same connections");
+            assert_eq!(other.snap(), conn.snap(), "{:?}", conn.key);
+            assert_eq!(
+                [other.delta(0), other.delta(1)],
+                [conn.delta(0), conn.delta(1)],
+                "{:?}",
+                conn.key
+            );
         }
     }
 

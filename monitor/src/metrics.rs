@@ -24,6 +24,7 @@ use crate::{
     conntable::{Conn, Sides},
     dns::DnsCounts,
     logs::LogStats,
+    poller::Coverage,
     top,
 };
 
@@ -50,6 +51,11 @@ pub struct Metrics {
     unparsed: IntCounterVec,
     parse_failing: IntGauge,
     poll_duration: Histogram,
+    poll_entries_read: IntGauge,
+    poll_reads: IntCounterVec,
+    changes_lost: IntCounter,
+    /// The kernel's count of lost changes as last read.
+    changes_lost_seen: u64,
     /// Connections the table had added at the last poll.
     added: u64,
     /// STATS slots as last read, to add only what is new to the counters.
@@ -220,6 +226,24 @@ impl Metrics {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
         )?;
+        let poll_entries_read = IntGauge::with_opts(opts(
+            "poll_entries_read",
+            "Entries the last poll read from the kernel connection map: those that changed \
+             since the poll before, or all of them on a whole read.",
+        ))?;
+        let poll_reads = IntCounterVec::new(
+            opts(
+                "poll_reads_total",
+                "Polls by how they read the connection map: changed (only the entries that \
+                 changed) or whole (every entry: the first poll, and after changes were lost).",
+            ),
+            &["coverage"],
+        )?;
+        let changes_lost = IntCounter::with_opts(opts(
+            "flow_map_changes_lost_total",
+            "Changed entries the kernel could not name to the agent because the ring of \
+             changes was full: the next poll reads the whole map.",
+        ))?;
         let top_talkers_gauge = IntGaugeVec::new(
             opts(
                 "top_talker_bytes",
@@ -296,6 +320,9 @@ impl Metrics {
             Box::new(unparsed.clone()),
             Box::new(parse_failing.clone()),
             Box::new(poll_duration.clone()),
+            Box::new(poll_entries_read.clone()),
+            Box::new(poll_reads.clone()),
+            Box::new(changes_lost.clone()),
             Box::new(build_info.clone()),
             Box::new(top_talkers_gauge.clone()),
             Box::new(sink_dropped.clone()),
@@ -326,6 +353,9 @@ impl Metrics {
         for kind in DNS_TYPES {
             dns_messages.with_label_values(&[kind]);
         }
+        for coverage in ["changed", "whole"] {
+            poll_reads.with_label_values(&[coverage]);
+        }
         flow_map_capacity.set(i64::from(capacity));
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -347,6 +377,10 @@ impl Metrics {
             unparsed,
             parse_failing,
             poll_duration,
+            poll_entries_read,
+            poll_reads,
+            changes_lost,
+            changes_lost_seen: 0,
             added: 0,
             last_stats: [0; stats::SLOTS as usize],
             top: TopTalkers {
@@ -441,6 +475,20 @@ impl Metrics {
             }
         }
         self.poll_duration.observe(took.as_secs_f64());
+    }
+
+    /// A poll's read of the connection map: how it covered the map, how many entries it
+    /// read, and the changes lost so far.
+    pub fn read(&mut self, coverage: Coverage, entries: usize, changes_lost: u64) {
+        let label = match coverage {
+            Coverage::Whole => "whole",
+            Coverage::Changed => "changed",
+        };
+        self.poll_reads.with_label_values(&[label]).inc();
+        self.poll_entries_read.set(entries as i64);
+        self.changes_lost
+            .inc_by(changes_lost.saturating_sub(self.changes_lost_seen));
+        self.changes_lost_seen = changes_lost;
     }
 
     /// The DNS module's totals (they only grow) and its cache size.

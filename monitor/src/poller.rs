@@ -5,9 +5,10 @@ use std::{
     os::fd::{AsFd, AsRawFd},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray};
+use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
+use foldhash::{HashSet, HashSetExt as _};
 use monitor_common::{
-    flow::{DirStats, FlowKey, FlowValue},
+    flow::{ChangedKey, DirStats, FlowKey, FlowValue},
     stats,
 };
 
@@ -38,6 +39,8 @@ pub enum PollError {
     Take(#[source] io::Error),
     #[error("reading the flow map: BPF_MAP_LOOKUP_BATCH: {0}")]
     Batch(#[source] io::Error),
+    #[error("reading the flow map: BPF_MAP_LOOKUP_ELEM: {0}")]
+    Lookup(#[source] io::Error),
 }
 
 pub struct Poller {
@@ -46,6 +49,38 @@ pub struct Poller {
     /// Reused by every snapshot: the entries of one batch read.
     keys: Vec<FlowKey>,
     values: Vec<FlowValue>,
+    /// The programs' list of changed entries, when every attached program keeps it.
+    changes: Option<Changes>,
+}
+
+/// What the programs say changed: the `EPOCH` the agent raises before each read, and the
+/// `CHANGED` ring of keys they put there once per entry and epoch.
+struct Changes {
+    epoch: Array<MapData, u32>,
+    ring: RingBuf<MapData>,
+    lost_map: PerCpuArray<MapData, u64>,
+    /// The epoch set last.
+    current: u32,
+    /// Changes lost (the programs' `CHANGES_LOST`) as of the last read; `None` before the
+    /// first.
+    lost: Option<u64>,
+    /// Keys the ring held under the current epoch: an entry may have been written again
+    /// after this read looked, without a new key, so the next read looks again.
+    again: Vec<FlowKey>,
+    /// The keys the current read looks up, each once.
+    wanted: HashSet<FlowKey>,
+    /// Whether the current read is of the whole map.
+    whole: bool,
+}
+
+/// How a read covered the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every entry was read.
+    Whole,
+    /// Only the entries that changed since the last read (and new ones) were read: every
+    /// other is as it was.
+    Changed,
 }
 
 /// Entries one `BPF_MAP_LOOKUP_BATCH` asks for; doubled if a hash bucket holds more. The
@@ -60,16 +95,117 @@ impl Poller {
             stats,
             keys: Vec::new(),
             values: Vec::new(),
+            changes: None,
+        }
+    }
+
+    /// From now on reads take only what changed, as `epoch`, `changed` and `lost` (the
+    /// programs' `EPOCH`, `CHANGED` and `CHANGES_LOST`) tell, whenever they tell all of
+    /// it. Only for programs that all keep those maps: one that does not (an older
+    /// build's, still attached through a pinned link) changes entries the ring never
+    /// names.
+    pub fn follow_changes(&mut self, epoch: Map, changed: Map, lost: Map) -> Result<(), PollError> {
+        let epoch = Array::<MapData, u32>::try_from(epoch)?;
+        // An earlier agent's epochs may mark entries of a pinned map: go on from its last.
+        let current = epoch.get(&0, 0)?;
+        self.changes = Some(Changes {
+            epoch,
+            ring: RingBuf::try_from(changed)?,
+            lost_map: PerCpuArray::try_from(lost)?,
+            current,
+            lost: None,
+            again: Vec::new(),
+            wanted: HashSet::new(),
+            whole: true,
+        });
+        Ok(())
+    }
+
+    /// Starts a read: raises the epoch, then takes what the ring holds. The read is of the
+    /// whole map unless the list of what changed is known to be complete: not before the
+    /// first whole read, nor after the ring was full. `also` are keys to read whatever the
+    /// ring says.
+    pub fn begin(
+        &mut self,
+        also: impl IntoIterator<Item = FlowKey>,
+    ) -> Result<Coverage, PollError> {
+        let Some(changes) = &mut self.changes else {
+            return Ok(Coverage::Whole);
+        };
+        let lost = changes.lost_map.get(&0, 0)?.iter().sum();
+        // 0 is the epoch of the entries the programs insert.
+        changes.current = changes.current.wrapping_add(1).max(1);
+        changes.epoch.set(0, &changes.current, 0)?;
+        changes.whole = changes.lost != Some(lost);
+        changes.lost = Some(lost);
+        changes.wanted.clear();
+        let mut again = Vec::new();
+        while let Some(item) = changes.ring.next() {
+            let Some(record) = item.get(..size_of::<ChangedKey>()) else {
+                continue;
+            };
+            // SAFETY: as many bytes as a ChangedKey, plain data.
+            let record: ChangedKey = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+            if record.epoch == changes.current {
+                again.push(record.key);
+            }
+            if !changes.whole {
+                changes.wanted.insert(record.key);
+            }
+        }
+        if !changes.whole {
+            changes.wanted.extend(changes.again.drain(..));
+            changes.wanted.extend(also);
+        }
+        changes.again = again;
+        Ok(if changes.whole {
+            Coverage::Whole
+        } else {
+            Coverage::Changed
+        })
+    }
+
+    /// Changed entries the programs could not name (a full ring), as of the last read.
+    pub fn changes_lost(&self) -> u64 {
+        self.changes
+            .as_ref()
+            .and_then(|changes| changes.lost)
+            .unwrap_or(0)
+    }
+
+    /// Reads what [`Self::begin`] settled on, handing each entry to `each`; returns how
+    /// many were read.
+    pub fn read(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<usize, PollError> {
+        match &self.changes {
+            Some(changes) if !changes.whole => {
+                let fd = flows_fd(&self.flows);
+                let mut read = 0;
+                let mut value = FlowValue::default();
+                for key in &changes.wanted {
+                    if map_elem(BPF_MAP_LOOKUP_ELEM, fd, key, &mut value)
+                        .map_err(PollError::Lookup)?
+                    {
+                        each(FlowSnapshot::new(*key, &value));
+                        read += 1;
+                    }
+                }
+                Ok(read)
+            }
+            _ => {
+                let mut read = 0;
+                self.snapshot(|snap| {
+                    read += 1;
+                    each(snap);
+                })?;
+                Ok(read)
+            }
         }
     }
 
     /// Hands every connection in the map now to `each`, read [`BATCH`] entries per
     /// system call (`BPF_MAP_LOOKUP_BATCH`, which aya 0.16 does not expose).
     pub fn snapshot(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<(), PollError> {
-        let Map::HashMap(data) = &self.flows else {
-            unreachable!("FLOWS is a hash map");
-        };
-        let fd = data.fd().as_fd().as_raw_fd();
+        let fd = flows_fd(&self.flows);
         let mut size = BATCH;
         // The kernel's position in the map between calls: a bucket index for hash maps.
         let (mut position, mut next) = (None, 0u64);
@@ -105,13 +241,15 @@ impl Poller {
     /// Removes a connection from the map and returns its final counts, read and deleted
     /// in one step so no packet counted in between is lost. `None` when it is gone.
     pub fn take(&self, key: &FlowKey) -> Result<Option<FlowSnapshot>, PollError> {
-        let Map::HashMap(data) = &self.flows else {
-            unreachable!("FLOWS is a hash map");
-        };
         let mut value = FlowValue::default();
-        lookup_and_delete(data.fd().as_fd().as_raw_fd(), key, &mut value)
-            .map_err(PollError::Take)
-            .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
+        map_elem(
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            flows_fd(&self.flows),
+            key,
+            &mut value,
+        )
+        .map_err(PollError::Take)
+        .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
     }
 
     /// The STATS slots, summed over CPUs.
@@ -123,6 +261,13 @@ impl Poller {
         }
         Ok(out)
     }
+}
+
+fn flows_fd(flows: &Map) -> i32 {
+    let Map::HashMap(data) = flows else {
+        unreachable!("FLOWS is a hash map");
+    };
+    data.fd().as_fd().as_raw_fd()
 }
 
 /// BPF_MAP_LOOKUP_BATCH (kernel >= 5.6): up to `keys.len()` entries after position
@@ -178,10 +323,18 @@ fn lookup_batch(
     }
 }
 
-/// BPF_MAP_LOOKUP_AND_DELETE_ELEM (kernel >= 5.14 for hash maps), which aya 0.16 exposes
-/// only for queues and stacks. Returns whether the key was there.
-fn lookup_and_delete(map_fd: i32, key: &FlowKey, value: &mut FlowValue) -> io::Result<bool> {
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+/// Kernel >= 5.14 for hash maps; aya 0.16 exposes it only for queues and stacks.
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// A map element command on the flow map, without aya's per-call map checks: a lookup,
+/// or a lookup and delete. Returns whether the key was there.
+fn map_elem(
+    cmd: libc::c_long,
+    map_fd: i32,
+    key: &FlowKey,
+    value: &mut FlowValue,
+) -> io::Result<bool> {
     // The leading fields of `union bpf_attr` for map element commands.
     #[repr(C)]
     struct MapElemAttr {
@@ -202,7 +355,7 @@ fn lookup_and_delete(map_fd: i32, key: &FlowKey, value: &mut FlowValue) -> io::R
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            cmd,
             &attr as *const MapElemAttr,
             size_of::<MapElemAttr>(),
         )

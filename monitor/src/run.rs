@@ -35,7 +35,7 @@ use crate::{
     metrics::{self, Metrics},
     nat::Nat,
     parse_watch::{self, Change, ParseWatch},
-    poller::{PollError, Poller},
+    poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
     rules::{self, ConnCtx, Names, Now, Rule},
     state::{Saved, StateDir},
@@ -88,26 +88,12 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
-        self.read_map()?;
+        let coverage = self.read_map()?;
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
         self.record_dns();
         let mut alerts = Vec::new();
-        let mut finished = Vec::new();
-        for conn in self.table.iter() {
-            if self.table.is_finished(conn, now.mono_ns) {
-                finished.push(conn.key);
-            }
-            let sides = self.local.sides(conn);
-            let ctx = ConnCtx::new(conn, sides, &self.clock).translated(&self.nat);
-            for rule in &mut self.rules {
-                rule.on_update(&ctx, now, &mut alerts);
-            }
-            self.metrics.observe(conn, sides);
-            for exporter in &mut self.exporters {
-                exporter.update(conn, &self.nat, now.mono_ns);
-            }
-        }
+        let finished = self.judge_open(coverage, now, &mut alerts);
         let mut relief = self.table.pressure_relief(now.mono_ns, self.capacity);
         if !relief.is_empty() {
             // A set: a flood finishes many keys, and a scan per key would be quadratic.
@@ -187,6 +173,58 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Runs the rules, metrics and exporters on the open connections that may have
+    /// something for them: after a read of the whole map every one; after a read of what
+    /// changed those it observed, and those whose wake-up time came (a connection that
+    /// carries nothing new is finished, or a rule or an exporter acts on it, only at a
+    /// time it names). Returns the keys of the finished ones.
+    fn judge_open(
+        &mut self,
+        coverage: Coverage,
+        now: Now,
+        alerts: &mut Vec<Alert>,
+    ) -> Vec<FlowKey> {
+        let table = &mut self.table;
+        let mut turn = Turn {
+            rules: &mut self.rules,
+            metrics: &mut self.metrics,
+            exporters: &mut self.exporters,
+            local: &self.local,
+            clock: &self.clock,
+            nat: &self.nat,
+        };
+        let mut finished = Vec::new();
+        if coverage == Coverage::Whole {
+            for conn in table.iter() {
+                if table.is_finished(conn, now.mono_ns) {
+                    finished.push(conn.key);
+                }
+                turn.judge(conn, now, alerts);
+            }
+            return finished;
+        }
+        let due = table.due(now.mono_ns, |conn| turn.acts_at(conn));
+        let reschedule: foldhash::HashSet<FlowKey> =
+            table.rescheduled().iter().chain(&due).copied().collect();
+        let mut judged = foldhash::HashSet::default();
+        let mut wakes = Vec::new();
+        for key in table.observed().unwrap_or_default().iter().chain(&due) {
+            let Some(conn) = table.get(key).filter(|_| judged.insert(*key)) else {
+                continue;
+            };
+            if table.is_finished(conn, now.mono_ns) {
+                finished.push(conn.key);
+            } else if reschedule.contains(key) {
+                wakes.push((*key, turn.acts_at(conn)));
+            }
+            turn.judge(conn, now, alerts);
+        }
+        for (key, at) in wakes {
+            table.wake(key, at);
+        }
+        finished
+    }
+
     /// DNS messages, each between its pre-NAT endpoints: the translations of the
     /// connections they belong to are taken first.
     fn record_dns(&mut self) {
@@ -214,17 +252,26 @@ impl Pipeline {
         }
     }
 
-    /// One read of the whole map into the table, each entry under its pre-NAT key.
-    fn read_map(&mut self) -> Result<(), PollError> {
+    /// One read of the map into the table, each entry under its pre-NAT key: of the whole
+    /// map, or of the entries that changed and those a new translation concerns.
+    fn read_map(&mut self) -> Result<Coverage, PollError> {
         self.nat.refresh();
+        let coverage = self.poller.begin(self.nat.take_learned())?;
         let (poller, nat) = (&mut self.poller, &mut self.nat);
-        self.table.observe_map(|observe| {
-            poller.snapshot(|snap| nat.route(snap, observe))?;
+        let mut entries = 0;
+        let read = |observe: &mut dyn FnMut(FlowSnapshot)| {
+            entries = poller.read(|snap| nat.route(snap, observe))?;
             nat.end_read(observe);
             Ok::<(), PollError>(())
-        })?;
+        };
+        match coverage {
+            Coverage::Whole => self.table.observe_map(read),
+            Coverage::Changed => self.table.observe_changed(read),
+        }?;
+        self.metrics
+            .read(coverage, entries, self.poller.changes_lost());
         self.nat.settle_read(&mut self.table);
-        Ok(())
+        Ok(coverage)
     }
 
     fn save_state(&mut self) {
@@ -443,6 +490,43 @@ impl Pipeline {
     }
 }
 
+/// What an open connection's turn in a poll runs: the rules, the metrics, the exporters.
+struct Turn<'a> {
+    rules: &'a mut Vec<Box<dyn Rule>>,
+    metrics: &'a mut Metrics,
+    exporters: &'a mut Vec<IpfixExporter>,
+    local: &'a LocalNets,
+    clock: &'a Clock,
+    nat: &'a Nat,
+}
+
+impl Turn<'_> {
+    /// The rules, metrics and exporters see the connection's latest snapshot.
+    fn judge(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>) {
+        let sides = self.local.sides(conn);
+        let ctx = ConnCtx::new(conn, sides, self.clock).translated(self.nat);
+        for rule in self.rules.iter_mut() {
+            rule.on_update(&ctx, now, alerts);
+        }
+        self.metrics.observe(conn, sides);
+        for exporter in self.exporters.iter_mut() {
+            exporter.update(conn, self.nat, now.mono_ns);
+        }
+    }
+
+    /// The earliest kernel time at which a rule or an exporter acts on `conn` with
+    /// nothing new in it.
+    fn acts_at(&self, conn: &Conn) -> u64 {
+        let ctx = ConnCtx::new(conn, self.local.sides(conn), self.clock).translated(self.nat);
+        let by_rules = self.rules.iter().filter_map(|rule| rule.next_due(&ctx));
+        let by_exporters = self
+            .exporters
+            .iter()
+            .map(|exporter| exporter.next_due(conn));
+        by_rules.chain(by_exporters).min().unwrap_or(u64::MAX)
+    }
+}
+
 fn open_log(path: Option<&std::path::Path>) -> anyhow::Result<Option<JsonLines>> {
     path.map(|path| JsonLines::open(path).with_context(|| format!("opening {}", path.display())))
         .transpose()
@@ -492,7 +576,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut kernel = Kernel::load(args.flow_map_size, pins)?;
     let resumed = kernel.resumed();
-    let poller = Poller::new(
+    let mut poller = Poller::new(
         kernel.take_map(names::FLOW_MAP)?,
         kernel.take_map(names::STATS_MAP)?,
     );
@@ -501,6 +585,18 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     for iface in &ifaces {
         let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
         watching.push(format!("{iface} ({attached})"));
+    }
+    if kernel.changes_complete() {
+        poller.follow_changes(
+            kernel.take_map(names::EPOCH_MAP)?,
+            kernel.take_map(names::CHANGED_MAP)?,
+            kernel.take_map(names::CHANGES_LOST_MAP)?,
+        )?;
+    } else {
+        warn!(
+            "programs of an earlier build stay attached through pinned links: every poll reads \
+             the whole flow map (`monitor detach --pin-path` and a restart attach this build's)"
+        );
     }
     // Before capabilities drop: reading the conntrack table needs CAP_NET_ADMIN.
     let nat = Nat::follow();

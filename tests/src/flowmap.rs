@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use monitor_common::{
     flow::{DirStats, FlowKey, FlowValue, tcp_flags},
     names,
@@ -99,12 +99,14 @@ pub fn synthetic(n: u32, now_ns: u64) -> (FlowKey, FlowValue) {
             active(tcp_flags::ACK, now_ns),
         ],
         ifindex: 1,
-        _pad: 0,
+        epoch: 0,
     };
     (key, value)
 }
 
-/// Writes connections `0..entries` into the pinned flow map, active now.
+/// Writes connections `0..entries` into the pinned flow map, active now. The programs
+/// name each entry they write to the agent; these writes are named by counting a lost
+/// change, after which the agent reads the whole map.
 pub fn fill(pins: &Pins, entries: u32) {
     let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
     let mut map =
@@ -115,4 +117,17 @@ pub fn fill(pins: &Pins, entries: u32) {
         map.insert(&key, &value, 0)
             .expect("insert a synthetic connection");
     }
+    lose_a_change(pins);
+}
+
+/// Adds one to the pinned `CHANGES_LOST`: the agent's next poll reads the whole map.
+pub fn lose_a_change(pins: &Pins) {
+    let data =
+        MapData::from_pin(pins.map(names::CHANGES_LOST_MAP)).expect("open the pinned CHANGES_LOST");
+    let mut map =
+        PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+    let mut values: Vec<u64> = map.get(&0, 0).expect("read CHANGES_LOST").to_vec();
+    values[0] += 1;
+    let values = PerCpuValues::try_from(values).expect("one value per possible CPU");
+    map.set(0, values, 0).expect("write CHANGES_LOST");
 }

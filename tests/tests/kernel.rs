@@ -439,7 +439,7 @@ impl Kernel {
                 "{k}: endpoint a must be the smaller"
             );
             assert_eq!(v.ifindex, lo, "{k}: ifindex");
-            assert_eq!(v._pad, 0, "{k}: value padding");
+            assert_eq!(v.epoch, 0, "{k}: epoch (no agent raised it)");
             let mut flow = Flow {
                 dir: [NONE; 2],
                 first_ns: [0; 2],

@@ -155,6 +155,11 @@ pub struct Kernel {
     ebpf: Ebpf,
     pins: Option<PinDir>,
     resumed: bool,
+    /// Whether every attached program puts the keys of changed entries in `CHANGED`: not
+    /// once a pinned link of a build before it is kept.
+    changes_complete: bool,
+    /// Whether the pinned `CHANGED` was there before this agent loaded.
+    changes_pinned: bool,
 }
 
 impl Kernel {
@@ -164,6 +169,7 @@ impl Kernel {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOW_MAP, flow_map_size);
         let resumed = pins.as_ref().is_some_and(PinDir::has_flows);
+        let changes_pinned = pins.as_ref().is_some_and(PinDir::has_changes);
         if let Some(pins) = &pins {
             for name in pins::MAPS {
                 loader.map_pin_path(name, pins.map(name));
@@ -196,7 +202,14 @@ impl Kernel {
             ebpf,
             pins,
             resumed,
+            changes_complete: true,
+            changes_pinned,
         })
+    }
+
+    /// Whether the programs attached so far all name the entries they change in `CHANGED`.
+    pub fn changes_complete(&self) -> bool {
+        self.changes_complete
     }
 
     /// Whether the maps were pinned by an earlier agent: its connections go on here.
@@ -243,6 +256,7 @@ impl Kernel {
                 // An earlier agent's links hook both directions. Its bits may predate
                 // NO_L2, which its programs, if older than the `tc_*_ip` ones, read.
                 self.mark(iface, index, watched::INGRESS_HOOKED | no_l2)?;
+                self.changes_complete &= self.changes_pinned;
                 return Ok(Attached {
                     link,
                     ingress,

@@ -20,11 +20,14 @@ const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 /// The maps a restarted agent must find again: everything the programs write (the
 /// programs a pinned link keeps attached write DNS messages to the ring buffer they were
 /// loaded with).
-pub const MAPS: [&str; 4] = [
+pub const MAPS: [&str; 7] = [
     names::FLOW_MAP,
     names::STATS_MAP,
     names::WATCHED_MAP,
     names::DNS_EVENTS_MAP,
+    names::EPOCH_MAP,
+    names::CHANGED_MAP,
+    names::CHANGES_LOST_MAP,
 ];
 
 /// Whether `path` is on a BPF filesystem (where pins can be made).
@@ -117,6 +120,12 @@ impl PinDir {
     /// Whether an earlier agent left its connection map here.
     pub fn has_flows(&self) -> bool {
         self.map(names::FLOW_MAP).exists()
+    }
+
+    /// Whether an earlier agent left the list of changed entries here: the programs its
+    /// links keep attached were built to write it.
+    pub fn has_changes(&self) -> bool {
+        self.map(names::CHANGED_MAP).exists()
     }
 
     /// How an earlier agent hooked `iface`, when both of its links are still pinned. Half

@@ -272,6 +272,9 @@ pub struct Nat {
     /// translated key: the table may hold them as connections of their own, from a read
     /// before the translation was known.
     rebound: Vec<(FlowKey, Arc<Translation>)>,
+    /// Keys of the translations learned since [`Self::take_learned`]: a map entry read
+    /// before its translation was known is read again to be bound, changed or not.
+    fresh: Vec<FlowKey>,
 }
 
 impl Nat {
@@ -306,6 +309,7 @@ impl Nat {
             touched: Vec::new(),
             recount: Vec::new(),
             rebound: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -316,9 +320,11 @@ impl Nat {
         let Some(events) = &mut self.events else {
             return;
         };
-        let learned = &mut self.learned;
+        let (learned, fresh) = (&mut self.learned, &mut self.fresh);
         match events.drain(|event| match event {
-            ctnetlink::Event::New(entry) => learn(learned, &entry),
+            ctnetlink::Event::New(entry) => {
+                fresh.extend(learn(learned, &entry).into_iter().flatten())
+            }
             ctnetlink::Event::Destroy(entry) => forget(learned, &entry),
         }) {
             Ok(Ok(())) => {}
@@ -332,8 +338,10 @@ impl Nat {
 
     fn reload(&mut self) {
         self.learned.clear();
-        let learned = &mut self.learned;
-        if let Err(err) = ctnetlink::dump(|entry| learn(learned, &entry)) {
+        let (learned, fresh) = (&mut self.learned, &mut self.fresh);
+        if let Err(err) =
+            ctnetlink::dump(|entry| fresh.extend(learn(learned, &entry).into_iter().flatten()))
+        {
             warn!("reading the conntrack table: {err}");
         }
     }
@@ -347,6 +355,11 @@ impl Nat {
     /// kernel).
     pub fn learn(&mut self, entry: &Entry) {
         learn(&mut self.learned, entry);
+    }
+
+    /// The keys of the translations learned since the last call.
+    pub fn take_learned(&mut self) -> Vec<FlowKey> {
+        std::mem::take(&mut self.fresh)
     }
 
     /// One map entry of a read: handed to `observe` as it is, or as the translated
@@ -502,12 +515,13 @@ impl Nat {
 
 type Learned = HashMap<FlowKey, (u32, Arc<Translation>)>;
 
-fn learn(learned: &mut Learned, entry: &Entry) {
-    if let Some(t) = Translation::of(entry) {
-        let t = Arc::new(t);
-        learned.insert(t.outside, (entry.id, t.clone()));
-        learned.insert(t.key, (entry.id, t));
-    }
+/// Returns the translation's two keys.
+fn learn(learned: &mut Learned, entry: &Entry) -> Option<[FlowKey; 2]> {
+    let t = Arc::new(Translation::of(entry)?);
+    let keys = [t.outside, t.key];
+    learned.insert(t.outside, (entry.id, t.clone()));
+    learned.insert(t.key, (entry.id, t));
+    Some(keys)
 }
 
 /// Forgets what the entry taught, unless a later entry with the same tuples (a new id)

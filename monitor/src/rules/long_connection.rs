@@ -43,13 +43,27 @@ impl LongConnection {
             None => last * (n - self.durations.len() + 2) as u32,
         }
     }
+
+    /// Closed by FIN or RST, it only waits out the close delay: not active any more.
+    fn passes_over(&self, conn: &ConnCtx) -> bool {
+        let ignored = |addr| self.ignore.iter().any(|net: &IpNet| net.contains(&addr));
+        conn.conn.closed() || ignored(conn.orig.addr) || ignored(conn.resp.addr)
+    }
 }
 
 impl Rule for LongConnection {
+    /// Its age crosses the next threshold whether packets come or not.
+    fn next_due(&self, conn: &ConnCtx) -> Option<u64> {
+        if self.passes_over(conn) {
+            return None;
+        }
+        let done = self.crossed.get(&conn.uid()).copied().unwrap_or(0);
+        let threshold = self.threshold(done).as_nanos() as u64;
+        Some(conn.conn.first_ns().saturating_add(threshold))
+    }
+
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
-        let ignored = |addr| self.ignore.iter().any(|net| net.contains(&addr));
-        // Closed by FIN or RST, it only waits out the close delay: not active any more.
-        if conn.conn.closed() || ignored(conn.orig.addr) || ignored(conn.resp.addr) {
+        if self.passes_over(conn) {
             return;
         }
         let age = conn.age(now);
@@ -165,6 +179,47 @@ mod tests {
             })
             .collect();
         assert_eq!(seen, expected);
+    }
+
+    /// Polls that pass over an unchanged connection until the time the rule names miss
+    /// no crossing: each is due exactly when its alert comes, and not before.
+    #[test]
+    fn an_unchanged_connection_is_due_at_each_crossing() {
+        let mut rule = default_rule();
+        let conn = ConnSpec {
+            start: 5.0,
+            last: 6.0,
+            ..ConnSpec::default()
+        }
+        .conn();
+        let (clock, local) = (clock(), local());
+        let due = |rule: &LongConnection| {
+            rule.next_due(&ConnCtx::new(&conn, local.sides(&conn), &clock))
+                .expect("an open connection ages")
+        };
+        let mut crossings = Vec::new();
+        for _ in 0..8 {
+            let at_ns = due(&rule);
+            let just_before = Now {
+                mono_ns: at_ns - 1,
+                epoch: 0.0,
+            };
+            assert!(update(&mut rule, &conn, just_before).is_empty());
+            let alerts = update(&mut rule, &conn, at(at_ns as f64 / 1e9));
+            assert_eq!(alerts.len(), 1, "at {at_ns}");
+            crossings.push(alerts[0].figures["threshold"].as_f64().unwrap());
+        }
+        let hours = [1.0 / 6.0, 0.5, 1.0, 12.0, 24.0, 72.0, 144.0, 216.0];
+        let want: Vec<f64> = hours.iter().map(|h| (h * 3600.0_f64).round()).collect();
+        assert_eq!(crossings, want);
+        let mut closed = ConnSpec::default().conn();
+        closed.edit(|snap| snap.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::RST);
+        let ctx = ConnCtx::new(&closed, local.sides(&closed), &clock);
+        assert_eq!(
+            rule.next_due(&ctx),
+            None,
+            "a closed connection no longer ages"
+        );
     }
 
     #[test]

@@ -182,6 +182,12 @@ pub struct Sent {
 pub trait Rule: Send {
     /// An open connection's latest totals; every poll.
     fn on_update(&mut self, _conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {}
+    /// The earliest kernel time at which `on_update` of this connection could act with
+    /// nothing new in it; `None` when only new packets can make it act. Polls pass over
+    /// connections that carry nothing new until then.
+    fn next_due(&self, _conn: &ConnCtx) -> Option<u64> {
+        None
+    }
     /// A connection's final totals; once, before its record is written.
     fn on_finish(&mut self, _conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {}
     /// After every poll's updates and finishes: forget what has aged out.

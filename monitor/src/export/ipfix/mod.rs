@@ -207,6 +207,16 @@ impl IpfixExporter {
         }
     }
 
+    /// The kernel time from which [`Self::update`] exports the connection, new packets or
+    /// not: its active timeout.
+    pub fn next_due(&self, conn: &Conn) -> u64 {
+        let at = self
+            .exported
+            .get(&conn.key)
+            .map_or(conn.first_ns(), |e| e.at_ns);
+        at.saturating_add(self.config.active_timeout.as_nanos() as u64)
+    }
+
     /// For a finished connection: queues what is left with `reason` and forgets it.
     pub fn finish(
         &mut self,

@@ -7,6 +7,11 @@
 //! such a map per map kind: a per-CPU and a shared hash of the same sizes, read in turn.
 
 use std::{
+    net::{Ipv4Addr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -17,7 +22,7 @@ use monitor_common::{flow::FlowValue, names};
 use tests::{
     flowmap::{self, Pins, fill},
     http,
-    lab::Lab,
+    lab::{self, Lab},
     procfs,
 };
 
@@ -193,4 +198,108 @@ fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
         cpu / wall,
         (rss - empty_rss) / f64::from(entries),
     )
+}
+
+/// Connections of the busy poll run that carry packets: 1% of its million.
+const ACTIVE: u32 = 10_000;
+const BUSY_ENTRIES: u32 = 1_000_000;
+const DISCARD_PORT: u16 = 9;
+
+pub struct BusyRow {
+    pub entries: u32,
+    pub active: u32,
+    pub poll_ms: f64,
+    pub cpu_per_sec: f64,
+    /// Map entries the agent read per poll (`poll_entries_read`, sampled at the end).
+    pub entries_read: f64,
+}
+
+/// The agent on a map of a million synthetic connections (idle since the fill, an hour
+/// from their timeout) while 10k real UDP connections on gw's loopback each carry one
+/// packet per second, spread over the second.
+pub fn measure_busy(plan: &Plan) -> BusyRow {
+    let window = if plan.quick {
+        Duration::from_secs(4)
+    } else {
+        Duration::from_secs(10)
+    };
+    let (mut poll_ms, mut cpu, mut read) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..plan.runs {
+        eprintln!(
+            "bench: poll with {BUSY_ENTRIES} connections, {ACTIVE} of them active, run {}",
+            run + 1
+        );
+        let (ms, c, r) = busy_run(window);
+        poll_ms.push(ms);
+        cpu.push(c);
+        read.push(r);
+    }
+    BusyRow {
+        entries: BUSY_ENTRIES,
+        active: ACTIVE,
+        poll_ms: median(poll_ms),
+        cpu_per_sec: median(cpu),
+        entries_read: median(read),
+    }
+}
+
+fn busy_run(window: Duration) -> (f64, f64, f64) {
+    let lab = Lab::new();
+    let pins = Pins::new("bench-poll-busy");
+    let agent = flowmap::start_agent(&lab, &pins, BUSY_ENTRIES + ACTIVE, "1s");
+    let pid = agent.pid();
+    fill(&pins, BUSY_ENTRIES);
+    http::eventually(
+        "the agent tracking every synthetic connection",
+        Duration::from_secs(120),
+        || {
+            (metric(&scrape(&lab), "egress_monitor_connections_active") as u32 >= BUSY_ENTRIES)
+                .then_some(())
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        lab::spawn_in_ns(&lab.gw, move || send_each_second(&stop))
+    };
+    // Every active connection opened and read once, then the window.
+    thread::sleep(Duration::from_secs(3));
+    let before = scrape(&lab);
+    let cpu_before = procfs::cpu_secs(pid);
+    let started = Instant::now();
+    thread::sleep(window);
+    let after = scrape(&lab);
+    let cpu = procfs::cpu_secs(pid) - cpu_before;
+    let wall = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    sender.join().expect("the sender thread");
+    agent.stop();
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    let polls = delta("egress_monitor_poll_duration_seconds_count");
+    assert!(polls > 0.0, "no poll in the window");
+    let poll_ms = delta("egress_monitor_poll_duration_seconds_sum") / polls * 1000.0;
+    let entries_read = metric(&after, "egress_monitor_poll_entries_read");
+    (poll_ms, cpu / wall, entries_read)
+}
+
+/// One datagram per second to each of [`ACTIVE`] loopback addresses (127.1.0.0/16), in
+/// 100 bursts a second; a socket bound to every address takes them, so no ICMP answers.
+fn send_each_second(stop: &AtomicBool) {
+    let sink = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DISCARD_PORT)).expect("bind the sink");
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the sender");
+    let per_burst = ACTIVE / 100;
+    let mut next = Instant::now();
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..per_burst {
+            let dst = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+            socket
+                .send_to(&[0; 64], (dst, DISCARD_PORT))
+                .expect("send a datagram");
+            n = (n + 1) % ACTIVE;
+        }
+        next += Duration::from_millis(10);
+        thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    drop(sink);
 }

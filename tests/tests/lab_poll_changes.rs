@@ -1,0 +1,165 @@
+//! Polls read what moved: with thousands of idle connections in the map, a poll reads the
+//! entries that changed since the poll before, and the counts stay exact. The agent runs
+//! with `--pin-path`, so the test fills the very map it polls with synthetic connections
+//! (idle, an hour from their timeout) and reads the map's own counts to compare.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use monitor_common::{
+    flow::{FlowKey, FlowValue},
+    names,
+};
+use tests::{
+    flowmap::{self, Pins, fill},
+    http,
+    lab::{self, Lab},
+};
+
+const ENTRIES: u32 = 20_000;
+const FLOWS: u16 = 50;
+const ROUNDS: u32 = 30;
+/// Two addresses of the local network on gw's loopback: their traffic is the only
+/// `internal` traffic the agent sees.
+const HOST_A: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 1);
+const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 2);
+const PORT: u16 = 9000;
+
+fn sample(ns: &str, name: &str) -> f64 {
+    http::eventually(name, Duration::from_secs(30), || {
+        http::agent_sample(ns, name)
+    })
+}
+
+/// Packets the map holds between the two hosts, both ways: what the agent must report.
+fn counted_between_hosts(pins: &Pins) -> u64 {
+    let data = MapData::from_pin(pins.flows()).expect("open the pinned flow map");
+    let map =
+        HashMap::<MapData, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map");
+    let host = |addr: &[u8; 16]| addr[..4] == HOST_A.octets() || addr[..4] == HOST_B.octets();
+    map.iter()
+        .map(|entry| entry.expect("read an entry"))
+        .filter(|(key, _)| key.family == 4 && host(&key.addr_a) && host(&key.addr_b))
+        .map(|(_, value)| value.dir.iter().map(|d| d.pkts).sum::<u64>())
+        .sum()
+}
+
+#[test]
+fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
+    let lab = Lab::new();
+    for host in [HOST_A, HOST_B] {
+        lab::ns_exec(
+            &lab.gw,
+            &["ip", "addr", "add", &format!("{host}/32"), "dev", "lo"],
+        );
+    }
+    let pins = Pins::new("test-poll-changes");
+    let agent = flowmap::start_agent(&lab, &pins, ENTRIES, "100ms");
+    fill(&pins, ENTRIES);
+    http::eventually(
+        "the agent tracking every synthetic connection",
+        Duration::from_secs(60),
+        || {
+            let active = http::agent_sample(&lab.gw, "egress_monitor_connections_active")?;
+            (active as u32 >= ENTRIES).then_some(())
+        },
+    );
+    let changed_before = sample(
+        &lab.gw,
+        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
+    );
+    // Packets of a few connections now and then, across many polls, each poll meeting
+    // some mid-burst.
+    lab::run_in_ns(&lab.gw, || {
+        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
+        let clients: Vec<UdpSocket> = (0..FLOWS)
+            .map(|_| UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client"))
+            .collect();
+        for round in 0..ROUNDS {
+            for (n, client) in clients.iter().enumerate() {
+                if !(n as u32 + round).is_multiple_of(3) {
+                    client
+                        .send_to(&[0; 100], (HOST_B, PORT))
+                        .expect("send a datagram");
+                }
+            }
+            thread::sleep(Duration::from_millis(30));
+        }
+        drop(server);
+    });
+    let truth = counted_between_hosts(&pins);
+    assert!(truth > 0, "the programs counted the test's packets");
+    let internal = "egress_monitor_packets_total{direction=\"internal\"}";
+    http::eventually(
+        "the agent's internal packets to match the map's",
+        Duration::from_secs(20),
+        || (sample(&lab.gw, internal) as u64 == truth).then_some(()),
+    );
+    // Polls after the traffic: nothing new but the scrapes' own connections.
+    thread::sleep(Duration::from_millis(500));
+    let read = sample(&lab.gw, "egress_monitor_poll_entries_read");
+    let changed = sample(
+        &lab.gw,
+        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
+    ) - changed_before;
+    let whole = sample(
+        &lab.gw,
+        "egress_monitor_poll_reads_total{coverage=\"whole\"}",
+    );
+    assert!(
+        read < f64::from(ENTRIES) / 100.0,
+        "the last poll read {read} entries of {ENTRIES} idle ones"
+    );
+    assert!(changed >= 10.0, "{changed} polls read only what changed");
+    assert!(
+        whole >= 1.0,
+        "the first poll and the one after the fill read it whole"
+    );
+    assert_eq!(
+        sample(&lab.gw, internal) as u64,
+        truth,
+        "nothing counted since"
+    );
+    drop(agent);
+}
+
+/// Programs that an earlier build left attached through pinned links never name what
+/// they change (its pin directory has no `CHANGED`): every poll reads the whole map.
+#[test]
+fn programs_of_a_build_before_the_ring_are_read_whole() {
+    let lab = Lab::new();
+    let pins = Pins::new("test-poll-old-programs");
+    let first = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    sample(&lab.gw, "egress_monitor_poll_entries_read");
+    // SIGKILL leaves the links and maps pinned; without CHANGED they look like an older
+    // build's.
+    first.kill();
+    std::fs::remove_file(pins.map(names::CHANGED_MAP)).expect("remove the pinned CHANGED");
+    let second = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    http::eventually("a few polls", Duration::from_secs(30), || {
+        let whole = http::agent_sample(
+            &lab.gw,
+            "egress_monitor_poll_reads_total{coverage=\"whole\"}",
+        )?;
+        (whole >= 5.0).then_some(())
+    });
+    let changed = sample(
+        &lab.gw,
+        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
+    );
+    assert_eq!(
+        changed, 0.0,
+        "no poll trusted a ring the programs do not write"
+    );
+    assert!(
+        second
+            .stderr()
+            .contains("every poll reads the whole flow map"),
+        "the agent says why: {}",
+        second.stderr()
+    );
+}
