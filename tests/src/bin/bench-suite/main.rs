@@ -211,8 +211,11 @@ fn poll_table(rows: &[poll::Row]) -> String {
     let mut out = String::from(
         "### Agent poll cost\n\n\
          The agent (`--pin-path`, 1 s polls, 1 h idle timeout) on a map the benchmark fills \
-         with synthetic TCP connections, all active, each to its own remote host. Poll time: \
-         the mean of the agent's `poll_duration_seconds` over the window; map read alone: the \
+         with synthetic TCP connections, each to its own remote host, their last packet \
+         \"now\". Written from user space, they reach the agent through one whole read (the \
+         fill counts a lost change) and then carry nothing: the polls measured are of a \
+         table where nothing moves, which a poll no longer reads (see the next table for \
+         one where some do). Poll time: the mean of the agent's `poll_duration_seconds` over the window; map read alone: the \
          agent's own map reader (`BPF_MAP_LOOKUP_BATCH`, 256 entries per call) run by the \
          benchmark on the same map after the agent stopped, the floor of any poll; CPU: the \
          agent's utime + stime per second of wall time; memory: its VmRSS beyond what it held \

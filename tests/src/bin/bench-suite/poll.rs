@@ -1,6 +1,7 @@
 //! The agent's poll with 10k, 100k and 1M live connections. The agent (release build)
 //! runs with `--pin-path`, so the benchmark can fill the very map it polls with synthetic
-//! connections, all active (their last packet "now", a 1 h idle timeout). Measured over a
+//! connections (their last packet "now", a 1 h idle timeout), which carry nothing after
+//! the one whole read that takes them in. Measured over a
 //! window of polls: the mean poll time (the agent's own poll_duration_seconds histogram),
 //! the agent's CPU time per second of wall time (/proc/PID/stat), and its resident memory
 //! beyond what it held with an empty map, per connection. Beside it, the floor of reading
