@@ -1151,17 +1151,21 @@ mod tests {
     /// Reads in a stable order with connections coming, going and being finished in
     /// between (the read order's hints go stale): every read connection ends up with its
     /// latest snapshot and the delta since the read before, every other one with none.
-    #[test]
-    fn reads_in_a_stable_order_with_churn_observe_every_connection() {
-        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
-        let snap = |n: u16, pkts: u64| FlowSnapshot {
+    /// UDP connection `n` (its remote port), `pkts` packets from b to a.
+    fn snap(n: u16, pkts: u64) -> FlowSnapshot {
+        FlowSnapshot {
             key: FlowKey {
                 port_b: n,
                 ..key(IPPROTO_UDP)
             },
             dir: [DirStats::default(), dir(pkts, SEC, SEC, 0, false)],
             ifindex: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn reads_in_a_stable_order_with_churn_observe_every_connection() {
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
         // The kernel's order: by a hash of the key, the same in every read.
         let rank = |n: u16| u32::from(n).wrapping_mul(2_654_435_761);
         let mut live: Vec<u16> = (0..500).collect();
@@ -1202,14 +1206,6 @@ mod tests {
             ConnTable::new(idle, Uids::new([1, 2])),
             ConnTable::new(idle, Uids::new([1, 2])),
         );
-        let snap = |n: u16, pkts: u64| FlowSnapshot {
-            key: FlowKey {
-                port_b: n,
-                ..key(IPPROTO_UDP)
-            },
-            dir: [DirStats::default(), dir(pkts, SEC, SEC, 0, false)],
-            ifindex: 1,
-        };
         let mut map: HashMap<u16, u64> = (0..300).map(|n| (n, 1)).collect();
         for round in 1..40u64 {
             let mut moved = Vec::new();

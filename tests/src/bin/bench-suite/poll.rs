@@ -63,6 +63,31 @@ fn metric(body: &str, name: &str) -> f64 {
     http::sample(body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
+/// The agent's /metrics at both ends of a window, and its CPU seconds and the wall-clock
+/// seconds in between.
+struct Window {
+    before: String,
+    after: String,
+    cpu: f64,
+    wall: f64,
+}
+
+impl Window {
+    fn measure(lab: &Lab, pid: u32, window: Duration) -> Window {
+        let before = scrape(lab);
+        let cpu_before = procfs::cpu_secs(pid);
+        let started = Instant::now();
+        thread::sleep(window);
+        let after = scrape(lab);
+        Window {
+            before,
+            after,
+            cpu: procfs::cpu_secs(pid) - cpu_before,
+            wall: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 fn scrape(lab: &Lab) -> String {
     http::eventually("the agent's /metrics", Duration::from_secs(30), || {
         http::get(&lab.gw, METRICS, "/metrics")
@@ -178,13 +203,12 @@ fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     );
     // Two more polls so every per-connection structure exists, then the window.
     thread::sleep(Duration::from_secs(2));
-    let before = scrape(&lab);
-    let cpu_before = procfs::cpu_secs(pid);
-    let started = Instant::now();
-    thread::sleep(window);
-    let after = scrape(&lab);
-    let cpu = procfs::cpu_secs(pid) - cpu_before;
-    let wall = started.elapsed().as_secs_f64();
+    let Window {
+        before,
+        after,
+        cpu,
+        wall,
+    } = Window::measure(&lab, pid, window);
     let rss = rss_bytes(pid);
     agent.stop();
     // The agent is gone, its maps stay pinned: the reader alone, on the same entries.
@@ -265,13 +289,12 @@ fn busy_run(window: Duration) -> (f64, f64, f64) {
     };
     // Every active connection opened and read once, then the window.
     thread::sleep(Duration::from_secs(3));
-    let before = scrape(&lab);
-    let cpu_before = procfs::cpu_secs(pid);
-    let started = Instant::now();
-    thread::sleep(window);
-    let after = scrape(&lab);
-    let cpu = procfs::cpu_secs(pid) - cpu_before;
-    let wall = started.elapsed().as_secs_f64();
+    let Window {
+        before,
+        after,
+        cpu,
+        wall,
+    } = Window::measure(&lab, pid, window);
     stop.store(true, Ordering::Relaxed);
     sender.join().expect("the sender thread");
     agent.stop();
