@@ -88,6 +88,20 @@ impl Window {
     }
 }
 
+/// Fills the pinned map with `entries` synthetic connections and waits until the agent
+/// tracks them all. The scrapes themselves cross the watched loopback: a few more.
+fn fill_and_track(lab: &Lab, pins: &Pins, entries: u32) {
+    fill(pins, entries);
+    http::eventually(
+        "the agent tracking every synthetic connection",
+        Duration::from_secs(120),
+        || {
+            (metric(&scrape(lab), "egress_monitor_connections_active") as u32 >= entries)
+                .then_some(())
+        },
+    );
+}
+
 fn scrape(lab: &Lab) -> String {
     http::eventually("the agent's /metrics", Duration::from_secs(30), || {
         http::get(&lab.gw, METRICS, "/metrics")
@@ -191,16 +205,7 @@ fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     // A few empty polls: what the agent holds before any connection.
     thread::sleep(Duration::from_secs(3));
     let empty_rss = rss_bytes(pid);
-    fill(&pins, entries);
-    // The scrapes themselves cross the watched loopback: a few connections more.
-    http::eventually(
-        "the agent tracking every synthetic connection",
-        Duration::from_secs(120),
-        || {
-            (metric(&scrape(&lab), "egress_monitor_connections_active") as u32 >= entries)
-                .then_some(())
-        },
-    );
+    fill_and_track(&lab, &pins, entries);
     // Two more polls so every per-connection structure exists, then the window.
     thread::sleep(Duration::from_secs(2));
     let Window {
@@ -273,15 +278,7 @@ fn busy_run(window: Duration) -> (f64, f64, f64) {
     let pins = Pins::new("bench-poll-busy");
     let agent = flowmap::start_agent(&lab, &pins, BUSY_ENTRIES + ACTIVE, "1s");
     let pid = agent.pid();
-    fill(&pins, BUSY_ENTRIES);
-    http::eventually(
-        "the agent tracking every synthetic connection",
-        Duration::from_secs(120),
-        || {
-            (metric(&scrape(&lab), "egress_monitor_connections_active") as u32 >= BUSY_ENTRIES)
-                .then_some(())
-        },
-    );
+    fill_and_track(&lab, &pins, BUSY_ENTRIES);
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
