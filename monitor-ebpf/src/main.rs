@@ -366,7 +366,6 @@ const SYN_ONLY_BIT: u64 = 1 << 8;
 /// is new and when its direction arrives on an interface other than the one that last
 /// passed the check: a known connection's packets pay for one comparison, and a forger
 /// cannot add to a connection from the side its source is not routed through.
-///
 #[inline(always)]
 fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
     let (ifindex, ingress) = (seen.ifindex, seen.direction == DIRECTION_INGRESS);
@@ -443,9 +442,8 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
 /// Times a packet in its direction's `first_ns` and `last_ns`. The precise clock costs more
 /// than the rest of a known connection's update: it times a direction's first packet and a
 /// close. Every other packet reads the clock as of the last tick, so `last_ns` can be up to
-/// one tick early. Not inlined: the verifier then follows its three ways once per call
-/// rather than along every path after it.
-#[inline(never)]
+/// one tick early.
+#[inline(always)]
 fn stamp(d: *mut DirStats, tcp_flags: u8) {
     // SAFETY: `d` is a direction of the map's entry (8-byte aligned fields).
     unsafe {
