@@ -307,18 +307,24 @@ impl Conn {
 
     /// Finished at kernel time `now_ns`: closed and quiet for [`CLOSE_DELAY`], or idle.
     pub fn finished(&self, now_ns: u64, idle_timeout: Duration) -> bool {
-        let quiet = Duration::from_nanos(now_ns.saturating_sub(self.last_ns()));
-        quiet >= idle_timeout || (self.closed() && quiet >= CLOSE_DELAY.min(idle_timeout))
+        Duration::from_nanos(now_ns.saturating_sub(self.last_ns()))
+            >= self.quiet_to_finish(idle_timeout)
     }
 
     /// The kernel time from which it is [`Self::finished`] if nothing new comes.
     pub fn finish_at(&self, idle_timeout: Duration) -> u64 {
-        let quiet = if self.closed() {
+        self.last_ns()
+            .saturating_add(self.quiet_to_finish(idle_timeout).as_nanos() as u64)
+    }
+
+    /// How long it must carry nothing to be finished: the close delay once closed (never
+    /// more than the idle timeout), else the idle timeout.
+    fn quiet_to_finish(&self, idle_timeout: Duration) -> Duration {
+        if self.closed() {
             CLOSE_DELAY.min(idle_timeout)
         } else {
             idle_timeout
-        };
-        self.last_ns().saturating_add(quiet.as_nanos() as u64)
+        }
     }
 }
 
