@@ -1,6 +1,13 @@
 //! Interface names and indexes, and the interface of the default route.
 
-use std::{ffi::CString, fs};
+use std::{
+    ffi::CString,
+    fs,
+    sync::{LazyLock, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use foldhash::HashMap;
 
 /// The interface's index, or `None` when there is no such interface.
 pub fn index(name: &str) -> Option<u32> {
@@ -10,8 +17,30 @@ pub fn index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// The interface's name, or its index as text when it is gone.
+/// How long a name found is used before it is looked up again. An interface may be
+/// renamed, or its index reused, at any time; but a lookup costs a socket, an ioctl and a
+/// close, and a flood finishes thousands of connections in one poll (a lookup for each
+/// record was most of such a poll's time).
+const NAME_FRESH: Duration = Duration::from_secs(1);
+
+static NAMES: LazyLock<Mutex<HashMap<u32, (String, Instant)>>> =
+    LazyLock::new(|| Mutex::new(HashMap::default()));
+
+/// The interface's name, or its index as text when it is gone; at most [`NAME_FRESH`]
+/// old.
 pub fn name(index: u32) -> String {
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    match names.get(&index) {
+        Some((name, found)) if found.elapsed() < NAME_FRESH => name.clone(),
+        _ => {
+            let name = look_up_name(index);
+            names.insert(index, (name.clone(), Instant::now()));
+            name
+        }
+    }
+}
+
+fn look_up_name(index: u32) -> String {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
     let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
