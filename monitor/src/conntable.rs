@@ -897,7 +897,28 @@ impl ConnTable {
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<Conn> {
         let position = self.conns.position(key)?;
-        let conn = self.conns.remove(key);
+        Some(self.remove_at(position))
+    }
+
+    /// Takes a finished connection out with its final counts: `last`, or, when its entry
+    /// was gone, those it had (it carried nothing since).
+    pub fn take(&mut self, key: &FlowKey, last: Option<FlowSnapshot>) -> Option<Conn> {
+        let position = self.conns.position(key)?;
+        match last {
+            Some(snap) => self.update_at(position, snap),
+            None => {
+                let conn = self
+                    .conns
+                    .at_mut(position)
+                    .expect("a position in the table");
+                conn.prev = conn.totals();
+            }
+        }
+        Some(self.remove_at(position))
+    }
+
+    fn remove_at(&mut self, position: usize) -> Conn {
+        let conn = self.conns.remove_at(position);
         self.moved_to(position);
         conn
     }

@@ -110,7 +110,7 @@ impl<T: Keyed> DenseMap<T> {
     }
 
     /// Removes the item at `position`; the last item takes its place.
-    fn remove_at(&mut self, position: usize) -> T {
+    pub fn remove_at(&mut self, position: usize) -> T {
         let hash = self.hash(self.items[position].key());
         let wanted = position as u32;
         self.index

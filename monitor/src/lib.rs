@@ -10,6 +10,7 @@ pub mod conntable;
 pub mod dense;
 pub mod dns;
 pub mod export;
+pub mod finishing;
 pub mod iface;
 pub mod kernel;
 pub mod logs;

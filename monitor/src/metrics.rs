@@ -52,6 +52,7 @@ pub struct Metrics {
     parse_failing: IntGauge,
     poll_duration: Histogram,
     poll_entries_read: IntGauge,
+    connections_finishing: IntGauge,
     poll_reads: IntCounterVec,
     changes_lost: IntCounter,
     /// The kernel's count of lost changes as last read.
@@ -231,6 +232,11 @@ impl Metrics {
             "Entries the last poll read from the kernel connection map: those that changed \
              since the poll before, or all of them on a whole read.",
         ))?;
+        let connections_finishing = IntGauge::with_opts(opts(
+            "connections_finishing",
+            "Connections found finished and not yet taken out of the kernel map: a poll takes \
+             them during the first half of its interval and leaves the rest to the next.",
+        ))?;
         let poll_reads = IntCounterVec::new(
             opts(
                 "poll_reads_total",
@@ -321,6 +327,7 @@ impl Metrics {
             Box::new(parse_failing.clone()),
             Box::new(poll_duration.clone()),
             Box::new(poll_entries_read.clone()),
+            Box::new(connections_finishing.clone()),
             Box::new(poll_reads.clone()),
             Box::new(changes_lost.clone()),
             Box::new(build_info.clone()),
@@ -378,6 +385,7 @@ impl Metrics {
             parse_failing,
             poll_duration,
             poll_entries_read,
+            connections_finishing,
             poll_reads,
             changes_lost,
             changes_lost_seen: 0,
@@ -489,6 +497,11 @@ impl Metrics {
         self.changes_lost
             .inc_by(changes_lost.saturating_sub(self.changes_lost_seen));
         self.changes_lost_seen = changes_lost;
+    }
+
+    /// Finished connections left for the next poll to take.
+    pub fn finishing(&mut self, waiting: usize) {
+        self.connections_finishing.set(waiting as i64);
     }
 
     /// The DNS module's totals (they only grow) and its cache size.

@@ -1,7 +1,6 @@
 //! `monitor run`: attach, poll until a signal, then detach and flush.
 
 use std::{
-    collections::HashSet,
     sync::{
         Arc, RwLock,
         mpsc::{self, RecvTimeoutError},
@@ -30,6 +29,7 @@ use crate::{
         events::{Batch, DnsEvents, DnsQueue},
     },
     export::{EndReason, IpfixConfig, IpfixExporter},
+    finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines, conn::ConnRecord},
     metrics::{self, Metrics},
@@ -46,6 +46,12 @@ use crate::{
 const SINK_QUEUE: usize = 10_000;
 /// How long shutdown waits for sinks to take what is queued.
 const SINK_DRAIN: Duration = Duration::from_secs(5);
+/// The part of a poll interval a poll spends taking finished connections out of the map,
+/// counted from its start.
+const FINISH_SHARE: u32 = 2;
+/// Finished connections a poll takes whatever its time: the map drains even when reads
+/// take most of the interval.
+const FINISH_AT_LEAST: usize = 1024;
 
 /// One way through: poller -> connection table -> rules -> suppression -> sinks, with the
 /// connection logs written as connections finish or age.
@@ -65,6 +71,9 @@ struct Pipeline {
     exporters: Vec<IpfixExporter>,
     /// The kernel map's capacity (--flow-map-size), for pressure relief.
     capacity: u32,
+    finishing: Finishing,
+    /// How long into a poll finished connections are taken (see [`FINISH_SHARE`]).
+    finish_budget: Duration,
     metrics: Metrics,
     top: top::Tracker,
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
@@ -93,40 +102,23 @@ impl Pipeline {
         // kernel queued before the read is applied first.
         self.record_dns();
         let mut alerts = Vec::new();
-        let finished = self.judge_open(coverage, now, &mut alerts);
-        let mut relief = self.table.pressure_relief(now.mono_ns, self.capacity);
-        if !relief.is_empty() {
-            // A set: a flood finishes many keys, and a scan per key would be quadratic.
-            let finishing: HashSet<&FlowKey> = finished.iter().collect();
-            relief.retain(|key| !finishing.contains(key));
+        for key in self.judge_open(coverage, now, &mut alerts) {
+            self.finishing.push(key, None);
         }
-        if !relief.is_empty() {
-            warn!(
-                "flow map over 90% full: finishing {} idle connections early (their records are written)",
-                relief.len()
-            );
-        }
-        let done = finished.into_iter().map(|key| (key, None)).chain(
-            relief
-                .into_iter()
-                .map(|key| (key, Some(EndReason::LackOfResources))),
-        );
-        for (key, reason) in done {
-            match self.nat.take(&self.poller, &key)? {
-                Some(last) => self.table.observe(last),
-                None => self.table.settle(&key),
+        // Not while earlier finished ones wait: those are the longest idle already.
+        if self.finishing.is_empty() {
+            let relief = self.table.pressure_relief(now.mono_ns, self.capacity);
+            if !relief.is_empty() {
+                warn!(
+                    "flow map over 90% full: finishing {} idle connections early (their records are written)",
+                    relief.len()
+                );
             }
-            if let Some(conn) = self.table.remove(&key) {
-                // Closed by the endpoints, else idle, unless the map's pressure ended it.
-                let reason = reason.unwrap_or(if conn.closed() {
-                    EndReason::EndOfFlow
-                } else {
-                    EndReason::Idle
-                });
-                self.finish(&conn, now, &mut alerts, reason);
+            for key in relief {
+                self.finishing.push(key, Some(EndReason::LackOfResources));
             }
-            self.nat.finished(&key);
         }
+        self.take_finished(now, &mut alerts, Some(started + self.finish_budget))?;
         for exporter in &mut self.exporters {
             exporter.flush();
         }
@@ -170,6 +162,42 @@ impl Pipeline {
         );
         self.top.update(&self.table, &self.local, now);
         self.save_state();
+        Ok(())
+    }
+
+    /// Takes the finished connections out of the map, judges them once more and writes
+    /// them: until `until` if given (at least [`FINISH_AT_LEAST`]), the rest waiting for
+    /// the next poll.
+    fn take_finished(
+        &mut self,
+        now: Now,
+        alerts: &mut Vec<Alert>,
+        until: Option<Instant>,
+    ) -> Result<(), PollError> {
+        let mut taken = 0;
+        while until.is_none_or(|until| taken < FINISH_AT_LEAST || Instant::now() < until)
+            && let Some((key, ending)) = self.finishing.pop()
+        {
+            let last = match self.nat.take(&self.poller, &key) {
+                Ok(last) => last,
+                Err(err) => {
+                    self.finishing.put_back(key, ending);
+                    return Err(err);
+                }
+            };
+            if let Some(conn) = self.table.take(&key, last) {
+                // Closed by the endpoints, else idle, unless the map's pressure ended it.
+                let reason = ending.unwrap_or(if conn.closed() {
+                    EndReason::EndOfFlow
+                } else {
+                    EndReason::Idle
+                });
+                self.finish(&conn, now, alerts, reason);
+            }
+            self.nat.finished(&key);
+            taken += 1;
+        }
+        self.metrics.finishing(self.finishing.len());
         Ok(())
     }
 
@@ -322,8 +350,10 @@ impl Pipeline {
         self.record_dns();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log();
-        let open: Vec<Conn> = self.table.drain().collect();
         let mut alerts = Vec::new();
+        // Those found finished before keep their reason.
+        self.take_finished(now, &mut alerts, None)?;
+        let open: Vec<Conn> = self.table.drain().collect();
         for conn in &open {
             self.finish(conn, now, &mut alerts, EndReason::ForcedEnd);
         }
@@ -659,6 +689,8 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         conn_long_log,
         map_full: 0,
         capacity: args.flow_map_size,
+        finishing: Finishing::default(),
+        finish_budget: args.poll_interval / FINISH_SHARE,
         metrics,
         top,
         state,

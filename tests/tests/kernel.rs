@@ -1737,10 +1737,7 @@ fn poll(table: &mut ConnTable, poller: &mut Poller) -> Vec<FlowKey> {
         .map(|conn| conn.key)
         .collect();
     for key in &finished {
-        if let Some(last) = poller.take(key).expect("take a finished entry") {
-            table.observe(last);
-        }
-        table.remove(key);
+        table.take(key, poller.take(key).expect("take a finished entry"));
     }
     finished
 }
