@@ -197,6 +197,44 @@ impl Agent {
 
     /// SIGTERM, waits for a clean exit (status 0), and returns the conn-log records.
     pub fn stop(mut self) -> Vec<ConnRecord> {
+        self.terminate();
+        let text = std::fs::read_to_string(&self.conn_log).unwrap_or_else(|e| {
+            panic!(
+                "agent left no conn log at {}: {e}\n{}",
+                self.conn_log.display(),
+                self.output()
+            )
+        });
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!("conn log line is not JSON ({e}): {line}\n{}", self.output())
+                });
+                assert!(value.is_object(), "conn log line is not an object: {line}");
+                ConnRecord(value)
+            })
+            .collect()
+    }
+
+    /// Like [`stop`](Self::stop), for a conn log too large to hold: hands each line to
+    /// `each` as it is read.
+    pub fn stop_reading(mut self, mut each: impl FnMut(&str)) {
+        self.terminate();
+        let file = std::fs::File::open(&self.conn_log).unwrap_or_else(|e| {
+            panic!(
+                "agent left no conn log at {}: {e}\n{}",
+                self.conn_log.display(),
+                self.output()
+            )
+        });
+        for line in std::io::BufReader::new(file).lines() {
+            each(&line.unwrap_or_else(|e| panic!("reading the conn log: {e}")));
+        }
+    }
+
+    /// SIGTERM, and a wait for a clean exit (status 0).
+    fn terminate(&mut self) {
         if let Some(status) = self.child.try_wait().expect("wait for agent") {
             self.join_readers();
             panic!(
@@ -220,23 +258,6 @@ impl Agent {
             "agent exited with {status} after SIGTERM, expected 0\n{}",
             self.output()
         );
-        let text = std::fs::read_to_string(&self.conn_log).unwrap_or_else(|e| {
-            panic!(
-                "agent left no conn log at {}: {e}\n{}",
-                self.conn_log.display(),
-                self.output()
-            )
-        });
-        text.lines()
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| {
-                let value: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-                    panic!("conn log line is not JSON ({e}): {line}\n{}", self.output())
-                });
-                assert!(value.is_object(), "conn log line is not an object: {line}");
-                ConnRecord(value)
-            })
-            .collect()
     }
 
     fn wait_within(&mut self, limit: Duration) -> Option<ExitStatus> {

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bpf;
 pub mod dns_lab;
 pub mod fleet;
+pub mod flood;
 pub mod flowmap;
 pub mod http;
 pub mod ipfix_decoded;

@@ -20,18 +20,15 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant},
 };
 
 use tests::{
     agent::{Agent, ConnRecord},
-    http,
+    flood, http,
     lab::{self, Counters, Lab},
-    packet::Frame,
-    pcap,
     rules_lab::{Scratch, read_json_lines},
     traffic::{self, TcpInfo},
 };
@@ -39,16 +36,8 @@ use tests::{
 const MAP_SIZE: u32 = 4096;
 /// Distinct connections in one replay of the flood: ten times the map.
 const FLOOD_FLOWS: u32 = 10 * MAP_SIZE;
-/// UDP payload of a flood frame: IP 46 bytes, frame 60, so no Ethernet padding.
-const FLOOD_PAYLOAD: usize = 18;
-const FLOOD_SRC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 99);
-const FLOOD_DPORT: u16 = 9999;
-/// Not gw's MAC: gw's stack drops the frames after its hooks saw them.
-const FLOOD_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
-const WAN_HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
 const MIN_REPLAYS: u32 = 2;
 const MAX_REPLAYS: u32 = 4;
-const REPLAY_LIMIT: Duration = Duration::from_secs(20);
 /// Longer than the agent's 2 s minimum idle time for pressure relief: between replays
 /// the agent finishes the idle flood connections early, and the next replay refills the
 /// map, all while the upload runs.
@@ -154,73 +143,6 @@ impl GwIp {
 struct Wire {
     pkts: u64,
     ip_bytes: u64,
-}
-
-/// The flood pcap: `FLOOD_FLOWS` UDP packets from FLOOD_SRC, each with its own source port
-/// and its own local destination address. Returns (frames, IP bytes of each frame).
-fn write_flood(path: &Path) -> (u64, u64) {
-    let mut frames = Vec::with_capacity(FLOOD_FLOWS as usize);
-    let mut ip_len = None;
-    for i in 0..FLOOD_FLOWS {
-        let dst = Ipv4Addr::new(198, 19, (i >> 8) as u8, (i & 0xff) as u8);
-        let sport = 1024 + u16::try_from(i).expect("flow index fits a port");
-        let frame = Frame::eth()
-            .macs(WAN_HOST_MAC, FLOOD_DST_MAC)
-            .ipv4(FLOOD_SRC, dst)
-            .udp(sport, FLOOD_DPORT)
-            .payload_len(FLOOD_PAYLOAD);
-        let layout = frame.layout();
-        assert_eq!(
-            (layout.frame_len, layout.eth_padding),
-            (layout.l2_len + layout.ip_len, 0),
-            "a flood frame must be exactly Ethernet header + IP packet: {layout:?}"
-        );
-        assert_eq!(
-            *ip_len.get_or_insert(layout.ip_len),
-            layout.ip_len,
-            "flood frames differ in size"
-        );
-        let ts = Duration::from_secs(1_700_000_000) + Duration::from_micros(u64::from(i));
-        frames.push((ts, frame.build()));
-    }
-    pcap::write_file(path, &frames);
-    (
-        frames.len() as u64,
-        ip_len.expect("at least one flood frame") as u64,
-    )
-}
-
-/// `tcpreplay --topspeed` of the flood out of the wan host's veth; returns how many
-/// packets it says it sent.
-fn replay(lab: &Lab, pcap: &Path, frames: u64) -> u64 {
-    let intf = format!("--intf1={}", lab.wan_if);
-    let file = pcap.to_str().expect("UTF-8 temp path");
-    let args = ["tcpreplay", &intf, "--topspeed", file];
-    let out = lab::ns_output(&lab.wan, &args, REPLAY_LIMIT);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "in {}: {args:?} exited with {}:\n{text}",
-        lab.wan,
-        out.status
-    );
-    let figure = |label: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(label))
-            .and_then(|rest| rest.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no '{label} N' in tcpreplay's output:\n{text}"))
-    };
-    let (sent, failed) = (figure("Successful packets:"), figure("Failed packets:"));
-    assert_eq!(
-        (sent, failed),
-        (frames, 0),
-        "tcpreplay did not send every flood frame:\n{text}"
-    );
-    sent
 }
 
 /// The agent's flow_map_full counter, or None while /metrics does not answer.
@@ -430,7 +352,7 @@ fn flood_of_ten_times_the_map_leaves_a_large_upload_exact() {
     let lab = Lab::new();
     let scratch = Scratch::new("map-pressure");
     let flood_pcap = scratch.path("flood.pcap");
-    let (flood_frames, flood_ip_len) = write_flood(&flood_pcap);
+    let (flood_frames, flood_ip_len) = flood::write(&flood_pcap, FLOOD_FLOWS);
     let alert_log = scratch.path("alerts.jsonl");
     let alert_arg = alert_log.to_str().expect("UTF-8 temp path").to_string();
     let map_size = MAP_SIZE.to_string();
@@ -479,7 +401,7 @@ fn flood_of_ten_times_the_map_leaves_a_large_upload_exact() {
     let mut map_full_during = Vec::new();
     let flood_start = Instant::now();
     while replays < MIN_REPLAYS || (upload.writing() && replays < MAX_REPLAYS) {
-        flood_sent += replay(&lab, &flood_pcap, flood_frames);
+        flood_sent += flood::replay(&lab, &flood_pcap, &[], flood_frames);
         replays += 1;
         if let Some(full) = map_full(&lab) {
             map_full_during.push(full);
@@ -555,8 +477,8 @@ fn flood_of_ten_times_the_map_leaves_a_large_upload_exact() {
     let is_flood = |r: &ConnRecord| {
         r.proto() == "udp"
             && r.has("id.orig_h")
-            && (r.ip("id.orig_h") == IpAddr::from(FLOOD_SRC)
-                || r.ip("id.resp_h") == IpAddr::from(FLOOD_SRC))
+            && (r.ip("id.orig_h") == IpAddr::from(flood::SRC)
+                || r.ip("id.resp_h") == IpAddr::from(flood::SRC))
     };
     let flood_records: Vec<&ConnRecord> = records.iter().filter(|r| is_flood(r)).collect();
     let flood_tuples: std::collections::HashSet<(IpAddr, u16, IpAddr, u16)> = flood_records
