@@ -50,3 +50,20 @@ impl Default for Clock {
         Self::new()
     }
 }
+
+/// The poll's time, on the kernel's clock (to compare with packet timestamps) and as
+/// epoch seconds (for alerts and aligned windows).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Now {
+    pub mono_ns: u64,
+    pub epoch: f64,
+}
+
+impl Now {
+    pub fn new(mono_ns: u64, clock: &Clock) -> Self {
+        Self {
+            mono_ns,
+            epoch: clock.epoch_secs(mono_ns),
+        }
+    }
+}

@@ -4,8 +4,10 @@
 //! maps -> poller -> connection table -> logs.
 
 pub mod alerts;
+pub mod cidr;
 pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod conntable;
 pub mod dense;
 pub mod dns;
@@ -13,6 +15,8 @@ pub mod export;
 pub mod finishing;
 pub mod iface;
 pub mod kernel;
+#[cfg(test)]
+mod layering;
 pub mod logs;
 pub mod metrics;
 pub mod nat;

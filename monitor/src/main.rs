@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::Context as _;
 use monitor::{
     cli::{self, Command},
-    iface,
-    kernel::pins,
+    config, iface,
+    kernel::{self, pins},
     run, top,
 };
 
@@ -18,7 +18,9 @@ fn main() -> ExitCode {
     let cli = cli::parse();
     let result = match cli.command {
         Command::Run(args) => {
-            check_consistent(&args);
+            if let Err(err) = config::check_run(&args) {
+                cli::usage_error(&format!("error: {err}"));
+            }
             let ifaces = watched_interfaces(&args.ifaces);
             check_links(&ifaces, &args);
             tokio::runtime::Builder::new_current_thread()
@@ -27,8 +29,13 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(run::run(args, ifaces)))
         }
-        Command::Top(args) => top::run(&args),
-        Command::Detach(args) => detach(&args.pin_path),
+        Command::Top(args) => top::run(&config::top(&args)),
+        Command::Detach(args) => {
+            if let Err(err) = config::check_pin_path(&args.pin_path) {
+                cli::usage_error(&format!("error: {err}"));
+            }
+            detach(&args.pin_path)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,18 +62,6 @@ fn detach(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Flags that parse but contradict each other are bad input too (exit 2).
-fn check_consistent(args: &cli::RunArgs) {
-    for net in &args.rules.restricted_nets {
-        if !args.local_nets.iter().any(|local| local.contains(net)) {
-            cli::usage_error(&format!(
-                "error: invalid value '{net}' for '--restricted-net <CIDR>': not inside any --local-net \
-                 (restricted hosts are local hosts; add --local-net for it)"
-            ));
-        }
-    }
-}
-
 /// An interface whose link type the programs cannot parse, or one without a link-layer
 /// header asked to be hooked with XDP explicitly, is bad input (exit 2). `--xdp-mode auto`
 /// counts such an interface's ingress with TC.
@@ -82,8 +77,8 @@ fn check_links(ifaces: &[String], args: &cli::RunArgs) {
                  frames, or IP packets on devices without a link-layer header"
             )),
             Some(iface::Framing::Ip)
-                if args.ingress_hook == cli::IngressHook::Xdp
-                    && args.xdp_mode != cli::XdpMode::Auto =>
+                if args.ingress_hook == kernel::IngressHook::Xdp
+                    && args.xdp_mode != kernel::XdpMode::Auto =>
             {
                 cli::usage_error(&format!(
                     "error: {name}: link/{link} has no Ethernet header for XDP: use --ingress-hook tc, \

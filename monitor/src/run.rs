@@ -21,7 +21,8 @@ use crate::{
         suppress::Suppressor,
     },
     cli::RunArgs,
-    clock::{self, Clock},
+    clock::{self, Clock, Now},
+    config,
     conntable::{Conn, ConnTable, LocalNets, Uids},
     dns::{
         Dns,
@@ -37,7 +38,7 @@ use crate::{
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
-    rules::{self, ConnCtx, Names, Now, Rule},
+    rules::{self, ConnCtx, Names, Rule},
     state::{Saved, StateDir},
     top,
 };
@@ -648,20 +649,21 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let (rules_config, dns_config) = (config::rules(&args.rules), config::dns(&args.dns));
     let passive = Arc::new(RwLock::new(PassiveDns::new(
-        args.dns.dns_cache_size,
-        args.dns.dns_min_ttl,
+        dns_config.cache_size,
+        dns_config.min_ttl,
     )));
     let names = Names::with_passive(passive.clone());
-    resolve::start(rules::allowlist::host_names(&args.rules), names.clone());
+    resolve::start(rules::allowlist::host_names(&rules_config), names.clone());
     let dns = Dns::new(
-        &args.dns,
+        &dns_config,
         args.rules.window,
         local.clone(),
         dns_log,
         passive,
     );
-    let rules = rules::from_args(&args.rules, &names);
+    let rules = rules::from_config(&rules_config, &names);
     let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
         let now = Now::new(clock::monotonic_ns(), &clock);
         dir.vetted(saved, now, args.flow_map_size, &rules)

@@ -17,9 +17,10 @@ use serde_json::{Map, Value};
 
 use crate::{
     alerts::suppress::Suppressor,
+    clock::Now,
     conntable::{Totals, Uid},
     private,
-    rules::{Now, Rule},
+    rules::Rule,
 };
 
 const FILE: &str = "state.json";
@@ -301,7 +302,7 @@ mod tests {
         let Command::Run(args) = Cli::parse_from(["monitor", "run"]).command else {
             unreachable!("`monitor run`");
         };
-        rules::from_args(&args.rules, &Names::default())
+        rules::from_config(&crate::config::rules(&args.rules), &Names::default())
     }
 
     /// What an agent 1000 s after boot may have written: a connection's totals, rule state

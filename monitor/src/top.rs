@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    cli::TopArgs,
+    clock::Now,
     conntable::{Conn, ConnTable, Endpoint, LocalNets, Sides, Uid},
-    rules::{Now, human_bytes, proto_name},
+    rules::{human_bytes, proto_name},
 };
 
 /// Connections the agent keeps in its view: `--count` shows at most this many.
@@ -198,9 +198,21 @@ fn keep_busiest(candidates: &mut Vec<Candidate>) {
     candidates.sort_unstable_by(Candidate::busier);
 }
 
+/// What `monitor top` is asked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The agent's metrics address, where it serves /top.
+    pub metrics_addr: SocketAddr,
+    pub interval: Duration,
+    /// Rows shown, at most [`MAX_ROWS`].
+    pub count: u16,
+    /// One plain frame, then exit.
+    pub once: bool,
+}
+
 /// `monitor top`: draws the agent's view every `--interval` until interrupted, or once
 /// with `--once`.
-pub fn run(args: &TopArgs) -> anyhow::Result<()> {
+pub fn run(args: &Options) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .http_status_as_error(true)

@@ -7,12 +7,17 @@ pub mod values;
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum, error::ErrorKind};
+use clap::{Args, Parser, Subcommand, error::ErrorKind};
 use ipnet::IpNet;
 use monitor_common::DEFAULT_FLOW_MAP_SIZE;
-pub use values::{
-    AddrSpec, AllowPair, AllowService, Durations, Service, Size, parse_cidr, parse_duration,
-    parse_durations, parse_factor,
+pub use values::{Durations, Size, parse_cidr, parse_duration, parse_durations, parse_factor};
+
+use crate::{
+    kernel::{IngressHook, XdpMode},
+    rules::{
+        targets::{AddrSpec, AllowPair, AllowService, Service},
+        windows::LeakGroup,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -66,25 +71,6 @@ pub struct TopArgs {
     /// Print one frame as plain text (no screen control) and exit.
     #[arg(long)]
     pub once: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum IngressHook {
-    /// XDP (see --xdp-mode).
-    Xdp,
-    /// TC ingress (clsact/TCX).
-    Tc,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum XdpMode {
-    /// Native XDP where the driver has it, else TC ingress (generic XDP cannot count
-    /// aggregated packets exactly).
-    Auto,
-    /// Native (driver) XDP only; fail where the driver lacks it.
-    Native,
-    /// Generic XDP: works everywhere, but sees GRO/GSO aggregates as one packet.
-    Skb,
 }
 
 #[derive(Debug, Args)]
@@ -238,21 +224,14 @@ pub struct DnsArgs {
     pub dns_nxdomain_threshold: u64,
 }
 
-/// `--pin-path`: a directory on a BPF filesystem, or one to be made there.
+/// `--pin-path`: an absolute path (whether it is on a BPF filesystem is checked with the
+/// other flags, in `crate::config`).
 fn parse_pin_path(text: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(text);
-    if !path.is_absolute() {
-        return Err("an absolute path is needed, e.g. /sys/fs/bpf/monitor".into());
-    }
-    // The directory itself, or where it would be made.
-    let existing = path.ancestors().find(|p| p.exists()).expect("/ exists");
-    if crate::kernel::pins::on_bpf_fs(existing) {
+    if path.is_absolute() {
         Ok(path)
     } else {
-        Err(format!(
-            "{} is not on a BPF filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
-            existing.display()
-        ))
+        Err("an absolute path is needed, e.g. /sys/fs/bpf/monitor".into())
     }
 }
 
@@ -436,13 +415,6 @@ pub struct RuleArgs {
         help_heading = "WindowExceeded and DataLeak"
     )]
     pub exclude_dst: Vec<AddrSpec>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum LeakGroup {
-    Pair,
-    Src,
-    Dst,
 }
 
 fn parse_syslog_url(s: &str) -> Result<String, String> {

@@ -20,11 +20,10 @@ use monitor_common::{flow::FlowKey, parse::PacketInfo};
 
 use crate::{
     alerts::Alert,
-    cli::DnsArgs,
+    clock::Now,
     conntable::{Endpoint, LocalNets},
     logs::{JsonLines, LogStats},
     nat::Nat,
-    rules::Now,
 };
 use cache::PassiveDns;
 use log::{DnsRecord, Transactions};
@@ -61,9 +60,25 @@ pub struct Dns {
     counts: DnsCounts,
 }
 
+/// What passive DNS, dns.log and DnsTunnel are told.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// Entries of the passive DNS map.
+    pub cache_size: std::num::NonZeroUsize,
+    /// An answer is kept at least this long, whatever its TTL.
+    pub min_ttl: std::time::Duration,
+    /// The site's resolvers: only their answers teach names (none: any answer does).
+    pub resolvers: Vec<IpNet>,
+    /// DnsTunnel: information per client and domain within `tunnel_period`.
+    pub tunnel_threshold: u64,
+    pub tunnel_period: std::time::Duration,
+    /// DnsTunnel: NXDOMAIN answers per client and domain within the window.
+    pub nxdomain_threshold: u64,
+}
+
 impl Dns {
     pub fn new(
-        args: &DnsArgs,
+        config: &DnsConfig,
         window: std::time::Duration,
         local: LocalNets,
         log: Option<JsonLines>,
@@ -73,15 +88,15 @@ impl Dns {
             cache,
             queries: Transactions::default(),
             log,
-            resolvers: args.dns_resolvers.clone(),
+            resolvers: config.resolvers.clone(),
             ready: Vec::new(),
             unnamed: Vec::new(),
             tunnel: TunnelDetector::new(TunnelConfig {
-                threshold: args.dns_tunnel_threshold.0,
-                period: args.dns_tunnel_period,
-                nxdomain_threshold: args.dns_nxdomain_threshold,
+                threshold: config.tunnel_threshold,
+                period: config.tunnel_period,
+                nxdomain_threshold: config.nxdomain_threshold,
                 window,
-                resolvers: args.dns_resolvers.clone(),
+                resolvers: config.resolvers.clone(),
                 local,
                 max_keys: tunnel::MAX_KEYS,
             }),

@@ -29,8 +29,8 @@ use lru::LruCache;
 use super::parse::{Message, Meta, display_name};
 use crate::{
     alerts::{Alert, Note},
+    clock::Now,
     conntable::LocalNets,
-    rules::Now,
 };
 
 /// Raw bytes of names deflated together.

@@ -19,11 +19,27 @@ use log::warn;
 use monitor_common::{names, watched};
 use thiserror::Error;
 
-use crate::{
-    cli::{IngressHook, XdpMode},
-    iface::{self, Framing, LinkType},
-};
+use crate::iface::{self, Framing, LinkType};
 use pins::{Hook, PinDir};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IngressHook {
+    /// XDP (see --xdp-mode).
+    Xdp,
+    /// TC ingress (clsact/TCX).
+    Tc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// Native XDP where the driver has it, else TC ingress (generic XDP cannot count
+    /// aggregated packets exactly).
+    Auto,
+    /// Native (driver) XDP only; fail where the driver lacks it.
+    Native,
+    /// Generic XDP: works everywhere, but sees GRO/GSO aggregates as one packet.
+    Skb,
+}
 
 /// The compiled kernel programs (monitor-ebpf), embedded at build time.
 pub fn object() -> &'static [u8] {

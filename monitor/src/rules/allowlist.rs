@@ -9,8 +9,11 @@ use std::{
 };
 
 use crate::{
-    cli::{AddrSpec, AllowPair, AllowService, RuleArgs, Service},
     dns::cache::PassiveDns,
+    rules::{
+        RulesConfig,
+        targets::{AddrSpec, AllowPair, AllowService, Service},
+    },
 };
 
 /// The addresses each configured host name resolved to last (filled by the resolver),
@@ -97,7 +100,16 @@ impl AddrMatcher {
     }
 }
 
-/// RestrictedOutbound's allowlists: `--allow-dst`, `--allow-service`, `--allow-pair`.
+/// What RestrictedOutbound allows, as given: `--allow-dst`, `--allow-service`,
+/// `--allow-pair`.
+#[derive(Clone, Debug, Default)]
+pub struct Allowed {
+    pub dst: Vec<AddrSpec>,
+    pub services: Vec<AllowService>,
+    pub pairs: Vec<AllowPair>,
+}
+
+/// RestrictedOutbound's allowlists, with the names they match by.
 #[derive(Clone, Debug)]
 pub struct Allowlist {
     dst: AddrMatcher,
@@ -107,11 +119,11 @@ pub struct Allowlist {
 }
 
 impl Allowlist {
-    pub fn new(args: &RuleArgs, names: Names) -> Self {
+    pub fn new(allowed: &Allowed, names: Names) -> Self {
         Self {
-            dst: AddrMatcher::new(args.allow_dst.clone(), names.clone()),
-            services: args.allow_service.clone(),
-            pairs: args.allow_pair.clone(),
+            dst: AddrMatcher::new(allowed.dst.clone(), names.clone()),
+            services: allowed.services.clone(),
+            pairs: allowed.pairs.clone(),
             names,
         }
     }
@@ -131,13 +143,14 @@ impl Allowlist {
 }
 
 /// Every host name the rules' flags mention, for the resolver.
-pub fn host_names(args: &RuleArgs) -> Vec<String> {
-    let pairs = args.allow_pair.iter().flat_map(|p| [&p.src, &p.dst]);
-    let mut hosts: Vec<String> = args
-        .allow_dst
+pub fn host_names(config: &RulesConfig) -> Vec<String> {
+    let allowed = &config.allowed;
+    let pairs = allowed.pairs.iter().flat_map(|p| [&p.src, &p.dst]);
+    let mut hosts: Vec<String> = allowed
+        .dst
         .iter()
         .chain(pairs)
-        .chain(&args.exclude_dst)
+        .chain(&config.exclude_dst)
         .filter_map(|spec| match spec {
             AddrSpec::Host(host) => Some(host.clone()),
             AddrSpec::Net(_) | AddrSpec::Suffix(_) => None,

@@ -6,14 +6,16 @@ pub mod allowlist;
 mod large_upload;
 mod long_connection;
 mod restricted;
+pub mod targets;
 mod upload_ratio;
-mod windows;
+pub mod windows;
 
 use std::{net::IpAddr, time::Duration};
 
+use ipnet::IpNet;
+
 use crate::{
     alerts::{Alert, Note},
-    cli::RuleArgs,
     clock::Clock,
     conntable::{Conn, Endpoint, Sides, Totals, Uid},
     logs::conn::ConnRecord,
@@ -26,21 +28,29 @@ pub use restricted::RestrictedOutbound;
 pub use upload_ratio::UploadRatio;
 pub use windows::Windows;
 
-/// The poll's time, on the kernel's clock (to compare with packet timestamps) and as
-/// epoch seconds (for alerts and aligned windows).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Now {
-    pub mono_ns: u64,
-    pub epoch: f64,
-}
+pub use crate::clock::Now;
+use targets::{AddrSpec, Service};
 
-impl Now {
-    pub fn new(mono_ns: u64, clock: &Clock) -> Self {
-        Self {
-            mono_ns,
-            epoch: clock.epoch_secs(mono_ns),
-        }
-    }
+/// What the rules are told: their thresholds, periods and lists.
+#[derive(Clone, Debug)]
+pub struct RulesConfig {
+    /// LargeUpload: payload bytes, and packets.
+    pub upload_threshold: u64,
+    pub upload_min_packets: u64,
+    /// UploadRatio.
+    pub ratio_ports: Vec<Service>,
+    pub ratio: f64,
+    pub ratio_min_bytes: u64,
+    /// LongConnection.
+    pub long_durations: Vec<Duration>,
+    pub long_ignore: Vec<IpNet>,
+    /// RestrictedOutbound: off when there are no restricted nets.
+    pub restricted_nets: Vec<IpNet>,
+    pub allowed: allowlist::Allowed,
+    pub restricted_suppress: Duration,
+    /// WindowExceeded and DataLeak.
+    pub windows: windows::Config,
+    pub exclude_dst: Vec<AddrSpec>,
 }
 
 /// A connection as rules see it: its totals, and which side is local.
@@ -238,36 +248,30 @@ pub fn save_as(saved: &mut Saved, name: &str, state: impl serde::Serialize) {
 }
 
 /// Every rule the flags turn on.
-pub fn from_args(args: &RuleArgs, names: &Names) -> Vec<Box<dyn Rule>> {
+pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
     let mut rules: Vec<Box<dyn Rule>> = vec![
         Box::new(LargeUpload::new(
-            args.upload_threshold.0,
-            args.upload_min_packets,
+            config.upload_threshold,
+            config.upload_min_packets,
         )),
         Box::new(UploadRatio::new(
-            args.ratio_ports.clone(),
-            args.ratio,
-            args.ratio_min_bytes.0,
+            config.ratio_ports.clone(),
+            config.ratio,
+            config.ratio_min_bytes,
         )),
         Box::new(LongConnection::new(
-            args.long_durations.0.clone(),
-            args.long_ignore.clone(),
+            config.long_durations.clone(),
+            config.long_ignore.clone(),
         )),
         Box::new(Windows::new(
-            windows::Config {
-                window: args.window,
-                threshold: args.window_threshold.0,
-                leak_period: args.leak_period,
-                leak_threshold: args.leak_threshold.0,
-                group: args.leak_group,
-            },
-            AddrMatcher::new(args.exclude_dst.clone(), names.clone()),
+            config.windows,
+            AddrMatcher::new(config.exclude_dst.clone(), names.clone()),
         )),
     ];
-    if !args.restricted_nets.is_empty() {
+    if !config.restricted_nets.is_empty() {
         rules.push(Box::new(RestrictedOutbound::new(
-            args.restricted_nets.clone(),
-            allowlist::Allowlist::new(args, names.clone()),
+            config.restricted_nets.clone(),
+            allowlist::Allowlist::new(&config.allowed, names.clone()),
         )));
     }
     rules

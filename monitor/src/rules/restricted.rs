@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
-    cli::Service,
     conntable::Uid,
+    rules::targets::Service,
 };
 
 pub struct RestrictedOutbound {
@@ -99,8 +99,11 @@ mod tests {
         }
         let mut argv = vec!["test", "--restricted-net", "198.18.5.0/24"];
         argv.extend(flags);
-        let args = Flags::try_parse_from(argv).unwrap().rules;
-        RestrictedOutbound::new(args.restricted_nets.clone(), Allowlist::new(&args, names))
+        let config = crate::config::rules(&Flags::try_parse_from(argv).unwrap().rules);
+        RestrictedOutbound::new(
+            config.restricted_nets.clone(),
+            Allowlist::new(&config.allowed, names),
+        )
     }
 
     fn from_restricted(resp: (&'static str, u16), proto: u8, uid: &'static str) -> ConnSpec {

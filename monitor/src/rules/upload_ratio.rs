@@ -5,7 +5,7 @@
 use super::{ConnCtx, Now, Rule, human_bytes, proto_name};
 use crate::{
     alerts::{Alert, Note},
-    cli::Service,
+    rules::targets::Service,
 };
 
 pub struct UploadRatio {

@@ -11,9 +11,16 @@ use serde::{Deserialize, Serialize};
 use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
-    cli::LeakGroup,
     dense::{DenseMap, Keyed},
 };
+
+/// How WindowExceeded and DataLeak group bytes (`--leak-group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum LeakGroup {
+    Pair,
+    Src,
+    Dst,
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
