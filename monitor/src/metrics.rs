@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC section 4), read from the same snapshots the pipeline sees,
+//! Prometheus metrics (docs/metrics.md), read from the same snapshots the pipeline sees,
 //! and the `/metrics` endpoint. Labels never carry addresses or ports.
 
 use std::{

@@ -195,7 +195,7 @@ pub struct RunArgs {
     pub dns: DnsArgs,
 }
 
-/// DNS: passive DNS, dns.log, DnsTunnel (SPEC section 8).
+/// DNS: passive DNS, dns.log, DnsTunnel.
 #[derive(Debug, Args)]
 pub struct DnsArgs {
     /// DNS transactions as JSON lines with Zeek dns.log field names (`-`: stdout).
@@ -256,7 +256,7 @@ fn parse_pin_path(text: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Flow export (SPEC section 7).
+/// Flow export (IPFIX).
 #[derive(Debug, Args)]
 pub struct IpfixArgs {
     /// Export connections as IPFIX (RFC 7011) to udp://HOST:PORT or tcp://HOST:PORT
@@ -294,7 +294,7 @@ pub struct IpfixArgs {
     pub ipfix_biflow: bool,
 }
 
-/// Detection rules (SPEC section 5).
+/// Detection rules (docs/rules.md).
 #[derive(Debug, Args)]
 pub struct RuleArgs {
     /// LargeUpload: payload sent by a local host to a non-local one in one connection,
