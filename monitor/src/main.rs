@@ -1,3 +1,6 @@
+//! The `monitor` binary: parses the command line, checks what clap cannot (interfaces,
+//! link types, flags that contradict each other) and runs the subcommand.
+
 use std::process::ExitCode;
 
 use std::path::Path;

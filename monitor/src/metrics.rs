@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC section 4), read from the same snapshots the pipeline sees,
+//! Prometheus metrics (docs/metrics.md), read from the same snapshots the pipeline sees,
 //! and the `/metrics` endpoint. Labels never carry addresses or ports.
 
 use std::{
@@ -818,5 +818,73 @@ mod tests {
             ),
             1_000_000.0
         );
+    }
+
+    /// docs/metrics.md has a row for every metric the agent registers, with its type and
+    /// labels, and names no metric that does not exist.
+    #[test]
+    fn docs_metrics_list_every_metric() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{path}: {err}"));
+        // A labelled metric shows in a scrape only once it has a series: give each one.
+        let mut m = Metrics::new(1024, 1, Duration::from_secs(60)).unwrap();
+        let counters = [0; stats::SLOTS as usize];
+        m.polled((0, 0), counters, Duration::ZERO, 0.0);
+        let conn = ConnSpec::default().conn();
+        m.observe(&conn, local().sides(&conn));
+        m.polled((0, 0), counters, Duration::ZERO, 61.0);
+        m.sink("syslog", 0, 0);
+        m.logs([("conn", Some(LogStats::default()))]);
+        m.shed(0, 0);
+        let families = m.registry().gather();
+        let gathered: Vec<&str> = families.iter().map(|f| f.name()).collect();
+
+        // Every name declared above this module, so that a new labelled metric this test
+        // does not give a series is not missed.
+        let source = include_str!("metrics.rs");
+        let source = &source[..source.find("#[cfg(test)]").expect("a test module")];
+        for call in ["opts(", "HistogramOpts::new("] {
+            for (at, _) in source.match_indices(call) {
+                let Some(rest) = source[at + call.len()..].trim_start().strip_prefix('"') else {
+                    continue;
+                };
+                let name = format!("{PREFIX}_{}", &rest[..rest.find('"').expect("a string")]);
+                assert!(
+                    gathered.contains(&name.as_str()),
+                    "{name} has no series in this test: give it one above"
+                );
+            }
+        }
+
+        for family in &families {
+            let name = family.name();
+            let row = doc
+                .lines()
+                .find(|line| line.starts_with(&format!("| `{name}` |")))
+                .unwrap_or_else(|| panic!("docs/metrics.md: no row for {name}"));
+            let kind = format!("{:?}", family.get_field_type()).to_lowercase();
+            assert!(
+                row.contains(&format!("| {kind} |")),
+                "docs/metrics.md: {name} is a {kind}:\n{row}"
+            );
+            for label in family.get_metric()[0].get_label() {
+                let label = format!("`{}`", label.name());
+                assert!(
+                    row.contains(&label),
+                    "docs/metrics.md: {name} has label {label}:\n{row}"
+                );
+            }
+        }
+        for (at, _) in doc.match_indices("`egress_monitor_") {
+            let name: String = doc[at + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // The prefix alone, where the page says what every name starts with.
+            assert!(
+                name == format!("{PREFIX}_") || gathered.contains(&name.as_str()),
+                "docs/metrics.md names {name}, which the agent does not register"
+            );
+        }
     }
 }

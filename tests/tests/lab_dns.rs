@@ -1,4 +1,4 @@
-//! DNS in a gateway lab (SPEC section 8): dnsmasq answers on the wan host, the lan host
+//! DNS in a gateway lab: dnsmasq answers on the wan host, the lan host
 //! resolves a name and then uploads to the address it got; the agent on gw's WAN-facing
 //! veth must name the remote host in the alert and in the conn-log record, and log the
 //! transaction in `--dns-log`. Over UDP and TCP, through a CNAME, and over IPv6. And a

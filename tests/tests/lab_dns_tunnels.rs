@@ -1,4 +1,4 @@
-//! Real DNS tunnels in a gateway lab (SPEC section 8, DnsTunnel): iodine (NULL and TXT
+//! Real DNS tunnels in a gateway lab (DnsTunnel): iodine (NULL and TXT
 //! queries, and its raw UDP mode) and dns2tcp push a bounded upload of random bytes from
 //! the lan host through dnsmasq on the wan host, which delegates the tunnel zone to the
 //! tunnel server on a second wan address. The agent on gw's WAN-facing veth must raise

@@ -1,4 +1,4 @@
-//! Every detection rule against real traffic in a gateway lab (SPEC section 5).
+//! Every detection rule against real traffic in a gateway lab (docs/rules.md).
 //!
 //! The agent watches gw's WAN-facing veth with the lab's local nets, polls every 200 ms and
 //! writes its alerts to a file that the test reads while it runs. Durations are scaled

@@ -10,8 +10,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-/// bpf-linker must be built against the LLVM that the pinned rustc ships (22): see
-/// TOOLCHAIN.md. Plain `cargo install bpf-linker` wants LLVM 23 and fails.
+/// bpf-linker must be built against the LLVM that the pinned rustc ships (22), from
+/// Debian's `llvm-22-dev` with `--no-default-features --features llvm-22` and
+/// `LLVM_PREFIX=/usr/lib/llvm-22` (about a minute). Plain `cargo install bpf-linker` wants
+/// LLVM 23 and fails.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
 

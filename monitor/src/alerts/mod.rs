@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::logs::conn::{ConnFields, ConnRecord};
 
-/// The rule that raised an alert (SPEC section 4).
+/// The rule that raised an alert: the alert's `note` (docs/logs.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Note {
     LargeUpload,

@@ -1,6 +1,7 @@
 //! Suppression: an alert with the same rule and key within the quiet time is not sent
 //! again, only counted. RestrictedOutbound has its own quiet time, which a repeat
-//! restarts (SPEC section 3); for the other rules it runs from the alert that was sent.
+//! restarts (`--restricted-suppress`); for the other rules it runs from the alert that was
+//! sent.
 
 use std::{collections::HashMap, time::Duration};
 

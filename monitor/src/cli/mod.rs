@@ -181,7 +181,7 @@ pub struct RunArgs {
     pub dns: DnsArgs,
 }
 
-/// DNS: passive DNS, dns.log, DnsTunnel (SPEC section 8).
+/// DNS: passive DNS, dns.log, DnsTunnel.
 #[derive(Debug, Args)]
 pub struct DnsArgs {
     /// DNS transactions as JSON lines with Zeek dns.log field names (`-`: stdout).
@@ -235,7 +235,7 @@ fn parse_pin_path(text: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Flow export (SPEC section 7).
+/// Flow export (IPFIX).
 #[derive(Debug, Args)]
 pub struct IpfixArgs {
     /// Export connections as IPFIX (RFC 7011) to udp://HOST:PORT or tcp://HOST:PORT
@@ -273,7 +273,7 @@ pub struct IpfixArgs {
     pub ipfix_biflow: bool,
 }
 
-/// Detection rules (SPEC section 5).
+/// Detection rules (docs/rules.md).
 #[derive(Debug, Args)]
 pub struct RuleArgs {
     /// LargeUpload: payload sent by a local host to a non-local one in one connection,
@@ -477,6 +477,8 @@ pub fn usage_error(line: &str) -> ! {
 
 #[cfg(test)]
 mod tests {
+    use clap::{ArgAction, CommandFactory};
+
     use super::*;
 
     #[test]
@@ -526,5 +528,84 @@ mod tests {
         assert!(first.contains("--poll-interval"), "{first}");
         assert!(first.contains("fast"), "{first}");
         assert!(first.contains("expected a duration"), "{first}");
+    }
+
+    /// The part of `doc` under the heading line `heading`, up to the next `## ` heading.
+    fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
+        let start = doc
+            .find(&format!("\n{heading}\n"))
+            .unwrap_or_else(|| panic!("docs/flags.md: no heading {heading:?}"));
+        let body = &doc[start + heading.len() + 2..];
+        body.find("\n## ").map_or(body, |end| &body[..end])
+    }
+
+    /// Whether `line` is the table row of `--long`: its first cell names that flag, not a
+    /// longer one that starts with it.
+    fn is_row_of(line: &str, long: &str) -> bool {
+        let Some(cell) = line
+            .strip_prefix("| ")
+            .and_then(|row| row.split(" |").next())
+        else {
+            return false;
+        };
+        let flag = format!("`--{long}");
+        cell.match_indices(&flag).any(|(at, _)| {
+            !cell[at + flag.len()..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
+        })
+    }
+
+    /// docs/flags.md has a section per subcommand (`## `monitor NAME``) with a table row for
+    /// each of its flags that shows the default as `--help` prints it (`[default: ...]`),
+    /// and names no flag that does not exist.
+    #[test]
+    fn docs_flags_list_every_flag_with_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/flags.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_else(|err| panic!("{path}: {err}"));
+        let mut cli = Cli::command();
+        cli.build();
+        let top = std::iter::once(("## `monitor`".to_owned(), &cli));
+        let subcommands = cli
+            .get_subcommands()
+            .filter(|cmd| cmd.get_name() != "help")
+            .map(|cmd| (format!("## `monitor {}`", cmd.get_name()), cmd));
+        let mut known = Vec::new();
+        for (heading, cmd) in top.chain(subcommands) {
+            let section = section(&doc, &heading);
+            for arg in cmd.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                known.push(long);
+                // clap's own --help and --version: documented once, under `monitor`.
+                let generated = matches!(arg.get_action(), ArgAction::Help | ArgAction::Version);
+                if generated && heading != "## `monitor`" {
+                    continue;
+                }
+                let line = section
+                    .lines()
+                    .find(|line| is_row_of(line, long))
+                    .unwrap_or_else(|| panic!("docs/flags.md, {heading}: --{long} missing"));
+                let defaults = arg.get_default_values();
+                if arg.get_action().takes_values()
+                    && !arg.is_hide_default_value_set()
+                    && !defaults.is_empty()
+                {
+                    let shown: Vec<_> = defaults.iter().map(|d| d.to_string_lossy()).collect();
+                    let default = format!("[default: {}]", shown.join(" "));
+                    assert!(
+                        line.contains(&default),
+                        "docs/flags.md, {heading}: the line of --{long} must show {default}:\n{line}"
+                    );
+                }
+            }
+        }
+        for (at, _) in doc.match_indices("`--") {
+            let name: String = doc[at + 3..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            assert!(
+                known.contains(&name.as_str()),
+                "docs/flags.md names --{name}, which no subcommand has"
+            );
+        }
     }
 }

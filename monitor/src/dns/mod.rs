@@ -1,6 +1,6 @@
-//! DNS (SPEC section 8): messages from the kernel's ring buffer are parsed, teach the
-//! passive DNS map (names for conn records and alerts, and for name allowlists), go to
-//! `--dns-log`, and feed the DnsTunnel detector.
+//! DNS: messages from the kernel's ring buffer are parsed, teach the passive DNS map
+//! (names for conn records and alerts, and for name allowlists), go to `--dns-log`, and
+//! feed the DnsTunnel detector.
 //!
 //! events (ring buffer) -> parse -> cache (passive DNS), log (dns.log), tunnel (alerts)
 

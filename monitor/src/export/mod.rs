@@ -1,4 +1,4 @@
-//! Flow export to the collectors operators already run (SPEC section 7).
+//! Flow export to the collectors operators already run.
 //!
 //! The exporter is fed by the connection table, never by the kernel maps: the poller calls
 //! [`IpfixExporter::update`] for open connections and [`IpfixExporter::finish`] for the

@@ -1,3 +1,6 @@
+//! A JSON-lines file (or stdout) that survives a failing disk and logrotate: records wait
+//! in memory while the file cannot take them, and SIGHUP reopens the path.
+
 use std::{
     fs::OpenOptions,
     io::{self, Write},

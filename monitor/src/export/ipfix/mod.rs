@@ -84,7 +84,7 @@ pub struct IpfixConfig {
 }
 
 impl IpfixConfig {
-    /// SPEC defaults: active timeout and template refresh 60 s, domain 1, unidirectional.
+    /// The flags' defaults: active timeout and template refresh 60 s, domain 1, unidirectional.
     pub fn new(collector: Collector, local: LocalNets, clock: Clock) -> Self {
         Self {
             collector,
