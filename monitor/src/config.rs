@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 
 use crate::{
-    cli::{DnsArgs, RuleArgs, RunArgs, TopArgs},
+    cli::{DnsArgs, IpfixArgs, RuleArgs, RunArgs, TopArgs},
     dns::DnsConfig,
+    export::Collector,
     kernel::pins,
     rules::{RulesConfig, allowlist::Allowed, windows},
     top,
@@ -28,6 +29,8 @@ pub enum ConfigError {
         existing.display()
     )]
     PinPathOffBpfFs { path: String, existing: PathBuf },
+    #[error("invalid value '{url}' for '--ipfix-collector <URL>': {why}")]
+    CollectorUnresolved { url: String, why: String },
 }
 
 /// `monitor run`'s flags taken together.
@@ -52,6 +55,20 @@ pub fn check_pin_path(path: &Path) -> Result<(), ConfigError> {
             existing: existing.to_path_buf(),
         })
     }
+}
+
+/// The IPFIX collectors, their hosts resolved.
+pub fn collectors(args: &IpfixArgs) -> Result<Vec<Collector>, ConfigError> {
+    args.collectors
+        .iter()
+        .map(|url| {
+            url.resolve()
+                .map_err(|why| ConfigError::CollectorUnresolved {
+                    url: url.to_string(),
+                    why,
+                })
+        })
+        .collect()
 }
 
 pub fn rules(args: &RuleArgs) -> RulesConfig {

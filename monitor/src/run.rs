@@ -29,7 +29,7 @@ use crate::{
         cache::PassiveDns,
         events::{Batch, DnsEvents, DnsQueue},
     },
-    export::{EndReason, IpfixConfig, IpfixExporter},
+    export::{Collector, EndReason, IpfixConfig, IpfixExporter},
     finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines, conn::ConnRecord},
@@ -563,7 +563,11 @@ fn open_log(path: Option<&std::path::Path>) -> anyhow::Result<Option<JsonLines>>
         .transpose()
 }
 
-pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
+pub async fn run(
+    args: RunArgs,
+    ifaces: Vec<String>,
+    collectors: Vec<Collector>,
+) -> anyhow::Result<()> {
     // Everything that can fail on the operator's input fails here, before the kernel is
     // touched: log paths, sink URLs, the metrics address.
     let alert_log = AlertLog::open(&args.alert_log)
@@ -635,9 +639,7 @@ pub async fn run(args: RunArgs, ifaces: Vec<String>) -> anyhow::Result<()> {
     privileges::drop_after_attach().context("dropping capabilities after attaching")?;
     let clock = Clock::new();
     let local = LocalNets::new(args.local_nets.clone());
-    let exporters = args
-        .ipfix
-        .collectors
+    let exporters = collectors
         .iter()
         .map(|collector| {
             let mut config = IpfixConfig::new(collector.clone(), local.clone(), clock);

@@ -146,6 +146,7 @@ fn every_flag_refuses_a_bad_value() {
         ("--exclude-dst", "under_score"),
         ("--ipfix-collector", "sctp://127.0.0.1:4739"),
         ("--ipfix-collector", "127.0.0.1:4739"),
+        ("--ipfix-collector", "udp://no-such-host.invalid:4739"),
         ("--flow-active-timeout", "often"),
         ("--ipfix-template-refresh", "0s"),
         ("--ipfix-domain-id", "domain"),

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
-    net::{IpAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -118,9 +118,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
         .unwrap()
         .as_nanos() as i128;
     let clock = Clock::with_offset_ns(wall_ns - 3600 * SECOND as i128);
-    let collector: Collector = format!("udp://127.0.0.1:{}", nfcapd.port)
-        .parse()
-        .expect("collector URL");
+    let collector = Collector::Udp(SocketAddr::from(([127, 0, 0, 1], nfcapd.port)));
     let mut config = IpfixConfig::new(collector, local, clock);
     config.active_timeout = Duration::from_secs(5);
     let mut exporter = IpfixExporter::new(config).expect("exporter");
@@ -287,7 +285,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
     let clock = Clock::with_offset_ns(0);
     let mut config = IpfixConfig::new(
         collector,
@@ -376,7 +374,7 @@ fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
     let config = IpfixConfig::new(
         collector,
         LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
@@ -428,7 +426,7 @@ fn tcp_collector_that_never_reads_delays_nothing() {
     // Accepts, then holds the connection without reading a byte: about 3 MB of messages
     // fill the kernel's buffers, then the exporter's writes stall.
     let holder = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
-    let collector: Collector = format!("tcp://127.0.0.1:{port}").parse().expect("URL");
+    let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
     let mut config = IpfixConfig::new(
         collector,
         LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),

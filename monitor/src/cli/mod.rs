@@ -245,7 +245,7 @@ pub struct IpfixArgs {
         value_name = "URL",
         help_heading = "IPFIX export"
     )]
-    pub collectors: Vec<crate::export::Collector>,
+    pub collectors: Vec<crate::export::CollectorUrl>,
 
     /// An open connection is exported at least this often (its deltas since the last
     /// export).

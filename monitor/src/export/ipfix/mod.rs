@@ -54,7 +54,7 @@ pub use encode::{
     Record, Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4,
     TEMPLATE_V6, VERSION, ie, template_fields,
 };
-pub use transport::Collector;
+pub use transport::{Collector, CollectorUrl};
 
 use crate::{
     clock::Clock,

@@ -52,25 +52,57 @@ impl Collector {
     }
 }
 
-impl FromStr for Collector {
+/// `--ipfix-collector` as given: `udp://HOST:PORT` or `tcp://HOST:PORT`, the host not
+/// yet resolved (parsing a flag has no side effects; [`CollectorUrl::resolve`] looks the
+/// host up, once, at start).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectorUrl {
+    tcp: bool,
+    host_port: String,
+}
+
+impl FromStr for CollectorUrl {
     type Err = String;
 
-    /// `udp://HOST:PORT` or `tcp://HOST:PORT` (the host is resolved once, here).
     fn from_str(url: &str) -> Result<Self, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| format!("{url:?}: expected udp://HOST:PORT or tcp://HOST:PORT"))?;
-        let resolve = || {
-            rest.to_socket_addrs()
-                .map_err(|e| format!("{url:?}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{url:?}: no address"))
+        const ACCEPTED: &str = "expected udp://HOST:PORT or tcp://HOST:PORT";
+        let (scheme, host_port) = url.split_once("://").ok_or(ACCEPTED)?;
+        let tcp = match scheme {
+            "udp" => false,
+            "tcp" => true,
+            _ => return Err(format!("unknown scheme {scheme:?} ({ACCEPTED})")),
         };
-        match scheme {
-            "udp" => Ok(Self::Udp(resolve()?)),
-            "tcp" => Ok(Self::Tcp(resolve()?)),
-            _ => Err(format!("{url:?}: unknown scheme {scheme:?} (udp, tcp)")),
+        match host_port.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Self {
+                tcp,
+                host_port: host_port.to_owned(),
+            }),
+            _ => Err(ACCEPTED.into()),
         }
+    }
+}
+
+impl CollectorUrl {
+    /// The collector at the host's first address.
+    pub fn resolve(&self) -> Result<Collector, String> {
+        let addr = self
+            .host_port
+            .to_socket_addrs()
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("the host has no address")?;
+        Ok(if self.tcp {
+            Collector::Tcp(addr)
+        } else {
+            Collector::Udp(addr)
+        })
+    }
+}
+
+impl fmt::Display for CollectorUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tcp { "tcp" } else { "udp" };
+        write!(f, "{scheme}://{}", self.host_port)
     }
 }
 
@@ -261,23 +293,26 @@ mod tests {
 
     #[test]
     fn collector_urls() {
+        let resolved = |url: &str| url.parse::<CollectorUrl>().unwrap().resolve();
         assert_eq!(
-            "udp://127.0.0.1:4739".parse::<Collector>(),
+            resolved("udp://127.0.0.1:4739"),
             Ok(Collector::Udp("127.0.0.1:4739".parse().unwrap()))
         );
         assert_eq!(
-            "tcp://[2001:db8::1]:4739".parse::<Collector>(),
+            resolved("tcp://[2001:db8::1]:4739"),
             Ok(Collector::Tcp("[2001:db8::1]:4739".parse().unwrap()))
         );
         assert_eq!(
-            "tcp://127.0.0.1:4739"
-                .parse::<Collector>()
-                .unwrap()
-                .to_string(),
+            resolved("tcp://127.0.0.1:4739").unwrap().to_string(),
             "tcp://127.0.0.1:4739"
         );
-        assert!("127.0.0.1:4739".parse::<Collector>().is_err());
-        assert!("http://127.0.0.1:4739".parse::<Collector>().is_err());
-        assert!("tcp://127.0.0.1".parse::<Collector>().is_err());
+        for bad in [
+            "127.0.0.1:4739",
+            "http://127.0.0.1:4739",
+            "tcp://127.0.0.1",
+            "udp://:9",
+        ] {
+            assert!(bad.parse::<CollectorUrl>().is_err(), "{bad}");
+        }
     }
 }
