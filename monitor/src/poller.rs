@@ -1,16 +1,15 @@
 //! Map reads -> snapshots. The only reader of the flow and stats maps.
 
-use std::{
-    io,
-    os::fd::{AsFd, AsRawFd},
-};
+use std::io;
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use foldhash::{HashSet, HashSetExt as _};
 use monitor_common::{
     flow::{ChangedKey, DirStats, FlowKey, FlowValue},
     stats,
 };
+
+use crate::kernel::bpf::{self, Lookup};
 
 /// One connection's counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -178,11 +177,11 @@ impl Poller {
     pub fn read(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<usize, PollError> {
         match &self.changes {
             Some(changes) if !changes.whole => {
-                let fd = flows_fd(&self.flows);
+                let flows = flow_map(&self.flows)?;
                 let mut read = 0;
                 let mut value = FlowValue::default();
                 for key in &changes.wanted {
-                    if map_elem(BPF_MAP_LOOKUP_ELEM, fd, key, &mut value)
+                    if bpf::lookup(&flows, Lookup::Read, key, &mut value)
                         .map_err(PollError::Lookup)?
                     {
                         each(FlowSnapshot::new(*key, &value));
@@ -205,15 +204,15 @@ impl Poller {
     /// Hands every connection in the map now to `each`, read [`BATCH`] entries per
     /// system call (`BPF_MAP_LOOKUP_BATCH`, which aya 0.16 does not expose).
     pub fn snapshot(&mut self, mut each: impl FnMut(FlowSnapshot)) -> Result<(), PollError> {
-        let fd = flows_fd(&self.flows);
+        let flows = flow_map(&self.flows)?;
         let mut size = BATCH;
         // The kernel's position in the map between calls: a bucket index for hash maps.
         let (mut position, mut next) = (None, 0u64);
         loop {
             self.keys.resize(size, FlowKey::default());
             self.values.resize(size, FlowValue::default());
-            let read = lookup_batch(
-                fd,
+            let read = bpf::lookup_batch(
+                &flows,
                 position.as_ref(),
                 &mut next,
                 &mut self.keys,
@@ -242,14 +241,9 @@ impl Poller {
     /// in one step so no packet counted in between is lost. `None` when it is gone.
     pub fn take(&self, key: &FlowKey) -> Result<Option<FlowSnapshot>, PollError> {
         let mut value = FlowValue::default();
-        map_elem(
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            flows_fd(&self.flows),
-            key,
-            &mut value,
-        )
-        .map_err(PollError::Take)
-        .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
+        bpf::lookup(&flow_map(&self.flows)?, Lookup::Take, key, &mut value)
+            .map_err(PollError::Take)
+            .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
     }
 
     /// The STATS slots, summed over CPUs.
@@ -263,109 +257,7 @@ impl Poller {
     }
 }
 
-fn flows_fd(flows: &Map) -> i32 {
-    let Map::HashMap(data) = flows else {
-        unreachable!("FLOWS is a hash map");
-    };
-    data.fd().as_fd().as_raw_fd()
-}
-
-/// BPF_MAP_LOOKUP_BATCH (kernel >= 5.6): up to `keys.len()` entries after position
-/// `from` (the start when `None`); the position after them goes to `to`. Returns how many
-/// were read and whether the map is done.
-fn lookup_batch(
-    map_fd: i32,
-    from: Option<&u64>,
-    to: &mut u64,
-    keys: &mut [FlowKey],
-    values: &mut [FlowValue],
-) -> io::Result<(usize, bool)> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    let mut attr = BatchAttr {
-        in_batch: from.map_or(0, |p| std::ptr::from_ref(p) as u64),
-        out_batch: std::ptr::from_mut(to) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map_fd as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `keys` and `values` have room for `count` entries; the batch positions are
-    // 8 bytes, more than the 4 a hash map's bucket index takes.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if ret == 0 {
-        return Ok((attr.count as usize, false));
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        // The end: what this call read is still in the buffers.
-        Some(libc::ENOENT) => Ok((attr.count as usize, true)),
-        _ => Err(err),
-    }
-}
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-/// Kernel >= 5.14 for hash maps; aya 0.16 exposes it only for queues and stacks.
-const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-
-/// A map element command on the flow map, without aya's per-call map checks: a lookup,
-/// or a lookup and delete. Returns whether the key was there.
-fn map_elem(
-    cmd: libc::c_long,
-    map_fd: i32,
-    key: &FlowKey,
-    value: &mut FlowValue,
-) -> io::Result<bool> {
-    // The leading fields of `union bpf_attr` for map element commands.
-    #[repr(C)]
-    struct MapElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = MapElemAttr {
-        map_fd: map_fd as u32,
-        _pad: 0,
-        key: key as *const FlowKey as u64,
-        value: std::ptr::from_mut(value) as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` points at a key and a value of the map's sizes.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &attr as *const MapElemAttr,
-            size_of::<MapElemAttr>(),
-        )
-    };
-    if ret == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENOENT) => Ok(false),
-        _ => Err(err),
-    }
+/// The flow map as aya checks it: keys and values of the sizes the raw commands take.
+fn flow_map(flows: &Map) -> Result<HashMap<&MapData, FlowKey, FlowValue>, PollError> {
+    Ok(HashMap::try_from(flows)?)
 }

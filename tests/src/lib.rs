@@ -8,6 +8,7 @@ pub mod flood;
 pub mod flowmap;
 pub mod http;
 pub mod ipfix_decoded;
+pub mod kernel_harness;
 pub mod lab;
 pub mod lab_tun;
 pub mod netlink;

@@ -20,13 +20,9 @@
 //! - An skb's `gso_segs` is 0 unless the `__sk_buff` context passed in sets it: that is
 //!   how the GSO aggregate tests make TC see an aggregate.
 
-use std::{cell::Cell, collections::BTreeMap, net::Ipv6Addr, os::fd::AsFd as _, time::Duration};
+use std::{collections::BTreeMap, net::Ipv6Addr, os::fd::AsFd as _, time::Duration};
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
-};
+use aya::maps::{HashMap, Map, MapData};
 use monitor::{
     conntable::{ConnTable, Uids},
     poller::Poller,
@@ -35,17 +31,14 @@ use monitor_common::{
     flow::{FlowKey, FlowValue},
     names,
     parse::{MAX_IPV6_EXT, parse_frame},
-    stats, watched,
+    stats,
 };
 use tests::bpf::{K, loopback_ifindex};
+use tests::kernel_harness::{Counts, Hook, Kernel, SLOTS, describe, slot_name, stats_diff};
 use tests::packet::{
     ETH_HLEN, Frame, ICMP_HLEN, IPV4_HLEN, IPV6_HLEN, TCP_HLEN, UDP_HLEN, ethertype, ipproto,
     tcp_flags::{ACK, FIN, PSH, RST, SYN},
 };
-
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const SLOTS: usize = stats::SLOTS as usize;
 
 const A4: [u8; 4] = [10, 0, 0, 1];
 const B4: [u8; 4] = [10, 0, 0, 2];
@@ -53,45 +46,6 @@ const C4: [u8; 4] = [192, 0, 2, 1];
 const D4: [u8; 4] = [192, 0, 2, 200];
 const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
-
-/// The hook a program runs at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-    TcEgress,
-}
-
-impl Hook {
-    const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
-    const TC: [Hook; 2] = [Hook::TcIngress, Hook::TcEgress];
-
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Xdp => names::XDP_INGRESS,
-            Hook::TcIngress => names::TC_INGRESS,
-            Hook::TcEgress => names::TC_EGRESS,
-        }
-    }
-
-    /// The "let it through" verdict every frame must get.
-    fn pass(self) -> u32 {
-        match self {
-            Hook::Xdp => XDP_PASS,
-            Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
-        }
-    }
-}
-
-/// What one direction of a flow counted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Counts {
-    pkts: u64,
-    ip_bytes: u64,
-    bytes: u64,
-    tcp_flags: u8,
-    syn_only: u8,
-}
 
 const NONE: Counts = Counts {
     pkts: 0,
@@ -109,39 +63,6 @@ fn c(pkts: u64, ip_bytes: u64, bytes: u64, tcp_flags: u8, syn_only: u8) -> Count
         tcp_flags,
         syn_only,
     }
-}
-
-impl Counts {
-    /// These and `other`'s packets together.
-    fn add(self, other: Counts) -> Self {
-        c(
-            self.pkts + other.pkts,
-            self.ip_bytes + other.ip_bytes,
-            self.bytes + other.bytes,
-            self.tcp_flags | other.tcp_flags,
-            self.syn_only | other.syn_only,
-        )
-    }
-
-    /// `n` packets like this one.
-    fn times(self, n: u64) -> Self {
-        c(
-            self.pkts * n,
-            self.ip_bytes * n,
-            self.bytes * n,
-            self.tcp_flags,
-            self.syn_only,
-        )
-    }
-}
-
-/// A flow entry.
-#[derive(Clone, Copy, Debug)]
-struct Flow {
-    dir: [Counts; 2],
-    /// First and last timestamp of each direction.
-    first_ns: [u64; 2],
-    last_ns: [u64; 2],
 }
 
 /// A key with the endpoints in the order given (the test states which one is `a`).
@@ -173,17 +94,6 @@ fn key6(a: Ipv6Addr, port_a: u16, b: Ipv6Addr, port_b: u16, proto: u8) -> FlowKe
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// `struct __sk_buff` offsets (include/uapi/linux/bpf.h) of the fields test_run takes in.
 mod skb_ctx {
     pub const INGRESS_IFINDEX: usize = 36;
@@ -194,422 +104,38 @@ mod skb_ctx {
     pub const SIZE: usize = 192;
 }
 
-/// Whether an skb test_run refuses this frame (see the module documentation): shorter
-/// than an Ethernet header, or an outer EtherType of IPv4/IPv6 without a whole fixed IP
-/// header behind it.
-fn skb_test_run_refuses(frame: &[u8]) -> bool {
-    if frame.len() < ETH_HLEN {
-        return true;
-    }
-    let l3 = frame.len() - ETH_HLEN;
-    match u16::from_be_bytes([frame[12], frame[13]]) {
-        ethertype::IPV4 => l3 < IPV4_HLEN,
-        ethertype::IPV6 => l3 < IPV6_HLEN,
-        _ => false,
-    }
+/// Runs a frame as a TC skb standing for `gso_segs` segments of `gso_size` bytes.
+#[track_caller]
+fn run_gso(k: &Kernel, hook: Hook, frame: &[u8], gso_segs: u32, gso_size: u32) {
+    assert_ne!(hook, Hook::Xdp, "XDP frames have no GSO metadata");
+    let mut ctx = [0u8; skb_ctx::SIZE];
+    ctx[skb_ctx::GSO_SEGS..][..4].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[skb_ctx::GSO_SIZE..][..4].copy_from_slice(&gso_size.to_ne_bytes());
+    let out = k
+        .run_with(hook, frame, 1, Some(&ctx), true)
+        .expect("context out");
+    let field = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
+    // The kernel writes the skb back: proves the offsets above.
+    assert_eq!(field(skb_ctx::GSO_SEGS), gso_segs, "gso_segs read back");
+    assert_eq!(
+        field(skb_ctx::WIRE_LEN),
+        frame.len() as u32,
+        "wire_len read back"
+    );
+    assert_eq!(
+        field(skb_ctx::IFINDEX),
+        loopback_ifindex(),
+        "ifindex read back"
+    );
 }
 
-/// Whether a test_run of this frame at this hook must fail with EINVAL.
-fn test_run_refuses(hook: Hook, frame: &[u8]) -> bool {
-    match hook {
-        Hook::Xdp => frame.len() < ETH_HLEN,
-        Hook::TcIngress | Hook::TcEgress => skb_test_run_refuses(frame),
-    }
-}
-
-/// One copy of the kernel object with one program loaded.
-struct Kernel {
-    ebpf: Ebpf,
-    hook: Hook,
-    /// The program run: the hook's, or its kind for interfaces without a link-layer header.
-    program: &'static str,
-    /// CLOCK_MONOTONIC before the first and after the last run: every timestamp in the
-    /// flow map must fall inside.
-    window: Cell<Option<(u64, u64)>>,
-}
-
-impl Kernel {
-    fn load(hook: Hook) -> Self {
-        let ebpf = Ebpf::load(monitor::kernel::object())
-            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-        Self::with(ebpf, hook)
-    }
-
-    /// With a flow map of this many entries.
-    fn load_with_capacity(hook: Hook, flows: u32) -> Self {
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOW_MAP, flows)
-            .load(monitor::kernel::object())
-            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-        Self::with(ebpf, hook)
-    }
-
-    /// The TC hook's program for interfaces whose packets start at the IP header.
-    fn load_ip(hook: Hook) -> Self {
-        let ebpf = Ebpf::load(monitor::kernel::object())
-            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-        let name = match hook {
-            Hook::TcIngress => names::TC_INGRESS_IP,
-            Hook::TcEgress => names::TC_EGRESS_IP,
-            Hook::Xdp => panic!("XDP reads Ethernet frames only"),
-        };
-        Self::with_program(ebpf, hook, name)
-    }
-
-    fn with(ebpf: Ebpf, hook: Hook) -> Self {
-        Self::with_program(ebpf, hook, hook.program())
-    }
-
-    fn with_program(mut ebpf: Ebpf, hook: Hook, name: &'static str) -> Self {
-        let program = ebpf
-            .program_mut(name)
-            .unwrap_or_else(|| panic!("the object has no program {name}"));
-        let loaded = match hook {
-            Hook::Xdp => <&mut Xdp>::try_from(program)
-                .unwrap_or_else(|e| panic!("{name} is not XDP: {e}"))
-                .load(),
-            Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(program)
-                .unwrap_or_else(|e| panic!("{name} is not a classifier: {e}"))
-                .load(),
-        };
-        loaded.unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
-        Self {
-            ebpf,
-            hook,
-            program: name,
-            window: Cell::new(None),
-        }
-    }
-
-    fn test_run(&self, opts: TestRunOptions<'_>) -> Result<TestRunResult, ProgramError> {
-        let program = self.ebpf.program(self.program).expect("loaded above");
-        let start = monotonic_ns();
-        let result = match self.hook {
-            Hook::Xdp => <&Xdp>::try_from(program).expect("XDP").test_run(opts),
-            Hook::TcIngress | Hook::TcEgress => <&SchedClassifier>::try_from(program)
-                .expect("classifier")
-                .test_run(opts),
-        };
-        let end = monotonic_ns();
-        let window = match self.window.get() {
-            Some((first, _)) => (first, end),
-            None => (start, end),
-        };
-        self.window.set(Some(window));
-        result
-    }
-
-    /// Runs a frame once.
-    #[track_caller]
-    fn run(&self, frame: &[u8]) {
-        self.run_ctx(frame, 1, None);
-    }
-
-    /// Runs a frame `repeat` times in one test_run.
-    #[track_caller]
-    fn run_repeat(&self, frame: &[u8], repeat: u32) {
-        self.run_ctx(frame, repeat, None);
-    }
-
-    /// Runs a frame as a TC skb standing for `gso_segs` segments of `gso_size` bytes.
-    #[track_caller]
-    fn run_gso(&self, frame: &[u8], gso_segs: u32, gso_size: u32) {
-        assert_ne!(self.hook, Hook::Xdp, "XDP frames have no GSO metadata");
-        let mut ctx = [0u8; skb_ctx::SIZE];
-        ctx[skb_ctx::GSO_SEGS..][..4].copy_from_slice(&gso_segs.to_ne_bytes());
-        ctx[skb_ctx::GSO_SIZE..][..4].copy_from_slice(&gso_size.to_ne_bytes());
-        let out = self.run_ctx(frame, 1, Some(&ctx)).expect("context out");
-        let field = |at: usize| u32::from_ne_bytes(out[at..at + 4].try_into().unwrap());
-        // The kernel writes the skb back: proves the offsets above.
-        assert_eq!(field(skb_ctx::GSO_SEGS), gso_segs, "gso_segs read back");
-        assert_eq!(
-            field(skb_ctx::WIRE_LEN),
-            frame.len() as u32,
-            "wire_len read back"
-        );
-        assert_eq!(
-            field(skb_ctx::IFINDEX),
-            loopback_ifindex(),
-            "ifindex read back"
-        );
-    }
-
-    /// Runs a frame as a TC skb that came in on interface `ingress_ifindex` (0: sent by
-    /// this host).
-    #[track_caller]
-    fn run_from(&self, frame: &[u8], ingress_ifindex: u32) {
-        let mut ctx = [0u8; skb_ctx::SIZE];
-        ctx[skb_ctx::INGRESS_IFINDEX..][..4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        self.run_ctx(frame, 1, Some(&ctx));
-    }
-
-    /// Marks an interface as watched, as the agent does when it hooks its ingress.
-    fn watch(&mut self, ifindex: u32) {
-        self.mark(ifindex, watched::INGRESS_HOOKED);
-    }
-
-    /// Sets an interface's `watched` bits, as the agent does.
-    fn mark(&mut self, ifindex: u32, bits: u8) {
-        let map = self.ebpf.map_mut(names::WATCHED_MAP).expect("WATCHED map");
-        aya::maps::HashMap::<_, u32, u8>::try_from(map)
-            .expect("WATCHED is a hash map")
-            .insert(&ifindex, &bits, 0)
-            .expect("insert into WATCHED");
-    }
-
-    /// Runs a frame; asserts the verdict and that the frame came out unchanged. Returns
-    /// the context written back, if one was passed in.
-    #[track_caller]
-    fn run_ctx(&self, frame: &[u8], repeat: u32, ctx_in: Option<&[u8]>) -> Option<Vec<u8>> {
-        let mut data_out = vec![0u8; frame.len()];
-        let mut ctx_out = ctx_in.map(|c| vec![0u8; c.len()]);
-        let result = self
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut data_out),
-                ctx_in,
-                ctx_out: ctx_out.as_deref_mut(),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{:?}: test_run of a {}-byte frame failed: {e:?}; frame {frame:02x?}",
-                    self.hook,
-                    frame.len()
-                )
-            });
-        assert_eq!(
-            result.return_value,
-            self.hook.pass(),
-            "{:?} must pass every frame; frame {frame:02x?}",
-            self.hook
-        );
-        assert_eq!(
-            result.data_size_out as usize,
-            frame.len(),
-            "{:?} changed the frame's length",
-            self.hook
-        );
-        assert!(data_out == frame, "{:?} changed the frame", self.hook);
-        ctx_out
-    }
-
-    /// Asserts that test_run refuses the frame with EINVAL (the program never runs).
-    #[track_caller]
-    fn assert_refused(&self, frame: &[u8]) {
-        let mut out = vec![0u8; frame.len().max(ETH_HLEN)];
-        match self.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        }) {
-            Err(ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
-            other => panic!(
-                "{:?}: test_run of a {}-byte frame: expected EINVAL, got {other:?}; frame {frame:02x?}",
-                self.hook,
-                frame.len()
-            ),
-        }
-    }
-
-    /// The flow map, after checking what must hold of every entry.
-    fn flows(&self) -> BTreeMap<FlowKey, Flow> {
-        let map = self
-            .ebpf
-            .map(names::FLOW_MAP)
-            .unwrap_or_else(|| panic!("no map {}", names::FLOW_MAP));
-        let map = HashMap::<_, FlowKey, FlowValue>::try_from(map)
-            .unwrap_or_else(|e| panic!("{} as a hash: {e}", names::FLOW_MAP));
-        let lo = loopback_ifindex();
-        let window = self.window.get();
-        let mut flows = BTreeMap::new();
-        for entry in map.iter() {
-            let (key, v) = entry.unwrap_or_else(|e| panic!("reading the flow map: {e}"));
-            let k = K(&key);
-            assert_eq!(key._pad, [0; 2], "{k}: key padding");
-            assert!(key.family == 4 || key.family == 6, "{k}: family");
-            if key.family == 4 {
-                assert_eq!(key.addr_a[4..], [0; 12], "{k}: IPv4 address a");
-                assert_eq!(key.addr_b[4..], [0; 12], "{k}: IPv4 address b");
-            }
-            assert!(
-                (key.addr_a, key.port_a) <= (key.addr_b, key.port_b),
-                "{k}: endpoint a must be the smaller"
-            );
-            assert_eq!(v.ifindex, lo, "{k}: ifindex");
-            assert_eq!(v.epoch, 0, "{k}: epoch (no agent raised it)");
-            let mut flow = Flow {
-                dir: [NONE; 2],
-                first_ns: [0; 2],
-                last_ns: [0; 2],
-            };
-            for (i, d) in v.dir.iter().enumerate() {
-                assert!(d.syn_only <= 1, "{k}: syn_only {}", d.syn_only);
-                assert_eq!(d._pad, [0; 2], "{k}: direction {i}: padding");
-                assert!(
-                    [0, lo].contains(&d.source_checked_on),
-                    "{k}: direction {i}: source checked on {}",
-                    d.source_checked_on
-                );
-                flow.dir[i] = Counts {
-                    pkts: d.pkts,
-                    ip_bytes: d.ip_bytes,
-                    bytes: d.bytes,
-                    tcp_flags: d.tcp_flags,
-                    syn_only: d.syn_only,
-                };
-                if d.pkts == 0 {
-                    assert_eq!(
-                        (
-                            d.ip_bytes,
-                            d.bytes,
-                            d.first_ns,
-                            d.last_ns,
-                            d.tcp_flags,
-                            d.syn_only
-                        ),
-                        (0, 0, 0, 0, 0, 0),
-                        "{k}: direction {i} counted no packet"
-                    );
-                    continue;
-                }
-                assert!(
-                    0 < d.first_ns && d.first_ns <= d.last_ns,
-                    "{k}: direction {i}: first {} last {}",
-                    d.first_ns,
-                    d.last_ns
-                );
-                if let Some((start, end)) = window {
-                    assert!(
-                        start <= d.first_ns && d.last_ns <= end,
-                        "{k}: direction {i}: timestamps {}..{} outside the runs {start}..{end}",
-                        d.first_ns,
-                        d.last_ns
-                    );
-                }
-                flow.first_ns[i] = d.first_ns;
-                flow.last_ns[i] = d.last_ns;
-            }
-            assert!(
-                flow.dir.iter().any(|d| d.pkts != 0),
-                "{k}: an entry without packets"
-            );
-            flows.insert(key, flow);
-        }
-        flows
-    }
-
-    /// The flow map's counters only.
-    fn counts(&self) -> BTreeMap<FlowKey, [Counts; 2]> {
-        self.flows().into_iter().map(|(k, f)| (k, f.dir)).collect()
-    }
-
-    /// The STATS array, summed over the CPUs.
-    fn stats(&self) -> [u64; SLOTS] {
-        let map = self
-            .ebpf
-            .map(names::STATS_MAP)
-            .unwrap_or_else(|| panic!("no map {}", names::STATS_MAP));
-        let map = PerCpuArray::<_, u64>::try_from(map)
-            .unwrap_or_else(|e| panic!("{} as a per-CPU array: {e}", names::STATS_MAP));
-        assert_eq!(map.len(), stats::SLOTS, "STATS slots");
-        let mut sums = [0u64; SLOTS];
-        for (slot, sum) in sums.iter_mut().enumerate() {
-            let values = map
-                .get(&(slot as u32), 0)
-                .unwrap_or_else(|e| panic!("reading STATS[{slot}]: {e}"));
-            *sum = values.iter().sum();
-        }
-        sums
-    }
-
-    /// The flow map holds exactly these entries with these counters.
-    #[track_caller]
-    fn assert_flows(&self, expected: &[(FlowKey, [Counts; 2])]) {
-        let actual = self.counts();
-        let wanted: BTreeMap<FlowKey, [Counts; 2]> = expected.iter().copied().collect();
-        assert_eq!(wanted.len(), expected.len(), "a key is expected twice");
-        for (key, want) in &wanted {
-            match actual.get(key) {
-                None => panic!(
-                    "{:?}: no entry for {}; the map holds:\n{}",
-                    self.hook,
-                    K(key),
-                    describe(&actual)
-                ),
-                Some(got) => {
-                    for i in 0..2 {
-                        assert_eq!(
-                            got[i],
-                            want[i],
-                            "{:?}: {} direction {} (0 = a->b)",
-                            self.hook,
-                            K(key),
-                            i
-                        );
-                    }
-                }
-            }
-        }
-        let unexpected: BTreeMap<_, _> = actual
-            .into_iter()
-            .filter(|(k, _)| !wanted.contains_key(k))
-            .collect();
-        assert!(
-            unexpected.is_empty(),
-            "{:?}: unexpected entries:\n{}",
-            self.hook,
-            describe(&unexpected)
-        );
-    }
-
-    /// STATS holds exactly these counts, every other slot zero.
-    #[track_caller]
-    fn assert_stats(&self, expected: &[(u32, u64)]) {
-        let mut want = [0u64; SLOTS];
-        for &(slot, n) in expected {
-            want[slot as usize] += n;
-        }
-        assert_eq!(
-            self.stats(),
-            want,
-            "{:?}: {}",
-            self.hook,
-            stats_diff(&self.stats(), &want)
-        );
-    }
-}
-
-fn describe(flows: &BTreeMap<FlowKey, [Counts; 2]>) -> String {
-    flows
-        .iter()
-        .map(|(k, d)| format!("  {}: {:?} / {:?}\n", K(k), d[0], d[1]))
-        .collect()
-}
-
-fn slot_name(slot: usize) -> &'static str {
-    match stats::unparsed_reason(slot as u32) {
-        Some(reason) => reason,
-        None if slot == stats::DNS_EVENTS_LOST as usize => "dns_events_lost",
-        None => "flow_map_full",
-    }
-}
-
-fn stats_diff(got: &[u64; SLOTS], want: &[u64; SLOTS]) -> String {
-    let mut out = String::from("STATS differ:");
-    for slot in 0..SLOTS {
-        if got[slot] != want[slot] {
-            out += &format!(
-                " {}: got {} want {};",
-                slot_name(slot),
-                got[slot],
-                want[slot]
-            );
-        }
-    }
-    out
+/// Runs a frame as a TC skb that came in on interface `ingress_ifindex` (0: sent by
+/// this host).
+#[track_caller]
+fn run_from(k: &Kernel, hook: Hook, frame: &[u8], ingress_ifindex: u32) {
+    let mut ctx = [0u8; skb_ctx::SIZE];
+    ctx[skb_ctx::INGRESS_IFINDEX..][..4].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    k.run_with(hook, frame, 1, Some(&ctx), true);
 }
 
 /// Expected counts of one packet of a built frame: the builder's lengths.
@@ -634,13 +160,13 @@ fn ipv4_tcp() {
     assert_eq!((f.ip_len(), f.l4_payload_len()), (140, 100));
     let reply = f.clone().reversed().tcp(443, 40000, ACK).payload_len(1000);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&f.build(), 3);
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &f.build(), 3);
         k.assert_flows(&[(
             key4(A4, 40000, B4, 443, ipproto::TCP),
             [c(3, 420, 300, PSH | ACK, 0), NONE],
         )]);
-        k.run_repeat(&reply.build(), 2);
+        k.run_repeat(hook, &reply.build(), 2);
         k.assert_flows(&[(
             key4(A4, 40000, B4, 443, ipproto::TCP),
             [c(3, 420, 300, PSH | ACK, 0), c(2, 2080, 2000, ACK, 0)],
@@ -652,7 +178,7 @@ fn ipv4_tcp() {
 #[test]
 fn ipv4_options() {
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         let mut expected = Vec::new();
         for ihl in 6..=15u16 {
             let options = usize::from(ihl - 5) * 4;
@@ -662,7 +188,7 @@ fn ipv4_options() {
                 .tcp(1000 + ihl, 80, ACK)
                 .tcp_options(12)
                 .payload_len(10);
-            k.run(&f.build());
+            k.run(hook, &f.build());
             let ip = u64::from(ihl) * 4 + 32 + 10;
             expected.push((
                 key4(A4, 1000 + ihl, B4, 80, ipproto::TCP),
@@ -702,8 +228,8 @@ fn ipv6_extension_headers() {
     }
     let deepest = deepest.udp(53, 53).payload_len(20);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&chain.build(), 2);
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &chain.build(), 2);
         let mut expected = vec![(
             key6(A6, 5000, B6, 443, ipproto::TCP),
             [c(2, 336, 0, SYN, 1), NONE],
@@ -715,7 +241,7 @@ fn ipv6_extension_headers() {
                 .ipv6_ext(kind, len)
                 .udp(sport, 53)
                 .payload_len(30);
-            k.run(&f.build());
+            k.run(hook, &f.build());
             let ip = (IPV6_HLEN + len + UDP_HLEN + 30) as u64;
             expected.push((
                 key6(A6, sport, B6, 53, ipproto::UDP),
@@ -723,7 +249,7 @@ fn ipv6_extension_headers() {
             ));
         }
         // MAX_IPV6_EXT headers are walked; from B6, so it travels b -> a.
-        k.run(&deepest.build());
+        k.run(hook, &deepest.build());
         expected.push((
             key6(A6, 53, B6, 53, ipproto::UDP),
             [NONE, c(1, 40 + 64 + 8 + 20, 20, 0, 0)],
@@ -759,12 +285,12 @@ fn vlan_tags() {
         .ipv6(A6, B6)
         .tcp(9, 10, SYN | ACK);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run(&one_tag.build());
-        k.run_repeat(&qinq.build(), 2);
-        k.run(&double_q.build());
-        k.run_repeat(&three.build(), 5);
-        k.run(&v6_qinq.build());
+        let k = Kernel::load(&[hook]);
+        k.run(hook, &one_tag.build());
+        k.run_repeat(hook, &qinq.build(), 2);
+        k.run(hook, &double_q.build());
+        k.run_repeat(hook, &three.build(), 5);
+        k.run(hook, &v6_qinq.build());
         // The tags are not IP bytes: 20 + 8 + 40 each.
         k.assert_flows(&[
             (
@@ -798,12 +324,12 @@ fn icmp_echo_request_and_reply_share_one_entry() {
     // No counterpart: the code is the second "port".
     let unreachable = Frame::eth().ipv4(B4, A4).icmp(3, 3).payload_len(28);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&request.build(), 3);
-        k.run_repeat(&reply.build(), 2);
-        k.run(&request_down.build());
-        k.run(&reply_down.build());
-        k.run(&unreachable.build());
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &request.build(), 3);
+        k.run_repeat(hook, &reply.build(), 2);
+        k.run(hook, &request_down.build());
+        k.run(hook, &reply_down.build());
+        k.run(hook, &unreachable.build());
         k.assert_flows(&[
             (
                 key4(A4, 8, B4, 0, ipproto::ICMP),
@@ -834,10 +360,10 @@ fn icmpv6_echo() {
     let reply = Frame::eth().ipv6(A6, B6).icmpv6(129, 0).payload_len(56);
     let solicit = Frame::eth().ipv6(A6, B6).icmpv6(135, 0).payload_len(24);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run(&request.build());
-        k.run_repeat(&reply.build(), 4);
-        k.run(&solicit.build());
+        let k = Kernel::load(&[hook]);
+        k.run(hook, &request.build());
+        k.run_repeat(hook, &reply.build(), 4);
+        k.run(hook, &solicit.build());
         // The request comes from B6, the larger: b -> a; "ports" (129, 128) from a's side.
         k.assert_flows(&[
             (
@@ -877,14 +403,14 @@ fn syn_then_syn_ack() {
     let syn_ack6 = Frame::eth().ipv6(A6, B6).tcp(80, 50000, SYN | ACK);
     let rst6 = Frame::eth().ipv6(B6, A6).tcp(50000, 80, RST);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run(&syn.build());
-        k.run(&syn_ack.build());
-        k.run(&ack.build());
-        k.run(&fin.build());
-        k.run(&syn6.build());
-        k.run(&syn_ack6.build());
-        k.run(&rst6.build());
+        let k = Kernel::load(&[hook]);
+        k.run(hook, &syn.build());
+        k.run(hook, &syn_ack.build());
+        k.run(hook, &ack.build());
+        k.run(hook, &fin.build());
+        k.run(hook, &syn6.build());
+        k.run(hook, &syn_ack6.build());
+        k.run(hook, &rst6.build());
         k.assert_flows(&[
             (
                 key4(A4, 40000, B4, 22, ipproto::TCP),
@@ -915,10 +441,10 @@ fn udp() {
     let f6 = Frame::eth().ipv6(A6, B6).udp(4500, 4500).payload_len(1400);
     let empty = Frame::eth().ipv4(A4, C4).udp(7, 7);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&f4.build(), 10);
-        k.run_repeat(&f6.build(), 3);
-        k.run(&empty.build());
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &f4.build(), 10);
+        k.run_repeat(hook, &f6.build(), 3);
+        k.run(hook, &empty.build());
         k.assert_flows(&[
             (
                 key4(A4, 33333, C4, 53, ipproto::UDP),
@@ -947,9 +473,9 @@ fn other_protocols_have_no_ports() {
         .proto(50)
         .payload_len(80);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&gre.build(), 2);
-        k.run(&esp6.build());
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &gre.build(), 2);
+        k.run(hook, &esp6.build());
         k.assert_flows(&[
             (
                 key4(A4, 0, B4, 0, ipproto::GRE),
@@ -982,10 +508,10 @@ fn fragments() {
         .tcp(1, 2, SYN)
         .payload_len(800);
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run(&first.build());
-        k.run(&second.build());
-        k.run(&later6.build());
+        let k = Kernel::load(&[hook]);
+        k.run(hook, &first.build());
+        k.run(hook, &second.build());
+        k.run(hook, &later6.build());
         k.assert_flows(&[
             (
                 key4(A4, 5000, B4, 6000, ipproto::UDP),
@@ -1020,10 +546,10 @@ fn ethernet_padding_is_not_counted() {
         .eth_padding(200);
     assert_eq!((ack.build().len(), tiny.build().len()), (60, 60));
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&ack.build(), 2);
-        k.run(&tiny.build());
-        k.run(&trailer.build());
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &ack.build(), 2);
+        k.run(hook, &tiny.build());
+        k.run(hook, &trailer.build());
         k.assert_flows(&[
             (
                 key4(A4, 1, B4, 2, ipproto::TCP),
@@ -1216,7 +742,7 @@ fn malformed_frames() -> Vec<(String, Vec<u8>, u32)> {
 fn malformed_and_truncated_frames_are_counted_by_reason() {
     let cases = malformed_frames();
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         let mut want = [0u64; SLOTS];
         for (what, frame, reason) in &cases {
             // The host parser agrees on the reason.
@@ -1225,10 +751,10 @@ fn malformed_and_truncated_frames_are_counted_by_reason() {
                 Err(*reason),
                 "{what}: host parser"
             );
-            if test_run_refuses(hook, frame) {
-                k.assert_refused(frame);
+            if hook.refuses(frame) {
+                k.assert_refused(hook, frame);
             } else {
-                k.run(frame);
+                k.run(hook, frame);
                 want[*reason as usize] += 1;
             }
             let got = k.stats();
@@ -1254,16 +780,16 @@ fn frames_shorter_than_ethernet_never_reach_the_programs() {
         .udp(1, 2)
         .build();
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         for len in 0..ETH_HLEN {
             let frame = &full[..len];
             assert_eq!(parse_frame(frame), Err(stats::TRUNCATED_ETHERNET));
-            assert!(test_run_refuses(hook, frame));
-            k.assert_refused(frame);
+            assert!(hook.refuses(frame));
+            k.assert_refused(hook, frame);
         }
         k.assert_stats(&[]);
         // The shortest frame that runs: an Ethernet header announcing a VLAN tag.
-        k.run(&full[..ETH_HLEN]);
+        k.run(hook, &full[..ETH_HLEN]);
         k.assert_stats(&[(stats::TRUNCATED_VLAN, 1)]);
         k.assert_flows(&[]);
     }
@@ -1276,7 +802,7 @@ fn skb_test_run_refuses_untagged_short_ip_headers() {
     let v4 = Frame::eth().ipv4(A4, B4).udp(1, 2).build();
     let v6 = Frame::eth().ipv6(A6, B6).udp(1, 2).build();
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         let mut want = [0u64; SLOTS];
         for (full, fixed, reason) in [
             (&v4, IPV4_HLEN, stats::TRUNCATED_IPV4),
@@ -1285,16 +811,16 @@ fn skb_test_run_refuses_untagged_short_ip_headers() {
             for len in ETH_HLEN..ETH_HLEN + fixed {
                 let frame = &full[..len];
                 if hook == Hook::Xdp {
-                    assert!(!test_run_refuses(hook, frame));
-                    k.run(frame);
+                    assert!(!hook.refuses(frame));
+                    k.run(hook, frame);
                     want[reason as usize] += 1;
                 } else {
-                    assert!(test_run_refuses(hook, frame));
-                    k.assert_refused(frame);
+                    assert!(hook.refuses(frame));
+                    k.assert_refused(hook, frame);
                 }
             }
             // With the whole fixed header every hook runs it; the UDP header is missing.
-            k.run(&full[..ETH_HLEN + fixed]);
+            k.run(hook, &full[..ETH_HLEN + fixed]);
             want[stats::TRUNCATED_UDP as usize] += 1;
         }
         let got = k.stats();
@@ -1381,7 +907,7 @@ fn mixed_frames() -> Vec<(Vec<u8>, u32)> {
     ];
     frames.extend(malformed_frames().into_iter().map(|(_, f, _)| (f, 1)));
     // Only what every hook's test_run takes.
-    frames.retain(|(f, _)| !Hook::ALL.iter().any(|&h| test_run_refuses(h, f)));
+    frames.retain(|(f, _)| !Hook::ALL.iter().any(|&h| h.refuses(f)));
     frames
 }
 
@@ -1412,9 +938,9 @@ fn xdp_and_tc_count_single_frames_alike() {
     assert_eq!(model.len(), 6, "the mix has six connections");
     let mut snapshots = Vec::new();
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         for (frame, repeat) in &frames {
-            k.run_repeat(frame, *repeat);
+            k.run_repeat(hook, frame, *repeat);
         }
         let counts = k.counts();
         assert_eq!(
@@ -1471,13 +997,13 @@ fn tc_counts_gso_aggregates_per_segment() {
         .payload_len(2 * 1000)
         .ipv6_payload_len(0);
     for hook in Hook::TC {
-        let k = Kernel::load(hook);
-        k.run_gso(&tso4.build(), 4, 500);
-        k.run_gso(&gro6.build(), 3, 1008);
-        k.run_gso(&big6.build(), 2, 1000);
+        let k = Kernel::load(&[hook]);
+        run_gso(&k, hook, &tso4.build(), 4, 500);
+        run_gso(&k, hook, &gro6.build(), 3, 1008);
+        run_gso(&k, hook, &big6.build(), 2, 1000);
         // gso_segs 1 is a single packet: the header's length.
         let single = Frame::eth().ipv4(A4, B4).tcp(40000, 443, ACK).pad_to_min();
-        k.run_gso(&single.build(), 1, 0);
+        run_gso(&k, hook, &single.build(), 1, 0);
         k.assert_flows(&[
             (
                 // pkts 4, ip_bytes (L - l2) + 3 * hdr, bytes (L - l2) - hdr.
@@ -1513,18 +1039,20 @@ fn tc_egress_skips_packets_counted_at_a_watched_ingress() {
         .payload_len(100);
     let one = c(1, 20 + 20 + 100, 100, ACK, 0);
     let key = key4(A4, 40000, B4, 443, ipproto::TCP);
-    let mut k = Kernel::load(Hook::TcEgress);
+    let hook = Hook::TcEgress;
+    let mut k = Kernel::load(&[hook]);
     k.watch(WATCHED_IF);
-    k.run_from(&frame.build(), WATCHED_IF);
+    run_from(&k, hook, &frame.build(), WATCHED_IF);
     k.assert_flows(&[]);
-    k.run_from(&frame.build(), OTHER_IF);
-    k.run_from(&frame.build(), 0);
+    run_from(&k, hook, &frame.build(), OTHER_IF);
+    run_from(&k, hook, &frame.build(), 0);
     k.assert_flows(&[(key, [one.times(2), NONE])]);
     k.assert_stats(&[]);
 
     // TC ingress counts whatever arrives: the de-duplication is egress's alone.
-    let k = Kernel::load(Hook::TcIngress);
-    k.run_from(&frame.build(), WATCHED_IF);
+    let hook = Hook::TcIngress;
+    let k = Kernel::load(&[hook]);
+    run_from(&k, hook, &frame.build(), WATCHED_IF);
     k.assert_flows(&[(key, [one, NONE])]);
 }
 
@@ -1546,9 +1074,9 @@ fn header_without_length_counts_the_frame() {
         .ipv6_payload_len(0);
     // TC first: a failure at XDP then says the TC hooks were right.
     for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Xdp] {
-        let k = Kernel::load(hook);
-        k.run(&v4.build());
-        k.run(&v6.build());
+        let k = Kernel::load(&[hook]);
+        k.run(hook, &v4.build());
+        k.run(hook, &v6.build());
         k.assert_flows(&[
             (
                 key4(A4, 1, B4, 2, ipproto::TCP),
@@ -1583,9 +1111,9 @@ fn ip_length_beyond_the_frame_counts_what_the_frame_holds() {
         .ipv6_payload_len(65535)
         .build();
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&v4, N);
-        k.run(&v6);
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &v4, N);
+        k.run(hook, &v6);
         k.assert_flows(&[
             (
                 key4(A4, 40000, B4, 443, ipproto::TCP),
@@ -1599,13 +1127,13 @@ fn ip_length_beyond_the_frame_counts_what_the_frame_holds() {
         k.assert_stats(&[(stats::IP_LEN_EXCEEDS_FRAME, u64::from(N) + 1)]);
     }
     for hook in Hook::TC {
-        let k = Kernel::load(hook);
+        let k = Kernel::load(&[hook]);
         let tso = Frame::eth()
             .ipv4(A4, B4)
             .tcp(40000, 443, ACK)
             .payload_len(2 * 500)
             .ipv4_total_len(65535);
-        k.run_gso(&tso.build(), 2, 500);
+        run_gso(&k, hook, &tso.build(), 2, 500);
         k.assert_flows(&[(
             key4(A4, 40000, B4, 443, ipproto::TCP),
             [c(2, 2 * 40 + 1000, 1000, ACK, 0), NONE],
@@ -1652,16 +1180,16 @@ fn tc_parses_from_the_ip_header_on_devices_without_l2() {
         .payload_len(3 * 500);
     for hook in Hook::TC {
         let k = Kernel::load_ip(hook);
-        k.run_repeat(&l3(&tcp4), 3);
-        k.run(&l3(&udp6));
-        k.run_repeat(&l3(&not_ip), 2);
-        k.run(&l3(&lying));
-        k.run_gso(&l3(&tso), 3, 500);
+        k.run_repeat(hook, &l3(&tcp4), 3);
+        k.run(hook, &l3(&udp6));
+        k.run_repeat(hook, &l3(&not_ip), 2);
+        k.run(hook, &l3(&lying));
+        run_gso(&k, hook, &l3(&tso), 3, 500);
         k.assert_flows(&[
             (
                 key4(V4_SRC, 40000, C4, 443, ipproto::TCP),
                 [
-                    c(3, 3 * 144, 300, SYN, 1).add(c(3, 3 * 40 + 1500, 1500, ACK, 0)),
+                    c(3, 3 * 144, 300, SYN, 1).plus(c(3, 3 * 40 + 1500, 1500, ACK, 0)),
                     NONE,
                 ],
             ),
@@ -1682,13 +1210,13 @@ fn tc_parses_from_the_ip_header_on_devices_without_l2() {
 fn full_flow_map_refuses_new_connections() {
     let flow = |sport: u16| Frame::eth().ipv4(A4, B4).udp(sport, 53).payload_len(10);
     for hook in Hook::ALL {
-        let k = Kernel::load_with_capacity(hook, 2);
-        k.run(&flow(1).build());
-        k.run(&flow(2).build());
-        k.run_repeat(&flow(3).build(), 3);
-        k.run(&flow(4).build());
+        let k = Kernel::load_with_capacity(&[hook], 2);
+        k.run(hook, &flow(1).build());
+        k.run(hook, &flow(2).build());
+        k.run_repeat(hook, &flow(3).build(), 3);
+        k.run(hook, &flow(4).build());
         // Known connections still count, both ways.
-        k.run(&flow(1).reversed().build());
+        k.run(hook, &flow(1).reversed().build());
         k.assert_flows(&[
             (
                 key4(A4, 1, B4, 53, ipproto::UDP),
@@ -1717,8 +1245,8 @@ fn expected_counts_match_the_builder() {
     let expected = one(&f, SYN);
     assert_eq!(expected, c(1, 24 + 28 + 33, 33, SYN, 1));
     for hook in Hook::ALL {
-        let k = Kernel::load(hook);
-        k.run_repeat(&f.build(), 7);
+        let k = Kernel::load(&[hook]);
+        k.run_repeat(hook, &f.build(), 7);
         k.assert_flows(&[(key4(A4, 1, B4, 2, ipproto::TCP), [expected.times(7), NONE])]);
         k.assert_stats(&[]);
     }
@@ -1749,8 +1277,9 @@ fn poll(table: &mut ConnTable, poller: &mut Poller) -> Vec<FlowKey> {
 /// the programs have timed it, it is a connection like any other.
 #[test]
 fn half_written_entries_wait_for_their_first_time() {
-    let mut k = Kernel::load(Hook::TcEgress);
-    let flows = k.ebpf.take_map(names::FLOW_MAP).expect("the flow map");
+    let hook = Hook::TcEgress;
+    let mut k = Kernel::load(&[hook]);
+    let flows = k.ebpf().take_map(names::FLOW_MAP).expect("the flow map");
     let writer = {
         let Map::HashMap(data) = &flows else {
             panic!("the flow map is a hash map")
@@ -1764,7 +1293,7 @@ fn half_written_entries_wait_for_their_first_time() {
         HashMap::<_, FlowKey, FlowValue>::try_from(Map::HashMap(data)).expect("a hash map")
     };
     let mut writer = writer;
-    let stats = k.ebpf.take_map(names::STATS_MAP).expect("the stats map");
+    let stats = k.ebpf().take_map(names::STATS_MAP).expect("the stats map");
     let mut poller = Poller::new(flows, stats);
     let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
 
@@ -1818,7 +1347,7 @@ fn half_written_entries_wait_for_their_first_time() {
 
     let before = monitor::clock::monotonic_ns();
     for frame in &frames {
-        k.run(frame);
+        k.run(hook, frame);
     }
     let after = monitor::clock::monotonic_ns();
     let finished = poll(&mut table, &mut poller);

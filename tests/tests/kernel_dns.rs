@@ -6,53 +6,27 @@
 
 use std::net::Ipv6Addr;
 
-use aya::{
-    Ebpf,
-    maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
 use monitor_common::{
     dns::{
         DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE_MAX, DNS_RING_BYTES, DnsEvent,
         DnsEventHeader, flags,
     },
-    flow::{FlowKey, FlowValue},
-    names, stats,
+    stats,
 };
 use tests::bpf::loopback_ifindex;
+use tests::kernel_harness::{Hook, Kernel};
 use tests::packet::{Frame, UDP_HLEN, ipproto, tcp_flags};
-
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
 
 const CLIENT4: [u8; 4] = [198, 18, 0, 10];
 const RESOLVER4: [u8; 4] = [192, 0, 2, 53];
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 10);
 const RESOLVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 53);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-    TcEgress,
-}
-
-impl Hook {
-    const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
-
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Xdp => names::XDP_INGRESS,
-            Hook::TcIngress => names::TC_INGRESS,
-            Hook::TcEgress => names::TC_EGRESS,
-        }
-    }
-
-    fn direction(self) -> u8 {
-        match self {
-            Hook::Xdp | Hook::TcIngress => DIRECTION_INGRESS,
-            Hook::TcEgress => DIRECTION_EGRESS,
-        }
+/// The direction a hook's events are marked with.
+fn direction(hook: Hook) -> u8 {
+    match hook {
+        Hook::Xdp | Hook::TcIngress => DIRECTION_INGRESS,
+        Hook::TcEgress => DIRECTION_EGRESS,
     }
 }
 
@@ -74,103 +48,9 @@ fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 256) as u8).collect()
 }
 
-struct Kernel {
-    ebpf: Ebpf,
-    hook: Hook,
-}
-
-impl Kernel {
-    fn load(hook: Hook) -> Self {
-        let mut ebpf = Ebpf::load(monitor::kernel::object())
-            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-        let name = hook.program();
-        let program = ebpf.program_mut(name).expect("program");
-        match hook {
-            Hook::Xdp => <&mut Xdp>::try_from(program).expect("XDP").load(),
-            Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(program)
-                .expect("classifier")
-                .load(),
-        }
-        .unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
-        Self { ebpf, hook }
-    }
-
-    /// Runs a frame `repeat` times; asserts the verdict and that the frame is unchanged.
-    #[track_caller]
-    fn run_repeat(&self, frame: &[u8], repeat: u32) {
-        let program = self.ebpf.program(self.hook.program()).expect("loaded");
-        let mut out = vec![0u8; frame.len()];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        let (result, pass) = match self.hook {
-            Hook::Xdp => (
-                <&Xdp>::try_from(program).expect("XDP").test_run(opts),
-                XDP_PASS,
-            ),
-            Hook::TcIngress | Hook::TcEgress => (
-                <&SchedClassifier>::try_from(program)
-                    .expect("classifier")
-                    .test_run(opts),
-                TC_ACT_OK,
-            ),
-        };
-        let result = result.unwrap_or_else(|e| panic!("{:?}: test_run: {e:?}", self.hook));
-        assert_eq!(
-            result.return_value, pass,
-            "{:?} must pass the frame",
-            self.hook
-        );
-        assert!(out == frame, "{:?} changed the frame", self.hook);
-    }
-
-    #[track_caller]
-    fn run(&self, frame: &[u8]) {
-        self.run_repeat(frame, 1);
-    }
-
-    /// Everything in the ring buffer, taken out: each event's header and copied bytes.
-    fn events(&mut self) -> Vec<(DnsEventHeader, Vec<u8>)> {
-        let map = self
-            .ebpf
-            .map_mut(names::DNS_EVENTS_MAP)
-            .expect("DNS_EVENTS");
-        let mut ring = RingBuf::try_from(map).expect("DNS_EVENTS is a ring buffer");
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            assert_eq!(item.len(), size_of::<DnsEvent>(), "event size");
-            // SAFETY: the kernel wrote a DnsEvent; read_unaligned copes with any alignment.
-            let header: DnsEventHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let data = &item[size_of::<DnsEventHeader>()..];
-            events.push((header, data[..header.captured_len as usize].to_vec()));
-        }
-        events
-    }
-
-    fn stat(&self, slot: u32) -> u64 {
-        let map = self.ebpf.map(names::STATS_MAP).expect("STATS");
-        PerCpuArray::<_, u64>::try_from(map)
-            .expect("per-CPU array")
-            .get(&slot, 0)
-            .expect("STATS slot")
-            .iter()
-            .sum()
-    }
-
-    /// Packets counted in the flow map, both directions, all flows.
-    fn flow_packets(&self) -> u64 {
-        let map = self.ebpf.map(names::FLOW_MAP).expect("FLOWS");
-        let map = HashMap::<_, FlowKey, FlowValue>::try_from(map).expect("hash map");
-        map.iter()
-            .map(|entry| {
-                let (_, value) = entry.expect("flow entry");
-                value.dir.iter().map(|d| d.pkts).sum::<u64>()
-            })
-            .sum()
-    }
+/// Packets counted in the flow map, both directions, all flows.
+fn flow_packets(k: &Kernel) -> u64 {
+    k.counts().values().flatten().map(|d| d.pkts).sum()
 }
 
 fn v4(a: [u8; 4]) -> [u8; 16] {
@@ -184,7 +64,7 @@ fn udp_queries_and_responses_both_families_every_hook() {
     let msg = query(0x1234, "files.example.test");
     let response = pattern(300);
     for hook in Hook::ALL {
-        let mut k = Kernel::load(hook);
+        let mut k = Kernel::load(&[hook]);
         let frames = [
             (
                 Frame::eth()
@@ -220,9 +100,9 @@ fn udp_queries_and_responses_both_families_every_hook() {
             ),
         ];
         for (frame, _, _) in &frames {
-            k.run(&frame.build());
+            k.run(hook, &frame.build());
         }
-        let events = k.events();
+        let events = k.dns_events();
         assert_eq!(
             events.len(),
             frames.len(),
@@ -240,7 +120,7 @@ fn udp_queries_and_responses_both_families_every_hook() {
                 ifindex: loopback_ifindex(),
                 family: *family,
                 proto: ipproto::UDP,
-                direction: hook.direction(),
+                direction: direction(hook),
                 flags: 0,
                 msg_len: bytes.len() as u16,
                 captured_len: bytes.len() as u16,
@@ -249,8 +129,12 @@ fn udp_queries_and_responses_both_families_every_hook() {
             assert_ne!(header.ts_ns, 0, "{hook:?}: timestamp");
             assert_eq!(data, *bytes, "{hook:?}: message bytes");
         }
-        assert_eq!(k.flow_packets(), 4, "{hook:?}: DNS packets still counted");
-        assert_eq!(k.stat(stats::DNS_EVENTS_LOST), 0, "{hook:?}: nothing lost");
+        assert_eq!(flow_packets(&k), 4, "{hook:?}: DNS packets still counted");
+        assert_eq!(
+            k.stats()[stats::DNS_EVENTS_LOST as usize],
+            0,
+            "{hook:?}: nothing lost"
+        );
     }
 }
 
@@ -263,9 +147,10 @@ fn tcp_messages_skip_the_length_prefix() {
     let mut partial = 600u16.to_be_bytes().to_vec();
     partial.extend_from_slice(&msg);
     for hook in Hook::ALL {
-        let mut k = Kernel::load(hook);
+        let mut k = Kernel::load(&[hook]);
         let psh = tcp_flags::PSH | tcp_flags::ACK;
         k.run(
+            hook,
             &Frame::eth()
                 .ipv4(CLIENT4, RESOLVER4)
                 .tcp(40000, 53, psh)
@@ -273,6 +158,7 @@ fn tcp_messages_skip_the_length_prefix() {
                 .build(),
         );
         k.run(
+            hook,
             &Frame::eth()
                 .ipv6(RESOLVER6, CLIENT6)
                 .tcp(53, 40000, psh)
@@ -286,13 +172,14 @@ fn tcp_messages_skip_the_length_prefix() {
             tcp_flags::FIN | tcp_flags::ACK,
         ] {
             k.run(
+                hook,
                 &Frame::eth()
                     .ipv4(CLIENT4, RESOLVER4)
                     .tcp(40000, 53, flags)
                     .build(),
             );
         }
-        let events = k.events();
+        let events = k.dns_events();
         assert_eq!(events.len(), 2, "{hook:?}: {events:?}");
         let (h, data) = &events[0];
         assert_eq!(
@@ -308,7 +195,7 @@ fn tcp_messages_skip_the_length_prefix() {
             "{hook:?}"
         );
         assert_eq!(*data, msg, "{hook:?}");
-        assert_eq!(k.flow_packets(), 5, "{hook:?}");
+        assert_eq!(flow_packets(&k), 5, "{hook:?}");
     }
 }
 
@@ -316,8 +203,9 @@ fn tcp_messages_skip_the_length_prefix() {
 fn long_messages_are_cut_and_fragments_flagged() {
     let long = pattern(2000);
     for hook in Hook::ALL {
-        let mut k = Kernel::load(hook);
+        let mut k = Kernel::load(&[hook]);
         k.run(
+            hook,
             &Frame::eth()
                 .ipv4(RESOLVER4, CLIENT4)
                 .udp(53, 40000)
@@ -333,9 +221,10 @@ fn long_messages_are_cut_and_fragments_flagged() {
         let mut bytes = first.build();
         let udp_len = first.layout().l4_off + 4;
         bytes[udp_len..udp_len + 2].copy_from_slice(&(3000 + UDP_HLEN as u16).to_be_bytes());
-        k.run(&bytes);
+        k.run(hook, &bytes);
         // A later fragment has no UDP header: nothing to see.
         k.run(
+            hook,
             &Frame::eth()
                 .ipv4(RESOLVER4, CLIENT4)
                 .ipv4_fragment(128, false)
@@ -343,7 +232,7 @@ fn long_messages_are_cut_and_fragments_flagged() {
                 .payload(&long[..500])
                 .build(),
         );
-        let events = k.events();
+        let events = k.dns_events();
         assert_eq!(events.len(), 2, "{hook:?}");
         let (h, data) = &events[0];
         assert_eq!(
@@ -366,7 +255,7 @@ fn long_messages_are_cut_and_fragments_flagged() {
 fn other_ports_and_protocols_produce_no_event() {
     let msg = query(1, "example.test");
     for hook in Hook::ALL {
-        let mut k = Kernel::load(hook);
+        let mut k = Kernel::load(&[hook]);
         let frames = [
             Frame::eth()
                 .ipv4(CLIENT4, RESOLVER4)
@@ -397,11 +286,11 @@ fn other_ports_and_protocols_produce_no_event() {
             Frame::eth().ipv4(CLIENT4, RESOLVER4).udp(40000, 53),
         ];
         for f in &frames {
-            k.run(&f.build());
+            k.run(hook, &f.build());
         }
-        assert_eq!(k.events(), vec![], "{hook:?}");
-        assert_eq!(k.flow_packets(), frames.len() as u64, "{hook:?}");
-        assert_eq!(k.stat(stats::DNS_EVENTS_LOST), 0, "{hook:?}");
+        assert_eq!(k.dns_events(), vec![], "{hook:?}");
+        assert_eq!(flow_packets(&k), frames.len() as u64, "{hook:?}");
+        assert_eq!(k.stats()[stats::DNS_EVENTS_LOST as usize], 0, "{hook:?}");
     }
 }
 
@@ -410,28 +299,28 @@ fn a_full_ring_buffer_counts_every_lost_message() {
     let fits = DNS_RING_BYTES as usize / size_of::<DnsEvent>();
     let sent = 2 * fits as u32;
     for hook in Hook::ALL {
-        let mut k = Kernel::load(hook);
+        let mut k = Kernel::load(&[hook]);
         let frame = Frame::eth()
             .ipv4(RESOLVER4, CLIENT4)
             .udp(53, 40000)
             .payload(&pattern(200))
             .build();
-        k.run_repeat(&frame, sent);
-        let got = k.events().len() as u64;
-        let lost = k.stat(stats::DNS_EVENTS_LOST);
+        k.run_repeat(hook, &frame, sent);
+        let got = k.dns_events().len() as u64;
+        let lost = k.stats()[stats::DNS_EVENTS_LOST as usize];
         assert!(
             got > 0 && lost > 0,
             "{hook:?}: {got} events, {lost} lost of {sent}"
         );
         assert_eq!(got + lost, sent as u64, "{hook:?}: none silently lost");
         assert_eq!(
-            k.flow_packets(),
+            flow_packets(&k),
             sent as u64,
             "{hook:?}: every packet counted"
         );
         // Room again once the agent has read: the next message gets through.
-        k.run(&frame);
-        assert_eq!(k.events().len(), 1, "{hook:?}");
-        assert_eq!(k.stat(stats::DNS_EVENTS_LOST), lost, "{hook:?}");
+        k.run(hook, &frame);
+        assert_eq!(k.dns_events().len(), 1, "{hook:?}");
+        assert_eq!(k.stats()[stats::DNS_EVENTS_LOST as usize], lost, "{hook:?}");
     }
 }

@@ -46,21 +46,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
-};
-use monitor_common::{
-    flow::{FlowKey, FlowValue},
-    names, stats,
-};
-use tests::bpf::{K, loopback_ifindex};
+use monitor_common::{flow::FlowKey, stats};
+use tests::bpf::K;
+use tests::kernel_harness::{Counts, Hook, Kernel, SLOTS, hex, slot_name, stats_diff};
 use tests::packet::{ETH_HLEN, Frame, IPV4_HLEN, IPV6_HLEN, Layout, ethertype, ipproto};
-
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const SLOTS: usize = stats::SLOTS as usize;
 
 /// Packet executions of a default run.
 const DEFAULT_PACKETS: u64 = 1_000_000;
@@ -167,27 +156,6 @@ fn seed_from_env() -> u64 {
 
 // ---------------------------------------------------------------------------------------
 // The oracle: the parser's rules, restated independently.
-
-/// What one execution of a frame adds to one direction of a flow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Counts {
-    pkts: u64,
-    ip_bytes: u64,
-    bytes: u64,
-    tcp_flags: u8,
-    syn_only: u8,
-}
-
-impl Counts {
-    /// Adds `n` executions of `one`.
-    fn add(&mut self, one: &Counts, n: u64) {
-        self.pkts += one.pkts * n;
-        self.ip_bytes += one.ip_bytes * n;
-        self.bytes += one.bytes * n;
-        self.tcp_flags |= one.tcp_flags;
-        self.syn_only |= one.syn_only;
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
@@ -1006,312 +974,34 @@ fn draw(r: &mut Rng, out: &mut Vec<Case>) {
 // ---------------------------------------------------------------------------------------
 // The kernel side.
 
-/// The hook a program runs at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-    TcEgress,
-}
-
-impl Hook {
-    const ALL: [Hook; 3] = [Hook::Xdp, Hook::TcIngress, Hook::TcEgress];
-
-    fn program(self) -> &'static str {
-        match self {
-            Hook::Xdp => names::XDP_INGRESS,
-            Hook::TcIngress => names::TC_INGRESS,
-            Hook::TcEgress => names::TC_EGRESS,
-        }
-    }
-
-    fn pass(self) -> u32 {
-        match self {
-            Hook::Xdp => XDP_PASS,
-            Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
-        }
-    }
-
-    fn bit(self) -> u8 {
-        1 << self as u8
-    }
-
-    /// Whether test_run refuses this frame at this hook (EINVAL; see kernel.rs): shorter
-    /// than an Ethernet header, or, for skb runs, an outer EtherType of IPv4/IPv6 without
-    /// a whole fixed IP header behind it.
-    fn refuses(self, frame: &[u8]) -> bool {
-        if frame.len() < ETH_HLEN {
-            return true;
-        }
-        if self == Hook::Xdp {
-            return false;
-        }
-        let l3 = frame.len() - ETH_HLEN;
-        match u16::from_be_bytes([frame[12], frame[13]]) {
-            ethertype::IPV4 => l3 < IPV4_HLEN,
-            ethertype::IPV6 => l3 < IPV6_HLEN,
-            _ => false,
-        }
-    }
+/// The bit of a hook in a mask of hooks.
+fn bit(hook: Hook) -> u8 {
+    1 << hook as u8
 }
 
 fn hooks_of(mask: u8) -> impl Iterator<Item = Hook> {
-    Hook::ALL.into_iter().filter(move |h| mask & h.bit() != 0)
+    Hook::ALL.into_iter().filter(move |&h| mask & bit(h) != 0)
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter()
-        .fold(String::with_capacity(2 * b.len()), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+/// One copy of the object with all three programs loaded: they share its maps.
+fn load(seed: u64) -> Kernel {
+    Kernel::load_with_capacity(&Hook::ALL, FLOW_CAPACITY).labelled(format!("seed {seed:#x}"))
 }
 
-/// One copy of the kernel object with all three programs loaded: they share its maps.
-struct Kernel {
-    ebpf: Ebpf,
-    lo: u32,
-    seed: u64,
-}
-
-impl Kernel {
-    fn load(seed: u64) -> Self {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOW_MAP, FLOW_CAPACITY)
-            .load(monitor::kernel::object())
-            .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-        for hook in Hook::ALL {
-            let name = hook.program();
-            let program = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("the object has no program {name}"));
-            let loaded = match hook {
-                Hook::Xdp => <&mut Xdp>::try_from(program)
-                    .unwrap_or_else(|e| panic!("{name} is not XDP: {e}"))
-                    .load(),
-                Hook::TcIngress | Hook::TcEgress => <&mut SchedClassifier>::try_from(program)
-                    .unwrap_or_else(|e| panic!("{name} is not a classifier: {e}"))
-                    .load(),
-            };
-            loaded.unwrap_or_else(|e| panic!("loading {name}: {e:?}"));
-        }
-        Self {
-            ebpf,
-            lo: loopback_ifindex(),
-            seed,
-        }
+/// Everything in the maps, for a message.
+fn dump(k: &Kernel) -> String {
+    let mut s = String::new();
+    for (key, dir) in k.counts() {
+        let _ = write!(s, "\n      {}: {:?} / {:?}", K(&key), dir[0], dir[1]);
     }
-
-    fn test_run(
-        &self,
-        hook: Hook,
-        frame: &[u8],
-        repeat: u32,
-        data_out: Option<&mut [u8]>,
-    ) -> Result<TestRunResult, ProgramError> {
-        let program = self.ebpf.program(hook.program()).expect("loaded");
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out,
-            repeat,
-            ..TestRunOptions::default()
-        };
-        match hook {
-            Hook::Xdp => <&Xdp>::try_from(program).expect("XDP").test_run(opts),
-            Hook::TcIngress | Hook::TcEgress => <&SchedClassifier>::try_from(program)
-                .expect("classifier")
-                .test_run(opts),
-        }
+    let st = k.stats();
+    for (slot, n) in st.iter().enumerate().filter(|(_, n)| **n != 0) {
+        let _ = write!(s, "\n      STATS {}: {n}", slot_name(slot));
     }
-
-    /// Runs a frame `repeat` times; asserts the pass verdict and the frame's length out,
-    /// and with `check_data` its bytes.
-    fn run(&self, hook: Hook, frame: &[u8], repeat: u32, check_data: bool) {
-        let mut out = if check_data {
-            vec![0u8; frame.len()]
-        } else {
-            Vec::new()
-        };
-        let result = self
-            .test_run(hook, frame, repeat, check_data.then_some(&mut out[..]))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "seed {:#x}: {hook:?}: test_run of a {}-byte frame failed: {e:?}; frame {}",
-                    self.seed,
-                    frame.len(),
-                    hex(frame)
-                )
-            });
-        assert_eq!(
-            result.return_value,
-            hook.pass(),
-            "seed {:#x}: {hook:?} must pass every frame (repeat {repeat}); frame {}",
-            self.seed,
-            hex(frame)
-        );
-        assert_eq!(
-            result.data_size_out as usize,
-            frame.len(),
-            "seed {:#x}: {hook:?} changed the frame's length; frame {}",
-            self.seed,
-            hex(frame)
-        );
-        assert!(
-            !check_data || out == frame,
-            "seed {:#x}: {hook:?} changed the frame: in {} out {}",
-            self.seed,
-            hex(frame),
-            hex(&out)
-        );
+    if s.is_empty() {
+        s.push_str(" (nothing)");
     }
-
-    /// Asserts that test_run refuses the frame at this hook with EINVAL.
-    fn assert_refused(&self, hook: Hook, frame: &[u8]) {
-        match self.test_run(hook, frame, 1, None) {
-            Err(ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EINVAL) => {}
-            other => panic!(
-                "seed {:#x}: {hook:?}: test_run of a {}-byte frame: expected EINVAL, got {other:?}; frame {}",
-                self.seed,
-                frame.len(),
-                hex(frame)
-            ),
-        }
-    }
-
-    fn flow_map(&self) -> HashMap<&aya::maps::MapData, FlowKey, FlowValue> {
-        let map = self.ebpf.map(names::FLOW_MAP).expect("FLOWS map");
-        HashMap::try_from(map).unwrap_or_else(|e| panic!("FLOWS as a hash: {e}"))
-    }
-
-    /// The flow map, after checking what must hold of every entry.
-    fn flows(&self) -> BTreeMap<FlowKey, [Counts; 2]> {
-        let mut flows = BTreeMap::new();
-        for entry in self.flow_map().iter() {
-            let (key, value) = entry.unwrap_or_else(|e| panic!("reading FLOWS: {e}"));
-            flows.insert(key, self.counts(&key, &value));
-        }
-        flows
-    }
-
-    fn counts(&self, key: &FlowKey, v: &FlowValue) -> [Counts; 2] {
-        let k = K(key);
-        assert_eq!(v.ifindex, self.lo, "seed {:#x}: {k}: ifindex", self.seed);
-        let mut counts = [Counts::default(); 2];
-        for (i, d) in v.dir.iter().enumerate() {
-            if d.pkts == 0 {
-                assert_eq!(
-                    (
-                        d.ip_bytes,
-                        d.bytes,
-                        d.first_ns,
-                        d.last_ns,
-                        d.tcp_flags,
-                        d.syn_only
-                    ),
-                    (0, 0, 0, 0, 0, 0),
-                    "seed {:#x}: {k}: direction {i} counted no packet",
-                    self.seed
-                );
-                continue;
-            }
-            assert!(
-                0 < d.first_ns && d.first_ns <= d.last_ns && d.syn_only <= 1 && d._pad == [0; 2],
-                "seed {:#x}: {k}: direction {i}: {d:?}",
-                self.seed
-            );
-            counts[i] = Counts {
-                pkts: d.pkts,
-                ip_bytes: d.ip_bytes,
-                bytes: d.bytes,
-                tcp_flags: d.tcp_flags,
-                syn_only: d.syn_only,
-            };
-        }
-        counts
-    }
-
-    /// One entry; zero when absent.
-    fn flow(&self, key: &FlowKey) -> [Counts; 2] {
-        match self.flow_map().get(key, 0) {
-            Ok(value) => self.counts(key, &value),
-            Err(MapError::KeyNotFound) => [Counts::default(); 2],
-            Err(e) => panic!("reading FLOWS[{}]: {e}", K(key)),
-        }
-    }
-
-    fn remove(&mut self, key: &FlowKey) {
-        let map = self.ebpf.map_mut(names::FLOW_MAP).expect("FLOWS map");
-        let mut map = HashMap::<_, FlowKey, FlowValue>::try_from(map)
-            .unwrap_or_else(|e| panic!("FLOWS as a hash: {e}"));
-        match map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => panic!("removing FLOWS[{}]: {e:?}", K(key)),
-        }
-    }
-
-    /// Empties the DNS ring buffer, as the agent does.
-    fn drain_dns(&mut self) {
-        let map = self
-            .ebpf
-            .map_mut(names::DNS_EVENTS_MAP)
-            .expect("DNS_EVENTS map");
-        let mut ring = RingBuf::try_from(map).expect("DNS_EVENTS is a ring buffer");
-        while ring.next().is_some() {}
-    }
-
-    /// STATS, summed over the CPUs.
-    fn stats(&self) -> [u64; SLOTS] {
-        let map = self.ebpf.map(names::STATS_MAP).expect("STATS map");
-        let map = PerCpuArray::<_, u64>::try_from(map)
-            .unwrap_or_else(|e| panic!("STATS as a per-CPU array: {e}"));
-        assert_eq!(map.len(), stats::SLOTS, "STATS slots");
-        std::array::from_fn(|slot| {
-            map.get(&(slot as u32), 0)
-                .unwrap_or_else(|e| panic!("reading STATS[{slot}]: {e}"))
-                .iter()
-                .sum()
-        })
-    }
-
-    /// Everything in the maps, for a message.
-    fn dump(&self) -> String {
-        let mut s = String::new();
-        for (key, dir) in self.flows() {
-            let _ = write!(s, "\n      {}: {:?} / {:?}", K(&key), dir[0], dir[1]);
-        }
-        let st = self.stats();
-        for (slot, n) in st.iter().enumerate().filter(|(_, n)| **n != 0) {
-            let _ = write!(s, "\n      STATS {}: {n}", slot_name(slot));
-        }
-        if s.is_empty() {
-            s.push_str(" (nothing)");
-        }
-        s
-    }
-}
-
-fn slot_name(slot: usize) -> &'static str {
-    match stats::unparsed_reason(slot as u32) {
-        Some(reason) => reason,
-        None if slot == stats::DNS_EVENTS_LOST as usize => "dns_events_lost",
-        None => "flow_map_full",
-    }
-}
-
-fn stats_diff(got: &[u64; SLOTS], want: &[u64; SLOTS]) -> String {
-    let mut out = String::new();
-    for slot in (0..SLOTS).filter(|&s| got[s] != want[s]) {
-        let _ = write!(
-            out,
-            " {}: kernel {} oracle {};",
-            slot_name(slot),
-            got[slot],
-            want[slot]
-        );
-    }
-    out
+    s
 }
 
 fn flows_diff(
@@ -1393,7 +1083,7 @@ struct Fuzz {
 
 impl Fuzz {
     fn new(seed: u64) -> Self {
-        let kernel = Kernel::load(seed);
+        let kernel = load(seed);
         let base_stats = kernel.stats();
         assert_eq!(base_stats, [0; SLOTS], "fresh STATS");
         Self {
@@ -1451,7 +1141,7 @@ impl Fuzz {
                     self.kernel.assert_refused(hook, &frame);
                 }
             } else {
-                hooks |= hook.bit();
+                hooks |= bit(hook);
             }
         }
         if hooks == 0 {
@@ -1459,7 +1149,7 @@ impl Fuzz {
                 self.figures.never_sent += 1;
                 return;
             }
-            hooks = Hook::Xdp.bit();
+            hooks = bit(Hook::Xdp);
             self.figures.rerouted_to_xdp += 1;
         }
 
@@ -1470,7 +1160,7 @@ impl Fuzz {
             self.figures.test_runs += 1;
             let check = self.figures.test_runs.is_multiple_of(DATA_OUT_SAMPLE);
             self.figures.data_out_checked += u64::from(check);
-            self.kernel.run(hook, &frame, repeat, check);
+            self.kernel.run_with(hook, &frame, repeat, None, check);
             self.figures.per_hook[hook as usize] += u64::from(repeat);
             n += u64::from(repeat);
             ran[hook as usize] = repeat;
@@ -1491,7 +1181,8 @@ impl Fuzz {
                 f.valid_executions += n;
                 f.valid_frames += 1;
                 tally.counted += 1;
-                self.want_flows.entry(*key).or_default()[*dir].add(one, n);
+                let counts = &mut self.want_flows.entry(*key).or_default()[*dir];
+                *counts = counts.plus(one.times(n));
                 if *lying {
                     f.per_reason[stats::IP_LEN_EXCEEDS_FRAME as usize] += n;
                     self.want_stats[stats::IP_LEN_EXCEEDS_FRAME as usize] += n;
@@ -1518,8 +1209,8 @@ impl Fuzz {
             "a chunk of {} flows would fill the flow map ({FLOW_CAPACITY})",
             self.want_flows.len()
         );
-        let got_flows = self.kernel.flows();
-        self.kernel.drain_dns();
+        let got_flows = self.kernel.counts();
+        self.kernel.dns_events();
         let stats = self.kernel.stats();
         let mut got_stats: [u64; SLOTS] = std::array::from_fn(|s| stats[s] - self.base_stats[s]);
         got_stats[stats::DNS_EVENTS_LOST as usize] = 0;
@@ -1529,10 +1220,7 @@ impl Fuzz {
                 what += &format!("FLOWS: {}", flows_diff(&got_flows, &self.want_flows));
             }
             if got_stats != self.want_stats {
-                what += &format!(
-                    "\n  STATS differ:{}",
-                    stats_diff(&got_stats, &self.want_stats)
-                );
+                what += &format!("\n  {}", stats_diff(&got_stats, &self.want_stats));
             }
             self.diagnose(&what);
         }
@@ -1549,7 +1237,7 @@ impl Fuzz {
     /// first, and panics naming the frames the kernel and the oracle disagree on.
     fn diagnose(&self, what: &str) -> ! {
         let seed = self.seed;
-        let mut k = Kernel::load(seed);
+        let mut k = load(seed);
         let mut order: Vec<&Sent> = self.chunk.iter().collect();
         order.sort_by_key(|s| s.frame.len());
         let mut bad = Vec::new();
@@ -1570,8 +1258,8 @@ impl Fuzz {
             bad.len()
         );
         for (s, hook, why) in bad.iter().take(3) {
-            let alone = Kernel::load(seed);
-            alone.run(*hook, &s.frame, 1, true);
+            let alone = load(seed);
+            alone.run(*hook, &s.frame);
             let _ = write!(
                 msg,
                 "\n  frame of {} bytes ({}, at {hook:?}, sent with repeat {}): {}\n    oracle: {}\n    kernel: {why}\n    a fresh copy after this frame alone:{}",
@@ -1580,7 +1268,7 @@ impl Fuzz {
                 s.repeats[*hook as usize],
                 hex(&s.frame),
                 s.outcome,
-                alone.dump()
+                dump(&alone)
             );
         }
         if bad.is_empty() {
@@ -1596,7 +1284,7 @@ fn replay_one(k: &mut Kernel, hook: Hook, s: &Sent) -> Option<String> {
         k.remove(key);
     }
     let before = k.stats();
-    k.run(hook, &s.frame, 1, true);
+    k.run(hook, &s.frame);
     let after = k.stats();
     let delta: [u64; SLOTS] = std::array::from_fn(|i| after[i] - before[i]);
     let delta_text = || {
@@ -1663,7 +1351,7 @@ fn random_and_mutated_frames_match_the_oracle() {
             let hooks = if r.percent(12) {
                 0b111
             } else {
-                Hook::ALL[r.index(3)].bit()
+                bit(Hook::ALL[r.index(3)])
             };
             // TC runs a frame `repeat` times for the price of once. XDP test_runs with
             // repeat > 1 swap the XDP dispatcher in and out (bpf_prog_change_xdp), which

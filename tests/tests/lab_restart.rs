@@ -8,7 +8,6 @@
 use std::{
     ffi::CString,
     net::{IpAddr, Shutdown, SocketAddr},
-    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -16,6 +15,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use monitor::kernel::bpf::RawMap;
 use monitor_common::{
     DEFAULT_FLOW_MAP_SIZE,
     flow::{FlowKey, FlowValue},
@@ -229,62 +229,15 @@ fn kill_9_mid_upload_then_restart_loses_nothing() {
 /// Pins at `path` an empty map of `map_type` with the flow map's key and value sizes and
 /// default capacity.
 fn pin_flow_shaped_map(map_type: u32, path: &Path) {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        rest: [u8; 56],
-    }
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    let create = MapCreate {
+    let map = RawMap::create(
         map_type,
-        key_size: size_of::<FlowKey>() as u32,
-        value_size: size_of::<FlowValue>() as u32,
-        max_entries: DEFAULT_FLOW_MAP_SIZE,
-        rest: [0; 56],
-    };
-    // SAFETY: a zero-padded BPF_MAP_CREATE attr of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &raw const create,
-            size_of::<MapCreate>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    let c_path = CString::new(path.as_os_str().as_bytes()).expect("pin path");
-    let pin = ObjPin {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: fd as u32,
-        file_flags: 0,
-    };
-    // SAFETY: a BPF_OBJ_PIN attr with a NUL-terminated path and the map's descriptor.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &raw const pin,
-            size_of::<ObjPin>(),
-        )
-    };
-    let pinned = std::io::Error::last_os_error();
-    // SAFETY: the descriptor made above, which the pin keeps alive.
-    unsafe { libc::close(fd as i32) };
-    assert_eq!(rc, 0, "pin {}: {pinned}", path.display());
+        size_of::<FlowKey>() as u32,
+        size_of::<FlowValue>() as u32,
+        DEFAULT_FLOW_MAP_SIZE,
+    )
+    .unwrap_or_else(|e| panic!("BPF_MAP_CREATE: {e}"));
+    map.pin(path)
+        .unwrap_or_else(|e| panic!("pin {}: {e}", path.display()));
 }
 
 #[test]

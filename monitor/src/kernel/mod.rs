@@ -1,6 +1,7 @@
 //! Loading, attaching and detaching the kernel programs: the only code that knows their
 //! names.
 
+pub mod bpf;
 pub mod pins;
 
 use std::{io, path::PathBuf};

@@ -132,7 +132,7 @@ fn attach_empty(lab: &Lab, empty: &OwnedFd) -> Hooked {
         let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
         assert_ne!(ifindex, 0, "no interface {dev:?}");
         [TcAttachType::Ingress, TcAttachType::Egress].map(|direction| {
-            refprog::attach_tcx(prog.as_fd(), ifindex, direction)
+            monitor::kernel::bpf::attach_tcx(prog.as_fd(), ifindex, direction)
                 .unwrap_or_else(|e| panic!("attach the empty program ({direction:?}): {e}"))
         })
     });

@@ -128,7 +128,7 @@ impl Agent {
 const VALUE_SIZE: u32 = std::mem::size_of::<FlowValue>() as u32;
 
 fn repeat_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
-    f64::from(refprog::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))
+    f64::from(monitor::kernel::bpf::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))
 }
 
 /// Mean ns per run when two threads, one on CPU 0 and one on CPU 1, each repeat one frame
@@ -292,7 +292,7 @@ fn measure_test_run(plan: &Plan) -> Vec<Row> {
             (&shared_insert_map, Table::Shared),
         ] {
             assert_eq!(
-                refprog::read_batched(map, table, VALUE_SIZE).expect("read the map"),
+                refprog::read_batched(map).expect("read the map"),
                 (plan.runs * plan.new_flows) as usize,
                 "the {table:?} insert reference program's map"
             );

@@ -139,15 +139,14 @@ pub fn read_floor(plan: &Plan) -> Vec<ReadRow> {
             let maps = [Table::PerCpu, Table::Shared].map(|table| {
                 let map = refprog::flow_map(table, value_size, entries * 2)
                     .expect("create a flow-sized hash map");
-                refprog::fill(&map, table, value_size, entries).expect("fill the map");
+                refprog::fill(&map, entries).expect("fill the map");
                 (map, table)
             });
             let mut ms = [Vec::new(), Vec::new()];
             for _ in 0..plan.runs {
                 for ((map, table), ms) in maps.iter().zip(&mut ms) {
                     let started = Instant::now();
-                    let read =
-                        refprog::read_batched(map, *table, value_size).expect("read the map");
+                    let read = refprog::read_batched(map).expect("read the map");
                     ms.push(started.elapsed().as_secs_f64() * 1000.0);
                     assert_eq!(
                         read, entries as usize,

@@ -7,13 +7,11 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
 };
 
-use aya::programs::TcAttachType;
+use monitor::kernel::bpf::{self, Insn, RawMap, insn};
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_FUNC_KTIME_GET_NS: i32 = 5;
@@ -21,7 +19,6 @@ const BPF_FUNC_MAP_UPDATE_ELEM: i32 = 2;
 const BPF_NOEXIST: i32 = 1;
 /// The agent's flow key: two 16-byte addresses, two ports, protocol, family, padding.
 const FLOW_KEY_SIZE: usize = 40;
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -29,25 +26,6 @@ const BPF_PSEUDO_MAP_FD: u8 = 1;
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
 const XDP_PASS: i32 = 2;
 const TC_ACT_OK: i32 = 0;
-
-/// One `struct bpf_insn`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: (src << 4) | dst,
-        off,
-        imm,
-    }
-}
 
 /// `BPF_STX | BPF_DW | BPF_ATOMIC` with `imm = BPF_ADD`: `lock *(u64 *)(dst + off) += src`.
 const ATOMIC_ADD_DW: u8 = 0xdb;
@@ -67,14 +45,6 @@ impl Table {
         match self {
             Table::PerCpu => BPF_MAP_TYPE_PERCPU_HASH,
             Table::Shared => BPF_MAP_TYPE_HASH,
-        }
-    }
-
-    /// Copies of a value the map holds per entry.
-    fn copies(self) -> io::Result<usize> {
-        match self {
-            Table::PerCpu => Ok(aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize),
-            Table::Shared => Ok(1),
         }
     }
 }
@@ -120,9 +90,9 @@ pub fn bare(kind: Kind) -> io::Result<OwnedFd> {
 
 /// Looks up slot 0 of a one-entry per-CPU array, adds one, passes. Returns the program
 /// and its map (kept open with it).
-pub fn count_only(kind: Kind) -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn count_only(kind: Kind) -> io::Result<(OwnedFd, RawMap)> {
     let map = create_counter_map()?;
-    let fd = map.as_raw_fd();
+    let fd = map.as_fd().as_raw_fd();
     let prog = [
         // *(u32 *)(r10 - 4) = 0: the key.
         insn(0x62, 10, 0, -4, 0),
@@ -150,10 +120,9 @@ pub fn count_only(kind: Kind) -> io::Result<(OwnedFd, OwnedFd)> {
 /// Looks up one 40-byte key (all zero, inserted beforehand) in a per-CPU hash map, adds
 /// one to its count and, `with_clock`, stores `bpf_ktime_get_ns()` beside it: what any
 /// per-connection counter does at the least. Returns the program and its map.
-pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, RawMap)> {
     let map = create_map(BPF_MAP_TYPE_PERCPU_HASH, FLOW_KEY_SIZE as u32, 16)?;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
-    insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; 16 * cpus])?;
+    map.insert(&[0; FLOW_KEY_SIZE], &vec![0u8; map.value_stride()])?;
     let mut body = vec![
         // *(u64 *)r6 += 1
         insn(0x79, 1, 6, 0, 0),
@@ -170,7 +139,7 @@ pub fn flow_lookup(kind: Kind, with_clock: bool) -> io::Result<(OwnedFd, OwnedFd
 
 /// A program that looks up the all-zero 40-byte key in `map` and, when found, runs
 /// `body` with r6 = the value; then passes the packet.
-fn zero_key_lookup(kind: Kind, map: &OwnedFd, body: Vec<Insn>) -> Vec<Insn> {
+fn zero_key_lookup(kind: Kind, map: &RawMap, body: Vec<Insn>) -> Vec<Insn> {
     let mut prog = vec![
         // The key: fp-40 .. fp-1, zero.
         insn(0x7a, 10, 0, -40, 0),
@@ -180,7 +149,7 @@ fn zero_key_lookup(kind: Kind, map: &OwnedFd, body: Vec<Insn>) -> Vec<Insn> {
         insn(0x7a, 10, 0, -8, 0),
         insn(0xbf, 2, 10, 0, 0),
         insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map.as_fd().as_raw_fd()),
         insn(0, 0, 0, 0, 0),
         insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
         // if r0 == 0 skip the body; r6 = the value
@@ -202,9 +171,9 @@ pub fn shared_flow_lookup(
     kind: Kind,
     value_size: u32,
     with_clock: bool,
-) -> io::Result<(OwnedFd, OwnedFd)> {
+) -> io::Result<(OwnedFd, RawMap)> {
     let map = create_map(BPF_MAP_TYPE_HASH, FLOW_KEY_SIZE as u32, value_size)?;
-    insert(&map, &[0; FLOW_KEY_SIZE], &vec![0u8; value_size as usize])?;
+    map.insert(&[0; FLOW_KEY_SIZE], &vec![0u8; value_size as usize])?;
     let mut body = add_counts(Table::Shared);
     if with_clock {
         // *(u64 *)(r6 + 32) = bpf_ktime_get_ns(): the last packet's time.
@@ -244,9 +213,9 @@ pub fn flow_insert(
     table: Table,
     value_size: u32,
     capacity: u32,
-) -> io::Result<(OwnedFd, OwnedFd)> {
-    let map = create_map_of(table.map_type(), FLOW_KEY_SIZE as u32, value_size, capacity)?;
-    let fd = map.as_raw_fd();
+) -> io::Result<(OwnedFd, RawMap)> {
+    let map = flow_map(table, value_size, capacity)?;
+    let fd = map.as_fd().as_raw_fd();
     let value_words = value_size.div_ceil(8) as i16;
     let value_at = -(FLOW_KEY_SIZE as i16) - 8 * value_words;
     // The key at fp-40, the value below it, both zero.
@@ -285,8 +254,8 @@ pub fn flow_insert(
 /// for `table`, adds to three 64-bit counters of the value (plain adds in a per-CPU map,
 /// atomic ones in a shared map) and stores `bpf_ktime_get_ns()` beside them: the floor of
 /// counting a packet of a known connection. Returns the program.
-pub fn known_flow(kind: Kind, table: Table, map: &OwnedFd) -> io::Result<OwnedFd> {
-    let fd = map.as_raw_fd();
+pub fn known_flow(kind: Kind, table: Table, map: &RawMap) -> io::Result<OwnedFd> {
+    let fd = map.as_fd().as_raw_fd();
     let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
     body.extend(add_counts(table));
     // *(u64 *)(r6 + 32) = bpf_ktime_get_ns()
@@ -318,112 +287,25 @@ pub fn known_flow(kind: Kind, table: Table, map: &OwnedFd) -> io::Result<OwnedFd
     load(kind, &prog)
 }
 
-fn create_counter_map() -> io::Result<OwnedFd> {
+fn create_counter_map() -> io::Result<RawMap> {
     create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8)
 }
 
 /// A one-entry map.
-fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<OwnedFd> {
-    create_map_of(map_type, key_size, value_size, 1)
+fn create_map(map_type: u32, key_size: u32, value_size: u32) -> io::Result<RawMap> {
+    RawMap::create(map_type, key_size, value_size, 1)
 }
 
 /// An empty hash map (per-CPU or shared) of 40-byte keys, preallocated as the agent's.
-pub fn flow_map(table: Table, value_size: u32, capacity: u32) -> io::Result<OwnedFd> {
-    create_map_of(table.map_type(), FLOW_KEY_SIZE as u32, value_size, capacity)
-}
-
-fn create_map_of(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        rest: [u8; 56],
-    }
-    let attr = MapCreate {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        rest: [0; 56],
-    };
-    bpf(BPF_MAP_CREATE, &attr)
-}
-
-fn insert(map: &OwnedFd, key: &[u8], value: &[u8]) -> io::Result<()> {
-    #[repr(C)]
-    struct MapElem {
-        map_fd: u32,
-        pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = MapElem {
-        map_fd: map.as_raw_fd() as u32,
-        pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: a map-element bpf_attr: key and value buffers of the map's sizes (the
-    // value one per possible CPU).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &raw const attr,
-            std::mem::size_of::<MapElem>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `union bpf_attr` for the batch map commands.
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: a batch bpf_attr whose buffers hold `count` keys and values of the map's
-    // sizes (values one per possible CPU for a per-CPU map).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+pub fn flow_map(table: Table, value_size: u32, capacity: u32) -> io::Result<RawMap> {
+    RawMap::create(table.map_type(), FLOW_KEY_SIZE as u32, value_size, capacity)
 }
 
 /// Fills a map made by [`flow_map`] with `entries` distinct keys and non-zero values
 /// (`BPF_MAP_UPDATE_BATCH`).
-pub fn fill(map: &OwnedFd, table: Table, value_size: u32, entries: u32) -> io::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub fn fill(map: &RawMap, entries: u32) -> io::Result<()> {
     const CHUNK: u32 = 4096;
-    let stride = value_size.div_ceil(8) as usize * 8 * table.copies()?;
+    let stride = map.value_stride();
     let values = vec![0x11u8; CHUNK as usize * stride];
     let mut keys = vec![0u8; CHUNK as usize * FLOW_KEY_SIZE];
     for start in (0..entries).step_by(CHUNK as usize) {
@@ -431,17 +313,8 @@ pub fn fill(map: &OwnedFd, table: Table, value_size: u32, entries: u32) -> io::R
         for (n, key) in (start..start + count).zip(keys.as_chunks_mut::<FLOW_KEY_SIZE>().0) {
             key[..4].copy_from_slice(&n.to_le_bytes());
         }
-        let mut attr = BatchAttr {
-            in_batch: 0,
-            out_batch: 0,
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count,
-            map_fd: map.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        let count = count as usize;
+        map.insert_batch(&keys[..count * FLOW_KEY_SIZE], &values[..count * stride])?;
     }
     Ok(())
 }
@@ -449,32 +322,17 @@ pub fn fill(map: &OwnedFd, table: Table, value_size: u32, entries: u32) -> io::R
 /// Reads every entry of a map made by [`flow_map`] the way the agent's poller does:
 /// `BPF_MAP_LOOKUP_BATCH`, 256 entries per call (more where a bucket holds more).
 /// Returns the entries read.
-pub fn read_batched(map: &OwnedFd, table: Table, value_size: u32) -> io::Result<usize> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    let stride = value_size.div_ceil(8) as usize * 8 * table.copies()?;
+pub fn read_batched(map: &RawMap) -> io::Result<usize> {
+    let stride = map.value_stride();
     let mut size = 256;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     let (mut position, mut next, mut read) = (None::<u64>, 0u64, 0);
     loop {
         keys.resize(size * FLOW_KEY_SIZE, 0u8);
         values.resize(size * stride, 0u8);
-        let mut attr = BatchAttr {
-            in_batch: position
-                .as_ref()
-                .map_or(0, |p| std::ptr::from_ref(p) as u64),
-            out_batch: std::ptr::from_mut(&mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: size as u32,
-            map_fd: map.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        match batch(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(()) => read += attr.count as usize,
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(read + attr.count as usize);
-            }
+        match map.lookup_batch(position.as_ref(), &mut next, &mut keys, &mut values) {
+            Ok((count, false)) => read += count,
+            Ok((count, true)) => return Ok(read + count),
             Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
                 size *= 2;
                 continue;
@@ -486,127 +344,5 @@ pub fn read_batched(map: &OwnedFd, table: Table, value_size: u32) -> io::Result<
 }
 
 fn load(kind: Kind, insns: &[Insn]) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        rest: [u8; 64],
-    }
-    let mut name = [0u8; 16];
-    name[..9].copy_from_slice(b"reference");
-    let attr = ProgLoad {
-        prog_type: kind.prog_type(),
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: c"GPL".as_ptr() as u64,
-        log_level: 0,
-        log_size: 0,
-        log_buf: 0,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        rest: [0; 64],
-    };
-    bpf(BPF_PROG_LOAD, &attr)
-}
-
-fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded bpf_attr prefix of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_ref(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Attaches TC program `prog` to interface `ifindex` of the calling thread's network
-/// namespace in `direction` through TCX (`BPF_LINK_CREATE`), as the agent attaches its
-/// own on kernels that have TCX; it stays attached while the returned link is open.
-pub fn attach_tcx(
-    prog: BorrowedFd<'_>,
-    ifindex: u32,
-    direction: TcAttachType,
-) -> io::Result<OwnedFd> {
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_TCX_INGRESS: u32 = 46;
-    const BPF_TCX_EGRESS: u32 = 47;
-    #[repr(C)]
-    struct LinkCreate {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        // tcx: relative_fd, padding, expected_revision; zero: no ordering, any revision.
-        tcx: [u64; 2],
-        rest: [u8; 32],
-    }
-    let attr = LinkCreate {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_ifindex: ifindex,
-        attach_type: match direction {
-            TcAttachType::Ingress => BPF_TCX_INGRESS,
-            TcAttachType::Egress => BPF_TCX_EGRESS,
-        },
-        flags: 0,
-        tcx: [0; 2],
-        rest: [0; 32],
-    };
-    bpf(BPF_LINK_CREATE, &attr)
-}
-
-/// `BPF_PROG_TEST_RUN` of `prog` on `frame`, `repeat` times: the kernel's mean ns per run.
-pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<u32> {
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    #[repr(C)]
-    struct TestRun {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        rest: [u8; 40],
-    }
-    let mut attr = TestRun {
-        prog_fd: prog.as_raw_fd() as u32,
-        retval: 0,
-        data_size_in: frame.len() as u32,
-        data_size_out: 0,
-        data_in: frame.as_ptr() as u64,
-        data_out: 0,
-        repeat,
-        duration: 0,
-        rest: [0; 40],
-    };
-    // SAFETY: `attr` is a zero-padded bpf_attr prefix; the kernel writes retval/duration.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            std::mem::size_of::<TestRun>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(attr.duration)
+    bpf::load_program(kind.prog_type(), "reference", insns)
 }
