@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use log::{info, warn};
 use monitor_common::{flow::FlowKey, names, stats};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     alerts::{
@@ -106,19 +106,7 @@ impl Pipeline {
         for key in self.judge_open(coverage, now, &mut alerts) {
             self.finishing.push(key, None);
         }
-        // Not while earlier finished ones wait: those are the longest idle already.
-        if self.finishing.is_empty() {
-            let relief = self.table.pressure_relief(now.mono_ns, self.capacity);
-            if !relief.is_empty() {
-                warn!(
-                    "flow map over 90% full: finishing {} idle connections early (their records are written)",
-                    relief.len()
-                );
-            }
-            for key in relief {
-                self.finishing.push(key, Some(EndReason::LackOfResources));
-            }
-        }
+        self.relieve_pressure(now);
         self.take_finished(now, &mut alerts, Some(started + self.finish_budget))?;
         for exporter in &mut self.exporters {
             exporter.flush();
@@ -133,15 +121,43 @@ impl Pipeline {
             |key| table.get(key).map(|c| c.uid.to_string()),
             &mut alerts,
         );
-        self.metrics
-            .dns(self.dns.counts(), self.dns.cache_entries());
         self.suppressor.prune(now.mono_ns);
         self.emit(alerts, now);
+        self.flush();
+        self.check_parsing(now.mono_ns, &counters);
+        self.report(now, counters, started);
+        self.top.update(&self.table, &self.local, now);
+        self.save_state();
+        Ok(())
+    }
+
+    /// When the map is nearly full, queues the longest idle connections to finish early;
+    /// not while earlier finished ones wait, those being the longest idle already.
+    fn relieve_pressure(&mut self, now: Now) {
+        if !self.finishing.is_empty() {
+            return;
+        }
+        let relief = self.table.pressure_relief(now.mono_ns, self.capacity);
+        if !relief.is_empty() {
+            warn!(
+                "flow map over 90% full: finishing {} idle connections early (their records are written)",
+                relief.len()
+            );
+        }
+        for key in relief {
+            self.finishing.push(key, Some(EndReason::LackOfResources));
+        }
+    }
+
+    /// A poll's figures to the metrics: DNS, shed state, sinks, export, the table and the
+    /// poll's own time.
+    fn report(&mut self, now: Now, counters: [u64; stats::SLOTS as usize], started: Instant) {
+        self.metrics
+            .dns(self.dns.counts(), self.dns.cache_entries());
         self.metrics.shed(
             self.suppressor.shed(),
             self.rules.iter().map(|rule| rule.shed()).sum(),
         );
-        self.flush();
         for sink in &self.sinks {
             self.metrics
                 .sink(sink.name(), sink.dropped(), sink.failures());
@@ -154,16 +170,12 @@ impl Pipeline {
                 (r + s.records, m + s.messages, e + s.errors)
             });
         self.metrics.ipfix(records, messages, errors);
-        self.check_parsing(now.mono_ns, &counters);
         self.metrics.polled(
             (self.table.len(), self.table.added()),
             counters,
             started.elapsed(),
             now.epoch,
         );
-        self.top.update(&self.table, &self.local, now);
-        self.save_state();
-        Ok(())
     }
 
     /// Takes the finished connections out of the map, judges them once more and writes
@@ -563,160 +575,148 @@ fn open_log(path: Option<&std::path::Path>) -> anyhow::Result<Option<JsonLines>>
         .transpose()
 }
 
-pub async fn run(
-    args: RunArgs,
-    ifaces: Vec<String>,
-    collectors: Vec<Collector>,
-) -> anyhow::Result<()> {
-    // Everything that can fail on the operator's input fails here, before the kernel is
-    // touched: log paths, sink URLs, the metrics address.
-    let alert_log = AlertLog::open(&args.alert_log)
-        .with_context(|| format!("opening {}", args.alert_log.display()))?;
-    let conn_log = open_log(args.conn_log.as_deref())?;
-    let conn_long_log = open_log(args.conn_long_log.as_deref())?;
-    let dns_log = open_log(args.dns.dns_log.as_deref())?;
-    let (state, saved) = match &args.state_dir {
-        Some(dir) => {
-            let (state, saved) = StateDir::open(dir, args.flow_map_size)?;
-            (Some(state), saved)
+/// What the operator's flags open before the kernel is touched: everything that can fail
+/// on bad input fails here.
+struct Outputs {
+    sinks: Vec<Box<dyn Sink>>,
+    conn_log: Option<JsonLines>,
+    conn_long_log: Option<JsonLines>,
+    dns_log: Option<JsonLines>,
+    state: Option<StateDir>,
+    saved: Option<Saved>,
+    pins: Option<PinDir>,
+}
+
+impl Outputs {
+    fn open(args: &RunArgs) -> anyhow::Result<Self> {
+        let alert_log = AlertLog::open(&args.alert_log)
+            .with_context(|| format!("opening {}", args.alert_log.display()))?;
+        let (state, saved) = match &args.state_dir {
+            Some(dir) => {
+                let (state, saved) = StateDir::open(dir, args.flow_map_size)?;
+                (Some(state), saved)
+            }
+            None => (None, None),
+        };
+        let pins = args
+            .pin_path
+            .as_deref()
+            .map(|dir| PinDir::create(dir).context("--pin-path"))
+            .transpose()?;
+        if pins.is_some() && state.is_none() {
+            warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
         }
-        None => (None, None),
-    };
-    let pins = args
-        .pin_path
-        .as_deref()
-        .map(|dir| PinDir::create(dir).context("--pin-path"))
-        .transpose()?;
-    if pins.is_some() && state.is_none() {
-        warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
-    }
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
-    if let Some(url) = &args.syslog {
-        let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
-        sinks.push(Box::new(syslog));
-    }
-    if let Some(url) = &args.alertmanager_url {
-        sinks.push(Box::new(AlertmanagerSink::new(url)));
-    }
-    let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
-    // Before the programs load: the first poll's rates run from here.
-    let top = top::Tracker::new(clock::monotonic_ns());
-    metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
-
-    // Before anything is loaded: a signal that comes while the programs attach waits for
-    // the loop below, which detaches them cleanly, instead of killing the agent with
-    // programs attached through netlink left behind.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut kernel = Kernel::load(args.flow_map_size, pins)?;
-    let resumed = kernel.resumed();
-    let mut poller = Poller::new(
-        kernel.take_map(names::FLOW_MAP)?,
-        kernel.take_map(names::STATS_MAP)?,
-    );
-    let (dns_events, dns_queue) = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
-    let mut watching = Vec::new();
-    for iface in &ifaces {
-        let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
-        watching.push(format!("{iface} ({attached})"));
-    }
-    if kernel.changes_complete() {
-        poller.follow_changes(
-            kernel.take_map(names::EPOCH_MAP)?,
-            kernel.take_map(names::CHANGED_MAP)?,
-            kernel.take_map(names::CHANGES_LOST_MAP)?,
-        )?;
-    } else {
-        warn!(
-            "programs of an earlier build stay attached through pinned links: every poll reads \
-             the whole flow map (`monitor detach --pin-path` and a restart attach this build's)"
-        );
-    }
-    // Before capabilities drop: reading the conntrack table needs CAP_NET_ADMIN.
-    let nat = Nat::follow();
-    // No thread exists yet: the ones started below inherit the reduced capabilities.
-    privileges::drop_after_attach().context("dropping capabilities after attaching")?;
-    let clock = Clock::new();
-    let local = LocalNets::new(args.local_nets.clone());
-    let exporters = collectors
-        .iter()
-        .map(|collector| {
-            let mut config = IpfixConfig::new(collector.clone(), local.clone(), clock);
-            config.active_timeout = args.ipfix.flow_active_timeout;
-            config.template_refresh = args.ipfix.ipfix_template_refresh;
-            config.domain_id = args.ipfix.ipfix_domain_id;
-            config.biflow = args.ipfix.ipfix_biflow;
-            IpfixExporter::new(config).with_context(|| format!("--ipfix-collector {collector}"))
+        let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
+        if let Some(url) = &args.syslog {
+            let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
+            sinks.push(Box::new(syslog));
+        }
+        if let Some(url) = &args.alertmanager_url {
+            sinks.push(Box::new(AlertmanagerSink::new(url)));
+        }
+        Ok(Self {
+            sinks,
+            conn_log: open_log(args.conn_log.as_deref())?,
+            conn_long_log: open_log(args.conn_long_log.as_deref())?,
+            dns_log: open_log(args.dns.dns_log.as_deref())?,
+            state,
+            saved,
+            pins,
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-
-    let (rules_config, dns_config) = (config::rules(&args.rules), config::dns(&args.dns));
-    let passive = Arc::new(RwLock::new(PassiveDns::new(
-        dns_config.cache_size,
-        dns_config.min_ttl,
-    )));
-    let names = Names::with_passive(passive.clone());
-    resolve::start(rules::allowlist::host_names(&rules_config), names.clone());
-    let dns = Dns::new(
-        &dns_config,
-        args.rules.window,
-        local.clone(),
-        dns_log,
-        passive,
-    );
-    let rules = rules::from_config(&rules_config, &names);
-    let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
-        let now = Now::new(clock::monotonic_ns(), &clock);
-        dir.vetted(saved, now, args.flow_map_size, &rules)
-    });
-    let mut pipeline = Pipeline {
-        poller,
-        table: ConnTable::new(
-            args.idle_timeout,
-            Uids::new(
-                saved
-                    .as_ref()
-                    .map_or_else(Uids::random_seed, |saved| saved.uid_seed),
-            ),
-        ),
-        rules,
-        local,
-        clock,
-        suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
-        exporters,
-        sinks: sinks
-            .into_iter()
-            .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
-            .collect(),
-        conn_log,
-        conn_long_log,
-        map_full: 0,
-        capacity: args.flow_map_size,
-        finishing: Finishing::default(),
-        finish_budget: args.poll_interval / FINISH_SHARE,
-        metrics,
-        top,
-        state,
-        dns,
-        nat,
-        parse_watch: ParseWatch::default(),
-        watching: watching.join(", "),
-        dns_queue,
-        dns_batch: Batch::default(),
-    };
-    if let Some(saved) = saved {
-        pipeline.restore(saved, resumed);
     }
-    if resumed {
-        info!("resuming the connections counted while no agent ran");
-    }
-    // Tests and scripts wait for this line: the programs are counting from here on.
-    eprintln!("monitor: watching {}", pipeline.watching);
+}
 
-    // Polls run on a thread of their own: /metrics and the DNS drain stay on this one.
+/// The programs loaded and attached, and the maps the agent reads.
+struct Attached {
+    kernel: Kernel,
+    poller: Poller,
+    dns_events: DnsEvents,
+    dns_queue: DnsQueue,
+    /// The interfaces and how each is hooked, for the `watching` line.
+    watching: String,
+    /// Whether pinned maps brought an earlier run's connections.
+    resumed: bool,
+}
+
+impl Attached {
+    fn attach(args: &RunArgs, ifaces: &[String], pins: Option<PinDir>) -> anyhow::Result<Self> {
+        let mut kernel = Kernel::load(args.flow_map_size, pins)?;
+        let resumed = kernel.resumed();
+        let mut poller = Poller::new(
+            kernel.take_map(names::FLOW_MAP)?,
+            kernel.take_map(names::STATS_MAP)?,
+        );
+        let (dns_events, dns_queue) = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
+        let mut watching = Vec::new();
+        for iface in ifaces {
+            let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
+            watching.push(format!("{iface} ({attached})"));
+        }
+        if kernel.changes_complete() {
+            poller.follow_changes(
+                kernel.take_map(names::EPOCH_MAP)?,
+                kernel.take_map(names::CHANGED_MAP)?,
+                kernel.take_map(names::CHANGES_LOST_MAP)?,
+            )?;
+        } else {
+            warn!(
+                "programs of an earlier build stay attached through pinned links: every poll \
+                 reads the whole flow map (`monitor detach --pin-path` and a restart attach \
+                 this build's)"
+            );
+        }
+        Ok(Self {
+            kernel,
+            poller,
+            dns_events,
+            dns_queue,
+            watching: watching.join(", "),
+            resumed,
+        })
+    }
+}
+
+/// The signals the agent answers: SIGHUP reopens the logs, SIGINT and SIGTERM stop it.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+
+    /// Returns at SIGINT or SIGTERM.
+    async fn until_stop(&mut self) {
+        loop {
+            tokio::select! {
+                _ = self.hup.recv() => {
+                    logs::request_reopen();
+                    info!("SIGHUP: log files reopen before their next line");
+                }
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+            }
+        }
+    }
+}
+
+/// Polls every `every` on a thread of its own (/metrics and the DNS drain stay on this
+/// one) until a signal stops the agent; the poll in progress ends first. Hands the
+/// pipeline back.
+async fn poll_until_stopped(
+    pipeline: Pipeline,
+    every: Duration,
+    dns_events: DnsEvents,
+    mut signals: Signals,
+) -> anyhow::Result<Pipeline> {
     let (stop, stopped) = mpsc::channel();
-    let every = args.poll_interval;
     let polling = std::thread::Builder::new()
         .name("poll".into())
         .spawn(move || pipeline.run(every, &stopped))
@@ -726,22 +726,167 @@ pub async fn run(
             warn!("reading DNS events failed: {err:#}");
         }
     });
-    loop {
-        tokio::select! {
-            _ = sighup.recv() => {
-                logs::request_reopen();
-                info!("SIGHUP: log files reopen before their next line");
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-        }
-    }
+    signals.until_stop().await;
     drain.abort();
-    // The poll in progress ends first: the last read below follows it.
     drop(stop);
-    let pipeline = polling
+    polling
         .join()
-        .map_err(|_| anyhow::anyhow!("the poll thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("the poll thread panicked"))
+}
+
+/// What a pipeline is made of, besides the flags.
+struct Parts {
+    outputs: Outputs,
+    poller: Poller,
+    dns_queue: DnsQueue,
+    watching: String,
+    resumed: bool,
+    metrics: Metrics,
+    top: top::Tracker,
+    nat: Nat,
+}
+
+impl Pipeline {
+    fn new(args: &RunArgs, collectors: &[Collector], parts: Parts) -> anyhow::Result<Self> {
+        let clock = Clock::new();
+        let local = LocalNets::new(args.local_nets.clone());
+        let dns_config = config::dns(&args.dns);
+        let passive = Arc::new(RwLock::new(PassiveDns::new(
+            dns_config.cache_size,
+            dns_config.min_ttl,
+        )));
+        let rules = start_rules(&config::rules(&args.rules), &passive);
+        let Outputs {
+            sinks,
+            conn_log,
+            conn_long_log,
+            dns_log,
+            state,
+            saved,
+            ..
+        } = parts.outputs;
+        let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
+            let now = Now::new(clock::monotonic_ns(), &clock);
+            dir.vetted(saved, now, args.flow_map_size, &rules)
+        });
+        let seed = saved
+            .as_ref()
+            .map_or_else(Uids::random_seed, |saved| saved.uid_seed);
+        let mut pipeline = Pipeline {
+            poller: parts.poller,
+            table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
+            rules,
+            suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
+            exporters: exporters(args, collectors, &local, clock)?,
+            sinks: (sinks.into_iter())
+                .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
+                .collect(),
+            conn_log,
+            conn_long_log,
+            map_full: 0,
+            capacity: args.flow_map_size,
+            finishing: Finishing::default(),
+            finish_budget: args.poll_interval / FINISH_SHARE,
+            metrics: parts.metrics,
+            top: parts.top,
+            state,
+            dns: Dns::new(
+                &dns_config,
+                args.rules.window,
+                local.clone(),
+                dns_log,
+                passive,
+            ),
+            nat: parts.nat,
+            parse_watch: ParseWatch::default(),
+            watching: parts.watching,
+            dns_queue: parts.dns_queue,
+            dns_batch: Batch::default(),
+            local,
+            clock,
+        };
+        if let Some(saved) = saved {
+            pipeline.restore(saved, parts.resumed);
+        }
+        if parts.resumed {
+            info!("resuming the connections counted while no agent ran");
+        }
+        Ok(pipeline)
+    }
+}
+
+/// The rules the flags turn on; the host names they mention are resolved in the
+/// background from now on.
+fn start_rules(
+    config: &rules::RulesConfig,
+    passive: &Arc<RwLock<PassiveDns>>,
+) -> Vec<Box<dyn Rule>> {
+    let names = Names::with_passive(passive.clone());
+    resolve::start(rules::allowlist::host_names(config), names.clone());
+    rules::from_config(config, &names)
+}
+
+/// One exporter per `--ipfix-collector`.
+fn exporters(
+    args: &RunArgs,
+    collectors: &[Collector],
+    local: &LocalNets,
+    clock: Clock,
+) -> anyhow::Result<Vec<IpfixExporter>> {
+    collectors
+        .iter()
+        .map(|collector| {
+            let mut config = IpfixConfig::new(collector.clone(), local.clone(), clock);
+            config.active_timeout = args.ipfix.flow_active_timeout;
+            config.template_refresh = args.ipfix.ipfix_template_refresh;
+            config.domain_id = args.ipfix.ipfix_domain_id;
+            config.biflow = args.ipfix.ipfix_biflow;
+            IpfixExporter::new(config).with_context(|| format!("--ipfix-collector {collector}"))
+        })
+        .collect()
+}
+
+pub async fn run(
+    args: RunArgs,
+    ifaces: Vec<String>,
+    collectors: Vec<Collector>,
+) -> anyhow::Result<()> {
+    let mut outputs = Outputs::open(&args)?;
+    let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
+    // Before the programs load: the first poll's rates run from here.
+    let top = top::Tracker::new(clock::monotonic_ns());
+    metrics::serve(args.metrics_addr, metrics.registry(), top.subscribe()).await?;
+    // Before anything is loaded: a signal that comes while the programs attach waits for
+    // the loop below, which detaches them cleanly, instead of killing the agent with
+    // programs attached through netlink left behind.
+    let signals = Signals::install()?;
+    let Attached {
+        kernel,
+        poller,
+        dns_events,
+        dns_queue,
+        watching,
+        resumed,
+    } = Attached::attach(&args, &ifaces, outputs.pins.take())?;
+    // Before capabilities drop: reading the conntrack table needs CAP_NET_ADMIN.
+    let nat = Nat::follow();
+    // No thread exists yet: the ones started below inherit the reduced capabilities.
+    privileges::drop_after_attach().context("dropping capabilities after attaching")?;
+    let parts = Parts {
+        outputs,
+        poller,
+        dns_queue,
+        watching,
+        resumed,
+        metrics,
+        top,
+        nat,
+    };
+    let pipeline = Pipeline::new(&args, &collectors, parts)?;
+    // Tests and scripts wait for this line: the programs are counting from here on.
+    eprintln!("monitor: watching {}", pipeline.watching);
+
+    let pipeline = poll_until_stopped(pipeline, args.poll_interval, dns_events, signals).await?;
     drop(kernel);
     if let Some(pins) = &args.pin_path {
         return pipeline.suspend(pins);
