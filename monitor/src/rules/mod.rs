@@ -143,6 +143,19 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
+    /// What the responder offers, as `--allow-service` and `--ratio-port` name it: its port
+    /// and protocol; for ICMP the type the originator sent (`8/icmp`, echo).
+    pub fn offered(&self) -> Service {
+        let port = match self.proto() {
+            1 | 58 => self.orig.port,
+            _ => self.resp.port,
+        };
+        Service {
+            port,
+            proto: self.proto(),
+        }
+    }
+
     pub fn uid(&self) -> Uid {
         self.conn.uid
     }

@@ -11,7 +11,6 @@ use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, decode, human_bytes
 use crate::{
     alerts::{Alert, Note},
     conntable::Uid,
-    rules::targets::Service,
 };
 
 pub struct RestrictedOutbound {
@@ -40,11 +39,7 @@ impl Rule for RestrictedOutbound {
         if !self.judged.insert(conn.uid()) {
             return;
         }
-        let service = Service {
-            port: conn.resp.port,
-            proto: conn.proto(),
-        };
-        if conn.local_resp || self.allow.covers(src, dst, service) {
+        if conn.local_resp || self.allow.covers(src, dst, conn.offered()) {
             return;
         }
         let sent = conn.conn.orig();
@@ -130,6 +125,32 @@ mod tests {
             );
             finish(&mut r, &conn, at(3.0));
         }
+    }
+
+    /// ICMP is allowed by type, as `--allow-service CIDR,8/icmp` says: the type the
+    /// originator sent (an echo request keys as type 8 to code/counterpart 0).
+    #[test]
+    fn icmp_is_allowed_by_the_type_the_originator_sent() {
+        let mut r = rule(
+            &["--allow-service", "203.0.113.0/24,8/icmp"],
+            Names::default(),
+        );
+        let ping = ConnSpec {
+            orig: ("198.18.5.7", 8),
+            resp: ("203.0.113.2", 0),
+            proto: 1,
+            uid: "Cping",
+            ..ConnSpec::default()
+        };
+        assert!(update(&mut r, &ping.conn(), at(1.0)).is_empty());
+        let timestamp = ConnSpec {
+            orig: ("198.18.5.7", 13),
+            resp: ("203.0.113.2", 0),
+            proto: 1,
+            uid: "Ctimestamp",
+            ..ConnSpec::default()
+        };
+        assert_eq!(update(&mut r, &timestamp.conn(), at(1.0)).len(), 1);
     }
 
     #[test]

@@ -26,10 +26,7 @@ impl UploadRatio {
 
 impl Rule for UploadRatio {
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
-        let service = Service {
-            port: conn.resp.port,
-            proto: conn.proto(),
-        };
+        let service = conn.offered();
         if !(conn.local_orig && !conn.local_resp) || !self.services.contains(&service) {
             return;
         }
