@@ -30,3 +30,4 @@ pub mod run;
 pub mod shed;
 pub mod state;
 pub mod top;
+pub mod worker;

@@ -35,11 +35,9 @@ pub mod transport;
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
+        Arc,
+        atomic::{AtomicU64, Ordering},
     },
-    thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -60,11 +58,14 @@ use crate::{
     clock::Clock,
     conntable::{Conn, LocalNets},
     nat::{Nat, Translation},
+    worker::{Submitted, Worker},
 };
 
-/// Messages waiting for the sender thread before new ones are dropped.
+/// Messages the sender thread holds (the one being sent included) before new ones are
+/// dropped.
 pub const DEFAULT_QUEUE: usize = 1024;
-/// How long [`IpfixExporter::shutdown`] waits at most for the queue to drain.
+/// How long [`IpfixExporter::shutdown`] waits at most for the queue to drain (a send in
+/// progress then gets a short grace).
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
@@ -79,7 +80,7 @@ pub struct IpfixConfig {
     pub local: LocalNets,
     /// Kernel timestamps to epoch time.
     pub clock: Clock,
-    /// Messages waiting to be sent before new ones are dropped (at least 1).
+    /// Messages held for sending before new ones are dropped (at least 1).
     pub queue: usize,
 }
 
@@ -106,20 +107,31 @@ pub struct ExportStats {
     pub records: u64,
     /// Messages sent (`ipfix_messages_total`).
     pub messages: u64,
-    /// Messages dropped on a full queue plus failed sends (`ipfix_export_errors_total`).
+    /// Messages dropped on a full queue, failed sends, and messages left unsent at
+    /// shutdown (`ipfix_export_errors_total`).
     pub errors: u64,
     /// Of `errors`, the drops.
     pub dropped: u64,
 }
 
+/// What the sender thread counts; drops from a full queue are the worker's.
 #[derive(Debug, Default)]
 struct Counters {
     records: AtomicU64,
     messages: AtomicU64,
+    /// Failed sends and messages left unsent at shutdown.
     errors: AtomicU64,
-    dropped: AtomicU64,
-    /// Set at shutdown: a sender thread that cannot reach its collector gives up.
-    closing: AtomicBool,
+}
+
+impl Counters {
+    fn stats(&self, dropped: u64) -> ExportStats {
+        ExportStats {
+            records: self.records.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed) + dropped,
+            dropped,
+        }
+    }
 }
 
 /// What was exported of one connection, per key direction (`[a -> b, b -> a]`).
@@ -139,11 +151,8 @@ pub struct IpfixExporter {
     encoder: Encoder,
     exported: HashMap<FlowKey, Exported>,
     pending: Vec<Record>,
-    queue: Option<SyncSender<Message>>,
+    sender: Worker<Message>,
     counters: Arc<Counters>,
-    thread: Option<JoinHandle<()>>,
-    /// Disconnected when the sender thread ends: a bounded join.
-    done: Mutex<Receiver<()>>,
 }
 
 impl IpfixExporter {
@@ -157,26 +166,21 @@ impl IpfixExporter {
                 .refreshes_templates()
                 .then_some(config.template_refresh),
         );
-        let (tx, rx) = mpsc::sync_channel::<Message>(config.queue.max(1));
-        let (done_tx, done_rx) = mpsc::channel::<()>();
         let counters = Arc::new(Counters::default());
         let templates = encoder.templates_message(0);
-        let thread = transport::spawn(
+        let sender = transport::spawn(
             &config.collector,
-            rx,
+            config.queue,
             templates,
             Arc::clone(&counters),
-            done_tx,
         )?;
         let mut exporter = Self {
             encoder,
             config,
             exported: HashMap::new(),
             pending: Vec::new(),
-            queue: Some(tx),
+            sender,
             counters,
-            thread: Some(thread),
-            done: Mutex::new(done_rx),
         };
         exporter.flush();
         Ok(exporter)
@@ -247,44 +251,29 @@ impl IpfixExporter {
     }
 
     pub fn stats(&self) -> ExportStats {
-        let c = &self.counters;
-        ExportStats {
-            records: c.records.load(Ordering::Relaxed),
-            messages: c.messages.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
-            dropped: c.dropped.load(Ordering::Relaxed),
-        }
+        self.counters.stats(self.sender.dropped())
     }
 
-    /// Flushes, then waits (at most a couple of seconds) for the queue to be sent.
+    /// Flushes, then waits (at most a couple of seconds) for the queue to be sent; what
+    /// is left unsent counts as errors.
     pub fn shutdown(mut self) -> ExportStats {
         self.flush();
-        self.queue = None;
-        self.counters.closing.store(true, Ordering::Relaxed);
-        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(mpsc::RecvTimeoutError::Disconnected) = done.recv_timeout(SHUTDOWN_WAIT)
-            && let Some(thread) = self.thread.take()
-        {
-            let _ = thread.join();
-        }
-        drop(done);
-        self.stats()
+        let dropped = self.sender.dropped();
+        let left = self.sender.shutdown(SHUTDOWN_WAIT).left;
+        self.counters
+            .errors
+            .fetch_add(left as u64, Ordering::Relaxed);
+        self.counters.stats(dropped)
     }
 
-    fn enqueue(&mut self, message: Message) {
-        let Some(queue) = &self.queue else { return };
-        match queue.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                let c = &self.counters;
-                if c.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    warn!(
-                        "IPFIX to {}: queue full, dropping messages",
-                        self.config.collector
-                    );
-                }
-                c.errors.fetch_add(1, Ordering::Relaxed);
-            }
+    fn enqueue(&self, message: Message) {
+        if let Submitted::Dropped { .. } = self.sender.submit(message)
+            && self.sender.dropped() == 1
+        {
+            warn!(
+                "IPFIX to {}: queue full, dropping messages",
+                self.config.collector
+            );
         }
     }
 
@@ -409,14 +398,6 @@ impl IpfixExporter {
     }
 }
 
-impl Drop for IpfixExporter {
-    /// Stops the sender thread after what is queued, without waiting for it.
-    fn drop(&mut self) {
-        self.queue = None;
-        self.counters.closing.store(true, Ordering::Relaxed);
-    }
-}
-
 /// (source port, destination port, icmpTypeCode) of a record from a sender whose key port
 /// is `src` to one whose key port is `dst`. ICMP keys hold the type and the counterpart
 /// type or the code (see [`icmp_ports`]).
@@ -442,7 +423,10 @@ mod tests {
         parse::IPPROTO_UDP,
     };
 
-    use crate::poller::FlowSnapshot;
+    use crate::{
+        poller::FlowSnapshot,
+        worker::{Backoff, Deliver},
+    };
 
     const SECOND: u64 = 1_000_000_000;
     /// Monotonic zero is 2026-11-24T00:00:00Z.
@@ -681,12 +665,27 @@ mod tests {
         );
     }
 
+    const AWAY_BACKOFF: Backoff = Backoff {
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(1),
+    };
+
+    /// A collector that never takes a message.
+    struct Away;
+
+    impl Deliver for Away {
+        type Item = Message;
+
+        fn deliver(&mut self, _: &Message) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::ConnectionRefused.into())
+        }
+    }
+
     #[test]
     fn full_queue_drops_and_counts() {
         let (mut exporter, _sink) = exporter(false);
-        // A queue of one message that nobody reads.
-        let (tx, _rx) = mpsc::sync_channel(1);
-        exporter.queue = Some(tx);
+        // Room for one message, which a collector that is away never takes.
+        exporter.sender = Worker::spawn("ipfix-test".into(), 1, AWAY_BACKOFF, Away).unwrap();
         let c = conn(
             IPPROTO_UDP,
             "198.18.0.2",

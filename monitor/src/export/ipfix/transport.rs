@@ -19,24 +19,23 @@ use std::{
     io::{self, ErrorKind, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket},
     str::FromStr,
-    sync::{
-        Arc,
-        atomic::Ordering,
-        mpsc::{self, Receiver},
-    },
-    thread::{self, JoinHandle},
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use log::{info, warn};
 
 use super::{Counters, encode::Message};
+use crate::worker::{Backoff, Deliver, Worker};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A collector that takes longer than this to accept one message is treated as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Between attempts to reach a TCP collector that is away.
+const BACKOFF: Backoff = Backoff {
+    min: Duration::from_millis(100),
+    max: Duration::from_secs(10),
+};
 
 /// Where messages go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,18 +114,17 @@ impl fmt::Display for Collector {
     }
 }
 
-/// Starts the thread that sends what `queue` yields to `collector` until the queue's
-/// sender is gone. `templates` is a message of the templates alone (TCP sends it first on
-/// every connection). `done` is dropped when the thread ends.
+/// Starts the thread that sends what is submitted to `collector`, holding at most
+/// `capacity` messages. `templates` is a message of the templates alone (TCP sends it first
+/// on every connection).
 pub(super) fn spawn(
     collector: &Collector,
-    queue: Receiver<Message>,
+    capacity: usize,
     templates: Message,
     counters: Arc<Counters>,
-    done: mpsc::Sender<()>,
-) -> io::Result<JoinHandle<()>> {
+) -> io::Result<Worker<Message>> {
     let name = collector.to_string();
-    let builder = thread::Builder::new().name("ipfix".into());
+    let thread = "ipfix".to_owned();
     match *collector {
         Collector::Udp(addr) => {
             let bind: SocketAddr = if addr.is_ipv4() {
@@ -136,24 +134,26 @@ pub(super) fn spawn(
             };
             let socket = UdpSocket::bind(bind)?;
             socket.connect(addr)?;
-            builder.spawn(move || {
-                let _done = done;
-                udp_loop(&socket, &queue, &counters, &name);
-            })
+            let link = UdpLink {
+                socket,
+                name,
+                counters,
+                failing: false,
+            };
+            Worker::spawn(thread, capacity, BACKOFF, link)
         }
-        Collector::Tcp(addr) => builder.spawn(move || {
-            let _done = done;
-            let mut link = TcpLink {
+        Collector::Tcp(addr) => {
+            let link = TcpLink {
                 addr,
                 name,
                 templates,
+                counters,
                 stream: None,
                 sequence: 0,
-                backoff: BACKOFF_MIN,
                 failing: false,
             };
-            link.run(&queue, &counters);
-        }),
+            Worker::spawn(thread, capacity, BACKOFF, link)
+        }
     }
 }
 
@@ -164,22 +164,35 @@ fn count_sent(counters: &Counters, message: &Message) {
         .fetch_add(u64::from(message.records), Ordering::Relaxed);
 }
 
-fn udp_loop(socket: &UdpSocket, queue: &Receiver<Message>, counters: &Counters, to: &str) {
-    let mut failing = false;
-    while let Ok(message) = queue.recv() {
-        match socket.send(&message.bytes) {
+/// One UDP collector: a datagram per message, never sent twice.
+struct UdpLink {
+    socket: UdpSocket,
+    name: String,
+    counters: Arc<Counters>,
+    /// A failure was logged; the next ones are not until a send succeeds.
+    failing: bool,
+}
+
+impl Deliver for UdpLink {
+    type Item = Message;
+
+    /// A datagram that could not be sent is counted as an error and not retried: the
+    /// sequence numbers show the collector the gap.
+    fn deliver(&mut self, message: &Message) -> io::Result<()> {
+        match self.socket.send(&message.bytes) {
             Ok(_) => {
-                count_sent(counters, &message);
-                failing = false;
+                count_sent(&self.counters, message);
+                self.failing = false;
             }
             Err(e) => {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                if !failing && e.kind() != ErrorKind::WouldBlock {
-                    warn!("IPFIX to {to}: {e}");
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if !self.failing && e.kind() != ErrorKind::WouldBlock {
+                    warn!("IPFIX to {}: {e}", self.name);
                 }
-                failing = true;
+                self.failing = true;
             }
         }
+        Ok(())
     }
 }
 
@@ -188,48 +201,37 @@ struct TcpLink {
     addr: SocketAddr,
     name: String,
     templates: Message,
+    counters: Arc<Counters>,
     stream: Option<TcpStream>,
     /// Data records sent on the current connection (mod 2^32).
     sequence: u32,
-    backoff: Duration,
-    /// A failure was logged; the next success is logged too.
+    /// A failure was logged; the next connection is logged too.
     failing: bool,
 }
 
-impl TcpLink {
-    fn run(&mut self, queue: &Receiver<Message>, counters: &Counters) {
-        let mut retry = None;
-        loop {
-            let message = match retry.take() {
-                Some(message) => message,
-                None => match queue.recv() {
-                    Ok(message) => message,
-                    Err(_) => return,
-                },
-            };
-            match self.send(&message, counters) {
-                Ok(()) => count_sent(counters, &message),
-                Err(e) => {
-                    if !self.failing {
-                        warn!("IPFIX to {}: {e}; retrying with backoff", self.name);
-                        self.failing = true;
-                    }
-                    if counters.closing.load(Ordering::Relaxed) {
-                        // Shutting down with the collector away: what is left is lost.
-                        let lost = 1 + queue.try_iter().count() as u64;
-                        counters.errors.fetch_add(lost, Ordering::Relaxed);
-                        return;
-                    }
-                    retry = Some(message);
-                    thread::sleep(self.backoff);
-                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+impl Deliver for TcpLink {
+    type Item = Message;
+
+    fn deliver(&mut self, message: &Message) -> io::Result<()> {
+        match self.send(message) {
+            Ok(()) => {
+                count_sent(&self.counters, message);
+                Ok(())
+            }
+            Err(e) => {
+                if !self.failing {
+                    warn!("IPFIX to {}: {e}; retrying with backoff", self.name);
+                    self.failing = true;
                 }
+                Err(e)
             }
         }
     }
+}
 
+impl TcpLink {
     /// Writes `message` on the current connection, or on a new one after the templates.
-    fn send(&mut self, message: &Message, counters: &Counters) -> io::Result<()> {
+    fn send(&mut self, message: &Message) -> io::Result<()> {
         if self.stream.as_ref().is_some_and(|s| !peer_open(s)) {
             self.stream = None;
         }
@@ -237,7 +239,7 @@ impl TcpLink {
             Some(stream) => stream,
             None => {
                 let stream = self.connect()?;
-                count_sent(counters, &self.templates);
+                count_sent(&self.counters, &self.templates);
                 self.stream.insert(stream)
             }
         };
@@ -263,7 +265,6 @@ impl TcpLink {
         templates[8..12].copy_from_slice(&0u32.to_be_bytes());
         stream.write_all(&templates)?;
         self.sequence = 0;
-        self.backoff = BACKOFF_MIN;
         if self.failing {
             info!("IPFIX to {}: connected", self.name);
             self.failing = false;
