@@ -607,9 +607,8 @@ impl Outputs {
             warn!("--pin-path without --state-dir: counts survive a restart, rule state does not");
         }
         let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(alert_log)];
-        if let Some(url) = &args.syslog {
-            let syslog = SyslogSink::connect(url).with_context(|| format!("--syslog {url}"))?;
-            sinks.push(Box::new(syslog));
+        if let Some(target) = &args.syslog {
+            sinks.push(Box::new(SyslogSink::new(target.clone())));
         }
         if let Some(url) = &args.alertmanager_url {
             sinks.push(Box::new(AlertmanagerSink::new(url)));

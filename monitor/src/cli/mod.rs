@@ -13,6 +13,7 @@ use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 pub use values::{Durations, Size, parse_cidr, parse_duration, parse_durations, parse_factor};
 
 use crate::{
+    alerts::sinks::syslog::Target,
     kernel::{IngressHook, XdpMode},
     rules::{
         targets::{AddrSpec, AllowPair, AllowService, Service},
@@ -130,7 +131,7 @@ pub struct RunArgs {
 
     /// Also send alerts to syslog (RFC 5424): udp://HOST:PORT or unix:PATH.
     #[arg(long, value_name = "URL", value_parser = parse_syslog_url, help_heading = "Outputs")]
-    pub syslog: Option<String>,
+    pub syslog: Option<Target>,
 
     /// Also post alerts to Alertmanager's v2 API (http://HOST:PORT).
     #[arg(long, value_name = "URL", value_parser = crate::alerts::sinks::alertmanager::parse_url,
@@ -417,10 +418,8 @@ pub struct RuleArgs {
     pub exclude_dst: Vec<AddrSpec>,
 }
 
-fn parse_syslog_url(s: &str) -> Result<String, String> {
-    crate::alerts::sinks::syslog::Target::parse(s)
-        .map(|_| s.to_owned())
-        .map_err(|_| "expected udp://HOST:PORT or unix:PATH".to_owned())
+fn parse_syslog_url(s: &str) -> Result<Target, String> {
+    Target::parse(s).map_err(|_| "expected udp://HOST:PORT or unix:PATH".to_owned())
 }
 
 /// RFC 1918, RFC 6598 (carrier-grade NAT) and RFC 4193 (unique local IPv6).
