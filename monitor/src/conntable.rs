@@ -130,6 +130,11 @@ impl Conn {
         conn
     }
 
+    /// Nothing new since the last observation: the delta to the next one starts here.
+    fn settle(&mut self) {
+        self.prev = self.totals();
+    }
+
     /// Takes the counts of a later snapshot of the same connection.
     pub fn set_snap(&mut self, snap: FlowSnapshot) {
         debug_assert_eq!(snap.key, self.key, "a snapshot of another connection");
@@ -678,7 +683,7 @@ impl ConnTable {
         for (i, word) in observed.iter().enumerate().filter(|(_, w)| **w != u64::MAX) {
             for bit in (0..64).filter(|bit| word & (1 << bit) == 0) {
                 if let Some(conn) = self.conns.at_mut(i * 64 + bit) {
-                    conn.prev = conn.totals();
+                    conn.settle();
                 }
             }
         }
@@ -701,7 +706,7 @@ impl ConnTable {
         match std::mem::replace(&mut self.unsettled, Unsettled::All) {
             Unsettled::All => {
                 for conn in self.conns.iter_mut() {
-                    conn.prev = conn.totals();
+                    conn.settle();
                 }
             }
             Unsettled::Keys(keys) => {
@@ -814,7 +819,7 @@ impl ConnTable {
     /// A connection whose map entry is gone carried nothing since it was last observed.
     pub fn settle(&mut self, key: &FlowKey) {
         if let Some(conn) = self.conns.get_mut(key) {
-            conn.prev = conn.totals();
+            conn.settle();
         }
     }
 
@@ -851,7 +856,7 @@ impl ConnTable {
             .conns
             .at_mut(position)
             .expect("a position in the table");
-        conn.prev = conn.totals();
+        conn.settle();
         conn.set_snap(snap);
     }
 
@@ -906,13 +911,11 @@ impl ConnTable {
         let position = self.conns.position(key)?;
         match last {
             Some(snap) => self.update_at(position, snap),
-            None => {
-                let conn = self
-                    .conns
-                    .at_mut(position)
-                    .expect("a position in the table");
-                conn.prev = conn.totals();
-            }
+            None => self
+                .conns
+                .at_mut(position)
+                .expect("a position in the table")
+                .settle(),
         }
         Some(self.remove_at(position))
     }
