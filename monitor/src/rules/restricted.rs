@@ -135,21 +135,15 @@ mod tests {
             &["--allow-service", "203.0.113.0/24,8/icmp"],
             Names::default(),
         );
-        let ping = ConnSpec {
-            orig: ("198.18.5.7", 8),
+        let icmp = |kind, uid| ConnSpec {
+            orig: ("198.18.5.7", kind),
             resp: ("203.0.113.2", 0),
             proto: 1,
-            uid: "Cping",
+            uid,
             ..ConnSpec::default()
         };
+        let (ping, timestamp) = (icmp(8, "Cping"), icmp(13, "Ctimestamp"));
         assert!(update(&mut r, &ping.conn(), at(1.0)).is_empty());
-        let timestamp = ConnSpec {
-            orig: ("198.18.5.7", 13),
-            resp: ("203.0.113.2", 0),
-            proto: 1,
-            uid: "Ctimestamp",
-            ..ConnSpec::default()
-        };
         assert_eq!(update(&mut r, &timestamp.conn(), at(1.0)).len(), 1);
     }
 
