@@ -3,6 +3,7 @@
 //!
 //! maps -> poller -> connection table -> logs.
 
+pub mod addr;
 pub mod alerts;
 pub mod cidr;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod parse_watch;
 pub mod poller;
 pub mod private;
 pub mod privileges;
+pub mod proto;
 pub mod resolve;
 pub mod rules;
 pub mod run;

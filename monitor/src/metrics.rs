@@ -19,14 +19,7 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::{
-    alerts::Note,
-    conntable::{Conn, Sides},
-    dns::DnsCounts,
-    logs::LogStats,
-    poller::Coverage,
-    top,
-};
+use crate::{alerts::Note, conntable::View, dns::DnsCounts, logs::LogStats, poller::Coverage, top};
 
 const PREFIX: &str = "egress_monitor";
 const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
@@ -423,12 +416,12 @@ impl Metrics {
     }
 
     /// Adds what a connection carried since its observation before the latest.
-    /// `sides`: as [`crate::conntable::LocalNets::sides`] decided for `conn`.
-    pub fn observe(&mut self, conn: &Conn, sides: Sides) {
+    pub fn observe(&mut self, view: &View) {
+        let conn = view.conn;
         let (a, b) = conn.key_endpoints();
         for i in [DIR_A_TO_B, DIR_B_TO_A] {
             let new = conn.delta(i);
-            let (from_local, to_local) = sides.local_from_to(i);
+            let (from_local, to_local) = view.local_from_to(i);
             // Indexes into DIRECTIONS.
             let direction = match (from_local, to_local) {
                 (true, false) => 0,
@@ -638,7 +631,7 @@ mod tests {
             let snap = spec.conn().snap();
             table.observe(snap);
             let conn = table.iter().find(|c| c.key == snap.key).unwrap();
-            m.observe(conn, local().sides(conn));
+            m.observe(&local().view(conn));
         };
         let mut spec = ConnSpec {
             orig_bytes: 10_000,
@@ -766,7 +759,7 @@ mod tests {
                 ..ConnSpec::default()
             };
             let conn = spec.conn();
-            m.observe(&conn, local().sides(&conn));
+            m.observe(&local().view(&conn));
         }
         poll(&mut m, 30.0);
         assert!(
@@ -831,7 +824,7 @@ mod tests {
         let counters = [0; stats::SLOTS as usize];
         m.polled((0, 0), counters, Duration::ZERO, 0.0);
         let conn = ConnSpec::default().conn();
-        m.observe(&conn, local().sides(&conn));
+        m.observe(&local().view(&conn));
         m.polled((0, 0), counters, Duration::ZERO, 61.0);
         m.sink("syslog", 0, 0);
         m.logs([("conn", Some(LogStats::default()))]);

@@ -240,11 +240,12 @@ impl Pipeline {
                 if table.is_finished(conn, now.mono_ns) {
                     finished.push(conn.key);
                 }
-                turn.judge(conn, now, alerts);
+                let ctx = turn.view(conn);
+                turn.judge(&ctx, now, alerts);
             }
             return finished;
         }
-        let due = table.due(now.mono_ns, |conn| turn.acts_at(conn));
+        let due = table.due(now.mono_ns, |conn| turn.acts_at(&turn.view(conn)));
         let reschedule: foldhash::HashSet<FlowKey> =
             table.rescheduled().iter().chain(&due).copied().collect();
         let mut judged = foldhash::HashSet::default();
@@ -253,12 +254,13 @@ impl Pipeline {
             let Some(conn) = table.get(key).filter(|_| judged.insert(*key)) else {
                 continue;
             };
+            let ctx = turn.view(conn);
             if table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             } else if reschedule.contains(key) {
-                wakes.push((*key, turn.acts_at(conn)));
+                wakes.push((*key, turn.acts_at(&ctx)));
             }
-            turn.judge(conn, now, alerts);
+            turn.judge(&ctx, now, alerts);
         }
         for (key, at) in wakes {
             table.wake(key, at);
@@ -421,15 +423,15 @@ impl Pipeline {
     }
 
     fn finish(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>, reason: EndReason) {
+        let view = self.local.view(conn);
         for exporter in &mut self.exporters {
-            exporter.finish(conn, self.nat.of(&conn.key), reason, now.mono_ns);
+            exporter.finish(&view, self.nat.of(&conn.key), reason, now.mono_ns);
         }
-        let sides = self.local.sides(conn);
-        let ctx = ConnCtx::new(conn, sides, &self.clock).translated(&self.nat);
+        let ctx = ConnCtx::new(view, &self.clock).translated(&self.nat);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }
-        self.metrics.observe(conn, sides);
+        self.metrics.observe(&view);
         if let Some(log) = &mut self.conn_log {
             let mut record = ctx.record();
             let (local, remote) = record.fields.local_remote();
@@ -543,29 +545,34 @@ struct Turn<'a> {
     nat: &'a Nat,
 }
 
-impl Turn<'_> {
+impl<'a> Turn<'a> {
+    /// The connection's view, decided once for this turn.
+    fn view<'c>(&self, conn: &'c Conn) -> ConnCtx<'c>
+    where
+        'a: 'c,
+    {
+        ConnCtx::new(self.local.view(conn), self.clock).translated(self.nat)
+    }
+
     /// The rules, metrics and exporters see the connection's latest snapshot.
-    fn judge(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>) {
-        let sides = self.local.sides(conn);
-        let ctx = ConnCtx::new(conn, sides, self.clock).translated(self.nat);
+    fn judge(&mut self, ctx: &ConnCtx, now: Now, alerts: &mut Vec<Alert>) {
         for rule in self.rules.iter_mut() {
-            rule.on_update(&ctx, now, alerts);
+            rule.on_update(ctx, now, alerts);
         }
-        self.metrics.observe(conn, sides);
+        self.metrics.observe(ctx.view());
         for exporter in self.exporters.iter_mut() {
-            exporter.update(conn, self.nat, now.mono_ns);
+            exporter.update(ctx.view(), self.nat, now.mono_ns);
         }
     }
 
-    /// The earliest kernel time at which a rule or an exporter acts on `conn` with
-    /// nothing new in it.
-    fn acts_at(&self, conn: &Conn) -> u64 {
-        let ctx = ConnCtx::new(conn, self.local.sides(conn), self.clock).translated(self.nat);
-        let by_rules = self.rules.iter().filter_map(|rule| rule.next_due(&ctx));
+    /// The earliest kernel time at which a rule or an exporter acts on the connection
+    /// with nothing new in it.
+    fn acts_at(&self, ctx: &ConnCtx) -> u64 {
+        let by_rules = self.rules.iter().filter_map(|rule| rule.next_due(ctx));
         let by_exporters = self
             .exporters
             .iter()
-            .map(|exporter| exporter.next_due(conn));
+            .map(|exporter| exporter.next_due(ctx.view()));
         by_rules.chain(by_exporters).min().unwrap_or(u64::MAX)
     }
 }
@@ -776,7 +783,7 @@ impl Pipeline {
             table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
             rules,
             suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
-            exporters: exporters(args, collectors, &local, clock)?,
+            exporters: exporters(args, collectors, clock)?,
             sinks: (sinks.into_iter())
                 .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
                 .collect(),
@@ -829,13 +836,12 @@ fn start_rules(
 fn exporters(
     args: &RunArgs,
     collectors: &[Collector],
-    local: &LocalNets,
     clock: Clock,
 ) -> anyhow::Result<Vec<IpfixExporter>> {
     collectors
         .iter()
         .map(|collector| {
-            let mut config = IpfixConfig::new(collector.clone(), local.clone(), clock);
+            let mut config = IpfixConfig::new(collector.clone(), clock);
             config.active_timeout = args.ipfix.flow_active_timeout;
             config.template_refresh = args.ipfix.ipfix_template_refresh;
             config.domain_id = args.ipfix.ipfix_domain_id;

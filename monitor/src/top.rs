@@ -19,8 +19,9 @@ use tokio::sync::watch;
 
 use crate::{
     clock::Now,
-    conntable::{Conn, ConnTable, Endpoint, LocalNets, Sides, Uid},
-    rules::{human_bytes, proto_name},
+    conntable::{Conn, ConnTable, Endpoint, LocalNets, Uid},
+    proto,
+    rules::human_bytes,
 };
 
 /// Connections the agent keeps in its view: `--count` shows at most this many.
@@ -138,19 +139,11 @@ impl Tracker {
             if floor.is_some_and(|f| rank.busier(&f) != Ordering::Less) {
                 continue;
             }
-            let Sides {
-                orig,
-                resp,
-                orig_dir,
-                local_orig,
-                local_resp,
-            } = local.sides(conn);
+            let view = local.view(conn);
             // "out" is what the local side sends; orig's when both or neither are local.
-            let (local_ep, remote_ep, out_dir) = if !local_orig && local_resp {
-                (resp, orig, 1 - orig_dir)
-            } else {
-                (orig, resp, orig_dir)
-            };
+            let side = view.shown_local();
+            let (local_ep, remote_ep) = view.ends(side);
+            let out_dir = view.dir_of(side);
             busiest.push(Candidate {
                 conn,
                 rank,
@@ -170,7 +163,7 @@ impl Tracker {
             .iter()
             .map(|c| Row {
                 uid: c.conn.uid.to_string(),
-                proto: proto_name(c.conn.key.proto).to_owned(),
+                proto: proto::name(c.conn.key.proto).into_owned(),
                 local: SocketAddr::new(c.local.addr, c.local.port),
                 remote: SocketAddr::new(c.remote.addr, c.remote.port),
                 bytes_out: c.bytes[0],

@@ -30,14 +30,11 @@ use tests::nfdump::{Nfcapd, read_flows};
 const SECOND: u64 = 1_000_000_000;
 
 fn key_bytes(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut out = [0; 16];
-            out[..4].copy_from_slice(&v4.octets());
-            out
-        }
-        IpAddr::V6(v6) => v6.octets(),
-    }
+    monitor::addr::to_wire(ip).0
+}
+
+fn local() -> LocalNets {
+    LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()])
 }
 
 /// A connection from `orig` to `resp`; `dir[0]` is the originator's direction.
@@ -111,7 +108,6 @@ fn expected(conn: &Conn) -> Vec<(Tuple, (u64, u64))> {
 #[test]
 fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     let mut nfcapd = Nfcapd::start();
-    let local = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
     // Kernel time zero is one hour ago, so the flows look recent to nfdump.
     let wall_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -119,7 +115,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
         .as_nanos() as i128;
     let clock = Clock::with_offset_ns(wall_ns - 3600 * SECOND as i128);
     let collector = Collector::Udp(SocketAddr::from(([127, 0, 0, 1], nfcapd.port)));
-    let mut config = IpfixConfig::new(collector, local, clock);
+    let mut config = IpfixConfig::new(collector, clock);
     config.active_timeout = Duration::from_secs(5);
     let mut exporter = IpfixExporter::new(config).expect("exporter");
 
@@ -146,13 +142,18 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
             ACK | PSH,
         );
         add(&mut upload, 1, 50, 2600 + step, now, ACK);
-        exporter.update(&upload, &Nat::without_conntrack(), now);
+        exporter.update(&local().view(&upload), &Nat::without_conntrack(), now);
         exporter.flush();
         updates += 1;
     }
     add(&mut upload, 0, 1, 52, now + SECOND, FIN | ACK);
     add(&mut upload, 1, 2, 104, now + SECOND, FIN | ACK);
-    exporter.finish(&upload, None, EndReason::EndOfFlow, now + 6 * SECOND);
+    exporter.finish(
+        &local().view(&upload),
+        None,
+        EndReason::EndOfFlow,
+        now + 6 * SECOND,
+    );
 
     // UDP DNS, an ICMP echo, and an IPv6 TCP download, each exported once at its end.
     let mut dns = conn(
@@ -163,12 +164,12 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     );
     add(&mut dns, 0, 2, 140, 3 * SECOND, 0);
     add(&mut dns, 1, 2, 380, 3 * SECOND + 5_000_000, 0);
-    exporter.finish(&dns, None, EndReason::Idle, 70 * SECOND);
+    exporter.finish(&local().view(&dns), None, EndReason::Idle, 70 * SECOND);
 
     let mut ping = conn(IPPROTO_ICMP, ("198.18.0.4", 8), ("203.0.113.1", 0), "Cping");
     add(&mut ping, 0, 4, 336, 4 * SECOND, 0);
     add(&mut ping, 1, 4, 336, 4 * SECOND + 20_000_000, 0);
-    exporter.finish(&ping, None, EndReason::Idle, 70 * SECOND);
+    exporter.finish(&local().view(&ping), None, EndReason::Idle, 70 * SECOND);
 
     let mut v6 = conn(
         IPPROTO_TCP,
@@ -180,7 +181,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
     add(&mut v6, 1, 1, 80, 5 * SECOND, SYN | ACK);
     add(&mut v6, 0, 900, 72_000, 9 * SECOND, ACK);
     add(&mut v6, 1, 1500, 2_160_000, 9 * SECOND, ACK | PSH);
-    exporter.finish(&v6, None, EndReason::ForcedEnd, 10 * SECOND);
+    exporter.finish(&local().view(&v6), None, EndReason::ForcedEnd, 10 * SECOND);
 
     let stats = exporter.shutdown();
     assert_eq!(updates, 20);
@@ -287,11 +288,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
         .port();
     let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
     let clock = Clock::with_offset_ns(0);
-    let mut config = IpfixConfig::new(
-        collector,
-        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
-        clock,
-    );
+    let mut config = IpfixConfig::new(collector, clock);
     // Over TCP the templates are not refreshed on a timer, however short it is.
     config.template_refresh = Duration::from_millis(1);
     let started = Instant::now();
@@ -309,7 +306,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     };
     // Two records per connection; the first batch while the collector is down.
     for n in 0..10 {
-        exporter.finish(&udp(n), None, EndReason::Idle, 2 * SECOND);
+        exporter.finish(&local().view(&udp(n)), None, EndReason::Idle, 2 * SECOND);
         exporter.flush();
     }
     assert!(
@@ -342,7 +339,7 @@ fn tcp_collector_down_at_start_then_restarted_gets_templates_and_the_rest() {
     drop(first);
     thread::sleep(Duration::from_millis(200));
     for n in 10..25 {
-        exporter.finish(&udp(n), None, EndReason::Idle, 3 * SECOND);
+        exporter.finish(&local().view(&udp(n)), None, EndReason::Idle, 3 * SECOND);
         exporter.flush();
         thread::sleep(Duration::from_millis(20));
     }
@@ -375,11 +372,7 @@ fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
         .expect("a free port")
         .port();
     let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
-    let config = IpfixConfig::new(
-        collector,
-        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
-        Clock::with_offset_ns(0),
-    );
+    let config = IpfixConfig::new(collector, Clock::with_offset_ns(0));
     let mut exporter = IpfixExporter::new(config).expect("exporter");
     let mut c = conn(
         IPPROTO_UDP,
@@ -389,7 +382,7 @@ fn tcp_collector_down_at_shutdown_counts_what_it_lost() {
     );
     add(&mut c, 0, 1, 100, SECOND, 0);
     for n in 0..3 {
-        exporter.finish(&c, None, EndReason::Idle, (2 + n) * SECOND);
+        exporter.finish(&local().view(&c), None, EndReason::Idle, (2 + n) * SECOND);
         exporter.flush();
     }
     let started = Instant::now();
@@ -427,11 +420,7 @@ fn tcp_collector_that_never_reads_delays_nothing() {
     // fill the kernel's buffers, then the exporter's writes stall.
     let holder = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
     let collector = Collector::Tcp(SocketAddr::from(([127, 0, 0, 1], port)));
-    let mut config = IpfixConfig::new(
-        collector,
-        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
-        Clock::with_offset_ns(0),
-    );
+    let mut config = IpfixConfig::new(collector, Clock::with_offset_ns(0));
     config.queue = 8;
     let mut exporter = IpfixExporter::new(config).expect("exporter");
     let mut slowest = Duration::ZERO;
@@ -445,7 +434,7 @@ fn tcp_collector_that_never_reads_delays_nothing() {
             );
             add(&mut c, 0, 1, 100, SECOND, 0);
             add(&mut c, 1, 1, 100, SECOND, 0);
-            exporter.finish(&c, None, EndReason::Idle, 2 * SECOND);
+            exporter.finish(&local().view(&c), None, EndReason::Idle, 2 * SECOND);
         }
         let started = Instant::now();
         exporter.flush();

@@ -4,12 +4,13 @@
 //! (same client, server, ports, protocol, id and question, in time) is unsolicited: it is
 //! written on its own, marked so, and teaches nothing.
 
-use std::{net::IpAddr, num::NonZeroUsize, time::Duration};
+use std::{borrow::Cow, net::IpAddr, num::NonZeroUsize, time::Duration};
 
 use lru::LruCache;
 use serde::Serialize;
 
 use super::parse::{AnswerData, Message, Meta, display_name, rcode_name, type_name};
+use crate::proto;
 
 pub const UNANSWERED_AFTER: Duration = Duration::from_secs(30);
 /// Queries waiting for their response at most; the oldest is written unanswered. Each
@@ -32,7 +33,7 @@ pub struct DnsRecord {
     pub resp_h: IpAddr,
     #[serde(rename = "id.resp_p")]
     pub resp_p: u16,
-    pub proto: &'static str,
+    pub proto: Cow<'static, str>,
     pub trans_id: u16,
     /// Seconds from query to response.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,7 +186,7 @@ fn record(
         orig_p,
         resp_h,
         resp_p,
-        proto: if meta.proto == 6 { "tcp" } else { "udp" },
+        proto: proto::name(meta.proto),
         trans_id: msg.id,
         rtt: None,
         query: display_name(&msg.qname),

@@ -16,14 +16,15 @@ use std::{
 };
 
 use ipnet::IpNet;
-use monitor_common::{flow::FlowKey, parse::PacketInfo};
+use monitor_common::flow::FlowKey;
 
 use crate::{
     alerts::Alert,
     clock::Now,
-    conntable::{Endpoint, LocalNets},
+    conntable::{self, Endpoint, LocalNets},
     logs::{JsonLines, LogStats},
     nat::Nat,
+    proto,
 };
 use cache::PassiveDns;
 use log::{DnsRecord, Transactions};
@@ -246,24 +247,12 @@ impl Dns {
 
 /// The flow map key of the connection that carried a transaction.
 fn flow_key(rec: &DnsRecord) -> FlowKey {
-    let octets = |a: IpAddr| -> [u8; 16] {
-        match a {
-            IpAddr::V4(v4) => {
-                let mut o = [0; 16];
-                o[..4].copy_from_slice(&v4.octets());
-                o
-            }
-            IpAddr::V6(v6) => v6.octets(),
-        }
-    };
-    let info = PacketInfo {
-        family: if rec.orig_h.is_ipv4() { 4 } else { 6 },
-        proto: if rec.proto == "tcp" { 6 } else { 17 },
-        src: octets(rec.orig_h),
-        dst: octets(rec.resp_h),
-        sport: rec.orig_p,
-        dport: rec.resp_p,
-        ..PacketInfo::default()
-    };
-    info.flow_key().0
+    let proto = proto::number(&rec.proto).unwrap_or(proto::UDP);
+    let end = |addr, port| Endpoint { addr, port };
+    conntable::flow_key(
+        proto,
+        end(rec.orig_h, rec.orig_p),
+        end(rec.resp_h, rec.resp_p),
+    )
+    .expect("a transaction's endpoints are of one family")
 }

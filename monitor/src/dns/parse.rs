@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use monitor_common::dns::{DnsEventHeader, flags};
 use simple_dns::{Name, Packet, rdata::RData};
 
+use crate::addr;
+
 /// The packet a message came in: endpoints as sent, and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Meta {
@@ -80,13 +82,7 @@ pub fn decode(record: &[u8]) -> Option<(Meta, Payload)> {
     // SAFETY: DnsEventHeader is plain data without padding; read_unaligned copes with any
     // alignment of the record.
     let header: DnsEventHeader = unsafe { std::ptr::read_unaligned(header_bytes.as_ptr().cast()) };
-    let addr = |a: [u8; 16]| -> IpAddr {
-        if header.family == 4 {
-            IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(a))
-        }
-    };
+    let addr = |a: [u8; 16]| addr::from_wire(header.family, &a);
     let meta = Meta {
         ts_ns: header.ts_ns,
         src: addr(header.src),

@@ -4,12 +4,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{
-    clock::Clock,
-    conntable::{Conn, Sides},
-    iface,
-    nat::NatFields,
-};
+use crate::{clock::Clock, conntable::View, iface, nat::NatFields, proto};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConnRecord {
@@ -67,9 +62,8 @@ impl ConnFields {
 }
 
 impl ConnRecord {
-    /// `sides`: as [`crate::conntable::LocalNets::sides`] decided for `conn`.
-    pub fn new(conn: &Conn, sides: Sides, clock: &Clock) -> Self {
-        let (orig, resp) = (sides.orig, sides.resp);
+    pub fn new(view: &View, clock: &Clock) -> Self {
+        let (conn, orig, resp) = (view.conn, view.orig, view.resp);
         let (o, r) = (conn.orig(), conn.resp());
         let (first, last) = (conn.first_ns(), conn.last_ns());
         let fields = ConnFields {
@@ -78,7 +72,7 @@ impl ConnRecord {
             orig_p: orig.port,
             resp_h: resp.addr,
             resp_p: resp.port,
-            proto: proto_name(conn.key.proto),
+            proto: proto::name(conn.key.proto).into_owned(),
             duration: last.saturating_sub(first) as f64 / 1e9,
             orig_bytes: o.bytes,
             resp_bytes: r.bytes,
@@ -87,8 +81,8 @@ impl ConnRecord {
             resp_pkts: r.pkts,
             resp_ip_bytes: r.ip_bytes,
             conn_state: conn.conn_state(),
-            local_orig: sides.local_orig,
-            local_resp: sides.local_resp,
+            local_orig: view.local_orig,
+            local_resp: view.local_resp,
             missed_start: conn.missed_start(),
             iface: iface::name(conn.ifindex),
             remote_fqdn: None,
@@ -98,19 +92,5 @@ impl ConnRecord {
             ts: clock.epoch_secs(first),
             fields,
         }
-    }
-}
-
-/// Zeek's names where it has them (ICMPv6 is `icmp` there too); the number otherwise.
-fn proto_name(proto: u8) -> String {
-    match proto {
-        1 | 58 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        47 => "gre".into(),
-        50 => "esp".into(),
-        51 => "ah".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
     }
 }

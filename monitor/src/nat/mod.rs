@@ -15,16 +15,13 @@ use std::{net::IpAddr, sync::Arc};
 
 use foldhash::{HashMap, HashMapExt as _};
 use log::{info, warn};
-use monitor_common::{
-    flow::{DirStats, FlowKey},
-    parse::PacketInfo,
-};
+use monitor_common::flow::{DirStats, FlowKey};
 use serde::Serialize;
 
 pub use ctnetlink::{Entry, Tuple};
 
 use crate::{
-    conntable::{ConnTable, Endpoint, key_endpoints},
+    conntable::{ConnTable, Endpoint, flow_key, key_endpoints},
     poller::{FlowSnapshot, PollError, Poller},
 };
 
@@ -138,31 +135,6 @@ pub struct NatFields {
 
 fn key_a(key: &FlowKey) -> Endpoint {
     key_endpoints(key).0
-}
-
-/// The flow map's key of a connection between two endpoints of one family, as the kernel
-/// programs key it.
-fn flow_key(proto: u8, x: Endpoint, y: Endpoint) -> Option<FlowKey> {
-    let v4 = |a: std::net::Ipv4Addr| {
-        let mut b = [0; 16];
-        b[..4].copy_from_slice(&a.octets());
-        b
-    };
-    let (family, src, dst) = match (x.addr, y.addr) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => (4, v4(a), v4(b)),
-        (IpAddr::V6(a), IpAddr::V6(b)) => (6, a.octets(), b.octets()),
-        _ => return None,
-    };
-    let packet = PacketInfo {
-        family,
-        proto,
-        src,
-        dst,
-        sport: x.port,
-        dport: y.port,
-        ..PacketInfo::default()
-    };
-    Some(packet.flow_key().0)
 }
 
 /// A map entry bound to a translated connection.

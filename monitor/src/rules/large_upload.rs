@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 use super::{ConnCtx, Now, Rule, Saved, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
-    conntable::Uid,
+    conntable::{LocalSide, Uid},
 };
 
 pub struct LargeUpload {
@@ -39,8 +39,8 @@ impl LargeUpload {
         }
         self.alerted.insert(conn.uid());
         let open = !finished && !conn.conn.closed();
-        let (local, remote) = conn.local_remote(side);
-        let role = if side == super::LocalSide::Orig {
+        let (local, remote) = conn.ends(side);
+        let role = if side == LocalSide::Orig {
             "which it opened"
         } else {
             "which the remote host opened"
@@ -53,7 +53,7 @@ impl LargeUpload {
             remote.addr,
             conn.service(),
             human_bytes(self.threshold),
-            conn.age(now).as_secs_f64(),
+            conn.age(now.mono_ns).as_secs_f64(),
         );
         out.push(
             conn.alert(now, Note::LargeUpload, msg, local.addr, remote.addr)

@@ -66,7 +66,7 @@ impl Rule for LongConnection {
         if self.passes_over(conn) {
             return;
         }
-        let age = conn.age(now);
+        let age = conn.age(now.mono_ns);
         let done = self.crossed.get(&conn.uid()).copied().unwrap_or(0);
         let mut next = done;
         while age >= self.threshold(next) {
@@ -194,7 +194,7 @@ mod tests {
         .conn();
         let (clock, local) = (clock(), local());
         let due = |rule: &LongConnection| {
-            rule.next_due(&ConnCtx::new(&conn, local.sides(&conn), &clock))
+            rule.next_due(&ConnCtx::new(local.view(&conn), &clock))
                 .expect("an open connection ages")
         };
         let mut crossings = Vec::new();
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(crossings, want);
         let mut closed = ConnSpec::default().conn();
         closed.edit(|snap| snap.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::RST);
-        let ctx = ConnCtx::new(&closed, local.sides(&closed), &clock);
+        let ctx = ConnCtx::new(local.view(&closed), &clock);
         assert_eq!(
             rule.next_due(&ctx),
             None,

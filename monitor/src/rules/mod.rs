@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use crate::{
     alerts::{Alert, Note},
     clock::Clock,
-    conntable::{Conn, Endpoint, Sides, Totals, Uid},
+    conntable::View,
     logs::conn::ConnRecord,
     nat::Nat,
 };
@@ -53,44 +53,26 @@ pub struct RulesConfig {
     pub exclude_dst: Vec<AddrSpec>,
 }
 
-/// A connection as rules see it: its totals, and which side is local.
+/// A connection as rules see it: the table's view of it, and what its record is built
+/// from when an alert needs one.
 pub struct ConnCtx<'a> {
-    pub conn: &'a Conn,
-    pub orig: Endpoint,
-    pub resp: Endpoint,
-    pub local_orig: bool,
-    pub local_resp: bool,
-    sides: Sides,
+    view: View<'a>,
     clock: &'a Clock,
     nat: Option<&'a Nat>,
 }
 
-/// Which side of a connection sends from the local network to a non-local one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LocalSide {
-    Orig,
-    Resp,
-}
+impl<'a> std::ops::Deref for ConnCtx<'a> {
+    type Target = View<'a>;
 
-impl LocalSide {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LocalSide::Orig => "orig",
-            LocalSide::Resp => "resp",
-        }
+    fn deref(&self) -> &View<'a> {
+        &self.view
     }
 }
 
 impl<'a> ConnCtx<'a> {
-    /// `sides`: as [`LocalNets::sides`] decided for `conn`.
-    pub fn new(conn: &'a Conn, sides: Sides, clock: &'a Clock) -> Self {
+    pub fn new(view: View<'a>, clock: &'a Clock) -> Self {
         Self {
-            conn,
-            orig: sides.orig,
-            resp: sides.resp,
-            local_orig: sides.local_orig,
-            local_resp: sides.local_resp,
-            sides,
+            view,
             clock,
             nat: None,
         }
@@ -105,50 +87,30 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
-    /// The side that is local when exactly one is: bytes it sends leave the network.
-    pub fn local_side(&self) -> Option<LocalSide> {
-        match (self.local_orig, self.local_resp) {
-            (true, false) => Some(LocalSide::Orig),
-            (false, true) => Some(LocalSide::Resp),
-            _ => None,
-        }
-    }
-
-    /// (local endpoint, remote endpoint) for a connection that crosses the boundary.
-    pub fn local_remote(&self, side: LocalSide) -> (Endpoint, Endpoint) {
-        match side {
-            LocalSide::Orig => (self.orig, self.resp),
-            LocalSide::Resp => (self.resp, self.orig),
-        }
-    }
-
-    /// Payload and IP bytes and packets `side` has sent.
-    pub fn sent(&self, side: LocalSide) -> Sent {
-        let d = match side {
-            LocalSide::Orig => self.conn.orig(),
-            LocalSide::Resp => self.conn.resp(),
-        };
-        Sent {
-            bytes: d.bytes,
-            ip_bytes: d.ip_bytes,
-            pkts: d.pkts,
-        }
+    pub fn view(&self) -> &View<'a> {
+        &self.view
     }
 
     /// What the responder offers, for messages: `port 443/tcp`, `icmp type 8`.
     pub fn service(&self) -> String {
-        match self.proto() {
-            1 | 58 => format!("icmp type {}", self.orig.port),
-            proto => format!("port {}/{}", self.resp.port, proto_name(proto)),
+        if crate::proto::is_icmp(self.proto()) {
+            format!("icmp type {}", self.orig.port)
+        } else {
+            format!(
+                "port {}/{}",
+                self.resp.port,
+                crate::proto::name(self.proto())
+            )
         }
     }
 
     /// What the responder offers, as `--allow-service` and `--ratio-port` name it: its port
     /// and protocol; for ICMP the type the originator sent (`8/icmp`, echo).
     pub fn offered(&self) -> Service {
-        let port = match self.proto() {
-            1 | 58 => self.orig.port,
-            _ => self.resp.port,
+        let port = if crate::proto::is_icmp(self.proto()) {
+            self.orig.port
+        } else {
+            self.resp.port
         };
         Service {
             port,
@@ -156,31 +118,9 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
-    pub fn uid(&self) -> Uid {
-        self.conn.uid
-    }
-
-    /// What `side` sent since the connection's observation before the latest.
-    pub fn sent_since_last(&self, side: LocalSide) -> Totals {
-        let orig = self.conn.orig_dir();
-        self.conn.delta(match side {
-            LocalSide::Orig => orig,
-            LocalSide::Resp => 1 - orig,
-        })
-    }
-
-    pub fn proto(&self) -> u8 {
-        self.conn.key.proto
-    }
-
-    /// Time since the first packet: idle connections age too.
-    pub fn age(&self, now: Now) -> Duration {
-        Duration::from_nanos(now.mono_ns.saturating_sub(self.conn.first_ns()))
-    }
-
     /// The connection's record, built only when an alert needs it.
     pub fn record(&self) -> ConnRecord {
-        let mut record = ConnRecord::new(self.conn, self.sides, self.clock);
+        let mut record = ConnRecord::new(&self.view, self.clock);
         record.fields.nat = self
             .nat
             .and_then(|nat| nat.of(&self.conn.key))
@@ -193,13 +133,6 @@ impl<'a> ConnCtx<'a> {
         let key = format!("{src}>{dst}:{}/{}", self.resp.port, self.proto());
         Alert::for_conn(now.epoch, note, msg, src, dst, self.record(), key)
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sent {
-    pub bytes: u64,
-    pub ip_bytes: u64,
-    pub pkts: u64,
 }
 
 pub trait Rule: Send {
@@ -308,26 +241,17 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {unit}")
 }
 
-/// `tcp`, `udp`, ... for messages.
-pub fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        6 => "tcp",
-        17 => "udp",
-        1 | 58 => "icmp",
-        _ => "ip",
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod testkit {
     //! Synthetic connections and a simulated clock for rule tests.
 
-    use std::net::IpAddr;
-
     use monitor_common::flow::{DirStats, FlowKey, tcp_flags};
 
     use super::*;
-    use crate::{conntable::LocalNets, poller::FlowSnapshot};
+    use crate::{
+        conntable::{Conn, LocalNets},
+        poller::FlowSnapshot,
+    };
 
     /// Monotonic zero is 2026-11-24T00:00:00Z.
     pub const EPOCH_AT_ZERO: f64 = 1_795_478_400.0;
@@ -389,22 +313,11 @@ pub(crate) mod testkit {
         }
     }
 
-    fn addr16(addr: IpAddr) -> ([u8; 16], u8) {
-        match addr {
-            IpAddr::V4(a) => {
-                let mut b = [0; 16];
-                b[..4].copy_from_slice(&a.octets());
-                (b, 4)
-            }
-            IpAddr::V6(a) => (a.octets(), 6),
-        }
-    }
-
     impl ConnSpec {
         /// Packets are counted as 1000 bytes of payload each, at least one.
         pub fn conn(&self) -> Conn {
-            let (o, family) = addr16(self.orig.0.parse().unwrap());
-            let (r, _) = addr16(self.resp.0.parse().unwrap());
+            let (o, family) = crate::addr::to_wire(self.orig.0.parse().unwrap());
+            let (r, _) = crate::addr::to_wire(self.resp.0.parse().unwrap());
             let dir = |bytes: u64, syn_only: bool| DirStats {
                 pkts: bytes.div_ceil(1000).max(1),
                 ip_bytes: bytes + 52 * bytes.div_ceil(1000).max(1),
@@ -440,22 +353,14 @@ pub(crate) mod testkit {
     pub fn update(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_update(
-            &ConnCtx::new(conn, local.sides(conn), &clock),
-            now,
-            &mut out,
-        );
+        rule.on_update(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
         out
     }
 
     pub fn finish(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_finish(
-            &ConnCtx::new(conn, local.sides(conn), &clock),
-            now,
-            &mut out,
-        );
+        rule.on_finish(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
         out
     }
 }

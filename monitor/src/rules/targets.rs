@@ -5,7 +5,7 @@ use std::{fmt, str::FromStr};
 
 use ipnet::IpNet;
 
-use crate::cidr;
+use crate::{cidr, proto};
 
 /// PORT/PROTO: `80/tcp`, `53/udp`; ICMP types go in the port slot (`8/icmp`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,27 +21,17 @@ impl FromStr for Service {
         const ACCEPTED: &str = "expected PORT/PROTO such as 80/tcp, 53/udp or 8/icmp";
         let (port, proto) = s.split_once('/').ok_or(ACCEPTED)?;
         let port = port.parse().map_err(|_| ACCEPTED.to_owned())?;
-        let proto = match proto.to_ascii_lowercase().as_str() {
-            "tcp" => 6,
-            "udp" => 17,
-            "icmp" => 1,
-            "sctp" => 132,
-            _ => return Err(ACCEPTED.into()),
-        };
+        // Those whose connections a port (or an ICMP type) tells apart.
+        let proto = proto::number(proto)
+            .filter(|&p| matches!(p, proto::TCP | proto::UDP | proto::ICMP | proto::SCTP))
+            .ok_or(ACCEPTED)?;
         Ok(Service { port, proto })
     }
 }
 
 impl fmt::Display for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.proto {
-            6 => "tcp",
-            17 => "udp",
-            1 => "icmp",
-            132 => "sctp",
-            n => return write!(f, "{}/{n}", self.port),
-        };
-        write!(f, "{}/{proto}", self.port)
+        write!(f, "{}/{}", self.port, proto::name(self.proto))
     }
 }
 

@@ -2,7 +2,7 @@
 //! client sent more than FACTOR times the payload it received. Evaluated once, when the
 //! connection finishes.
 
-use super::{ConnCtx, Now, Rule, human_bytes, proto_name};
+use super::{ConnCtx, Now, Rule, human_bytes};
 use crate::{
     alerts::{Alert, Note},
     rules::targets::Service,
@@ -46,7 +46,7 @@ impl Rule for UploadRatio {
             human_bytes(received),
             conn.resp.addr,
             service.port,
-            proto_name(service.proto),
+            crate::proto::name(service.proto),
             ratio.map_or("infinitely more".to_owned(), |r| format!("{r:.1} x, more")),
             self.factor,
         );

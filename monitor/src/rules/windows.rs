@@ -141,7 +141,7 @@ impl Windows {
             return;
         };
         let delta = conn.sent_since_last(side).ip_bytes;
-        let (local, remote) = conn.local_remote(side);
+        let (local, remote) = conn.ends(side);
         if delta == 0 || self.exclude.matches(local.addr, remote.addr) {
             return;
         }

@@ -56,7 +56,7 @@ pub use transport::{Collector, CollectorUrl};
 
 use crate::{
     clock::Clock,
-    conntable::{Conn, LocalNets},
+    conntable::View,
     nat::{Nat, Translation},
     worker::{Submitted, Worker},
 };
@@ -76,8 +76,6 @@ pub struct IpfixConfig {
     pub active_timeout: Duration,
     pub template_refresh: Duration,
     pub biflow: bool,
-    /// Decides flowDirection.
-    pub local: LocalNets,
     /// Kernel timestamps to epoch time.
     pub clock: Clock,
     /// Messages held for sending before new ones are dropped (at least 1).
@@ -86,14 +84,13 @@ pub struct IpfixConfig {
 
 impl IpfixConfig {
     /// The flags' defaults: active timeout and template refresh 60 s, domain 1, unidirectional.
-    pub fn new(collector: Collector, local: LocalNets, clock: Clock) -> Self {
+    pub fn new(collector: Collector, clock: Clock) -> Self {
         Self {
             collector,
             domain_id: 1,
             active_timeout: Duration::from_secs(60),
             template_refresh: Duration::from_secs(60),
             biflow: false,
-            local,
             clock,
             queue: DEFAULT_QUEUE,
         }
@@ -189,7 +186,8 @@ impl IpfixExporter {
     /// For an open connection at kernel time `now_ns`: queues its deltas (reason "active
     /// timeout") when the active timeout has passed since its previous export or its first
     /// packet.
-    pub fn update(&mut self, conn: &Conn, nat: &Nat, now_ns: u64) {
+    pub fn update(&mut self, view: &View, nat: &Nat, now_ns: u64) {
+        let conn = view.conn;
         let first = conn.first_ns();
         let at = self
             .exported
@@ -202,7 +200,7 @@ impl IpfixExporter {
         let timeout = self.config.active_timeout.as_nanos() as u64;
         if now_ns.saturating_sub(at) >= timeout {
             self.export(
-                conn,
+                view,
                 nat.of(&conn.key),
                 EndReason::ActiveTimeout,
                 now_ns,
@@ -213,7 +211,8 @@ impl IpfixExporter {
 
     /// The kernel time from which [`Self::update`] exports the connection, new packets or
     /// not: its active timeout.
-    pub fn next_due(&self, conn: &Conn) -> u64 {
+    pub fn next_due(&self, view: &View) -> u64 {
+        let conn = view.conn;
         let at = self
             .exported
             .get(&conn.key)
@@ -224,13 +223,13 @@ impl IpfixExporter {
     /// For a finished connection: queues what is left with `reason` and forgets it.
     pub fn finish(
         &mut self,
-        conn: &Conn,
+        view: &View,
         nat: Option<&Translation>,
         reason: EndReason,
         now_ns: u64,
     ) {
-        self.export(conn, nat, reason, now_ns, true);
-        self.exported.remove(&conn.key);
+        self.export(view, nat, reason, now_ns, true);
+        self.exported.remove(&view.conn.key);
     }
 
     /// Encodes the queued records (and the templates when due) and hands the messages to
@@ -283,12 +282,13 @@ impl IpfixExporter {
 
     fn export(
         &mut self,
-        conn: &Conn,
+        view: &View,
         nat: Option<&Translation>,
         reason: EndReason,
         now_ns: u64,
         last: bool,
     ) {
+        let conn = view.conn;
         let prev = self.exported.get(&conn.key).copied().unwrap_or_default();
         let snap = conn.snap();
         let delta = |d: usize| {
@@ -316,14 +316,13 @@ impl IpfixExporter {
             };
             (start, stats.last_ns)
         };
-        let orig = conn.orig_dir();
+        let orig = view.orig_dir;
         let (a, b) = conn.key_endpoints();
         let ends = [(a, b), (b, a)];
         let tcp = snap.key.proto == IPPROTO_TCP;
         let flags = |d: usize| if tcp { snap.dir[d].tcp_flags } else { 0 };
-        let sides = self.config.local.sides(conn);
         let egress = |d: usize| {
-            let (from_local, to_local) = sides.local_from_to(d);
+            let (from_local, to_local) = view.local_from_to(d);
             from_local || (!to_local && d == orig)
         };
         let base = |d: usize, (start_ns, end_ns): (u64, u64)| {
@@ -424,6 +423,7 @@ mod tests {
     };
 
     use crate::{
+        conntable::{Conn, LocalNets},
         poller::FlowSnapshot,
         worker::{Backoff, Deliver},
     };
@@ -434,6 +434,10 @@ mod tests {
 
     fn clock() -> Clock {
         Clock::with_offset_ns(EPOCH_AT_ZERO_MS as i128 * 1_000_000)
+    }
+
+    fn local() -> LocalNets {
+        LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()])
     }
 
     fn dir(pkts: u64, ip_bytes: u64, first_s: u64, last_s: u64, flags: u8) -> DirStats {
@@ -450,14 +454,7 @@ mod tests {
 
     fn conn(proto: u8, a: &str, pa: u16, b: &str, pb: u16, dirs: [DirStats; 2]) -> Conn {
         let (a, b): (IpAddr, IpAddr) = (a.parse().unwrap(), b.parse().unwrap());
-        let bytes = |ip: IpAddr| match ip {
-            IpAddr::V4(v4) => {
-                let mut out = [0; 16];
-                out[..4].copy_from_slice(&v4.octets());
-                out
-            }
-            IpAddr::V6(v6) => v6.octets(),
-        };
+        let bytes = |ip: IpAddr| crate::addr::to_wire(ip).0;
         Conn::new(
             FlowSnapshot {
                 key: FlowKey {
@@ -481,11 +478,7 @@ mod tests {
         let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
         sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let collector = Collector::Udp(sink.local_addr().unwrap());
-        let mut config = IpfixConfig::new(
-            collector,
-            LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]),
-            clock(),
-        );
+        let mut config = IpfixConfig::new(collector, clock());
         config.active_timeout = Duration::from_secs(10);
         config.biflow = biflow;
         (IpfixExporter::new(config).unwrap(), sink)
@@ -511,7 +504,7 @@ mod tests {
         );
         c.edit(|s| s.dir[1].syn_only = 1);
         // Before the active timeout: nothing.
-        exporter.update(&c, &Nat::without_conntrack(), 105 * SECOND);
+        exporter.update(&local().view(&c), &Nat::without_conntrack(), 105 * SECOND);
         assert!(take(&mut exporter).is_empty());
         let steps = [
             (111, [(5, 3000, 101, 111), (7, 500, 100, 110)]),
@@ -528,7 +521,7 @@ mod tests {
                     ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
                 };
             });
-            exporter.update(&c, &Nat::without_conntrack(), now * SECOND);
+            exporter.update(&local().view(&c), &Nat::without_conntrack(), now * SECOND);
             all.extend(take(&mut exporter));
         }
         // 111: both directions; 115: not due; 122: both again; 133: due, nothing new.
@@ -551,7 +544,7 @@ mod tests {
             s.dir[0] = dir(11, 5100, 101, 140, SYN | ACK | FIN);
             s.dir[1] = dir(14, 1000, 100, 140, SYN | ACK | FIN);
         });
-        exporter.finish(&c, None, EndReason::EndOfFlow, 146 * SECOND);
+        exporter.finish(&local().view(&c), None, EndReason::EndOfFlow, 146 * SECOND);
         let last = take(&mut exporter);
         assert_eq!(last.len(), 2);
         assert!(last.iter().all(|r| r.end_reason == EndReason::EndOfFlow));
@@ -567,9 +560,9 @@ mod tests {
         assert_eq!(exporter.tracked(), 0, "finish forgets the connection");
 
         // Finished with nothing left: one zero record carries the reason.
-        exporter.update(&c, &Nat::without_conntrack(), 200 * SECOND);
+        exporter.update(&local().view(&c), &Nat::without_conntrack(), 200 * SECOND);
         take(&mut exporter);
-        exporter.finish(&c, None, EndReason::Idle, 300 * SECOND);
+        exporter.finish(&local().view(&c), None, EndReason::Idle, 300 * SECOND);
         let last = take(&mut exporter);
         assert_eq!(last.len(), 1);
         assert_eq!((last[0].packets, last[0].octets), (0, 0));
@@ -594,7 +587,7 @@ mod tests {
             EndReason::ForcedEnd,
             EndReason::LackOfResources,
         ] {
-            exporter.finish(&ping, None, reason, 10 * SECOND);
+            exporter.finish(&local().view(&ping), None, reason, 10 * SECOND);
             let records = take(&mut exporter);
             assert_eq!(records.len(), 1, "one biflow record");
             let r = &records[0];
@@ -645,7 +638,7 @@ mod tests {
             53,
             [dir(1, 80, 1, 1, 0), dir(1, 120, 1, 1, 0)],
         );
-        exporter.finish(&udp, None, EndReason::Idle, 2 * SECOND);
+        exporter.finish(&local().view(&udp), None, EndReason::Idle, 2 * SECOND);
         exporter.flush();
         let mut buf = [0; 2048];
         let n = sink.recv(&mut buf).expect("templates at start");
@@ -695,7 +688,7 @@ mod tests {
             [dir(1, 80, 1, 1, 0), dir(0, 0, 0, 0, 0)],
         );
         for _ in 0..5 {
-            exporter.finish(&c, None, EndReason::Idle, 2 * SECOND);
+            exporter.finish(&local().view(&c), None, EndReason::Idle, 2 * SECOND);
             exporter.flush();
         }
         let stats = exporter.stats();

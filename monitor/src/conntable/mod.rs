@@ -1,26 +1,20 @@
 //! Connections assembled from snapshots: orientation, local/remote, Zeek state, and when
 //! a connection is finished.
 
-use std::{
-    cmp::Reverse,
-    collections::BinaryHeap,
-    hash::{BuildHasher, RandomState},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
-};
+mod conn;
+mod uid;
+mod view;
+
+use std::{cmp::Reverse, collections::BinaryHeap, time::Duration};
 
 use foldhash::{HashMap, HashMapExt as _};
-use ipnet::IpNet;
-use monitor_common::{
-    flow::{DIR_A_TO_B, DIR_B_TO_A, DirStats, FlowKey, tcp_flags},
-    parse::IPPROTO_TCP,
-};
-use serde::{Deserialize, Serialize};
+use monitor_common::flow::FlowKey;
 
-use crate::{
-    dense::{DenseMap, Keyed},
-    poller::FlowSnapshot,
-};
+pub use conn::{Conn, Endpoint, Totals, flow_key, key_endpoints};
+pub use uid::{Uid, Uids};
+pub use view::{LocalNets, LocalSide, View};
+
+use crate::{dense::DenseMap, poller::FlowSnapshot};
 
 /// After FIN both ways or a RST, a connection is finished once quiet this long (Zeek's
 /// `tcp_close_delay`): the last ACK or a repeated RST then joins its record instead of
@@ -30,308 +24,6 @@ pub const CLOSE_DELAY: Duration = Duration::from_secs(5);
 /// Under map pressure, connections quiet for at least this long may be finished before
 /// their idle timeout (see [`ConnTable::pressure_relief`]).
 pub const PRESSURE_MIN_IDLE: Duration = Duration::from_secs(2);
-
-/// One side of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub addr: IpAddr,
-    pub port: u16,
-}
-
-/// One direction's running totals.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Totals {
-    pub pkts: u64,
-    pub ip_bytes: u64,
-    pub bytes: u64,
-}
-
-impl Totals {
-    fn since(self, earlier: Totals) -> Totals {
-        Totals {
-            pkts: self.pkts.saturating_sub(earlier.pkts),
-            ip_bytes: self.ip_bytes.saturating_sub(earlier.ip_bytes),
-            bytes: self.bytes.saturating_sub(earlier.bytes),
-        }
-    }
-}
-
-/// A connection as the table knows it: the latest totals of its map entry, and those of
-/// the observation before, from which every consumer takes what is new.
-///
-/// The snapshot is kept without the kernel type's padding (192 bytes in all, against 208
-/// with a whole `FlowSnapshot`): there is one of these per open connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conn {
-    pub key: FlowKey,
-    /// The latest snapshot's counts and times per key direction.
-    counts: [Counts; 2],
-    /// Totals per key direction as of the observation before the latest (zero before
-    /// the first): the latest minus these is what arrived since.
-    pub prev: [Totals; 2],
-    /// Zeek-style unique id, the same in every log line and alert about this connection.
-    pub uid: Uid,
-    /// Interface of the packet that opened the map entry.
-    pub ifindex: u32,
-    /// The latest snapshot's `tcp_flags` and `syn_only` per key direction.
-    flags: [[u8; 2]; 2],
-}
-
-const _: () = assert!(
-    size_of::<Conn>() == 192,
-    "one per open connection: keep it small"
-);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Counts {
-    pkts: u64,
-    ip_bytes: u64,
-    bytes: u64,
-    first_ns: u64,
-    last_ns: u64,
-}
-
-impl Counts {
-    fn totals(&self) -> Totals {
-        Totals {
-            pkts: self.pkts,
-            ip_bytes: self.ip_bytes,
-            bytes: self.bytes,
-        }
-    }
-}
-
-impl Keyed for Conn {
-    type Key = FlowKey;
-
-    fn key(&self) -> &FlowKey {
-        &self.key
-    }
-}
-
-impl Conn {
-    /// A connection observed once, nothing before.
-    pub fn new(snap: FlowSnapshot, uid: Uid) -> Self {
-        let mut conn = Self {
-            key: snap.key,
-            counts: [Counts {
-                pkts: 0,
-                ip_bytes: 0,
-                bytes: 0,
-                first_ns: 0,
-                last_ns: 0,
-            }; 2],
-            prev: [Totals::default(); 2],
-            uid,
-            ifindex: 0,
-            flags: [[0; 2]; 2],
-        };
-        conn.set_snap(snap);
-        conn
-    }
-
-    /// Nothing new since the last observation: the delta to the next one starts here.
-    fn settle(&mut self) {
-        self.prev = self.totals();
-    }
-
-    /// Takes the counts of a later snapshot of the same connection.
-    pub fn set_snap(&mut self, snap: FlowSnapshot) {
-        debug_assert_eq!(snap.key, self.key, "a snapshot of another connection");
-        for (d, s) in snap.dir.iter().enumerate() {
-            self.counts[d] = Counts {
-                pkts: s.pkts,
-                ip_bytes: s.ip_bytes,
-                bytes: s.bytes,
-                first_ns: s.first_ns,
-                last_ns: s.last_ns,
-            };
-            self.flags[d] = [s.tcp_flags, s.syn_only];
-        }
-        self.ifindex = snap.ifindex;
-    }
-
-    /// Changes the latest snapshot as `change` does (tests build connections this way).
-    #[cfg(test)]
-    pub fn edit(&mut self, change: impl FnOnce(&mut FlowSnapshot)) {
-        let mut snap = self.snap();
-        change(&mut snap);
-        self.set_snap(snap);
-    }
-
-    /// The latest snapshot.
-    pub fn snap(&self) -> FlowSnapshot {
-        FlowSnapshot {
-            key: self.key,
-            dir: [self.dir(0), self.dir(1)],
-            ifindex: self.ifindex,
-        }
-    }
-
-    /// The latest snapshot's stats of key direction `dir`.
-    pub fn dir(&self, dir: usize) -> DirStats {
-        let c = &self.counts[dir];
-        DirStats {
-            pkts: c.pkts,
-            ip_bytes: c.ip_bytes,
-            bytes: c.bytes,
-            first_ns: c.first_ns,
-            last_ns: c.last_ns,
-            tcp_flags: self.flags[dir][0],
-            syn_only: self.flags[dir][1],
-            ..DirStats::default()
-        }
-    }
-
-    fn dirs(&self) -> [DirStats; 2] {
-        [self.dir(0), self.dir(1)]
-    }
-
-    /// What key direction `dir` carried since the observation before the latest.
-    pub fn delta(&self, dir: usize) -> Totals {
-        self.counts[dir].totals().since(self.prev[dir])
-    }
-
-    fn totals(&self) -> [Totals; 2] {
-        self.counts.map(|c| c.totals())
-    }
-
-    /// Index of the originator's direction: the sender of a SYN without ACK, else the
-    /// peer of a SYN-ACK sender, else the sender of the first packet.
-    pub fn orig_dir(&self) -> usize {
-        let [ab, ba] = &self.dirs();
-        match (ab.syn_only != 0, ba.syn_only != 0) {
-            (true, false) => return DIR_A_TO_B,
-            (false, true) => return DIR_B_TO_A,
-            _ => {}
-        }
-        let syn_ack = |d: &DirStats| {
-            d.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
-        };
-        if self.is_tcp() {
-            match (syn_ack(ab), syn_ack(ba)) {
-                (true, false) => return DIR_B_TO_A,
-                (false, true) => return DIR_A_TO_B,
-                _ => {}
-            }
-        }
-        // A direction without a first time yet has its first packet being counted now.
-        let earlier = |x: &DirStats, y: &DirStats| {
-            x.first_ns != 0 && (y.first_ns == 0 || x.first_ns < y.first_ns)
-        };
-        match (ab.pkts > 0, ba.pkts > 0) {
-            (true, true) if earlier(ba, ab) => DIR_B_TO_A,
-            (false, true) => DIR_B_TO_A,
-            _ => DIR_A_TO_B,
-        }
-    }
-
-    pub fn orig(&self) -> DirStats {
-        self.dir(self.orig_dir())
-    }
-
-    pub fn resp(&self) -> DirStats {
-        self.dir(1 - self.orig_dir())
-    }
-
-    /// The key's endpoints (a, b): the senders of key directions 0 and 1.
-    pub fn key_endpoints(&self) -> (Endpoint, Endpoint) {
-        key_endpoints(&self.key)
-    }
-
-    /// (originator, responder).
-    pub fn endpoints(&self) -> (Endpoint, Endpoint) {
-        let (a, b) = self.key_endpoints();
-        if self.orig_dir() == DIR_A_TO_B {
-            (a, b)
-        } else {
-            (b, a)
-        }
-    }
-
-    /// The first packet's time: the earliest of the directions that have one (a direction
-    /// read between its first count and its timestamp has none yet).
-    pub fn first_ns(&self) -> u64 {
-        self.counts
-            .iter()
-            .map(|c| c.first_ns)
-            .filter(|&t| t != 0)
-            .min()
-            .unwrap_or(0)
-    }
-
-    pub fn last_ns(&self) -> u64 {
-        self.counts.iter().map(|c| c.last_ns).max().unwrap_or(0)
-    }
-
-    fn is_tcp(&self) -> bool {
-        self.key.proto == IPPROTO_TCP
-    }
-
-    /// TCP whose opening SYN was never seen: it started before the agent looked.
-    pub fn missed_start(&self) -> bool {
-        self.is_tcp() && self.flags.iter().all(|[_, syn_only]| *syn_only == 0)
-    }
-
-    /// Zeek's `conn_state`, derived from the flags each side sent (their order is not
-    /// known, so FIN and RST are weighed as Zeek's state machine would end up).
-    pub fn conn_state(&self) -> &'static str {
-        let (o, r) = (&self.orig(), &self.resp());
-        if !self.is_tcp() {
-            return if r.pkts > 0 { "SF" } else { "S0" };
-        }
-        let has = |d: &DirStats, flag: u8| d.tcp_flags & flag != 0;
-        let syn = o.syn_only != 0;
-        let syn_ack = has(r, tcp_flags::SYN) && has(r, tcp_flags::ACK);
-        match (syn, syn_ack) {
-            (true, false) if has(r, tcp_flags::RST) => "REJ",
-            (true, false) if has(o, tcp_flags::RST) => "RSTOS0",
-            (true, false) if has(o, tcp_flags::FIN) => "SH",
-            (true, false) => "S0",
-            (false, true) if has(r, tcp_flags::RST) => "RSTRH",
-            (false, true) if has(r, tcp_flags::FIN) => "SHR",
-            (false, _) => "OTH",
-            (true, true) if has(o, tcp_flags::RST) => "RSTO",
-            (true, true) if has(r, tcp_flags::RST) => "RSTR",
-            (true, true) => match (has(o, tcp_flags::FIN), has(r, tcp_flags::FIN)) {
-                (true, true) => "SF",
-                (true, false) => "S2",
-                (false, true) => "S3",
-                (false, false) => "S1",
-            },
-        }
-    }
-
-    /// Closed by the endpoints: FIN both ways, or a RST.
-    pub fn closed(&self) -> bool {
-        let [[ab, _], [ba, _]] = self.flags;
-        let either = (ab | ba) & tcp_flags::RST != 0;
-        let both_fin = ab & ba & tcp_flags::FIN != 0;
-        self.is_tcp() && (either || both_fin)
-    }
-
-    /// Finished at kernel time `now_ns`: closed and quiet for [`CLOSE_DELAY`], or idle.
-    pub fn finished(&self, now_ns: u64, idle_timeout: Duration) -> bool {
-        Duration::from_nanos(now_ns.saturating_sub(self.last_ns()))
-            >= self.quiet_to_finish(idle_timeout)
-    }
-
-    /// The kernel time from which it is [`Self::finished`] if nothing new comes.
-    pub fn finish_at(&self, idle_timeout: Duration) -> u64 {
-        self.last_ns()
-            .saturating_add(self.quiet_to_finish(idle_timeout).as_nanos() as u64)
-    }
-
-    /// How long it must carry nothing to be finished: the close delay once closed (never
-    /// more than the idle timeout), else the idle timeout.
-    fn quiet_to_finish(&self, idle_timeout: Duration) -> Duration {
-        if self.closed() {
-            CLOSE_DELAY.min(idle_timeout)
-        } else {
-            idle_timeout
-        }
-    }
-}
 
 /// Whether a map entry has a first and a last packet time: the programs insert an entry,
 /// then count, then set its first time; a read in between gets one that is not a
@@ -345,224 +37,6 @@ fn timed(snap: &FlowSnapshot) -> bool {
 /// Whole seconds of kernel time `ns`, rounded down.
 fn secs(ns: u64) -> u32 {
     u32::try_from(ns / 1_000_000_000).unwrap_or(u32::MAX)
-}
-
-/// A flow key's endpoints (a, b): the senders of key directions 0 and 1.
-pub fn key_endpoints(k: &FlowKey) -> (Endpoint, Endpoint) {
-    let a = Endpoint {
-        addr: key_addr(k.family, &k.addr_a),
-        port: k.port_a,
-    };
-    let b = Endpoint {
-        addr: key_addr(k.family, &k.addr_b),
-        port: k.port_b,
-    };
-    (a, b)
-}
-
-fn key_addr(family: u8, bytes: &[u8; 16]) -> IpAddr {
-    if family == 4 {
-        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(*bytes))
-    }
-}
-
-/// Which ends of a connection are local. Decided here, by [`LocalNets::sides`], for every
-/// consumer (rules, records, metrics, the top view, export), from the endpoints the table
-/// keys the connection by: the pre-NAT ones of a translated connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sides {
-    pub orig: Endpoint,
-    pub resp: Endpoint,
-    /// The originator's key direction.
-    pub orig_dir: usize,
-    pub local_orig: bool,
-    pub local_resp: bool,
-}
-
-impl Sides {
-    /// Whether the sender of key direction `dir` is local, and whether its receiver is.
-    pub fn local_from_to(&self, dir: usize) -> (bool, bool) {
-        if dir == self.orig_dir {
-            (self.local_orig, self.local_resp)
-        } else {
-            (self.local_resp, self.local_orig)
-        }
-    }
-}
-
-/// The networks that count as local, as (network, mask) integers: asked several times
-/// per connection and poll, so a masked compare rather than `IpNet::contains`.
-#[derive(Clone, Debug)]
-pub struct LocalNets {
-    v4: Vec<(u32, u32)>,
-    v6: Vec<(u128, u128)>,
-}
-
-impl LocalNets {
-    pub fn new(nets: Vec<IpNet>) -> Self {
-        let mut local = Self {
-            v4: Vec::new(),
-            v6: Vec::new(),
-        };
-        for net in nets {
-            match net {
-                IpNet::V4(n) => local
-                    .v4
-                    .push((n.network().to_bits(), n.netmask().to_bits())),
-                IpNet::V6(n) => local
-                    .v6
-                    .push((n.network().to_bits(), n.netmask().to_bits())),
-            }
-        }
-        local
-    }
-
-    /// The connection's ends and which of them are local.
-    pub fn sides(&self, conn: &Conn) -> Sides {
-        let (orig, resp) = conn.endpoints();
-        Sides {
-            orig,
-            resp,
-            orig_dir: conn.orig_dir(),
-            local_orig: self.contains(orig.addr),
-            local_resp: self.contains(resp.addr),
-        }
-    }
-
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        match addr {
-            IpAddr::V4(a) => {
-                let a = a.to_bits();
-                self.v4.iter().any(|&(net, mask)| a & mask == net)
-            }
-            IpAddr::V6(a) => {
-                let a = a.to_bits();
-                self.v6.iter().any(|&(net, mask)| a & mask == net)
-            }
-        }
-    }
-}
-
-/// Zeek-like connection ids: `C` and 17 base-62 digits, derived from the connection's key
-/// and first packet time under a seed. Another agent with the same seed (a restart with
-/// `--state-dir`) names the connections it takes over as the last one did.
-#[derive(Debug, Clone, Copy)]
-pub struct Uids {
-    seed: [u64; 2],
-}
-
-impl Uids {
-    pub fn new(seed: [u64; 2]) -> Self {
-        Self { seed }
-    }
-
-    /// A seed of this process's own.
-    pub fn random_seed() -> [u64; 2] {
-        let state = RandomState::new();
-        [state.hash_one(1u8), state.hash_one(2u8)]
-    }
-
-    pub fn seed(&self) -> [u64; 2] {
-        self.seed
-    }
-
-    fn uid(&self, key: &FlowKey, first_ns: u64) -> Uid {
-        let word = |bytes: &[u8]| u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
-        let words = [
-            word(&key.addr_a[..8]),
-            word(&key.addr_a[8..]),
-            word(&key.addr_b[..8]),
-            word(&key.addr_b[8..]),
-            u64::from(key.port_a) << 32
-                | u64::from(key.port_b) << 16
-                | u64::from(key.proto) << 8
-                | u64::from(key.family),
-            first_ns,
-        ];
-        let hash = |seed: u64| {
-            words.iter().fold(seed, |h, w| {
-                splitmix(h ^ w).wrapping_add(0x9e37_79b9_7f4a_7c15)
-            })
-        };
-        let n = (u128::from(hash(self.seed[0])) << 64) | u128::from(hash(self.seed[1]));
-        Uid::from(n % UID_RANGE)
-    }
-}
-
-/// A connection's uid: shown as `C` and 17 base-62 digits (Zeek's form), kept as the
-/// number (16 bytes, no allocation per connection), high half first. Two `u64`s rather
-/// than a `u128`, whose 16-byte alignment would pad every connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Uid([u64; 2]);
-
-impl From<u128> for Uid {
-    fn from(n: u128) -> Self {
-        Uid([(n >> 64) as u64, n as u64])
-    }
-}
-
-impl From<Uid> for u128 {
-    fn from(Uid([hi, lo]): Uid) -> Self {
-        (u128::from(hi) << 64) | u128::from(lo)
-    }
-}
-
-const UID_DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-const UID_LEN: usize = 17;
-/// 62^17: the uids that 17 digits show (about 2^101).
-const UID_RANGE: u128 = 62u128.pow(UID_LEN as u32);
-
-impl std::fmt::Display for Uid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut text = [b'C'; UID_LEN + 1];
-        let mut n = u128::from(*self);
-        for digit in &mut text[1..] {
-            *digit = UID_DIGITS[(n % 62) as usize];
-            n /= 62;
-        }
-        f.write_str(std::str::from_utf8(&text).expect("ASCII digits"))
-    }
-}
-
-impl std::str::FromStr for Uid {
-    type Err = String;
-
-    /// `C` and up to 17 base-62 digits, least significant first (as displayed).
-    fn from_str(text: &str) -> Result<Self, String> {
-        let digits = text
-            .strip_prefix('C')
-            .filter(|d| (1..=UID_LEN).contains(&d.len()))
-            .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
-        digits.bytes().rev().try_fold(Uid::default(), |uid, b| {
-            let d = UID_DIGITS
-                .iter()
-                .position(|&x| x == b)
-                .ok_or_else(|| format!("not a connection uid: {text:?}"))?;
-            Ok(Uid::from(u128::from(uid) * 62 + d as u128))
-        })
-    }
-}
-
-impl Serialize for Uid {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Uid {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// splitmix64's finaliser: every input bit moves every output bit.
-fn splitmix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Open connections by key.
@@ -952,9 +426,16 @@ impl ConnTable {
 mod tests {
     use std::collections::HashSet;
 
-    use super::*;
-    use monitor_common::parse::IPPROTO_UDP;
+    use std::net::IpAddr;
+
+    use ipnet::IpNet;
+    use monitor_common::{
+        flow::{DIR_A_TO_B, DIR_B_TO_A, DirStats, tcp_flags},
+        parse::{IPPROTO_TCP, IPPROTO_UDP},
+    };
     use tcp_flags::{ACK, FIN, RST, SYN};
+
+    use super::*;
 
     const SEC: u64 = 1_000_000_000;
 
@@ -1486,7 +967,7 @@ mod tests {
     }
 
     #[test]
-    fn sides_follow_the_originator_whichever_key_direction_it_sends() {
+    fn views_follow_the_originator_whichever_key_direction_it_sends() {
         let nets = LocalNets::new(vec!["198.18.0.0/15".parse().unwrap()]);
         // key(): a is the remote host (203.0.113.2), b the local client, which sent the SYN.
         let c = conn(
@@ -1494,7 +975,7 @@ mod tests {
             dir(3, SEC, 3 * SEC, SYN, true),
             dir(2, 2 * SEC, 3 * SEC, SYN | ACK, false),
         );
-        let sides = nets.sides(&c);
+        let sides = nets.view(&c);
         assert_eq!(sides.orig_dir, DIR_B_TO_A);
         assert!(sides.local_orig && !sides.local_resp);
         assert_eq!(sides.orig.addr, "198.18.1.2".parse::<IpAddr>().unwrap());
