@@ -4,7 +4,7 @@
 
 use std::{
     fmt, io,
-    net::{SocketAddr, ToSocketAddrs},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket},
     path::PathBuf,
 };
 
@@ -56,6 +56,18 @@ impl HostPort {
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{self}: no address")))
     }
+}
+
+/// A UDP socket of `addr`'s family, on an ephemeral port, sending to `addr`.
+pub fn udp_connected(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    Ok(socket)
 }
 
 impl fmt::Display for HostPort {
@@ -278,6 +290,20 @@ mod tests {
             at("2001:db8::1", 4739).resolve().unwrap(),
             "[2001:db8::1]:4739".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn udp_sockets_of_the_destinations_family() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let socket = udp_connected(receiver.local_addr().unwrap()).unwrap();
+        assert!(socket.local_addr().unwrap().is_ipv4());
+        socket.send(b"x").unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(receiver.recv(&mut buf).unwrap(), 1);
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        if let Ok(socket) = udp_connected(v6) {
+            assert!(socket.local_addr().unwrap().is_ipv6());
+        }
     }
 
     #[test]

@@ -30,7 +30,7 @@
 use std::{
     fmt::Write as _,
     io::{self, Write as _},
-    net::{SocketAddr, UdpSocket},
+    net::UdpSocket,
     os::unix::net::{UnixDatagram, UnixStream},
     time::Duration,
 };
@@ -38,7 +38,7 @@ use std::{
 use super::Sink;
 use crate::{
     alerts::Alert,
-    endpoint::{Scheme, Url},
+    endpoint::{Scheme, Url, udp_connected},
 };
 
 /// Facility `daemon` (3) × 8 + severity `warning` (4).
@@ -71,17 +71,7 @@ enum Conn {
 impl Conn {
     fn open(target: &Url) -> io::Result<Self> {
         match target {
-            Url::Udp(at) => {
-                let addr = at.resolve()?;
-                let local: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse().unwrap()
-                } else {
-                    "[::]:0".parse().unwrap()
-                };
-                let socket = UdpSocket::bind(local)?;
-                socket.connect(addr)?;
-                Ok(Conn::Udp(socket))
-            }
+            Url::Udp(at) => Ok(Conn::Udp(udp_connected(at.resolve()?)?)),
             Url::Unix(path) => {
                 let socket = UnixDatagram::unbound()?;
                 match socket.connect(path) {

@@ -17,7 +17,7 @@
 use std::{
     fmt,
     io::{self, ErrorKind, Write},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -26,7 +26,7 @@ use log::{info, warn};
 
 use super::{Counters, encode::Message};
 use crate::{
-    endpoint::{Scheme, Url},
+    endpoint::{Scheme, Url, udp_connected},
     worker::{Backoff, Deliver, Worker},
 };
 
@@ -90,15 +90,8 @@ pub(super) fn spawn(
     let thread = "ipfix".to_owned();
     match *collector {
         Collector::Udp(addr) => {
-            let bind: SocketAddr = if addr.is_ipv4() {
-                (Ipv4Addr::UNSPECIFIED, 0).into()
-            } else {
-                (Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let socket = UdpSocket::bind(bind)?;
-            socket.connect(addr)?;
             let link = UdpLink {
-                socket,
+                socket: udp_connected(addr)?,
                 name,
                 counters,
                 failing: false,
