@@ -62,11 +62,10 @@ pub fn collectors(args: &IpfixArgs) -> Result<Vec<Collector>, ConfigError> {
     args.collectors
         .iter()
         .map(|url| {
-            url.resolve()
-                .map_err(|why| ConfigError::CollectorUnresolved {
-                    url: url.to_string(),
-                    why,
-                })
+            Collector::resolve(url).map_err(|e| ConfigError::CollectorUnresolved {
+                url: url.to_string(),
+                why: e.to_string(),
+            })
         })
         .collect()
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod conntable;
 pub mod dense;
 pub mod dns;
+pub mod endpoint;
 pub mod export;
 pub mod finishing;
 pub mod iface;

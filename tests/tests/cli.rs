@@ -69,6 +69,48 @@ fn bad_duration() {
     }
 }
 
+/// The output URLs say what was wrong and which forms the flag takes.
+#[test]
+fn bad_output_urls() {
+    for (flag, url, why, accepted) in [
+        (
+            "--syslog",
+            "unix://dev/log",
+            "absolute path",
+            "udp://HOST:PORT or unix:PATH",
+        ),
+        ("--syslog", "udp://[::1]", "missing :PORT", "unix:PATH"),
+        (
+            "--ipfix-collector",
+            "tcp://[::1]",
+            "missing :PORT",
+            "udp://HOST:PORT or tcp://HOST:PORT",
+        ),
+        (
+            "--ipfix-collector",
+            "unix:/run/c.sock",
+            "unknown scheme",
+            "tcp://HOST:PORT",
+        ),
+        (
+            "--alertmanager-url",
+            "http://am:port",
+            "invalid port",
+            "http://HOST[:PORT][/PREFIX]",
+        ),
+        (
+            "--alertmanager-url",
+            "udp://am:9093",
+            "unknown scheme",
+            "http://HOST",
+        ),
+    ] {
+        let args = ["run", "--iface", "lo", flag, url];
+        assert_usage_error(&args, flag, url, why);
+        assert_usage_error(&args, flag, url, accepted);
+    }
+}
+
 #[test]
 fn bad_hook() {
     assert_usage_error(

@@ -21,8 +21,9 @@ use monitor::{
     alerts::{
         Alert, Note,
         dispatch::Dispatcher,
-        sinks::syslog::{APP_NAME, SyslogSink, Target, timestamp},
+        sinks::syslog::{APP_NAME, SCHEMES, SyslogSink, timestamp},
     },
+    endpoint::Url,
     logs::conn::{ConnFields, ConnRecord},
 };
 use serde_json::Value;
@@ -328,7 +329,7 @@ fn alert(n: u32) -> Alert {
 
 /// Sends `n` alerts to `url` through a dispatcher and checks what `rsyslog` wrote.
 fn send_and_check(url: &str, rsyslog: &Rsyslog, n: u32) {
-    let sink = SyslogSink::new(Target::parse(url).unwrap_or_else(|e| panic!("{e}")));
+    let sink = SyslogSink::new(Url::parse(url, SCHEMES).unwrap_or_else(|e| panic!("{e}")));
     let dispatcher = Dispatcher::spawn(Box::new(sink), 64);
     let alerts: Vec<Alert> = (0..n).map(alert).collect();
     for a in &alerts {
@@ -375,7 +376,7 @@ fn alerts_over_unix_stream_reach_rsyslog_octet_counted() {
 fn queued_alerts_are_delivered_once_rsyslog_comes_up() {
     let dir = TempDir::new();
     let socket = dir.path("log.sock");
-    let sink = SyslogSink::new(Target::parse(&format!("unix:{}", socket.display())).unwrap());
+    let sink = SyslogSink::new(Url::parse(&format!("unix:{}", socket.display()), SCHEMES).unwrap());
     let dispatcher = Dispatcher::spawn(Box::new(sink), 64);
     let alerts: Vec<Alert> = (0..6).map(alert).collect();
     for a in &alerts {
@@ -420,7 +421,10 @@ fn assert_submits_do_not_block(dispatcher: &Dispatcher, what: &str) {
 fn submit_never_blocks_on_a_missing_receiver() {
     let dir = TempDir::new();
     let url = format!("unix:{}", dir.path("nobody.sock").display());
-    let dispatcher = Dispatcher::spawn(Box::new(SyslogSink::new(Target::parse(&url).unwrap())), 16);
+    let dispatcher = Dispatcher::spawn(
+        Box::new(SyslogSink::new(Url::parse(&url, SCHEMES).unwrap())),
+        16,
+    );
     assert_submits_do_not_block(&dispatcher, "missing socket");
     assert_eq!(dispatcher.dropped(), 1000 - 16, "exactly what did not fit");
     let start = Instant::now();
@@ -435,7 +439,10 @@ fn submit_never_blocks_on_a_receiver_that_does_not_read() {
     // Bound and never read: once its queue is full, sends block (up to the sink's timeout).
     let _receiver = UnixDatagram::bind(&path).expect("bind a unix datagram socket");
     let url = format!("unix:{}", path.display());
-    let dispatcher = Dispatcher::spawn(Box::new(SyslogSink::new(Target::parse(&url).unwrap())), 16);
+    let dispatcher = Dispatcher::spawn(
+        Box::new(SyslogSink::new(Url::parse(&url, SCHEMES).unwrap())),
+        16,
+    );
     for _ in 0..5 {
         assert_submits_do_not_block(&dispatcher, "receiver not reading");
     }
@@ -464,7 +471,10 @@ fn submit_never_blocks_on_a_receiver_that_does_not_read() {
 fn submit_never_blocks_on_an_unreachable_udp_port() {
     let port = free_udp_port();
     let url = format!("udp://127.0.0.1:{port}");
-    let dispatcher = Dispatcher::spawn(Box::new(SyslogSink::new(Target::parse(&url).unwrap())), 16);
+    let dispatcher = Dispatcher::spawn(
+        Box::new(SyslogSink::new(Url::parse(&url, SCHEMES).unwrap())),
+        16,
+    );
     assert_submits_do_not_block(&dispatcher, "nobody on the UDP port");
     let start = Instant::now();
     dispatcher.shutdown(Duration::from_millis(300));

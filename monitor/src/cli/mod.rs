@@ -13,7 +13,9 @@ use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 pub use values::{Durations, Size, parse_cidr, parse_duration, parse_durations, parse_factor};
 
 use crate::{
-    alerts::sinks::syslog::Target,
+    alerts::sinks::{alertmanager, syslog},
+    endpoint::Url,
+    export::COLLECTOR_SCHEMES,
     kernel::{IngressHook, XdpMode},
     rules::{
         targets::{AddrSpec, AllowPair, AllowService, Service},
@@ -130,13 +132,14 @@ pub struct RunArgs {
     pub alert_log: PathBuf,
 
     /// Also send alerts to syslog (RFC 5424): udp://HOST:PORT or unix:PATH.
-    #[arg(long, value_name = "URL", value_parser = parse_syslog_url, help_heading = "Outputs")]
-    pub syslog: Option<Target>,
+    #[arg(long, value_name = "URL", value_parser = Url::parser(syslog::SCHEMES),
+          help_heading = "Outputs")]
+    pub syslog: Option<Url>,
 
     /// Also post alerts to Alertmanager's v2 API (http://HOST:PORT).
-    #[arg(long, value_name = "URL", value_parser = crate::alerts::sinks::alertmanager::parse_url,
+    #[arg(long, value_name = "URL", value_parser = Url::parser(alertmanager::SCHEMES),
           help_heading = "Outputs")]
-    pub alertmanager_url: Option<String>,
+    pub alertmanager_url: Option<Url>,
 
     /// Prometheus /metrics.
     #[arg(
@@ -244,9 +247,10 @@ pub struct IpfixArgs {
     #[arg(
         long = "ipfix-collector",
         value_name = "URL",
+        value_parser = Url::parser(COLLECTOR_SCHEMES),
         help_heading = "IPFIX export"
     )]
-    pub collectors: Vec<crate::export::CollectorUrl>,
+    pub collectors: Vec<Url>,
 
     /// An open connection is exported at least this often (its deltas since the last
     /// export).
@@ -416,10 +420,6 @@ pub struct RuleArgs {
         help_heading = "WindowExceeded and DataLeak"
     )]
     pub exclude_dst: Vec<AddrSpec>,
-}
-
-fn parse_syslog_url(s: &str) -> Result<Target, String> {
-    Target::parse(s).map_err(|_| "expected udp://HOST:PORT or unix:PATH".to_owned())
 }
 
 /// RFC 1918, RFC 6598 (carrier-grade NAT) and RFC 4193 (unique local IPv6).

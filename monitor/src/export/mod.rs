@@ -6,4 +6,4 @@
 
 pub mod ipfix;
 
-pub use ipfix::{Collector, CollectorUrl, EndReason, ExportStats, IpfixConfig, IpfixExporter};
+pub use ipfix::{COLLECTOR_SCHEMES, Collector, EndReason, ExportStats, IpfixConfig, IpfixExporter};

@@ -7,7 +7,10 @@ use std::{io, time::Duration};
 use serde_json::{Value, json};
 
 use super::{Sink, syslog::timestamp};
-use crate::alerts::Alert;
+use crate::{
+    alerts::Alert,
+    endpoint::{Scheme, Url},
+};
 
 /// How long one post may take before it counts as failed (and is retried).
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -17,26 +20,19 @@ pub struct AlertmanagerSink {
     endpoint: String,
 }
 
-/// The base URL, checked: `http://HOST[:PORT][/prefix]`.
-pub fn parse_url(url: &str) -> Result<String, String> {
-    const ACCEPTED: &str = "expected http://HOST:PORT, Alertmanager's address";
-    let rest = url.strip_prefix("http://").ok_or(ACCEPTED)?;
-    let host = rest.split('/').next().unwrap_or_default();
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(ACCEPTED.into());
-    }
-    Ok(url.trim_end_matches('/').to_owned())
-}
+/// The scheme of `--alertmanager-url`.
+pub const SCHEMES: &[Scheme] = &[Scheme::Http];
 
 impl AlertmanagerSink {
-    pub fn new(base_url: &str) -> Self {
+    /// `base` is Alertmanager's address, `http://HOST[:PORT][/PREFIX]`.
+    pub fn new(base: &Url) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(TIMEOUT))
             .http_status_as_error(true)
             .build();
         Self {
             agent: config.into(),
-            endpoint: format!("{base_url}/api/v2/alerts"),
+            endpoint: format!("{base}/api/v2/alerts"),
         }
     }
 }
@@ -84,13 +80,14 @@ mod tests {
     use crate::alerts::Note;
 
     #[test]
-    fn urls() {
+    fn posts_under_the_base() {
+        let base = Url::parse("http://127.0.0.1:9093/prefix/", SCHEMES).unwrap();
         assert_eq!(
-            parse_url("http://127.0.0.1:9093/"),
-            Ok("http://127.0.0.1:9093".into())
+            AlertmanagerSink::new(&base).endpoint,
+            "http://127.0.0.1:9093/prefix/api/v2/alerts"
         );
-        assert!(parse_url("https://am.example:9093").is_err());
-        assert!(parse_url("http://").is_err());
+        assert!(Url::parse("https://am.example:9093", SCHEMES).is_err());
+        assert!(Url::parse("udp://am.example:9093", SCHEMES).is_err());
     }
 
     #[test]

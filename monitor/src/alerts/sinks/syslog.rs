@@ -30,16 +30,16 @@
 use std::{
     fmt::Write as _,
     io::{self, Write as _},
-    net::{SocketAddr, ToSocketAddrs, UdpSocket},
+    net::UdpSocket,
     os::unix::net::{UnixDatagram, UnixStream},
-    path::PathBuf,
     time::Duration,
 };
 
-use thiserror::Error;
-
 use super::Sink;
-use crate::alerts::Alert;
+use crate::{
+    alerts::Alert,
+    endpoint::{Scheme, Url, udp_connected},
+};
 
 /// Facility `daemon` (3) × 8 + severity `warning` (4).
 pub const PRI: u8 = 3 * 8 + 4;
@@ -51,79 +51,14 @@ pub const UNIX_MAX: usize = 8096;
 /// A full receiver makes a unix socket send block; give up after this and retry later.
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A `--syslog` URL that is not `udp://HOST:PORT` or `unix:PATH`.
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error("invalid syslog URL {url:?}: {reason}; expected udp://HOST:PORT or unix:PATH")]
-pub struct SyslogUrlError {
-    url: String,
-    reason: &'static str,
-}
+/// The schemes of `--syslog`.
+pub const SCHEMES: &[Scheme] = &[Scheme::Udp, Scheme::Unix];
 
-/// Where messages go, as parsed from the URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// Host (an IP address or a name, resolved on each connect) and port.
-    Udp {
-        host: String,
-        port: u16,
-    },
-    Unix(PathBuf),
-}
-
-impl Target {
-    /// Parses `udp://HOST:PORT` (HOST an IPv4 address, `[IPv6]` or a name) or `unix:PATH`
-    /// (also `unix://` followed by an absolute path).
-    pub fn parse(url: &str) -> Result<Self, SyslogUrlError> {
-        let err = |reason| SyslogUrlError {
-            url: url.to_owned(),
-            reason,
-        };
-        if let Some(rest) = url.strip_prefix("udp://") {
-            let rest = rest.strip_suffix('/').unwrap_or(rest);
-            let (host, port) = rest.rsplit_once(':').ok_or(err("missing :PORT"))?;
-            let port: u16 = port.parse().map_err(|_| err("bad port"))?;
-            if port == 0 {
-                return Err(err("bad port"));
-            }
-            let host = if let Some(v6) = host.strip_prefix('[') {
-                let v6 = v6.strip_suffix(']').ok_or(err("unclosed [ in host"))?;
-                v6.parse::<std::net::Ipv6Addr>()
-                    .map_err(|_| err("bad IPv6 address in brackets"))?;
-                v6
-            } else {
-                host
-            };
-            if host.is_empty() {
-                return Err(err("missing host"));
-            }
-            if host.contains(['/', '@', '[', ']']) || (host.contains(':') && !rest.starts_with('['))
-            {
-                return Err(err("bad host (write an IPv6 address as [ADDR])"));
-            }
-            Ok(Target::Udp {
-                host: host.to_owned(),
-                port,
-            })
-        } else if let Some(rest) = url.strip_prefix("unix:") {
-            let path = match rest.strip_prefix("//") {
-                Some(path) if path.starts_with('/') => path,
-                Some(_) => return Err(err("unix:// must be followed by an absolute path")),
-                None => rest,
-            };
-            if path.is_empty() {
-                return Err(err("missing path"));
-            }
-            Ok(Target::Unix(PathBuf::from(path)))
-        } else {
-            Err(err("unsupported scheme"))
-        }
-    }
-
-    fn max_len(&self) -> usize {
-        match self {
-            Target::Udp { .. } => UDP_MAX,
-            Target::Unix(_) => UNIX_MAX,
-        }
+fn max_len(target: &Url) -> usize {
+    if matches!(target, Url::Unix(_)) {
+        UNIX_MAX
+    } else {
+        UDP_MAX
     }
 }
 
@@ -134,25 +69,10 @@ enum Conn {
 }
 
 impl Conn {
-    fn open(target: &Target) -> io::Result<Self> {
+    fn open(target: &Url) -> io::Result<Self> {
         match target {
-            Target::Udp { host, port } => {
-                let addr = (host.as_str(), *port)
-                    .to_socket_addrs()?
-                    .next()
-                    .ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
-                    })?;
-                let local: SocketAddr = if addr.is_ipv4() {
-                    "0.0.0.0:0".parse().unwrap()
-                } else {
-                    "[::]:0".parse().unwrap()
-                };
-                let socket = UdpSocket::bind(local)?;
-                socket.connect(addr)?;
-                Ok(Conn::Udp(socket))
-            }
-            Target::Unix(path) => {
+            Url::Udp(at) => Ok(Conn::Udp(udp_connected(at.resolve()?)?)),
+            Url::Unix(path) => {
                 let socket = UnixDatagram::unbound()?;
                 match socket.connect(path) {
                     Ok(()) => {
@@ -167,6 +87,10 @@ impl Conn {
                     Err(e) => Err(e),
                 }
             }
+            Url::Tcp(_) | Url::Http(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("syslog to {target}"),
+            )),
         }
     }
 
@@ -195,7 +119,7 @@ impl Conn {
 
 /// The `--syslog` sink.
 pub struct SyslogSink {
-    target: Target,
+    target: Url,
     hostname: String,
     pid: u32,
     conn: Option<Conn>,
@@ -204,7 +128,7 @@ pub struct SyslogSink {
 impl SyslogSink {
     /// The socket itself is opened on the first delivery (and again after errors), so a
     /// receiver that is not up yet is not an error here.
-    pub fn new(target: Target) -> Self {
+    pub fn new(target: Url) -> Self {
         Self {
             target,
             hostname: hostname(),
@@ -213,7 +137,7 @@ impl SyslogSink {
         }
     }
 
-    pub fn target(&self) -> &Target {
+    pub fn target(&self) -> &Url {
         &self.target
     }
 
@@ -229,12 +153,12 @@ impl Sink for SyslogSink {
     }
 
     fn deliver(&mut self, alert: &Alert) -> io::Result<()> {
-        let message = self.format(alert, self.target.max_len());
+        let message = self.format(alert, max_len(&self.target));
         if let Some(conn) = &mut self.conn {
             match conn.send(message.as_bytes()) {
                 Ok(()) => return Ok(()),
                 // The unix receiver restarted: the kept socket is stale, a new one works.
-                Err(e) if matches!(self.target, Target::Unix(_)) && is_stale(&e) => {}
+                Err(e) if matches!(self.target, Url::Unix(_)) && is_stale(&e) => {}
                 Err(e) => {
                     self.conn = None;
                     return Err(e);
@@ -379,66 +303,6 @@ mod tests {
             key: String::new(),
         }
         .with("bytes", 123_456_789u64)
-    }
-
-    fn udp(host: &str, port: u16) -> Target {
-        Target::Udp {
-            host: host.to_owned(),
-            port,
-        }
-    }
-
-    #[test]
-    fn parses_udp_urls() {
-        assert_eq!(
-            Target::parse("udp://127.0.0.1:514"),
-            Ok(udp("127.0.0.1", 514))
-        );
-        assert_eq!(Target::parse("udp://[::1]:5514"), Ok(udp("::1", 5514)));
-        assert_eq!(
-            Target::parse("udp://logs.example.org:514/"),
-            Ok(udp("logs.example.org", 514))
-        );
-    }
-
-    #[test]
-    fn parses_unix_urls() {
-        assert_eq!(
-            Target::parse("unix:/dev/log"),
-            Ok(Target::Unix("/dev/log".into()))
-        );
-        assert_eq!(
-            Target::parse("unix:///run/syslog.sock"),
-            Ok(Target::Unix("/run/syslog.sock".into()))
-        );
-        assert_eq!(
-            Target::parse("unix:relative/log"),
-            Ok(Target::Unix("relative/log".into()))
-        );
-    }
-
-    #[test]
-    fn rejects_bad_urls_naming_them_and_the_accepted_forms() {
-        for (url, reason) in [
-            ("tcp://127.0.0.1:514", "unsupported scheme"),
-            ("/dev/log", "unsupported scheme"),
-            ("udp://127.0.0.1", "missing :PORT"),
-            ("udp://127.0.0.1:", "bad port"),
-            ("udp://127.0.0.1:0", "bad port"),
-            ("udp://127.0.0.1:65536", "bad port"),
-            ("udp://:514", "missing host"),
-            ("udp://::1:514", "bad host"),
-            ("udp://[::1:514", "unclosed ["),
-            ("udp://[1.2.3.4]:514", "bad IPv6"),
-            ("udp://user@host:514", "bad host"),
-            ("unix:", "missing path"),
-            ("unix://dev/log", "absolute path"),
-        ] {
-            let err = Target::parse(url).expect_err(url).to_string();
-            for part in [url, reason, "udp://HOST:PORT or unix:PATH"] {
-                assert!(err.contains(part), "{url}: {part:?} missing from {err:?}");
-            }
-        }
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub use encode::{
     Record, Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4,
     TEMPLATE_V6, VERSION, ie, template_fields,
 };
-pub use transport::{Collector, CollectorUrl};
+pub use transport::{COLLECTOR_SCHEMES, Collector};
 
 use crate::{
     clock::Clock,

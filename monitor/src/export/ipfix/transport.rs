@@ -17,8 +17,7 @@
 use std::{
     fmt,
     io::{self, ErrorKind, Write},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket},
-    str::FromStr,
+    net::{SocketAddr, TcpStream, UdpSocket},
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -26,7 +25,10 @@ use std::{
 use log::{info, warn};
 
 use super::{Counters, encode::Message};
-use crate::worker::{Backoff, Deliver, Worker};
+use crate::{
+    endpoint::{Scheme, Url, udp_connected},
+    worker::{Backoff, Deliver, Worker},
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A collector that takes longer than this to accept one message is treated as gone.
@@ -44,64 +46,25 @@ pub enum Collector {
     Tcp(SocketAddr),
 }
 
+/// The schemes of `--ipfix-collector`.
+pub const COLLECTOR_SCHEMES: &[Scheme] = &[Scheme::Udp, Scheme::Tcp];
+
 impl Collector {
+    /// The collector `url` names, at its host's first address (looked up once, at start).
+    pub fn resolve(url: &Url) -> io::Result<Self> {
+        match url {
+            Url::Udp(at) => at.resolve().map(Self::Udp),
+            Url::Tcp(at) => at.resolve().map(Self::Tcp),
+            Url::Unix(_) | Url::Http(_) => Err(io::Error::new(
+                ErrorKind::Unsupported,
+                "not a udp:// or tcp:// URL",
+            )),
+        }
+    }
+
     /// UDP refreshes the templates on a timer; TCP sends them on every new connection.
     pub fn refreshes_templates(&self) -> bool {
         matches!(self, Self::Udp(_))
-    }
-}
-
-/// `--ipfix-collector` as given: `udp://HOST:PORT` or `tcp://HOST:PORT`, the host not
-/// yet resolved (parsing a flag has no side effects; [`CollectorUrl::resolve`] looks the
-/// host up, once, at start).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CollectorUrl {
-    tcp: bool,
-    host_port: String,
-}
-
-impl FromStr for CollectorUrl {
-    type Err = String;
-
-    fn from_str(url: &str) -> Result<Self, String> {
-        const ACCEPTED: &str = "expected udp://HOST:PORT or tcp://HOST:PORT";
-        let (scheme, host_port) = url.split_once("://").ok_or(ACCEPTED)?;
-        let tcp = match scheme {
-            "udp" => false,
-            "tcp" => true,
-            _ => return Err(format!("unknown scheme {scheme:?} ({ACCEPTED})")),
-        };
-        match host_port.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Self {
-                tcp,
-                host_port: host_port.to_owned(),
-            }),
-            _ => Err(ACCEPTED.into()),
-        }
-    }
-}
-
-impl CollectorUrl {
-    /// The collector at the host's first address.
-    pub fn resolve(&self) -> Result<Collector, String> {
-        let addr = self
-            .host_port
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or("the host has no address")?;
-        Ok(if self.tcp {
-            Collector::Tcp(addr)
-        } else {
-            Collector::Udp(addr)
-        })
-    }
-}
-
-impl fmt::Display for CollectorUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tcp { "tcp" } else { "udp" };
-        write!(f, "{scheme}://{}", self.host_port)
     }
 }
 
@@ -127,15 +90,8 @@ pub(super) fn spawn(
     let thread = "ipfix".to_owned();
     match *collector {
         Collector::Udp(addr) => {
-            let bind: SocketAddr = if addr.is_ipv4() {
-                (Ipv4Addr::UNSPECIFIED, 0).into()
-            } else {
-                (Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let socket = UdpSocket::bind(bind)?;
-            socket.connect(addr)?;
             let link = UdpLink {
-                socket,
+                socket: udp_connected(addr)?,
                 name,
                 counters,
                 failing: false,
@@ -293,15 +249,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn collector_urls() {
-        let resolved = |url: &str| url.parse::<CollectorUrl>().unwrap().resolve();
+    fn collectors_from_urls() {
+        let resolved =
+            |text: &str| Collector::resolve(&Url::parse(text, COLLECTOR_SCHEMES).unwrap());
         assert_eq!(
-            resolved("udp://127.0.0.1:4739"),
-            Ok(Collector::Udp("127.0.0.1:4739".parse().unwrap()))
+            resolved("udp://127.0.0.1:4739").unwrap(),
+            Collector::Udp("127.0.0.1:4739".parse().unwrap())
         );
         assert_eq!(
-            resolved("tcp://[2001:db8::1]:4739"),
-            Ok(Collector::Tcp("[2001:db8::1]:4739".parse().unwrap()))
+            resolved("tcp://[2001:db8::1]:4739").unwrap(),
+            Collector::Tcp("[2001:db8::1]:4739".parse().unwrap())
         );
         assert_eq!(
             resolved("tcp://127.0.0.1:4739").unwrap().to_string(),
@@ -310,10 +267,11 @@ mod tests {
         for bad in [
             "127.0.0.1:4739",
             "http://127.0.0.1:4739",
+            "unix:/run/collector.sock",
             "tcp://127.0.0.1",
             "udp://:9",
         ] {
-            assert!(bad.parse::<CollectorUrl>().is_err(), "{bad}");
+            assert!(Url::parse(bad, COLLECTOR_SCHEMES).is_err(), "{bad}");
         }
     }
 }
