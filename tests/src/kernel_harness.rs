@@ -4,7 +4,7 @@
 //!
 //! `BPF_PROG_TEST_RUN` (net/bpf/test_run.c) refuses frames shorter than an Ethernet
 //! header at every hook, and at the skb hooks also an outer EtherType of IPv4 or IPv6
-//! without a whole fixed IP header behind it ([`Hook::refuses`]; kernel.rs tells more).
+//! without a whole fixed IP header behind it ([`Hook::refuses`]; tests/kernel/kernel.rs tells more).
 //! It runs the programs on the namespace's loopback device.
 
 use std::{
