@@ -1,4 +1,4 @@
-//! Support for the DNS labs (`tests/lab_dns.rs`): dnsmasq as the "Internet" resolver on
+//! Support for the DNS labs (`tests/labs/lab_dns.rs`): dnsmasq as the "Internet" resolver on
 //! the wan host, and a stub resolver that the tests drive from the lan host (its own
 //! minimal encoder and decoder: the ground truth does not come from the agent's parser).
 

@@ -4,10 +4,14 @@
 //!
 //! `BPF_PROG_TEST_RUN` (net/bpf/test_run.c) refuses frames shorter than an Ethernet
 //! header at every hook, and at the skb hooks also an outer EtherType of IPv4 or IPv6
-//! without a whole fixed IP header behind it ([`Hook::refuses`]; kernel.rs tells more).
+//! without a whole fixed IP header behind it ([`Hook::refuses`]; tests/kernel/kernel.rs tells more).
 //! It runs the programs on the namespace's loopback device.
 
-use std::{cell::Cell, collections::BTreeMap, fmt::Write as _};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -166,7 +170,34 @@ pub struct Kernel {
     lo: u32,
     /// CLOCK_MONOTONIC before the first and after the last run: every timestamp in the
     /// flow map must fall inside.
-    window: Cell<Option<(u64, u64)>>,
+    window: Window,
+}
+
+/// The span of the runs so far. Atomic, so that threads may run the programs at once.
+struct Window {
+    first: AtomicU64,
+    last: AtomicU64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            first: AtomicU64::new(u64::MAX),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes in a run from `start` to `end`.
+    fn widen(&self, start: u64, end: u64) {
+        self.first.fetch_min(start, Relaxed);
+        self.last.fetch_max(end, Relaxed);
+    }
+
+    /// From before the first run to after the last, once a run was made.
+    fn get(&self) -> Option<(u64, u64)> {
+        let first = self.first.load(Relaxed);
+        (first != u64::MAX).then(|| (first, self.last.load(Relaxed)))
+    }
 }
 
 impl Kernel {
@@ -220,7 +251,7 @@ impl Kernel {
             programs,
             label: format!("{hooks:?}"),
             lo: loopback_ifindex(),
-            window: Cell::new(None),
+            window: Window::new(),
         }
     }
 
@@ -254,8 +285,7 @@ impl Kernel {
                 .test_run(opts),
         };
         let end = monotonic_ns();
-        let first = self.window.get().map_or(start, |(first, _)| first);
-        self.window.set(Some((first, end)));
+        self.window.widen(start, end);
         result
     }
 

@@ -1,4 +1,4 @@
-//! Support for the detection-rule labs (`tests/lab_rules.rs`): the agent with its alert
+//! Support for the detection-rule labs (`tests/labs/lab_rules.rs`): the agent with its alert
 //! log in a file that the test reads while the agent runs, a second address on the wan
 //! host, host names for the agent (`/etc/netns/<ns>/hosts`), and TCP and HTTP endpoints a
 //! test drives step by step (a socket stays open until the test closes it).

@@ -1,6 +1,7 @@
 //! A flood of connections at the default flow map: polls keep their interval, and nothing
-//! the kernel counted is lost. A file of its own: test binaries run one after another, so
-//! no other test's traffic shares the CPUs while polls are timed.
+//! the kernel counted is lost. A test binary of its own, not a module of `labs`: test
+//! binaries run one after another, so no other test's traffic shares the CPUs while polls
+//! are timed.
 
 use std::time::Duration;
 

@@ -1,7 +1,9 @@
 //! A poll of a million connections runs on a thread of its own: /metrics answers at once
 //! while it runs. The agent runs with `--pin-path`, so the test fills the very map it
 //! polls with synthetic connections, all active, and keeps every poll a read of the whole
-//! map by counting lost changes, as a full ring of changes does.
+//! map by counting lost changes, as a full ring of changes does. A test binary of its own,
+//! not a module of `labs`: scrapes are timed, and test binaries run one after another, so
+//! no other test's traffic shares the CPUs meanwhile.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},

@@ -10,17 +10,11 @@
 
 use std::{net::Ipv4Addr, sync::Barrier, thread};
 
-use aya::{
-    Ebpf,
-    maps::HashMap,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
-use monitor_common::{
-    flow::{FlowKey, FlowValue},
-    names,
-};
+use aya::programs::TestRunOptions;
+use monitor_common::flow::FlowKey;
 use tests::{
-    bpf::{K, loopback_ifindex},
+    bpf::K,
+    kernel_harness::{Counts, Flow, Hook, Kernel},
     packet::{
         Frame,
         tcp_flags::{ACK, PSH},
@@ -71,78 +65,46 @@ fn key() -> FlowKey {
     key
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    Xdp,
-    TcEgress,
-}
-
-/// One copy of the kernel object with `xdp_ingress` and `tc_egress` loaded: fresh maps,
-/// which both programs share.
-fn load() -> Ebpf {
-    let mut ebpf = Ebpf::load(monitor::kernel::object())
-        .unwrap_or_else(|e| panic!("loading the kernel object (needs root): {e}"));
-    <&mut Xdp>::try_from(ebpf.program_mut(names::XDP_INGRESS).expect("xdp_ingress"))
-        .expect("XDP")
-        .load()
-        .expect("load xdp_ingress");
-    <&mut SchedClassifier>::try_from(ebpf.program_mut(names::TC_EGRESS).expect("tc_egress"))
-        .expect("classifier")
-        .load()
-        .expect("load tc_egress");
-    ebpf
-}
-
 /// Runs `frame` at `hook` `calls` times `repeat` times.
-fn run(ebpf: &Ebpf, hook: Hook, frame: &[u8], calls: u32) {
+fn run(k: &Kernel, hook: Hook, frame: &[u8], calls: u32) {
     for _ in 0..calls {
         let opts = TestRunOptions {
             data_in: Some(frame),
             repeat: REPEAT,
             ..TestRunOptions::default()
         };
-        let result = match hook {
-            Hook::Xdp => <&Xdp>::try_from(ebpf.program(names::XDP_INGRESS).expect("loaded"))
-                .expect("XDP")
-                .test_run(opts),
-            Hook::TcEgress => {
-                <&SchedClassifier>::try_from(ebpf.program(names::TC_EGRESS).expect("loaded"))
-                    .expect("classifier")
-                    .test_run(opts)
-            }
-        };
-        result.unwrap_or_else(|e| panic!("{hook:?}: test_run: {e:?}"));
+        k.test_run(hook, opts)
+            .unwrap_or_else(|e| panic!("{hook:?}: test_run: {e:?}"));
     }
 }
 
-/// CPU 0 and CPU 1 each run their frame at their hook at the same time; returns the
-/// connection's entry afterwards.
-fn on_two_cpus(cpu0: (Hook, &[u8], u32), cpu1: (Hook, &[u8], u32)) -> FlowValue {
-    let ebpf = load();
+/// CPU 0 and CPU 1 each run their frame at their hook at the same time, on one copy of
+/// the kernel object with `xdp_ingress` and `tc_egress` loaded (fresh maps, which both
+/// programs share); returns the connection's entry afterwards, checked by the harness
+/// (among others: its interface, and its timestamps within the runs).
+fn on_two_cpus(cpu0: (Hook, &[u8], u32), cpu1: (Hook, &[u8], u32)) -> Flow {
+    let k = Kernel::load(&[Hook::Xdp, Hook::TcEgress]);
     let start = Barrier::new(2);
     thread::scope(|scope| {
         for (cpu, (hook, frame, calls)) in [(0, cpu0), (1, cpu1)] {
-            let (ebpf, start) = (&ebpf, &start);
+            let (k, start) = (&k, &start);
             scope.spawn(move || {
                 pin_to_cpu(cpu);
                 start.wait();
-                run(ebpf, hook, frame, calls);
+                run(k, hook, frame, calls);
             });
         }
     });
-    let map = HashMap::<_, FlowKey, FlowValue>::try_from(
-        ebpf.map(names::FLOW_MAP).expect("the flow map"),
-    )
-    .expect("the flow map is a hash map");
-    let entries: Vec<FlowKey> = map.keys().map(|k| k.expect("a key")).collect();
+    let flows = k.flows();
+    let entries: Vec<FlowKey> = flows.keys().copied().collect();
     assert_eq!(entries, [key()], "the flow map holds the one connection");
-    map.get(&key(), 0).expect("the connection's entry")
+    flows[&key()]
 }
 
-/// Asserts direction `dir` of `value` counted exactly `runs` frames.
+/// Asserts direction `dir` of `flow` counted exactly `runs` frames.
 #[track_caller]
-fn assert_counted(value: &FlowValue, dir: usize, runs: u64) {
-    let d = &value.dir[dir];
+fn assert_counted(flow: &Flow, dir: usize, runs: u64) {
+    let d = &flow.dir[dir];
     let payload = PAYLOAD as u64;
     assert_eq!(
         (d.pkts, d.ip_bytes, d.bytes),
@@ -154,15 +116,10 @@ fn assert_counted(value: &FlowValue, dir: usize, runs: u64) {
     );
     assert_eq!(d.tcp_flags, PSH | ACK, "direction {dir}: flags");
     assert!(
-        0 < d.first_ns && d.first_ns <= d.last_ns,
+        0 < flow.first_ns[dir] && flow.first_ns[dir] <= flow.last_ns[dir],
         "direction {dir}: first {} last {}",
-        d.first_ns,
-        d.last_ns
-    );
-    assert_eq!(
-        value.ifindex,
-        loopback_ifindex(),
-        "the first packet's interface"
+        flow.first_ns[dir],
+        flow.last_ns[dir]
     );
 }
 
@@ -176,7 +133,7 @@ fn one_direction_from_two_cpus_counts_every_packet() {
     assert_counted(&value, 0, 2 * u64::from(CALLS * REPEAT));
     assert_eq!(
         value.dir[1],
-        Default::default(),
+        Counts::default(),
         "nothing counted the other way"
     );
 }
