@@ -15,7 +15,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     alerts::{
-        Alert, Note,
+        Alert, ConnLog,
         dispatch::Dispatcher,
         sinks::{AlertLog, Sink, alertmanager::AlertmanagerSink, syslog::SyslogSink},
         suppress::Suppressor,
@@ -32,7 +32,7 @@ use crate::{
     export::{Collector, EndReason, IpfixConfig, IpfixExporter},
     finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
-    logs::{self, JsonLines, conn::ConnRecord},
+    logs::{self, JsonLines},
     metrics::{self, Metrics},
     nat::Nat,
     parse_watch::{self, Change, ParseWatch},
@@ -442,16 +442,9 @@ impl Pipeline {
     fn emit(&mut self, alerts: Vec<Alert>, now: Now) {
         for mut alert in alerts {
             self.name_remote(&mut alert, now);
-            if let (Note::LongConnection, Some(log), Some(fields), Some(ts)) = (
-                alert.note,
-                &mut self.conn_long_log,
-                &alert.conn,
-                alert.first_seen,
-            ) {
-                let record = ConnRecord {
-                    ts,
-                    fields: fields.clone(),
-                };
+            if let Some(log) = alert.conn_log.and_then(|log| self.conn_log(log))
+                && let Some(record) = alert.conn_record()
+            {
                 log.write(&record);
             }
             if !self.suppressor.admit(&alert, now.mono_ns) {
@@ -462,6 +455,13 @@ impl Pipeline {
             for sink in &self.sinks {
                 sink.submit(alert.clone());
             }
+        }
+    }
+
+    /// The connection log an alert names, if it is open.
+    fn conn_log(&mut self, log: ConnLog) -> Option<&mut JsonLines> {
+        match log {
+            ConnLog::Long => self.conn_long_log.as_mut(),
         }
     }
 
@@ -775,7 +775,7 @@ impl Pipeline {
             poller: parts.poller,
             table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
             rules,
-            suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
+            suppressor: Suppressor::new(args.suppress),
             exporters: exporters(args, collectors, &local, clock)?,
             sinks: (sinks.into_iter())
                 .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))

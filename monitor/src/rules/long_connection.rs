@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::{ConnCtx, Now, Rule, Saved, decode, save_as, saved};
 use crate::{
-    alerts::{Alert, Note},
+    alerts::{Alert, ConnLog, Note},
     conntable::Uid,
 };
 
@@ -95,7 +95,8 @@ impl Rule for LongConnection {
                 conn.resp.addr,
             )
             .with("threshold", threshold.as_secs_f64())
-            .with("age", age.as_secs_f64());
+            .with("age", age.as_secs_f64())
+            .logged_to(ConnLog::Long);
         // The age, not the span of packets: an idle connection is still open.
         if let Some(fields) = &mut alert.conn {
             fields.duration = age.as_secs_f64();
@@ -207,6 +208,7 @@ mod tests {
             assert!(update(&mut rule, &conn, just_before).is_empty());
             let alerts = update(&mut rule, &conn, at(at_ns as f64 / 1e9));
             assert_eq!(alerts.len(), 1, "at {at_ns}");
+            assert_eq!(alerts[0].conn_log, Some(ConnLog::Long));
             crossings.push(alerts[0].figures["threshold"].as_f64().unwrap());
         }
         let hours = [1.0 / 6.0, 0.5, 1.0, 12.0, 24.0, 72.0, 144.0, 216.0];

@@ -285,6 +285,7 @@ pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
         rules.push(Box::new(RestrictedOutbound::new(
             config.restricted_nets.clone(),
             allowlist::Allowlist::new(&config.allowed, names.clone()),
+            config.restricted_suppress,
         )));
     }
     rules

@@ -270,6 +270,8 @@ fn group_alert(
         conn: None,
         figures: Default::default(),
         key: String::new(),
+        quiet: None,
+        conn_log: None,
     }
 }
 
