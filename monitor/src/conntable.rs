@@ -598,6 +598,9 @@ pub struct ConnTable {
     /// Connections the last read of what changed made new, closed or older (an earlier
     /// first packet): the wake-up they had may be too late.
     rescheduled: Vec<FlowKey>,
+    /// Changes to what [`Self::accounted`] gives, counted: connections added, removed or
+    /// with new totals.
+    changes: u64,
 }
 
 #[derive(Debug)]
@@ -625,6 +628,7 @@ impl ConnTable {
             wakeups: BinaryHeap::new(),
             wakeups_stale: true,
             rescheduled: Vec::new(),
+            changes: 0,
         }
     }
 
@@ -636,6 +640,12 @@ impl ConnTable {
     /// The totals to start from for connections an earlier agent already accounted for.
     pub fn resume(&mut self, accounted: impl IntoIterator<Item = (Uid, [Totals; 2])>) {
         self.resumed = accounted.into_iter().collect();
+    }
+
+    /// How many times what [`Self::accounted`] gives has changed, counting up from any
+    /// start.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Each connection's totals as of the latest observation, for `--state-dir`.
@@ -812,7 +822,9 @@ impl ConnTable {
     /// the read turned out to be part of it): what it had before the read stays its `prev`.
     pub fn recount(&mut self, snap: FlowSnapshot) {
         if let Some(conn) = self.conns.get_mut(&snap.key) {
+            let before = conn.totals();
             conn.set_snap(snap);
+            self.changes += u64::from(conn.totals() != before);
         }
     }
 
@@ -848,6 +860,7 @@ impl ConnTable {
             conn.prev = accounted;
         }
         self.added += 1;
+        self.changes += 1;
         Some(self.conns.push_new(conn))
     }
 
@@ -858,6 +871,7 @@ impl ConnTable {
             .expect("a position in the table");
         conn.settle();
         conn.set_snap(snap);
+        self.changes += u64::from(conn.totals() != conn.prev);
     }
 
     /// Whether `conn` is finished at kernel time `now_ns` (asked while the rules see
@@ -922,6 +936,7 @@ impl ConnTable {
 
     fn remove_at(&mut self, position: usize) -> Conn {
         let conn = self.conns.remove_at(position);
+        self.changes += 1;
         self.moved_to(position);
         conn
     }
@@ -936,6 +951,7 @@ impl ConnTable {
 
     /// Every open connection, leaving the table empty (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
+        self.changes += u64::from(!self.conns.is_empty());
         self.conns.drain()
     }
 
@@ -1410,6 +1426,27 @@ mod tests {
             "only what is new"
         );
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn only_new_totals_added_or_removed_connections_count_as_changes() {
+        let c = conn(IPPROTO_UDP, dir(9, SEC, SEC, 0, false), DirStats::default()).snap();
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
+        table.observe(c);
+        let added = table.changes();
+        observe_map(&mut table, &[c]);
+        table.observe(c);
+        assert_eq!(table.changes(), added, "the same totals again");
+        let more = conn(
+            IPPROTO_UDP,
+            dir(10, SEC, 2 * SEC, 0, false),
+            DirStats::default(),
+        );
+        table.observe(more.snap());
+        let grown = table.changes();
+        assert_ne!(grown, added, "new totals");
+        table.take(&c.key, None);
+        assert_ne!(table.changes(), grown, "taken out");
     }
 
     #[test]

@@ -79,6 +79,9 @@ struct Pipeline {
     top: top::Tracker,
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
     state: Option<StateDir>,
+    /// Whether the state holds the open connections' totals: only a run with
+    /// `--pin-path` finds those connections again.
+    state_conns: bool,
     dns: Dns,
     nat: Nat,
     parse_watch: ParseWatch,
@@ -315,15 +318,26 @@ impl Pipeline {
         Ok(coverage)
     }
 
+    /// Writes the state if it changed since it was last written.
     fn save_state(&mut self) {
         let Some(dir) = &mut self.state else { return };
-        let mut saved = Saved::new(self.table.uids().seed());
-        saved.conns = self.table.accounted();
-        for rule in &self.rules {
-            rule.save(&mut saved.rules);
-        }
-        saved.suppressor = self.suppressor.save();
-        if let Err(err) = dir.save(&saved) {
+        let (table, rules, suppressor) = (&self.table, &self.rules, &self.suppressor);
+        let conns = self.state_conns;
+        let changes = rules.iter().map(|rule| rule.changes()).sum::<u64>()
+            + suppressor.changes()
+            + if conns { table.changes() } else { 0 };
+        let build = || {
+            let mut saved = Saved::new(table.uids().seed());
+            if conns {
+                saved.conns = table.accounted();
+            }
+            for rule in rules {
+                rule.save(&mut saved.rules);
+            }
+            saved.suppressor = suppressor.save();
+            saved
+        };
+        if let Err(err) = dir.save_changed(changes, build) {
             warn!("saving rule state: {err}");
         }
     }
@@ -789,6 +803,7 @@ impl Pipeline {
             metrics: parts.metrics,
             top: parts.top,
             state,
+            state_conns: args.pin_path.is_some(),
             dns: Dns::new(
                 &dns_config,
                 args.rules.window,

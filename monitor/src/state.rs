@@ -1,7 +1,8 @@
 //! `--state-dir`: what the rules and the suppressor know, kept on disk so that a restart
 //! neither repeats an alert nor forgets a window's bytes. Written after every poll that
-//! changed it, to a temporary file renamed over the last: a kill at any moment leaves one
-//! whole state, the old or the new.
+//! changed it (its owners count their changes: an unchanged state is not even built), to a
+//! temporary file renamed over the last: a kill at any moment leaves one whole state, the
+//! old or the new.
 
 use std::{
     fs,
@@ -45,7 +46,7 @@ pub struct Saved {
     /// last one did.
     pub uid_seed: [u64; 2],
     /// Each open connection's totals as of the last poll: what the rules and metrics have
-    /// already accounted for.
+    /// already accounted for. Only with `--pin-path`: no other run takes them back.
     pub conns: Vec<(Uid, [Totals; 2])>,
     /// Each stateful rule's own, under its name.
     pub rules: Map<String, Value>,
@@ -57,6 +58,8 @@ pub struct StateDir {
     path: PathBuf,
     max_bytes: u64,
     last: Vec<u8>,
+    /// The owners' count of changes the last write was built at.
+    written_at: Option<u64>,
 }
 
 impl StateDir {
@@ -73,6 +76,7 @@ impl StateDir {
             path: dir.join(FILE),
             max_bytes: max_bytes(capacity),
             last: Vec::new(),
+            written_at: None,
         };
         let saved = match state.read() {
             Ok(bytes) => Self::parse(&state.path, &bytes),
@@ -160,8 +164,19 @@ impl StateDir {
         }
     }
 
+    /// Writes the state `build` gives unless `changes`, the sum of its owners' counts of
+    /// changes (each only counting up), is what it was at the last write.
+    pub fn save_changed(&mut self, changes: u64, build: impl FnOnce() -> Saved) -> io::Result<()> {
+        if self.written_at == Some(changes) {
+            return Ok(());
+        }
+        self.save(&build())?;
+        self.written_at = Some(changes);
+        Ok(())
+    }
+
     /// Writes `saved` unless it is what was last written.
-    pub fn save(&mut self, saved: &Saved) -> io::Result<()> {
+    fn save(&mut self, saved: &Saved) -> io::Result<()> {
         let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
         if bytes == self.last {
             return Ok(());
@@ -250,7 +265,10 @@ mod tests {
     use super::*;
     use crate::{
         cli::{Cli, Command},
-        rules::{self, Names, testkit::at},
+        rules::{
+            self, Names,
+            testkit::{ConnSpec, at, finish, update},
+        },
     };
 
     const CAPACITY: u32 = 1024;
@@ -274,6 +292,22 @@ mod tests {
         let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
         assert_eq!(back, Some(saved));
         assert!(!dir.join("state.json.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unchanged_state_is_neither_built_nor_written() {
+        let dir = scratch("unchanged");
+        let (mut state, _) = StateDir::open(&dir, CAPACITY).unwrap();
+        state.save_changed(7, || Saved::new([1, 2])).unwrap();
+        fs::remove_file(dir.join(FILE)).unwrap();
+        state
+            .save_changed(7, || unreachable!("nothing changed: not built"))
+            .unwrap();
+        assert!(!dir.join(FILE).exists(), "nothing changed: not written");
+        state.save_changed(8, || Saved::new([3, 4])).unwrap();
+        let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
+        assert_eq!(back.map(|saved| saved.uid_seed), Some([3, 4]));
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -303,6 +337,79 @@ mod tests {
             unreachable!("`monitor run`");
         };
         rules::from_config(&crate::config::rules(&args.rules), &Names::default())
+    }
+
+    #[test]
+    fn rules_count_a_change_exactly_when_their_saved_state_changes() {
+        let argv = ["monitor", "run", "--restricted-net", "198.18.1.0/24"];
+        let Command::Run(args) =
+            Cli::parse_from(argv.iter().chain(&["--upload-threshold", "1MB"])).command
+        else {
+            unreachable!("`monitor run`");
+        };
+        let mut rules = rules::from_config(&crate::config::rules(&args.rules), &Names::default());
+        let upload = ConnSpec {
+            orig_bytes: 2_000_000,
+            start: 1.0,
+            last: 1.0,
+            ..ConnSpec::default()
+        }
+        .conn();
+        let inside = ConnSpec {
+            resp: ("198.18.2.3", 443),
+            ..ConnSpec::timed()
+        }
+        .conn();
+        let (upload, inside) = (&upload, &inside);
+        type Step<'a> = Box<dyn Fn(&mut dyn Rule) -> Vec<crate::alerts::Alert> + 'a>;
+        let tick = |secs: f64| -> Step<'static> {
+            Box::new(move |rule| {
+                rule.on_tick(at(secs));
+                Vec::new()
+            })
+        };
+        let steps: Vec<(&str, bool, Step)> = vec![
+            (
+                "an upload",
+                true,
+                Box::new(move |r| update(r, upload, at(2.0))),
+            ),
+            ("a tick in the same window", false, tick(2.0)),
+            (
+                "traffic no rule keeps",
+                false,
+                Box::new(move |r| update(r, inside, at(3.0))),
+            ),
+            (
+                "a LongConnection crossing",
+                true,
+                Box::new(move |r| update(r, upload, at(700.0))),
+            ),
+            (
+                "the upload finished",
+                true,
+                Box::new(move |r| finish(r, upload, at(701.0))),
+            ),
+            ("a window aged out", true, tick(1e6)),
+            ("nothing left to age", false, tick(1e6 + 1.0)),
+        ];
+        let state = |rule: &dyn Rule| {
+            let mut saved = rules::Saved::new();
+            rule.save(&mut saved);
+            (saved, rule.changes())
+        };
+        for (what, changes, step) in steps {
+            let mut changed = false;
+            for rule in &mut rules {
+                let (saved, counted) = state(rule.as_ref());
+                step(rule.as_mut());
+                let (now_saved, now_counted) = state(rule.as_ref());
+                let name = now_saved.keys().next().cloned().unwrap_or_default();
+                assert_eq!(now_counted != counted, now_saved != saved, "{what}: {name}");
+                changed |= now_saved != saved;
+            }
+            assert_eq!(changed, changes, "{what}");
+        }
     }
 
     /// What an agent 1000 s after boot may have written: a connection's totals, rule state

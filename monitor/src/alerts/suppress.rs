@@ -21,10 +21,12 @@ pub struct Suppressor {
     timers: HashMap<(Note, String), Timer>,
     /// Quiet times dropped to stay within [`MAX_KEYS`].
     shed: u64,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 /// One quiet time running.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Timer {
     /// Kernel-clock time it runs from.
     since: u64,
@@ -70,6 +72,7 @@ impl Suppressor {
             },
             timers: HashMap::new(),
             shed: 0,
+            changes: 0,
         }
     }
 
@@ -81,9 +84,13 @@ impl Suppressor {
         if let Some(timer) = self.timers.get_mut(&slot)
             && timer.running(quiet, now_ns)
         {
+            let before = *timer;
             timer.quiet = quiet;
             if quiet.repeats_restart {
                 timer.since = now_ns;
+            }
+            if *timer != before {
+                self.changes += 1;
             }
             return false;
         }
@@ -97,6 +104,7 @@ impl Suppressor {
                 quiet,
             },
         );
+        self.changes += 1;
         true
     }
 
@@ -112,6 +120,11 @@ impl Suppressor {
     /// Quiet times dropped so far to stay within [`MAX_KEYS`].
     pub fn shed(&self) -> u64 {
         self.shed
+    }
+
+    /// How many times what `save` writes has changed, counting up from any start.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The quiet times running, sorted, for `--state-dir`.
@@ -176,8 +189,12 @@ impl Suppressor {
 
     /// Forgets keys whose quiet time is over.
     pub fn prune(&mut self, now_ns: u64) {
+        let before = self.timers.len();
         self.timers
             .retain(|_, timer| timer.running(timer.quiet, now_ns));
+        if self.timers.len() != before {
+            self.changes += 1;
+        }
     }
 }
 
@@ -308,5 +325,29 @@ mod tests {
         assert!(s.admit(&restricted("r"), 161 * SEC));
         assert!(!s.admit(&alert(Note::LargeUpload, "k"), 3599 * SEC));
         assert!(s.admit(&alert(Note::LargeUpload, "k"), 3600 * SEC));
+    }
+
+    #[test]
+    fn changes_count_only_what_save_would_write_differently() {
+        let mut s = Suppressor::new(Duration::from_secs(3600));
+        let a = alert(Note::LargeUpload, "k");
+        assert!(s.admit(&a, 0));
+        let sent = s.changes();
+        assert!(!s.admit(&a, SEC));
+        s.prune(2 * SEC);
+        assert_eq!(
+            s.changes(),
+            sent,
+            "a repeat that restarts nothing, nothing pruned"
+        );
+        let restarting = Alert {
+            note: Note::LargeUpload,
+            ..restricted("k")
+        };
+        assert!(!s.admit(&restarting, 3 * SEC));
+        assert_ne!(s.changes(), sent, "its own quiet time, restarted");
+        let restarted = s.changes();
+        s.prune(3600 * SEC);
+        assert_ne!(s.changes(), restarted, "pruned");
     }
 }

@@ -20,6 +20,8 @@ pub struct LongConnection {
     ignore: Vec<IpNet>,
     /// Crossings reported so far per open connection.
     crossed: HashMap<Uid, usize>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl LongConnection {
@@ -32,6 +34,7 @@ impl LongConnection {
             durations,
             ignore,
             crossed: HashMap::new(),
+            changes: 0,
         }
     }
 
@@ -77,6 +80,7 @@ impl Rule for LongConnection {
         }
         // Several crossings at once (the agent started late): one alert, the largest.
         self.crossed.insert(conn.uid(), next);
+        self.changes += 1;
         let threshold = self.threshold(next - 1);
         let msg = format!(
             "connection from {} to {} {} has been open {} (over {})",
@@ -106,7 +110,9 @@ impl Rule for LongConnection {
     }
 
     fn on_finish(&mut self, conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {
-        self.crossed.remove(&conn.uid());
+        if self.crossed.remove(&conn.uid()).is_some() {
+            self.changes += 1;
+        }
     }
 
     fn save(&self, state: &mut Saved) {
@@ -115,6 +121,10 @@ impl Rule for LongConnection {
             "LongConnection",
             self.crossed.iter().collect::<BTreeMap<_, _>>(),
         );
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {

@@ -22,6 +22,8 @@ pub struct RestrictedOutbound {
     quiet: Quiet,
     /// Open connections from restricted hosts already judged.
     judged: HashSet<Uid>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl RestrictedOutbound {
@@ -35,6 +37,7 @@ impl RestrictedOutbound {
                 repeats_restart: true,
             },
             judged: HashSet::new(),
+            changes: 0,
         }
     }
 }
@@ -48,6 +51,7 @@ impl Rule for RestrictedOutbound {
         if !self.judged.insert(conn.uid()) {
             return;
         }
+        self.changes += 1;
         if conn.local_resp || self.allow.covers(src, dst, conn.offered()) {
             return;
         }
@@ -68,7 +72,9 @@ impl Rule for RestrictedOutbound {
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         // A connection that opened and finished between two polls is judged now.
         self.on_update(conn, now, out);
-        self.judged.remove(&conn.uid());
+        if self.judged.remove(&conn.uid()) {
+            self.changes += 1;
+        }
     }
 
     fn save(&self, state: &mut Saved) {
@@ -77,6 +83,10 @@ impl Rule for RestrictedOutbound {
             "RestrictedOutbound",
             self.judged.iter().collect::<BTreeSet<_>>(),
         );
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {
