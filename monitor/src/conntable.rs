@@ -601,6 +601,9 @@ pub struct ConnTable {
     /// Changes to what [`Self::accounted`] gives, counted: connections added, removed or
     /// with new totals.
     changes: u64,
+    /// From the first [`Self::accounted_marked`]: the connections so changed since the
+    /// last, with their keys.
+    touched: Option<HashMap<Uid, FlowKey>>,
 }
 
 #[derive(Debug)]
@@ -629,6 +632,7 @@ impl ConnTable {
             wakeups_stale: true,
             rescheduled: Vec::new(),
             changes: 0,
+            touched: None,
         }
     }
 
@@ -646,6 +650,40 @@ impl ConnTable {
     /// start.
     pub fn changes(&self) -> u64 {
         self.changes
+    }
+
+    /// A connection added, removed or with new totals.
+    fn changed(&mut self, uid: Uid, key: FlowKey) {
+        self.changes += 1;
+        if let Some(touched) = &mut self.touched {
+            touched.insert(uid, key);
+        }
+    }
+
+    /// What [`Self::accounted`] gives now is what [`Self::accounted_changes`] counts
+    /// from.
+    pub fn accounted_marked(&mut self) {
+        self.touched.get_or_insert_default().clear();
+    }
+
+    /// How many connections [`Self::accounted_changes`] would name.
+    pub fn accounted_changes_len(&self) -> usize {
+        self.touched.as_ref().map_or(0, HashMap::len)
+    }
+
+    /// Since [`Self::accounted_marked`]: the connections with new totals (or new), with
+    /// their totals as [`Self::accounted`] gives them, and those gone; by uid.
+    pub fn accounted_changes(&self) -> (Vec<(Uid, [Totals; 2])>, Vec<Uid>) {
+        let (mut open, mut gone) = (Vec::new(), Vec::new());
+        for (uid, key) in self.touched.iter().flatten() {
+            match self.conns.get(key).filter(|conn| conn.uid == *uid) {
+                Some(conn) => open.push((*uid, conn.totals())),
+                None => gone.push(*uid),
+            }
+        }
+        open.sort_unstable_by_key(|(uid, _)| *uid);
+        gone.sort_unstable();
+        (open, gone)
     }
 
     /// Each connection's totals as of the latest observation, for `--state-dir`.
@@ -824,7 +862,10 @@ impl ConnTable {
         if let Some(conn) = self.conns.get_mut(&snap.key) {
             let before = conn.totals();
             conn.set_snap(snap);
-            self.changes += u64::from(conn.totals() != before);
+            if conn.totals() != before {
+                let uid = conn.uid;
+                self.changed(uid, snap.key);
+            }
         }
     }
 
@@ -860,7 +901,7 @@ impl ConnTable {
             conn.prev = accounted;
         }
         self.added += 1;
-        self.changes += 1;
+        self.changed(conn.uid, conn.key);
         Some(self.conns.push_new(conn))
     }
 
@@ -871,7 +912,10 @@ impl ConnTable {
             .expect("a position in the table");
         conn.settle();
         conn.set_snap(snap);
-        self.changes += u64::from(conn.totals() != conn.prev);
+        if conn.totals() != conn.prev {
+            let uid = conn.uid;
+            self.changed(uid, snap.key);
+        }
     }
 
     /// Whether `conn` is finished at kernel time `now_ns` (asked while the rules see
@@ -936,7 +980,7 @@ impl ConnTable {
 
     fn remove_at(&mut self, position: usize) -> Conn {
         let conn = self.conns.remove_at(position);
-        self.changes += 1;
+        self.changed(conn.uid, conn.key);
         self.moved_to(position);
         conn
     }
@@ -952,6 +996,9 @@ impl ConnTable {
     /// Every open connection, leaving the table empty (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
         self.changes += u64::from(!self.conns.is_empty());
+        if let Some(touched) = &mut self.touched {
+            touched.extend(self.conns.iter().map(|conn| (conn.uid, conn.key)));
+        }
         self.conns.drain()
     }
 

@@ -321,23 +321,21 @@ impl Pipeline {
     /// Writes the state if it changed since it was last written.
     fn save_state(&mut self) {
         let Some(dir) = &mut self.state else { return };
-        let (table, rules, suppressor) = (&self.table, &self.rules, &self.suppressor);
-        let conns = self.state_conns;
+        let (rules, suppressor) = (&self.rules, &self.suppressor);
+        let seed = self.table.uids().seed();
+        let conns = self.state_conns.then_some(&mut self.table);
         let changes = rules.iter().map(|rule| rule.changes()).sum::<u64>()
             + suppressor.changes()
-            + if conns { table.changes() } else { 0 };
+            + conns.as_ref().map_or(0, |table| table.changes());
         let build = || {
-            let mut saved = Saved::new(table.uids().seed());
-            if conns {
-                saved.conns = table.accounted();
-            }
+            let mut saved = Saved::new(seed);
             for rule in rules {
                 rule.save(&mut saved.rules);
             }
             saved.suppressor = suppressor.save();
             saved
         };
-        if let Err(err) = dir.save_changed(changes, build) {
+        if let Err(err) = dir.save_changed(changes, conns, build) {
             warn!("saving rule state: {err}");
         }
     }
