@@ -15,7 +15,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     alerts::{
-        Alert, Note,
+        Alert, ConnLog,
         dispatch::Dispatcher,
         sinks::{AlertLog, Sink, alertmanager::AlertmanagerSink, syslog::SyslogSink},
         suppress::Suppressor,
@@ -32,7 +32,7 @@ use crate::{
     export::{Collector, EndReason, IpfixConfig, IpfixExporter},
     finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
-    logs::{self, JsonLines, conn::ConnRecord},
+    logs::{self, JsonLines},
     metrics::{self, Metrics},
     nat::Nat,
     parse_watch::{self, Change, ParseWatch},
@@ -79,6 +79,9 @@ struct Pipeline {
     top: top::Tracker,
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
     state: Option<StateDir>,
+    /// Whether the state holds the open connections' totals: only a run with
+    /// `--pin-path` finds those connections again.
+    state_conns: bool,
     dns: Dns,
     nat: Nat,
     parse_watch: ParseWatch,
@@ -317,15 +320,24 @@ impl Pipeline {
         Ok(coverage)
     }
 
+    /// Writes the state if it changed since it was last written.
     fn save_state(&mut self) {
         let Some(dir) = &mut self.state else { return };
-        let mut saved = Saved::new(self.table.uids().seed());
-        saved.conns = self.table.accounted();
-        for rule in &self.rules {
-            rule.save(&mut saved.rules);
-        }
-        saved.suppressor = self.suppressor.save();
-        if let Err(err) = dir.save(&saved) {
+        let (rules, suppressor) = (&self.rules, &self.suppressor);
+        let seed = self.table.uids().seed();
+        let conns = self.state_conns.then_some(&mut self.table);
+        let changes = rules.iter().map(|rule| rule.changes()).sum::<u64>()
+            + suppressor.changes()
+            + conns.as_ref().map_or(0, |table| table.changes());
+        let build = || {
+            let mut saved = Saved::new(seed);
+            for rule in rules {
+                rule.save(&mut saved.rules);
+            }
+            saved.suppressor = suppressor.save();
+            saved
+        };
+        if let Err(err) = dir.save_changed(changes, conns, build) {
             warn!("saving rule state: {err}");
         }
     }
@@ -444,16 +456,9 @@ impl Pipeline {
     fn emit(&mut self, alerts: Vec<Alert>, now: Now) {
         for mut alert in alerts {
             self.name_remote(&mut alert, now);
-            if let (Note::LongConnection, Some(log), Some(fields), Some(ts)) = (
-                alert.note,
-                &mut self.conn_long_log,
-                &alert.conn,
-                alert.first_seen,
-            ) {
-                let record = ConnRecord {
-                    ts,
-                    fields: fields.clone(),
-                };
+            if let Some(log) = alert.conn_log.and_then(|log| self.conn_log(log))
+                && let Some(record) = alert.conn_record()
+            {
                 log.write(&record);
             }
             if !self.suppressor.admit(&alert, now.mono_ns) {
@@ -464,6 +469,13 @@ impl Pipeline {
             for sink in &self.sinks {
                 sink.submit(alert.clone());
             }
+        }
+    }
+
+    /// The connection log an alert names, if it is open.
+    fn conn_log(&mut self, log: ConnLog) -> Option<&mut JsonLines> {
+        match log {
+            ConnLog::Long => self.conn_long_log.as_mut(),
         }
     }
 
@@ -782,7 +794,7 @@ impl Pipeline {
             poller: parts.poller,
             table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
             rules,
-            suppressor: Suppressor::new(args.suppress, args.rules.restricted_suppress),
+            suppressor: Suppressor::new(args.suppress),
             exporters: exporters(args, collectors, clock)?,
             sinks: (sinks.into_iter())
                 .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
@@ -796,6 +808,7 @@ impl Pipeline {
             metrics: parts.metrics,
             top: parts.top,
             state,
+            state_conns: args.pin_path.is_some(),
             dns: Dns::new(
                 &dns_config,
                 args.rules.window,

@@ -1,7 +1,9 @@
 //! `--state-dir`: what the rules and the suppressor know, kept on disk so that a restart
 //! neither repeats an alert nor forgets a window's bytes. Written after every poll that
-//! changed it, to a temporary file renamed over the last: a kill at any moment leaves one
-//! whole state, the old or the new.
+//! changed it (its owners count their changes: an unchanged state is not even built), to a
+//! temporary file renamed over the last: a kill at any moment leaves one whole state, the
+//! old or the new. The open connections' totals (with `--pin-path`) are written whole to a
+//! file of their own now and then; the state in between names only those that changed.
 
 use std::{
     fs,
@@ -18,12 +20,17 @@ use serde_json::{Map, Value};
 use crate::{
     alerts::suppress::Suppressor,
     clock::Now,
-    conntable::{Totals, Uid},
+    conntable::{ConnTable, Totals, Uid},
     private,
     rules::Rule,
 };
 
 const FILE: &str = "state.json";
+/// The whole set of connection totals a state counts from is `conns.<base>.json`.
+const CONNS_PREFIX: &str = "conns.";
+/// Connections a state may name as changed since its whole set, beyond a quarter of the
+/// set, before the set is written whole again.
+const CONNS_CHANGED_MIN: usize = 256;
 const VERSION: u32 = 1;
 
 /// The largest `state.json` taken back, or written, for a map of `capacity` connections.
@@ -45,8 +52,15 @@ pub struct Saved {
     /// last one did.
     pub uid_seed: [u64; 2],
     /// Each open connection's totals as of the last poll: what the rules and metrics have
-    /// already accounted for.
+    /// already accounted for. Only with `--pin-path`: no other run takes them back.
+    /// With `conns_base` in the file, only those whose totals changed since that set.
     pub conns: Vec<(Uid, [Totals; 2])>,
+    /// The whole set of totals `conns` changes, in `conns.<base>.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conns_base: Option<u64>,
+    /// Connections of that set finished since.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conns_gone: Vec<Uid>,
     /// Each stateful rule's own, under its name.
     pub rules: Map<String, Value>,
     pub suppressor: Value,
@@ -57,6 +71,12 @@ pub struct StateDir {
     path: PathBuf,
     max_bytes: u64,
     last: Vec<u8>,
+    /// The owners' count of changes the last write was built at.
+    written_at: Option<u64>,
+    /// The whole set of connection totals the state on disk counts from.
+    conns_base: Option<u64>,
+    /// Whether this agent wrote that set, and how many connections it holds.
+    conns_written: Option<usize>,
 }
 
 impl StateDir {
@@ -73,8 +93,11 @@ impl StateDir {
             path: dir.join(FILE),
             max_bytes: max_bytes(capacity),
             last: Vec::new(),
+            written_at: None,
+            conns_base: None,
+            conns_written: None,
         };
-        let saved = match state.read() {
+        let saved = match state.read(&state.path) {
             Ok(bytes) => Self::parse(&state.path, &bytes),
             Err(err) if err.kind() == io::ErrorKind::NotFound => None,
             Err(err) => {
@@ -85,12 +108,69 @@ impl StateDir {
                 None
             }
         };
+        let mut state = state;
+        let saved = saved.and_then(|saved| state.whole(saved));
+        state.remove_stale_conns()?;
         Ok((state, saved))
     }
 
-    /// The file's bytes: a regular file, not through a symbolic link, within the bound.
-    fn read(&self) -> io::Result<Vec<u8>> {
-        let file = private::open_nofollow(fs::OpenOptions::new().read(true), &self.path)?;
+    fn conns_path(&self, base: u64) -> PathBuf {
+        self.path
+            .with_file_name(format!("{CONNS_PREFIX}{base}.json"))
+    }
+
+    /// `saved` with the whole set of connection totals it counts from applied, if it
+    /// names one (else as it is); nothing, with a warning, when that set is unreadable.
+    fn whole(&mut self, mut saved: Saved) -> Option<Saved> {
+        let Some(base) = saved.conns_base.take() else {
+            return Some(saved);
+        };
+        let path = self.conns_path(base);
+        let set = self
+            .read(&path)
+            .map_err(|err| err.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<Vec<(Uid, [Totals; 2])>>(&bytes).map_err(|e| e.to_string())
+            });
+        let set = match set {
+            Ok(set) => set,
+            Err(err) => {
+                warn!("{}: {err}; starting without saved state", path.display());
+                return None;
+            }
+        };
+        self.conns_base = Some(base);
+        let gone: std::collections::HashSet<Uid> = saved.conns_gone.drain(..).collect();
+        let mut conns: std::collections::BTreeMap<Uid, [Totals; 2]> = set
+            .into_iter()
+            .filter(|(uid, _)| !gone.contains(uid))
+            .collect();
+        conns.extend(saved.conns.drain(..));
+        saved.conns = conns.into_iter().collect();
+        Some(saved)
+    }
+
+    /// Removes the sets of connection totals the state does not count from (left by a
+    /// kill between writing one and the state naming it).
+    fn remove_stale_conns(&self) -> io::Result<()> {
+        let dir = self.path.parent().expect("a file in the state directory");
+        let keep = self.conns_base.map(|base| self.conns_path(base));
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with(CONNS_PREFIX) && Some(&path) != keep.as_ref() {
+                fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A file's bytes: a regular file, not through a symbolic link, within the bound.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        let file = private::open_nofollow(fs::OpenOptions::new().read(true), path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
@@ -160,12 +240,72 @@ impl StateDir {
         }
     }
 
+    /// Writes the state `build` gives unless `changes`, the sum of its owners' counts of
+    /// changes (each only counting up), is what it was at the last write; with `conns`,
+    /// its open connections' totals: those that changed since the whole set was last
+    /// written, or, when they are many, the whole set again.
+    pub fn save_changed(
+        &mut self,
+        changes: u64,
+        conns: Option<&mut ConnTable>,
+        build: impl FnOnce() -> Saved,
+    ) -> io::Result<()> {
+        if self.written_at == Some(changes) {
+            return Ok(());
+        }
+        let mut saved = build();
+        let mut new_base = None;
+        if let Some(table) = conns {
+            match (self.conns_base, self.conns_written) {
+                (Some(base), Some(written))
+                    if table.accounted_changes_len() <= (written / 4).max(CONNS_CHANGED_MIN) =>
+                {
+                    (saved.conns, saved.conns_gone) = table.accounted_changes();
+                    saved.conns_base = Some(base);
+                }
+                _ => {
+                    // Until this set is written and named, the next state writes one too.
+                    self.conns_written = None;
+                    table.accounted_marked();
+                    let base = self.conns_base.map_or(0, |base| base + 1);
+                    let set = serde_json::to_vec(&table.accounted()).map_err(io::Error::other)?;
+                    self.write_new(&self.conns_path(base), &set)?;
+                    saved.conns_base = Some(base);
+                    new_base = Some((base, table.len()));
+                }
+            }
+        }
+        if let Err(err) = self.save(&saved) {
+            // Else the next start removes it: no state names it.
+            if let Some((base, _)) = new_base {
+                let _ = fs::remove_file(self.conns_path(base));
+            }
+            return Err(err);
+        }
+        let old = std::mem::replace(&mut self.conns_base, saved.conns_base);
+        if let Some(old) = old.filter(|old| Some(*old) != saved.conns_base) {
+            fs::remove_file(self.conns_path(old))?;
+        }
+        if let Some((_, len)) = new_base {
+            self.conns_written = Some(len);
+        }
+        self.written_at = Some(changes);
+        Ok(())
+    }
+
     /// Writes `saved` unless it is what was last written.
-    pub fn save(&mut self, saved: &Saved) -> io::Result<()> {
+    fn save(&mut self, saved: &Saved) -> io::Result<()> {
         let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
         if bytes == self.last {
             return Ok(());
         }
+        self.write_new(&self.path, &bytes)?;
+        self.last = bytes;
+        Ok(())
+    }
+
+    /// Writes `bytes` to `path` through a temporary file renamed over it.
+    fn write_new(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         if bytes.len() as u64 > self.max_bytes {
             return Err(io::Error::other(format!(
                 "{} bytes, over the {}-byte bound the next agent would refuse: not saved",
@@ -173,7 +313,7 @@ impl StateDir {
                 self.max_bytes
             )));
         }
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = path.with_extension("json.tmp");
         // A new file, never one that is there (an earlier agent's, or a link).
         match fs::remove_file(&tmp) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
@@ -184,11 +324,9 @@ impl StateDir {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        file.write_all(&bytes)?;
+        file.write_all(bytes)?;
         drop(file);
-        fs::rename(&tmp, &self.path)?;
-        self.last = bytes;
-        Ok(())
+        fs::rename(&tmp, path)
     }
 }
 
@@ -199,6 +337,8 @@ impl Saved {
             boot_id: boot_id(),
             uid_seed,
             conns: Vec::new(),
+            conns_base: None,
+            conns_gone: Vec::new(),
             rules: Map::new(),
             suppressor: Value::Null,
         }
@@ -250,7 +390,10 @@ mod tests {
     use super::*;
     use crate::{
         cli::{Cli, Command},
-        rules::{self, Names, testkit::at},
+        rules::{
+            self, Names,
+            testkit::{ConnSpec, at, finish, update},
+        },
     };
 
     const CAPACITY: u32 = 1024;
@@ -274,6 +417,87 @@ mod tests {
         let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
         assert_eq!(back, Some(saved));
         assert!(!dir.join("state.json.tmp").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unchanged_state_is_neither_built_nor_written() {
+        let dir = scratch("unchanged");
+        let (mut state, _) = StateDir::open(&dir, CAPACITY).unwrap();
+        state.save_changed(7, None, || Saved::new([1, 2])).unwrap();
+        fs::remove_file(dir.join(FILE)).unwrap();
+        state
+            .save_changed(7, None, || unreachable!("nothing changed: not built"))
+            .unwrap();
+        assert!(!dir.join(FILE).exists(), "nothing changed: not written");
+        state.save_changed(8, None, || Saved::new([3, 4])).unwrap();
+        let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
+        assert_eq!(back.map(|saved| saved.uid_seed), Some([3, 4]));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A connection from port `port`, with `bytes` of upload.
+    fn snap(port: u16, bytes: u64) -> crate::poller::FlowSnapshot {
+        let spec = ConnSpec {
+            orig: ("198.18.1.2", port),
+            orig_bytes: bytes,
+            ..ConnSpec::timed()
+        };
+        spec.conn().snap()
+    }
+
+    fn on_disk(dir: &Path) -> Value {
+        serde_json::from_slice(&fs::read(dir.join(FILE)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn connection_totals_are_written_whole_then_only_as_they_change() {
+        let dir = scratch("conns");
+        let (mut state, _) = StateDir::open(&dir, CAPACITY).unwrap();
+        let mut table = ConnTable::new(
+            std::time::Duration::from_secs(30),
+            crate::conntable::Uids::new([1, 2]),
+        );
+        for port in [1, 2, 3] {
+            table.observe(snap(port, 1000));
+        }
+        let save = |state: &mut StateDir, table: &mut ConnTable| {
+            let changes = table.changes();
+            state
+                .save_changed(changes, Some(table), || Saved::new([1, 2]))
+                .unwrap();
+        };
+        save(&mut state, &mut table);
+        assert!(dir.join("conns.0.json").exists());
+        assert_eq!(on_disk(&dir)["conns"], json!([]));
+
+        table.observe(snap(1, 2000));
+        let two = snap(2, 1000).key;
+        let gone = table.get(&two).unwrap().uid;
+        table.take(&two, None);
+        table.observe(snap(4, 1000));
+        save(&mut state, &mut table);
+        let written = on_disk(&dir);
+        assert_eq!(written["conns_base"], 0);
+        assert_eq!(written["conns"].as_array().unwrap().len(), 2, "{written}");
+        assert_eq!(written["conns_gone"], json!([gone.to_string()]));
+        let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
+        assert_eq!(back.unwrap().conns, table.accounted());
+
+        for port in 10..10 + CONNS_CHANGED_MIN as u16 {
+            table.observe(snap(port, 1000));
+        }
+        save(&mut state, &mut table);
+        assert!(
+            dir.join("conns.1.json").exists(),
+            "many changed: whole again"
+        );
+        assert!(!dir.join("conns.0.json").exists());
+        assert_eq!(on_disk(&dir)["conns"], json!([]));
+        fs::write(dir.join("conns.7.json"), "[]").unwrap();
+        let (_, back) = StateDir::open(&dir, CAPACITY).unwrap();
+        assert_eq!(back.unwrap().conns, table.accounted());
+        assert!(!dir.join("conns.7.json").exists(), "a set no state names");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -303,6 +527,79 @@ mod tests {
             unreachable!("`monitor run`");
         };
         rules::from_config(&crate::config::rules(&args.rules), &Names::default())
+    }
+
+    #[test]
+    fn rules_count_a_change_exactly_when_their_saved_state_changes() {
+        let argv = ["monitor", "run", "--restricted-net", "198.18.1.0/24"];
+        let Command::Run(args) =
+            Cli::parse_from(argv.iter().chain(&["--upload-threshold", "1MB"])).command
+        else {
+            unreachable!("`monitor run`");
+        };
+        let mut rules = rules::from_config(&crate::config::rules(&args.rules), &Names::default());
+        let upload = ConnSpec {
+            orig_bytes: 2_000_000,
+            start: 1.0,
+            last: 1.0,
+            ..ConnSpec::default()
+        }
+        .conn();
+        let inside = ConnSpec {
+            resp: ("198.18.2.3", 443),
+            ..ConnSpec::timed()
+        }
+        .conn();
+        let (upload, inside) = (&upload, &inside);
+        type Step<'a> = Box<dyn Fn(&mut dyn Rule) -> Vec<crate::alerts::Alert> + 'a>;
+        let tick = |secs: f64| -> Step<'static> {
+            Box::new(move |rule| {
+                rule.on_tick(at(secs));
+                Vec::new()
+            })
+        };
+        let steps: Vec<(&str, bool, Step)> = vec![
+            (
+                "an upload",
+                true,
+                Box::new(move |r| update(r, upload, at(2.0))),
+            ),
+            ("a tick in the same window", false, tick(2.0)),
+            (
+                "traffic no rule keeps",
+                false,
+                Box::new(move |r| update(r, inside, at(3.0))),
+            ),
+            (
+                "a LongConnection crossing",
+                true,
+                Box::new(move |r| update(r, upload, at(700.0))),
+            ),
+            (
+                "the upload finished",
+                true,
+                Box::new(move |r| finish(r, upload, at(701.0))),
+            ),
+            ("a window aged out", true, tick(1e6)),
+            ("nothing left to age", false, tick(1e6 + 1.0)),
+        ];
+        let state = |rule: &dyn Rule| {
+            let mut saved = rules::Saved::new();
+            rule.save(&mut saved);
+            (saved, rule.changes())
+        };
+        for (what, changes, step) in steps {
+            let mut changed = false;
+            for rule in &mut rules {
+                let (saved, counted) = state(rule.as_ref());
+                step(rule.as_mut());
+                let (now_saved, now_counted) = state(rule.as_ref());
+                let name = now_saved.keys().next().cloned().unwrap_or_default();
+                assert_eq!(now_counted != counted, now_saved != saved, "{what}: {name}");
+                changed |= now_saved != saved;
+            }
+            assert_eq!(changed, changes, "{what}");
+        }
     }
 
     /// What an agent 1000 s after boot may have written: a connection's totals, rule state

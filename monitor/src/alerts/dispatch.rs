@@ -148,6 +148,8 @@ mod tests {
             conn: None,
             figures: Map::new(),
             key: n.to_string(),
+            quiet: None,
+            conn_log: None,
         }
     }
 

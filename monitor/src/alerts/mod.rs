@@ -4,7 +4,7 @@ pub mod dispatch;
 pub mod sinks;
 pub mod suppress;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -67,6 +67,29 @@ pub struct Alert {
     /// What makes two alerts "the same" for suppression: the rule's key.
     #[serde(skip)]
     pub key: String,
+    /// How long the same alert is then only counted; `None`: `--suppress`, from the alert
+    /// that went out.
+    #[serde(skip)]
+    pub quiet: Option<Quiet>,
+    /// The connection log the alert's connection record also goes to, sent or not.
+    #[serde(skip)]
+    pub conn_log: Option<ConnLog>,
+}
+
+/// A quiet time a rule sets for its alerts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quiet {
+    pub time: Duration,
+    /// Whether a repeat within the quiet time starts it again; else it runs from the
+    /// alert that went out.
+    pub repeats_restart: bool,
+}
+
+/// Connection logs an alert's connection record can go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnLog {
+    /// `--conn-long-log`.
+    Long,
 }
 
 impl Alert {
@@ -90,12 +113,34 @@ impl Alert {
             conn: Some(record.fields),
             figures: Map::new(),
             key,
+            quiet: None,
+            conn_log: None,
         }
+    }
+
+    /// The connection's record, for an alert about one connection.
+    pub fn conn_record(&self) -> Option<ConnRecord> {
+        Some(ConnRecord {
+            ts: self.first_seen?,
+            fields: self.conn.clone()?,
+        })
     }
 
     /// Sets the suppression key.
     pub fn keyed(mut self, key: String) -> Self {
         self.key = key;
+        self
+    }
+
+    /// Sets the quiet time.
+    pub fn quiet(mut self, quiet: Quiet) -> Self {
+        self.quiet = Some(quiet);
+        self
+    }
+
+    /// Has the connection's record also written to `log`.
+    pub fn logged_to(mut self, log: ConnLog) -> Self {
+        self.conn_log = Some(log);
         self
     }
 

@@ -72,6 +72,12 @@ pub struct ConnTable {
     /// Connections the last read of what changed made new, closed or older (an earlier
     /// first packet): the wake-up they had may be too late.
     rescheduled: Vec<FlowKey>,
+    /// Changes to what [`Self::accounted`] gives, counted: connections added, removed or
+    /// with new totals.
+    changes: u64,
+    /// From the first [`Self::accounted_marked`]: the connections so changed since the
+    /// last, with their keys.
+    touched: Option<HashMap<Uid, FlowKey>>,
 }
 
 #[derive(Debug)]
@@ -99,6 +105,8 @@ impl ConnTable {
             wakeups: BinaryHeap::new(),
             wakeups_stale: true,
             rescheduled: Vec::new(),
+            changes: 0,
+            touched: None,
         }
     }
 
@@ -110,6 +118,46 @@ impl ConnTable {
     /// The totals to start from for connections an earlier agent already accounted for.
     pub fn resume(&mut self, accounted: impl IntoIterator<Item = (Uid, [Totals; 2])>) {
         self.resumed = accounted.into_iter().collect();
+    }
+
+    /// How many times what [`Self::accounted`] gives has changed, counting up from any
+    /// start.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// A connection added, removed or with new totals.
+    fn changed(&mut self, uid: Uid, key: FlowKey) {
+        self.changes += 1;
+        if let Some(touched) = &mut self.touched {
+            touched.insert(uid, key);
+        }
+    }
+
+    /// What [`Self::accounted`] gives now is what [`Self::accounted_changes`] counts
+    /// from.
+    pub fn accounted_marked(&mut self) {
+        self.touched.get_or_insert_default().clear();
+    }
+
+    /// How many connections [`Self::accounted_changes`] would name.
+    pub fn accounted_changes_len(&self) -> usize {
+        self.touched.as_ref().map_or(0, HashMap::len)
+    }
+
+    /// Since [`Self::accounted_marked`]: the connections with new totals (or new), with
+    /// their totals as [`Self::accounted`] gives them, and those gone; by uid.
+    pub fn accounted_changes(&self) -> (Vec<(Uid, [Totals; 2])>, Vec<Uid>) {
+        let (mut open, mut gone) = (Vec::new(), Vec::new());
+        for (uid, key) in self.touched.iter().flatten() {
+            match self.conns.get(key).filter(|conn| conn.uid == *uid) {
+                Some(conn) => open.push((*uid, conn.totals())),
+                None => gone.push(*uid),
+            }
+        }
+        open.sort_unstable_by_key(|(uid, _)| *uid);
+        gone.sort_unstable();
+        (open, gone)
     }
 
     /// Each connection's totals as of the latest observation, for `--state-dir`.
@@ -286,7 +334,12 @@ impl ConnTable {
     /// the read turned out to be part of it): what it had before the read stays its `prev`.
     pub fn recount(&mut self, snap: FlowSnapshot) {
         if let Some(conn) = self.conns.get_mut(&snap.key) {
+            let before = conn.totals();
             conn.set_snap(snap);
+            if conn.totals() != before {
+                let uid = conn.uid;
+                self.changed(uid, snap.key);
+            }
         }
     }
 
@@ -322,6 +375,7 @@ impl ConnTable {
             conn.prev = accounted;
         }
         self.added += 1;
+        self.changed(conn.uid, conn.key);
         Some(self.conns.push_new(conn))
     }
 
@@ -332,6 +386,10 @@ impl ConnTable {
             .expect("a position in the table");
         conn.settle();
         conn.set_snap(snap);
+        if conn.totals() != conn.prev {
+            let uid = conn.uid;
+            self.changed(uid, snap.key);
+        }
     }
 
     /// Whether `conn` is finished at kernel time `now_ns` (asked while the rules see
@@ -396,6 +454,7 @@ impl ConnTable {
 
     fn remove_at(&mut self, position: usize) -> Conn {
         let conn = self.conns.remove_at(position);
+        self.changed(conn.uid, conn.key);
         self.moved_to(position);
         conn
     }
@@ -410,6 +469,10 @@ impl ConnTable {
 
     /// Every open connection, leaving the table empty (at shutdown).
     pub fn drain(&mut self) -> impl Iterator<Item = Conn> + '_ {
+        self.changes += u64::from(!self.conns.is_empty());
+        if let Some(touched) = &mut self.touched {
+            touched.extend(self.conns.iter().map(|conn| (conn.uid, conn.key)));
+        }
         self.conns.drain()
     }
 
@@ -891,6 +954,27 @@ mod tests {
             "only what is new"
         );
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn only_new_totals_added_or_removed_connections_count_as_changes() {
+        let c = conn(IPPROTO_UDP, dir(9, SEC, SEC, 0, false), DirStats::default()).snap();
+        let mut table = ConnTable::new(Duration::from_secs(30), Uids::new([1, 2]));
+        table.observe(c);
+        let added = table.changes();
+        observe_map(&mut table, &[c]);
+        table.observe(c);
+        assert_eq!(table.changes(), added, "the same totals again");
+        let more = conn(
+            IPPROTO_UDP,
+            dir(10, SEC, 2 * SEC, 0, false),
+            DirStats::default(),
+        );
+        table.observe(more.snap());
+        let grown = table.changes();
+        assert_ne!(grown, added, "new totals");
+        table.take(&c.key, None);
+        assert_ne!(table.changes(), grown, "taken out");
     }
 
     #[test]

@@ -265,6 +265,8 @@ impl TunnelDetector {
                     conn: None,
                     figures: Default::default(),
                     key: format!("{client} {server} non_dns"),
+                    quiet: None,
+                    conn_log: None,
                 }
                 .with("domain", server_text)
                 .with("reason", Reason::NonDns.as_str())
@@ -296,6 +298,8 @@ fn alert(
         conn: None,
         figures: Default::default(),
         key: format!("{client} {domain} {}", reason.as_str()),
+        quiet: None,
+        conn_log: None,
     }
     .with("domain", domain)
     .with("reason", reason.as_str())

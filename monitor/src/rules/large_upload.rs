@@ -15,6 +15,8 @@ pub struct LargeUpload {
     min_pkts: u64,
     /// Open connections already alerted.
     alerted: HashSet<Uid>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl LargeUpload {
@@ -23,6 +25,7 @@ impl LargeUpload {
             threshold,
             min_pkts,
             alerted: HashSet::new(),
+            changes: 0,
         }
     }
 
@@ -38,6 +41,7 @@ impl LargeUpload {
             return;
         }
         self.alerted.insert(conn.uid());
+        self.changes += 1;
         let open = !finished && !conn.conn.closed();
         let (local, remote) = conn.ends(side);
         let role = if side == LocalSide::Orig {
@@ -74,7 +78,9 @@ impl Rule for LargeUpload {
     /// A connection may cross and finish between two polls: check its final totals too.
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         self.check(conn, now, true, out);
-        self.alerted.remove(&conn.uid());
+        if self.alerted.remove(&conn.uid()) {
+            self.changes += 1;
+        }
     }
 
     fn save(&self, state: &mut Saved) {
@@ -83,6 +89,10 @@ impl Rule for LargeUpload {
             "LargeUpload",
             self.alerted.iter().collect::<BTreeSet<_>>(),
         );
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::{ConnCtx, Now, Rule, Saved, decode, save_as, saved};
 use crate::{
-    alerts::{Alert, Note},
+    alerts::{Alert, ConnLog, Note},
     conntable::Uid,
 };
 
@@ -20,6 +20,8 @@ pub struct LongConnection {
     ignore: Vec<IpNet>,
     /// Crossings reported so far per open connection.
     crossed: HashMap<Uid, usize>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl LongConnection {
@@ -32,6 +34,7 @@ impl LongConnection {
             durations,
             ignore,
             crossed: HashMap::new(),
+            changes: 0,
         }
     }
 
@@ -77,6 +80,7 @@ impl Rule for LongConnection {
         }
         // Several crossings at once (the agent started late): one alert, the largest.
         self.crossed.insert(conn.uid(), next);
+        self.changes += 1;
         let threshold = self.threshold(next - 1);
         let msg = format!(
             "connection from {} to {} {} has been open {} (over {})",
@@ -95,7 +99,8 @@ impl Rule for LongConnection {
                 conn.resp.addr,
             )
             .with("threshold", threshold.as_secs_f64())
-            .with("age", age.as_secs_f64());
+            .with("age", age.as_secs_f64())
+            .logged_to(ConnLog::Long);
         // The age, not the span of packets: an idle connection is still open.
         if let Some(fields) = &mut alert.conn {
             fields.duration = age.as_secs_f64();
@@ -105,7 +110,9 @@ impl Rule for LongConnection {
     }
 
     fn on_finish(&mut self, conn: &ConnCtx, _now: Now, _out: &mut Vec<Alert>) {
-        self.crossed.remove(&conn.uid());
+        if self.crossed.remove(&conn.uid()).is_some() {
+            self.changes += 1;
+        }
     }
 
     fn save(&self, state: &mut Saved) {
@@ -114,6 +121,10 @@ impl Rule for LongConnection {
             "LongConnection",
             self.crossed.iter().collect::<BTreeMap<_, _>>(),
         );
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {
@@ -207,6 +218,7 @@ mod tests {
             assert!(update(&mut rule, &conn, just_before).is_empty());
             let alerts = update(&mut rule, &conn, at(at_ns as f64 / 1e9));
             assert_eq!(alerts.len(), 1, "at {at_ns}");
+            assert_eq!(alerts[0].conn_log, Some(ConnLog::Long));
             crossings.push(alerts[0].figures["threshold"].as_f64().unwrap());
         }
         let hours = [1.0 / 6.0, 0.5, 1.0, 12.0, 24.0, 72.0, 144.0, 216.0];

@@ -151,6 +151,11 @@ pub trait Rule: Send {
     /// Writes what must survive a restart (`--state-dir`) under the rule's own name.
     /// Sorted: unchanged state must give unchanged bytes (the file is rewritten on change).
     fn save(&self, _saved: &mut Saved) {}
+    /// How many times what `save` writes has changed, counting up from any start: the
+    /// state is written again only when this (or another owner's count) moved.
+    fn changes(&self) -> u64 {
+        0
+    }
     /// Takes back what `save` wrote in an earlier run; per-connection state only when
     /// `conns_resumed` (that run's connections are still in the pinned map).
     fn restore(&mut self, _saved: &Saved, _conns_resumed: bool) {}
@@ -218,6 +223,7 @@ pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
         rules.push(Box::new(RestrictedOutbound::new(
             config.restricted_nets.clone(),
             allowlist::Allowlist::new(&config.allowed, names.clone()),
+            config.restricted_suppress,
         )));
     }
     rules

@@ -1,31 +1,43 @@
 //! RestrictedOutbound: a host in a restricted net opened a connection to a non-local
 //! destination that no allowlist covers; any protocol, ICMP included. Alerted at the first
-//! poll that sees the connection; the pipeline's suppressor applies
-//! `--restricted-suppress` per (source, destination, port).
+//! poll that sees the connection; its alerts are quiet for `--restricted-suppress` per
+//! (source, destination, port), a repeat starting the quiet time again.
 
-use std::collections::{BTreeSet, HashSet};
+use std::{
+    collections::{BTreeSet, HashSet},
+    time::Duration,
+};
 
 use ipnet::IpNet;
 
 use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, decode, human_bytes, save_as, saved};
 use crate::{
-    alerts::{Alert, Note},
+    alerts::{Alert, Note, Quiet},
     conntable::Uid,
 };
 
 pub struct RestrictedOutbound {
     restricted: Vec<IpNet>,
     allow: Allowlist,
+    quiet: Quiet,
     /// Open connections from restricted hosts already judged.
     judged: HashSet<Uid>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl RestrictedOutbound {
-    pub fn new(restricted: Vec<IpNet>, allow: Allowlist) -> Self {
+    /// `quiet`: `--restricted-suppress`.
+    pub fn new(restricted: Vec<IpNet>, allow: Allowlist, quiet: Duration) -> Self {
         Self {
             restricted,
             allow,
+            quiet: Quiet {
+                time: quiet,
+                repeats_restart: true,
+            },
             judged: HashSet::new(),
+            changes: 0,
         }
     }
 }
@@ -39,6 +51,7 @@ impl Rule for RestrictedOutbound {
         if !self.judged.insert(conn.uid()) {
             return;
         }
+        self.changes += 1;
         if conn.local_resp || self.allow.covers(src, dst, conn.offered()) {
             return;
         }
@@ -51,14 +64,17 @@ impl Rule for RestrictedOutbound {
         out.push(
             conn.alert(now, Note::RestrictedOutbound, msg, src, dst)
                 .with("restricted_net", net.to_string())
-                .with("bytes", sent.bytes),
+                .with("bytes", sent.bytes)
+                .quiet(self.quiet),
         );
     }
 
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         // A connection that opened and finished between two polls is judged now.
         self.on_update(conn, now, out);
-        self.judged.remove(&conn.uid());
+        if self.judged.remove(&conn.uid()) {
+            self.changes += 1;
+        }
     }
 
     fn save(&self, state: &mut Saved) {
@@ -67,6 +83,10 @@ impl Rule for RestrictedOutbound {
             "RestrictedOutbound",
             self.judged.iter().collect::<BTreeSet<_>>(),
         );
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes
     }
 
     fn restore(&mut self, state: &Saved, conns_resumed: bool) {
@@ -98,6 +118,7 @@ mod tests {
         RestrictedOutbound::new(
             config.restricted_nets.clone(),
             Allowlist::new(&config.allowed, names),
+            config.restricted_suppress,
         )
     }
 
@@ -119,6 +140,11 @@ mod tests {
             let alerts = update(&mut r, &conn, at(1.0));
             assert_eq!(alerts.len(), 1, "proto {proto}");
             assert_eq!(alerts[0].figures["restricted_net"], "198.18.5.0/24");
+            let quiet = Quiet {
+                time: Duration::from_secs(60),
+                repeats_restart: true,
+            };
+            assert_eq!(alerts[0].quiet, Some(quiet), "--restricted-suppress");
             assert!(
                 update(&mut r, &conn, at(2.0)).is_empty(),
                 "once per connection"

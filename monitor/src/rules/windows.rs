@@ -114,6 +114,8 @@ pub struct Windows {
     /// kept longer changes no alert: sums and the leak period are checked on use), and
     /// it saves a pass over every group in every poll.
     pruned_in: Option<u64>,
+    /// Changes to what `save` writes, counted.
+    changes: u64,
 }
 
 impl Windows {
@@ -125,6 +127,7 @@ impl Windows {
             max_groups: MAX_GROUPS,
             shed: 0,
             pruned_in: None,
+            changes: 0,
         }
     }
 
@@ -160,6 +163,7 @@ impl Windows {
             },
         };
         let window = self.index(now.epoch);
+        self.changes += 1;
         if self.groups.len() >= self.max_groups && self.groups.position(&key).is_none() {
             self.make_room();
         }
@@ -270,6 +274,8 @@ fn group_alert(
         conn: None,
         figures: Default::default(),
         key: String::new(),
+        quiet: None,
+        conn_log: None,
     }
 }
 
@@ -319,6 +325,10 @@ impl Rule for Windows {
     }
 
     /// The sums only: what each connection already counted is the table's to keep.
+    fn changes(&self) -> u64 {
+        self.changes
+    }
+
     fn restore(&mut self, state: &Saved, _conns_resumed: bool) {
         if let Some(groups) = saved::<Vec<(GroupKey, SavedGroup)>>(state, "Windows.groups") {
             self.groups = groups
@@ -374,6 +384,7 @@ impl Rule for Windows {
         self.pruned_in = Some(current);
         let oldest = now.epoch - self.cfg.leak_period.as_secs_f64();
         let window_secs = self.window_secs();
+        let before = self.groups.len();
         self.groups.retain(|s| {
             let recent_leak = s.last_leak().is_some_and(|t| t >= oldest);
             let recent_past = s
@@ -385,6 +396,9 @@ impl Rule for Windows {
                 || recent_past
                 || (s.exceeded && s.window as f64 * window_secs >= oldest)
         });
+        if self.groups.len() != before {
+            self.changes += 1;
+        }
     }
 }
 

@@ -322,6 +322,8 @@ fn alert(n: u32) -> Alert {
             conn: None,
             figures: serde_json::Map::new(),
             key: format!("k{n}"),
+            quiet: None,
+            conn_log: None,
         }
         .with("window", 300)
     }

@@ -102,6 +102,8 @@ mod tests {
             conn: None,
             figures: Default::default(),
             key: String::new(),
+            quiet: None,
+            conn_log: None,
         };
         let v = postable(&alert);
         assert_eq!(v[0]["labels"]["note"], "RestrictedOutbound");

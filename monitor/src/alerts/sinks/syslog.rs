@@ -301,6 +301,8 @@ mod tests {
             conn: None,
             figures: Map::new(),
             key: String::new(),
+            quiet: None,
+            conn_log: None,
         }
         .with("bytes", 123_456_789u64)
     }
