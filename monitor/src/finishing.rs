@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use foldhash::HashSet;
 use monitor_common::flow::FlowKey;
 
-use crate::export::EndReason;
+use crate::conntable::EndReason;
 
 /// Why a queued connection ends: `None` when it ended by itself (closed or idle, as its
 /// counts say when it is taken).

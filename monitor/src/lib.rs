@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conntable;
+pub mod consumer;
 pub mod dense;
 pub mod dns;
 pub mod endpoint;

@@ -19,7 +19,16 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::{alerts::Note, conntable::View, dns::DnsCounts, logs::LogStats, poller::Coverage, top};
+use crate::{
+    alerts::Note,
+    clock::Now,
+    conntable::{EndReason, View},
+    consumer::{ConnCtx, Consumer},
+    dns::DnsCounts,
+    logs::LogStats,
+    poller::Coverage,
+    top,
+};
 
 const PREFIX: &str = "egress_monitor";
 const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
@@ -607,6 +616,18 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+/// The traffic counters take what each connection carried since its last observation,
+/// open or finished.
+impl Consumer for Metrics {
+    fn update(&mut self, conn: &ConnCtx, _now: Now) {
+        self.observe(conn.view());
+    }
+
+    fn finish(&mut self, conn: &ConnCtx, _now: Now, _reason: EndReason) {
+        self.observe(conn.view());
+    }
 }
 
 #[cfg(test)]

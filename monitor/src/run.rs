@@ -23,13 +23,14 @@ use crate::{
     cli::RunArgs,
     clock::{self, Clock, Now},
     config,
-    conntable::{Conn, ConnTable, LocalNets, Uids},
+    conntable::{Conn, ConnTable, EndReason, LocalNets, Uids},
+    consumer::{ConnCtx, Consumer, PollCtx},
     dns::{
         Dns,
         cache::PassiveDns,
         events::{Batch, DnsEvents, DnsQueue},
     },
-    export::{Collector, EndReason, IpfixConfig, IpfixExporter},
+    export::{Collector, IpfixConfig, IpfixExporter},
     finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
     logs::{self, JsonLines},
@@ -38,7 +39,7 @@ use crate::{
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
-    rules::{self, ConnCtx, Names, Rule},
+    rules::{self, Names, Rule, RuleSet},
     state::{Saved, StateDir},
     top,
 };
@@ -61,22 +62,18 @@ struct Pipeline {
     table: ConnTable,
     local: LocalNets,
     clock: Clock,
-    rules: Vec<Box<dyn Rule>>,
+    consumers: Consumers,
     suppressor: Suppressor,
     sinks: Vec<Dispatcher>,
     conn_log: Option<JsonLines>,
     conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
-    /// One per --ipfix-collector.
-    exporters: Vec<IpfixExporter>,
     /// The kernel map's capacity (--flow-map-size), for pressure relief.
     capacity: u32,
     finishing: Finishing,
     /// How long into a poll finished connections are taken (see [`FINISH_SHARE`]).
     finish_budget: Duration,
-    metrics: Metrics,
-    top: top::Tracker,
     /// `--state-dir`, rewritten after every poll that changed what the rules know.
     state: Option<StateDir>,
     /// Whether the state holds the open connections' totals: only a run with
@@ -105,18 +102,15 @@ impl Pipeline {
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
         self.record_dns();
-        let mut alerts = Vec::new();
-        for key in self.judge_open(coverage, now, &mut alerts) {
+        for key in self.judge_open(coverage, now) {
             self.finishing.push(key, None);
         }
         self.relieve_pressure(now);
-        self.take_finished(now, &mut alerts, Some(started + self.finish_budget))?;
-        for exporter in &mut self.exporters {
-            exporter.flush();
+        self.take_finished(now, Some(started + self.finish_budget))?;
+        for consumer in self.consumers.each() {
+            consumer.end_poll(&self.table, &self.local, now);
         }
-        for rule in &mut self.rules {
-            rule.on_tick(now);
-        }
+        let mut alerts = self.consumers.rules.take_raised();
         let (clock, table) = (self.clock, &self.table);
         self.dns.poll(
             now,
@@ -129,7 +123,6 @@ impl Pipeline {
         self.flush();
         self.check_parsing(now.mono_ns, &counters);
         self.report(now, counters, started);
-        self.top.update(&self.table, &self.local, now);
         self.save_state();
         Ok(())
     }
@@ -155,25 +148,27 @@ impl Pipeline {
     /// A poll's figures to the metrics: DNS, shed state, sinks, export, the table and the
     /// poll's own time.
     fn report(&mut self, now: Now, counters: [u64; stats::SLOTS as usize], started: Instant) {
-        self.metrics
+        self.consumers
+            .metrics
             .dns(self.dns.counts(), self.dns.cache_entries());
-        self.metrics.shed(
-            self.suppressor.shed(),
-            self.rules.iter().map(|rule| rule.shed()).sum(),
-        );
+        self.consumers
+            .metrics
+            .shed(self.suppressor.shed(), self.consumers.rules.shed());
         for sink in &self.sinks {
-            self.metrics
+            self.consumers
+                .metrics
                 .sink(sink.name(), sink.dropped(), sink.failures());
         }
         let (records, messages, errors) = self
+            .consumers
             .exporters
             .iter()
             .map(|e| e.stats())
             .fold((0, 0, 0), |(r, m, e), s| {
                 (r + s.records, m + s.messages, e + s.errors)
             });
-        self.metrics.ipfix(records, messages, errors);
-        self.metrics.polled(
+        self.consumers.metrics.ipfix(records, messages, errors);
+        self.consumers.metrics.polled(
             (self.table.len(), self.table.added()),
             counters,
             started.elapsed(),
@@ -184,12 +179,7 @@ impl Pipeline {
     /// Takes the finished connections out of the map, judges them once more and writes
     /// them: until `until` if given (at least [`FINISH_AT_LEAST`]), the rest waiting for
     /// the next poll.
-    fn take_finished(
-        &mut self,
-        now: Now,
-        alerts: &mut Vec<Alert>,
-        until: Option<Instant>,
-    ) -> Result<(), PollError> {
+    fn take_finished(&mut self, now: Now, until: Option<Instant>) -> Result<(), PollError> {
         let mut taken = 0;
         while until.is_none_or(|until| taken < FINISH_AT_LEAST || Instant::now() < until)
             && let Some((key, ending)) = self.finishing.pop()
@@ -208,12 +198,12 @@ impl Pipeline {
                 } else {
                     EndReason::Idle
                 });
-                self.finish(&conn, now, alerts, reason);
+                self.finish(&conn, now, reason);
             }
             self.nat.finished(&key);
             taken += 1;
         }
-        self.metrics.finishing(self.finishing.len());
+        self.consumers.metrics.finishing(self.finishing.len());
         Ok(())
     }
 
@@ -222,17 +212,9 @@ impl Pipeline {
     /// changed those it observed, and those whose wake-up time came (a connection that
     /// carries nothing new is finished, or a rule or an exporter acts on it, only at a
     /// time it names). Returns the keys of the finished ones.
-    fn judge_open(
-        &mut self,
-        coverage: Coverage,
-        now: Now,
-        alerts: &mut Vec<Alert>,
-    ) -> Vec<FlowKey> {
-        let table = &mut self.table;
-        let mut turn = Turn {
-            rules: &mut self.rules,
-            metrics: &mut self.metrics,
-            exporters: &mut self.exporters,
+    fn judge_open(&mut self, coverage: Coverage, now: Now) -> Vec<FlowKey> {
+        let (table, consumers) = (&mut self.table, &mut self.consumers);
+        let poll = PollCtx {
             local: &self.local,
             clock: &self.clock,
             nat: &self.nat,
@@ -243,12 +225,11 @@ impl Pipeline {
                 if table.is_finished(conn, now.mono_ns) {
                     finished.push(conn.key);
                 }
-                let ctx = turn.view(conn);
-                turn.judge(&ctx, now, alerts);
+                consumers.update(&poll.conn(conn), now);
             }
             return finished;
         }
-        let due = table.due(now.mono_ns, |conn| turn.acts_at(&turn.view(conn)));
+        let due = table.due(now.mono_ns, |conn| consumers.acts_at(&poll.conn(conn)));
         let reschedule: foldhash::HashSet<FlowKey> =
             table.rescheduled().iter().chain(&due).copied().collect();
         let mut judged = foldhash::HashSet::default();
@@ -257,13 +238,13 @@ impl Pipeline {
             let Some(conn) = table.get(key).filter(|_| judged.insert(*key)) else {
                 continue;
             };
-            let ctx = turn.view(conn);
+            let ctx = poll.conn(conn);
             if table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
             } else if reschedule.contains(key) {
-                wakes.push((*key, turn.acts_at(&ctx)));
+                wakes.push((*key, consumers.acts_at(&ctx)));
             }
-            turn.judge(&ctx, now, alerts);
+            consumers.update(&ctx, now);
         }
         for (key, at) in wakes {
             table.wake(key, at);
@@ -314,7 +295,8 @@ impl Pipeline {
             Coverage::Whole => self.table.observe_map(read),
             Coverage::Changed => self.table.observe_changed(read),
         }?;
-        self.metrics
+        self.consumers
+            .metrics
             .read(coverage, entries, self.poller.changes_lost());
         self.nat.settle_read(&mut self.table);
         Ok(coverage)
@@ -323,7 +305,7 @@ impl Pipeline {
     /// Writes the state if it changed since it was last written.
     fn save_state(&mut self) {
         let Some(dir) = &mut self.state else { return };
-        let (rules, suppressor) = (&self.rules, &self.suppressor);
+        let (rules, suppressor) = (&self.consumers.rules, &self.suppressor);
         let seed = self.table.uids().seed();
         let conns = self.state_conns.then_some(&mut self.table);
         let changes = rules.iter().map(|rule| rule.changes()).sum::<u64>()
@@ -331,7 +313,7 @@ impl Pipeline {
             + conns.as_ref().map_or(0, |table| table.changes());
         let build = || {
             let mut saved = Saved::new(seed);
-            for rule in rules {
+            for rule in rules.iter() {
                 rule.save(&mut saved.rules);
             }
             saved.suppressor = suppressor.save();
@@ -348,7 +330,7 @@ impl Pipeline {
         if conns_resumed {
             self.table.resume(saved.conns);
         }
-        for rule in &mut self.rules {
+        for rule in self.consumers.rules.iter_mut() {
             rule.restore(&saved.rules, conns_resumed);
         }
         self.suppressor.restore(saved.suppressor);
@@ -377,13 +359,13 @@ impl Pipeline {
         self.record_dns();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log();
-        let mut alerts = Vec::new();
         // Those found finished before keep their reason.
-        self.take_finished(now, &mut alerts, None)?;
+        self.take_finished(now, None)?;
         let open: Vec<Conn> = self.table.drain().collect();
         for conn in &open {
-            self.finish(conn, now, &mut alerts, EndReason::ForcedEnd);
+            self.finish(conn, now, EndReason::ForcedEnd);
         }
+        let alerts = self.consumers.rules.take_raised();
         self.emit(alerts, now);
         info!("wrote {} connections still open at shutdown", open.len());
         self.save_state();
@@ -392,7 +374,7 @@ impl Pipeline {
 
     /// The last words: counters, logs flushed, sinks drained in a bounded time.
     fn close(mut self) -> anyhow::Result<()> {
-        for exporter in std::mem::take(&mut self.exporters) {
+        for exporter in std::mem::take(&mut self.consumers.exporters) {
             let stats = exporter.shutdown();
             info!(
                 "IPFIX: {} records in {} messages, {} errors",
@@ -434,16 +416,16 @@ impl Pipeline {
         Ok(())
     }
 
-    fn finish(&mut self, conn: &Conn, now: Now, alerts: &mut Vec<Alert>, reason: EndReason) {
-        let view = self.local.view(conn);
-        for exporter in &mut self.exporters {
-            exporter.finish(&view, self.nat.of(&conn.key), reason, now.mono_ns);
+    fn finish(&mut self, conn: &Conn, now: Now, reason: EndReason) {
+        let poll = PollCtx {
+            local: &self.local,
+            clock: &self.clock,
+            nat: &self.nat,
+        };
+        let ctx = poll.conn(conn);
+        for consumer in self.consumers.each() {
+            consumer.finish(&ctx, now, reason);
         }
-        let ctx = ConnCtx::new(view, &self.clock).translated(&self.nat);
-        for rule in &mut self.rules {
-            rule.on_finish(&ctx, now, alerts);
-        }
-        self.metrics.observe(&view);
         if let Some(log) = &mut self.conn_log {
             let mut record = ctx.record();
             let (local, remote) = record.fields.local_remote();
@@ -462,10 +444,10 @@ impl Pipeline {
                 log.write(&record);
             }
             if !self.suppressor.admit(&alert, now.mono_ns) {
-                self.metrics.suppressed(alert.note);
+                self.consumers.metrics.suppressed(alert.note);
                 continue;
             }
-            self.metrics.alert(alert.note);
+            self.consumers.metrics.alert(alert.note);
             for sink in &self.sinks {
                 sink.submit(alert.clone());
             }
@@ -509,7 +491,7 @@ impl Pipeline {
             log.flush_or_count();
         }
         let stats = |log: &Option<JsonLines>| log.as_ref().map(JsonLines::stats);
-        self.metrics.logs([
+        self.consumers.metrics.logs([
             ("conn", stats(&self.conn_log)),
             ("conn_long", stats(&self.conn_long_log)),
             ("dns", self.dns.log_stats()),
@@ -519,7 +501,7 @@ impl Pipeline {
     /// An interface whose packets the programs cannot parse counts nothing: say so once
     /// when most of a minute's packets were not parsed, and when that ends.
     fn check_parsing(&mut self, mono_ns: u64, counters: &[u64; stats::SLOTS as usize]) {
-        let counted = self.metrics.packets_counted();
+        let counted = self.consumers.metrics.packets_counted();
         let unparsed = parse_watch::unparsed_total(counters);
         match self.parse_watch.update(mono_ns, counted, unparsed) {
             Some(Change::Failing { unparsed, counted }) => warn!(
@@ -531,7 +513,9 @@ impl Pipeline {
             Some(Change::Recovered) => info!("packets are parsed again"),
             None => {}
         }
-        self.metrics.parse_failing(self.parse_watch.failing());
+        self.consumers
+            .metrics
+            .parse_failing(self.parse_watch.failing());
     }
 
     /// A full map loses counts visibly: say so each time more were refused.
@@ -547,45 +531,35 @@ impl Pipeline {
     }
 }
 
-/// What an open connection's turn in a poll runs: the rules, the metrics, the exporters.
-struct Turn<'a> {
-    rules: &'a mut Vec<Box<dyn Rule>>,
-    metrics: &'a mut Metrics,
-    exporters: &'a mut Vec<IpfixExporter>,
-    local: &'a LocalNets,
-    clock: &'a Clock,
-    nat: &'a Nat,
+/// What a poll hands its connections to.
+struct Consumers {
+    rules: RuleSet,
+    metrics: Metrics,
+    top: top::Tracker,
+    /// One per --ipfix-collector.
+    exporters: Vec<IpfixExporter>,
 }
 
-impl<'a> Turn<'a> {
-    /// The connection's view, decided once for this turn.
-    fn view<'c>(&self, conn: &'c Conn) -> ConnCtx<'c>
-    where
-        'a: 'c,
-    {
-        ConnCtx::new(self.local.view(conn), self.clock).translated(self.nat)
+impl Consumers {
+    fn each(&mut self) -> impl Iterator<Item = &mut dyn Consumer> {
+        let fixed: [&mut dyn Consumer; 3] = [&mut self.rules, &mut self.metrics, &mut self.top];
+        let exporters = self.exporters.iter_mut().map(|e| e as &mut dyn Consumer);
+        fixed.into_iter().chain(exporters)
     }
 
-    /// The rules, metrics and exporters see the connection's latest snapshot.
-    fn judge(&mut self, ctx: &ConnCtx, now: Now, alerts: &mut Vec<Alert>) {
-        for rule in self.rules.iter_mut() {
-            rule.on_update(ctx, now, alerts);
-        }
-        self.metrics.observe(ctx.view());
-        for exporter in self.exporters.iter_mut() {
-            exporter.update(ctx.view(), self.nat, now.mono_ns);
+    fn update(&mut self, conn: &ConnCtx, now: Now) {
+        for consumer in self.each() {
+            consumer.update(conn, now);
         }
     }
 
-    /// The earliest kernel time at which a rule or an exporter acts on the connection
-    /// with nothing new in it.
-    fn acts_at(&self, ctx: &ConnCtx) -> u64 {
-        let by_rules = self.rules.iter().filter_map(|rule| rule.next_due(ctx));
-        let by_exporters = self
-            .exporters
-            .iter()
-            .map(|exporter| exporter.next_due(ctx.view()));
-        by_rules.chain(by_exporters).min().unwrap_or(u64::MAX)
+    /// The earliest kernel time at which one of them acts on `conn` with nothing new in
+    /// it.
+    fn acts_at(&mut self, conn: &ConnCtx) -> u64 {
+        self.each()
+            .filter_map(|consumer| consumer.next_due(conn))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -660,6 +634,9 @@ impl Attached {
     fn attach(args: &RunArgs, ifaces: &[String], pins: Option<PinDir>) -> anyhow::Result<Self> {
         let mut kernel = Kernel::load(args.flow_map_size, pins)?;
         let resumed = kernel.resumed();
+        if resumed {
+            info!("resuming the connections counted while no agent ran");
+        }
         let mut poller = Poller::new(
             kernel.take_map(names::FLOW_MAP)?,
             kernel.take_map(names::STATS_MAP)?,
@@ -783,19 +760,20 @@ impl Pipeline {
             saved,
             ..
         } = parts.outputs;
-        let saved = saved.zip(state.as_ref()).and_then(|(saved, dir)| {
-            let now = Now::new(clock::monotonic_ns(), &clock);
-            dir.vetted(saved, now, args.flow_map_size, &rules)
-        });
+        let saved = vet_saved(state.as_ref(), saved, &clock, args.flow_map_size, &rules);
         let seed = saved
             .as_ref()
             .map_or_else(Uids::random_seed, |saved| saved.uid_seed);
         let mut pipeline = Pipeline {
             poller: parts.poller,
             table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
-            rules,
+            consumers: Consumers {
+                rules: RuleSet::new(rules),
+                metrics: parts.metrics,
+                top: parts.top,
+                exporters: exporters(args, collectors, clock)?,
+            },
             suppressor: Suppressor::new(args.suppress),
-            exporters: exporters(args, collectors, clock)?,
             sinks: (sinks.into_iter())
                 .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
                 .collect(),
@@ -805,8 +783,6 @@ impl Pipeline {
             capacity: args.flow_map_size,
             finishing: Finishing::default(),
             finish_budget: args.poll_interval / FINISH_SHARE,
-            metrics: parts.metrics,
-            top: parts.top,
             state,
             state_conns: args.pin_path.is_some(),
             dns: Dns::new(
@@ -827,11 +803,21 @@ impl Pipeline {
         if let Some(saved) = saved {
             pipeline.restore(saved, parts.resumed);
         }
-        if parts.resumed {
-            info!("resuming the connections counted while no agent ran");
-        }
         Ok(pipeline)
     }
+}
+
+/// An earlier run's state, if this run's state directory had one it could have written.
+fn vet_saved(
+    dir: Option<&StateDir>,
+    saved: Option<Saved>,
+    clock: &Clock,
+    capacity: u32,
+    rules: &[Box<dyn Rule>],
+) -> Option<Saved> {
+    let now = Now::new(clock::monotonic_ns(), clock);
+    dir.zip(saved)
+        .and_then(|(dir, saved)| dir.vetted(saved, now, capacity, rules))
 }
 
 /// The rules the flags turn on; the host names they mention are resolved in the

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::{
     clock::Now,
     conntable::{Conn, ConnTable, Endpoint, LocalNets, Uid},
+    consumer::Consumer,
     proto,
     rules::human_bytes,
 };
@@ -179,6 +180,13 @@ impl Tracker {
             open: table.len(),
             connections,
         });
+    }
+}
+
+/// Ranks after every poll, over all open connections.
+impl Consumer for Tracker {
+    fn end_poll(&mut self, open: &ConnTable, local: &LocalNets, now: Now) {
+        self.update(open, local, now);
     }
 }
 

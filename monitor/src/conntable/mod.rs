@@ -25,6 +25,19 @@ pub const CLOSE_DELAY: Duration = Duration::from_secs(5);
 /// their idle timeout (see [`ConnTable::pressure_relief`]).
 pub const PRESSURE_MIN_IDLE: Duration = Duration::from_secs(2);
 
+/// Why a connection's record was written: the numbers are IPFIX's flowEndReason (IANA
+/// registry), which export sends as they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EndReason {
+    Idle = 1,
+    /// Not an end: an open connection's periodic export.
+    ActiveTimeout = 2,
+    EndOfFlow = 3,
+    ForcedEnd = 4,
+    LackOfResources = 5,
+}
+
 /// Whether a map entry has a first and a last packet time: the programs insert an entry,
 /// then count, then set its first time; a read in between gets one that is not a
 /// connection yet (a uid from a first time of 0, idle since boot) and waits for a later
@@ -277,7 +290,7 @@ impl ConnTable {
     /// `now_ns` or earlier, each to be scheduled again ([`Self::wake`]) unless finished.
     /// The first such read after one of the whole map first schedules every connection,
     /// as for [`Self::wake`] with the time `acts_at` gives.
-    pub fn due(&mut self, now_ns: u64, acts_at: impl Fn(&Conn) -> u64) -> Vec<FlowKey> {
+    pub fn due(&mut self, now_ns: u64, mut acts_at: impl FnMut(&Conn) -> u64) -> Vec<FlowKey> {
         if self.wakeups_stale {
             let idle = self.idle_timeout;
             self.wakeups = (self.conns.iter().enumerate())

@@ -6,4 +6,4 @@
 
 pub mod ipfix;
 
-pub use ipfix::{COLLECTOR_SCHEMES, Collector, EndReason, ExportStats, IpfixConfig, IpfixExporter};
+pub use ipfix::{COLLECTOR_SCHEMES, Collector, ExportStats, IpfixConfig, IpfixExporter};

@@ -10,16 +10,15 @@ pub mod targets;
 mod upload_ratio;
 pub mod windows;
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
 use ipnet::IpNet;
 
+pub use crate::consumer::ConnCtx;
 use crate::{
-    alerts::{Alert, Note},
-    clock::Clock,
-    conntable::View,
-    logs::conn::ConnRecord,
-    nat::Nat,
+    alerts::Alert,
+    conntable::{ConnTable, EndReason, LocalNets},
+    consumer::Consumer,
 };
 pub use allowlist::{AddrMatcher, Names};
 pub use large_upload::LargeUpload;
@@ -53,44 +52,8 @@ pub struct RulesConfig {
     pub exclude_dst: Vec<AddrSpec>,
 }
 
-/// A connection as rules see it: the table's view of it, and what its record is built
-/// from when an alert needs one.
-pub struct ConnCtx<'a> {
-    view: View<'a>,
-    clock: &'a Clock,
-    nat: Option<&'a Nat>,
-}
-
-impl<'a> std::ops::Deref for ConnCtx<'a> {
-    type Target = View<'a>;
-
-    fn deref(&self) -> &View<'a> {
-        &self.view
-    }
-}
-
-impl<'a> ConnCtx<'a> {
-    pub fn new(view: View<'a>, clock: &'a Clock) -> Self {
-        Self {
-            view,
-            clock,
-            nat: None,
-        }
-    }
-
-    /// The same connection, whose translation (if any) `nat` knows: looked up only when
-    /// a record is built.
-    pub fn translated(self, nat: &'a Nat) -> Self {
-        Self {
-            nat: Some(nat),
-            ..self
-        }
-    }
-
-    pub fn view(&self) -> &View<'a> {
-        &self.view
-    }
-
+/// What rules ask of a connection beyond its view.
+impl ConnCtx<'_> {
     /// What the responder offers, for messages: `port 443/tcp`, `icmp type 8`.
     pub fn service(&self) -> String {
         if crate::proto::is_icmp(self.proto()) {
@@ -116,22 +79,6 @@ impl<'a> ConnCtx<'a> {
             port,
             proto: self.proto(),
         }
-    }
-
-    /// The connection's record, built only when an alert needs it.
-    pub fn record(&self) -> ConnRecord {
-        let mut record = ConnRecord::new(&self.view, self.clock);
-        record.fields.nat = self
-            .nat
-            .and_then(|nat| nat.of(&self.conn.key))
-            .map(|t| t.fields(self.orig));
-        record
-    }
-
-    /// An alert about this connection from `src` to `dst`.
-    pub fn alert(&self, now: Now, note: Note, msg: String, src: IpAddr, dst: IpAddr) -> Alert {
-        let key = format!("{src}>{dst}:{}/{}", self.resp.port, self.proto());
-        Alert::for_conn(now.epoch, note, msg, src, dst, self.record(), key)
     }
 }
 
@@ -198,6 +145,66 @@ pub fn save_as(saved: &mut Saved, name: &str, state: impl serde::Serialize) {
     saved.insert(name.to_owned(), value);
 }
 
+/// The rules the flags turn on, as one consumer of a poll: what they raise waits for the
+/// alert path.
+pub struct RuleSet {
+    rules: Vec<Box<dyn Rule>>,
+    raised: Vec<Alert>,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Box<dyn Rule>>) -> Self {
+        Self {
+            rules,
+            raised: Vec::new(),
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Rule> {
+        self.rules.iter().map(|rule| rule.as_ref())
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Box<dyn Rule>> {
+        self.rules.iter_mut()
+    }
+
+    /// What the rules raised since the last call.
+    pub fn take_raised(&mut self) -> Vec<Alert> {
+        std::mem::take(&mut self.raised)
+    }
+
+    pub fn shed(&self) -> u64 {
+        self.rules.iter().map(|rule| rule.shed()).sum()
+    }
+}
+
+impl Consumer for RuleSet {
+    fn update(&mut self, conn: &ConnCtx, now: Now) {
+        for rule in &mut self.rules {
+            rule.on_update(conn, now, &mut self.raised);
+        }
+    }
+
+    fn finish(&mut self, conn: &ConnCtx, now: Now, _reason: EndReason) {
+        for rule in &mut self.rules {
+            rule.on_finish(conn, now, &mut self.raised);
+        }
+    }
+
+    fn next_due(&self, conn: &ConnCtx) -> Option<u64> {
+        self.rules
+            .iter()
+            .filter_map(|rule| rule.next_due(conn))
+            .min()
+    }
+
+    fn end_poll(&mut self, _open: &ConnTable, _local: &LocalNets, now: Now) {
+        for rule in &mut self.rules {
+            rule.on_tick(now);
+        }
+    }
+}
+
 /// Every rule the flags turn on.
 pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
     let mut rules: Vec<Box<dyn Rule>> = vec![
@@ -255,6 +262,7 @@ pub(crate) mod testkit {
 
     use super::*;
     use crate::{
+        clock::Clock,
         conntable::{Conn, LocalNets},
         poller::FlowSnapshot,
     };

@@ -15,9 +15,8 @@ use tests::ipfix_decoded;
 
 use monitor::{
     clock::Clock,
-    conntable::{Conn, LocalNets},
-    export::{Collector, EndReason, IpfixConfig, IpfixExporter},
-    nat::Nat,
+    conntable::{Conn, EndReason, LocalNets},
+    export::{Collector, IpfixConfig, IpfixExporter},
     poller::FlowSnapshot,
 };
 use monitor_common::{
@@ -142,7 +141,7 @@ fn nfcapd_stores_exact_counts_and_active_timeout_exports() {
             ACK | PSH,
         );
         add(&mut upload, 1, 50, 2600 + step, now, ACK);
-        exporter.update(&local().view(&upload), &Nat::without_conntrack(), now);
+        exporter.update(&local().view(&upload), None, now);
         exporter.flush();
         updates += 1;
     }

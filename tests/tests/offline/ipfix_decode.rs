@@ -4,9 +4,10 @@
 
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
+use monitor::conntable::EndReason;
 use monitor::export::ipfix::{
-    Encoder, EndReason, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN, Record,
-    Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_V4, TEMPLATE_V6, ie, template_fields,
+    Encoder, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN, Record, Reverse,
+    TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_V4, TEMPLATE_V6, ie, template_fields,
 };
 use netflow_parser::{
     FieldValue, NetflowPacket, NetflowParser,

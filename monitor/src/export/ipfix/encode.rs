@@ -2,6 +2,8 @@
 
 use std::{net::IpAddr, time::Duration};
 
+use crate::conntable::EndReason;
+
 pub const VERSION: u16 = 10;
 /// No message is longer (a safe payload on any path with a 1,500-byte MTU).
 pub const MAX_MESSAGE: usize = 1400;
@@ -44,17 +46,6 @@ pub mod ie {
     pub const POST_NAPT_DESTINATION_TRANSPORT_PORT: u16 = 228;
     pub const POST_NAT_SOURCE_IPV6_ADDRESS: u16 = 281;
     pub const POST_NAT_DESTINATION_IPV6_ADDRESS: u16 = 282;
-}
-
-/// flowEndReason (IANA registry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum EndReason {
-    Idle = 1,
-    ActiveTimeout = 2,
-    EndOfFlow = 3,
-    ForcedEnd = 4,
-    LackOfResources = 5,
 }
 
 /// One field specifier of a template: element id, length, enterprise (0 for IANA).

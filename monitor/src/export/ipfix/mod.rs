@@ -48,16 +48,17 @@ use monitor_common::{
 };
 
 pub use encode::{
-    Encoder, EndReason, Field, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN,
-    Record, Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4,
-    TEMPLATE_V6, VERSION, ie, template_fields,
+    Encoder, Field, MAX_MESSAGE, Message, NAT_TEMPLATE_OFFSET, PostNat, REVERSE_PEN, Record,
+    Reverse, TEMPLATE_BIFLOW_V4, TEMPLATE_BIFLOW_V6, TEMPLATE_SET_ID, TEMPLATE_V4, TEMPLATE_V6,
+    VERSION, ie, template_fields,
 };
 pub use transport::{COLLECTOR_SCHEMES, Collector};
 
 use crate::{
-    clock::Clock,
-    conntable::View,
-    nat::{Nat, Translation},
+    clock::{Clock, Now},
+    conntable::{ConnTable, EndReason, LocalNets, View},
+    consumer::{ConnCtx, Consumer},
+    nat::Translation,
     worker::{Submitted, Worker},
 };
 
@@ -186,7 +187,7 @@ impl IpfixExporter {
     /// For an open connection at kernel time `now_ns`: queues its deltas (reason "active
     /// timeout") when the active timeout has passed since its previous export or its first
     /// packet.
-    pub fn update(&mut self, view: &View, nat: &Nat, now_ns: u64) {
+    pub fn update(&mut self, view: &View, nat: Option<&Translation>, now_ns: u64) {
         let conn = view.conn;
         let first = conn.first_ns();
         let at = self
@@ -199,13 +200,7 @@ impl IpfixExporter {
             .at_ns;
         let timeout = self.config.active_timeout.as_nanos() as u64;
         if now_ns.saturating_sub(at) >= timeout {
-            self.export(
-                view,
-                nat.of(&conn.key),
-                EndReason::ActiveTimeout,
-                now_ns,
-                false,
-            );
+            self.export(view, nat, EndReason::ActiveTimeout, now_ns, false);
         }
     }
 
@@ -412,6 +407,26 @@ fn ports(proto: u8, src: u16, dst: u16) -> (u16, u16, u16) {
     (0, type_code, type_code)
 }
 
+/// Open connections are exported at their active timeout, finished ones once more;
+/// what a poll queued is sent at its end.
+impl Consumer for IpfixExporter {
+    fn update(&mut self, conn: &ConnCtx, now: Now) {
+        self.update(conn.view(), conn.translation(), now.mono_ns);
+    }
+
+    fn finish(&mut self, conn: &ConnCtx, now: Now, reason: EndReason) {
+        self.finish(conn.view(), conn.translation(), reason, now.mono_ns);
+    }
+
+    fn next_due(&self, conn: &ConnCtx) -> Option<u64> {
+        Some(self.next_due(conn.view()))
+    }
+
+    fn end_poll(&mut self, _open: &ConnTable, _local: &LocalNets, _now: Now) {
+        self.flush();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, UdpSocket};
@@ -504,7 +519,7 @@ mod tests {
         );
         c.edit(|s| s.dir[1].syn_only = 1);
         // Before the active timeout: nothing.
-        exporter.update(&local().view(&c), &Nat::without_conntrack(), 105 * SECOND);
+        exporter.update(&local().view(&c), None, 105 * SECOND);
         assert!(take(&mut exporter).is_empty());
         let steps = [
             (111, [(5, 3000, 101, 111), (7, 500, 100, 110)]),
@@ -521,7 +536,7 @@ mod tests {
                     ..dir(ba.0, ba.1, ba.2, ba.3, SYN | ACK)
                 };
             });
-            exporter.update(&local().view(&c), &Nat::without_conntrack(), now * SECOND);
+            exporter.update(&local().view(&c), None, now * SECOND);
             all.extend(take(&mut exporter));
         }
         // 111: both directions; 115: not due; 122: both again; 133: due, nothing new.
@@ -560,7 +575,7 @@ mod tests {
         assert_eq!(exporter.tracked(), 0, "finish forgets the connection");
 
         // Finished with nothing left: one zero record carries the reason.
-        exporter.update(&local().view(&c), &Nat::without_conntrack(), 200 * SECOND);
+        exporter.update(&local().view(&c), None, 200 * SECOND);
         take(&mut exporter);
         exporter.finish(&local().view(&c), None, EndReason::Idle, 300 * SECOND);
         let last = take(&mut exporter);

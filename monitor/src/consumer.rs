@@ -1,0 +1,105 @@
+//! What a poll hands its connections to. The rules, the metrics, the top view, IPFIX
+//! export and the conn log each read a connection through one small trait, so a poll is
+//! one pass: every consumer sees the same view of it.
+
+use std::net::IpAddr;
+
+use crate::{
+    alerts::{Alert, Note},
+    clock::{Clock, Now},
+    conntable::{Conn, ConnTable, EndReason, LocalNets, View},
+    logs::conn::ConnRecord,
+    nat::{Nat, Translation},
+};
+
+pub trait Consumer: Send {
+    /// An open connection observed with something new, or whose wake-up time came.
+    fn update(&mut self, _conn: &ConnCtx, _now: Now) {}
+
+    /// A connection that finished, with its last counts, and why.
+    fn finish(&mut self, _conn: &ConnCtx, _now: Now, _reason: EndReason) {}
+
+    /// The earliest kernel time at which [`Self::update`] acts on `conn` with nothing new
+    /// in it; `None` when only new packets can make it act. Polls pass over connections
+    /// that carry nothing new until then.
+    fn next_due(&self, _conn: &ConnCtx) -> Option<u64> {
+        None
+    }
+
+    /// After the poll's connections: the open ones as they stand.
+    fn end_poll(&mut self, _open: &ConnTable, _local: &LocalNets, _now: Now) {}
+}
+
+/// What a poll knows besides its connections, from which each one's [`ConnCtx`] is made.
+#[derive(Clone, Copy)]
+pub struct PollCtx<'a> {
+    pub local: &'a LocalNets,
+    pub clock: &'a Clock,
+    pub nat: &'a Nat,
+}
+
+impl<'a> PollCtx<'a> {
+    pub fn conn<'c>(&self, conn: &'c Conn) -> ConnCtx<'c>
+    where
+        'a: 'c,
+    {
+        ConnCtx::new(self.local.view(conn), self.clock).translated(self.nat)
+    }
+}
+
+/// A connection as a poll's consumers see it: the table's view of it, and what its record
+/// is built from when one is needed.
+pub struct ConnCtx<'a> {
+    view: View<'a>,
+    clock: &'a Clock,
+    nat: Option<&'a Nat>,
+}
+
+impl<'a> std::ops::Deref for ConnCtx<'a> {
+    type Target = View<'a>;
+
+    fn deref(&self) -> &View<'a> {
+        &self.view
+    }
+}
+
+impl<'a> ConnCtx<'a> {
+    pub fn new(view: View<'a>, clock: &'a Clock) -> Self {
+        Self {
+            view,
+            clock,
+            nat: None,
+        }
+    }
+
+    /// The same connection, whose translation (if any) `nat` knows: looked up only when
+    /// a record is built.
+    pub fn translated(self, nat: &'a Nat) -> Self {
+        Self {
+            nat: Some(nat),
+            ..self
+        }
+    }
+
+    pub fn view(&self) -> &View<'a> {
+        &self.view
+    }
+
+    /// How the gateway translated the connection, if it did.
+    pub fn translation(&self) -> Option<&'a Translation> {
+        self.nat.and_then(|nat| nat.of(&self.conn.key))
+    }
+
+    /// The connection's record, built only when an alert needs it.
+    pub fn record(&self) -> ConnRecord {
+        let mut record = ConnRecord::new(&self.view, self.clock);
+        record.fields.nat = self.translation().map(|t| t.fields(self.orig));
+        record
+    }
+
+    /// An alert about this connection from `src` to `dst`.
+    pub fn alert(&self, now: Now, note: Note, msg: String, src: IpAddr, dst: IpAddr) -> Alert {
+        let key = format!("{src}>{dst}:{}/{}", self.resp.port, self.proto());
+        Alert::for_conn(now.epoch, note, msg, src, dst, self.record(), key)
+    }
+}
