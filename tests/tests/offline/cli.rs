@@ -380,7 +380,8 @@ fn help_documents_every_flag_with_its_default() {
 /// Without privileges the agent cannot load its programs: it must say what it needs.
 #[test]
 fn unprivileged_run_says_what_it_needs() {
-    let args = ["run", "--iface", "lo"];
+    // Any free port: the default one may be taken, and listening comes before loading.
+    let args = ["run", "--iface", "lo", "--metrics-addr", "127.0.0.1:0"];
     let out = exits_early(
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
