@@ -22,6 +22,7 @@ use std::{
     sync::{
         Mutex,
         atomic::{AtomicU32, Ordering},
+        mpsc,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -50,6 +51,8 @@ const WAN_HOST_MAC: &str = "02:00:00:00:02:02";
 
 /// Limit for one helper command (`ip`, `ethtool`).
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+/// How long [`run_within`] waits for the output of a command it had to kill.
+const KILLED_OUTPUT_LIMIT: Duration = Duration::from_secs(2);
 const QUIET_FOR: Duration = Duration::from_secs(1);
 const QUIET_LIMIT: Duration = Duration::from_secs(15);
 
@@ -918,6 +921,12 @@ fn checked(cmd: &mut Command, what: &str) -> String {
 /// Runs a command to completion with its output captured; kills it (by PID) and panics
 /// if it takes longer than `limit`.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
+    run_within(cmd, limit).unwrap_or_else(|_| panic!("{cmd:?} did not finish within {limit:?}"))
+}
+
+/// Like [`run_bounded`], but a command still running after `limit` is killed (by PID),
+/// reaped, and returned as `Err` with what it printed, for the caller to explain.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Result<Output, Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -925,13 +934,15 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let mut buf = Vec::new();
             if let Some(mut pipe) = pipe {
                 let _ = pipe.read_to_end(&mut buf);
             }
-            buf
-        })
+            let _ = tx.send(buf);
+        });
+        rx
     };
     let stdout = drain(
         child
@@ -946,23 +957,32 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Output {
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
     let start = Instant::now();
-    let status = loop {
+    let (status, finished) = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => break (status, true),
             Ok(None) if start.elapsed() > limit => {
                 let _ = child.kill();
-                let _ = child.wait();
-                panic!("{cmd:?} did not finish within {limit:?}");
+                let status = child.wait().unwrap_or_else(|e| panic!("reap {cmd:?}: {e}"));
+                break (status, false);
             }
             Ok(None) => thread::sleep(Duration::from_millis(5)),
             Err(e) => panic!("wait for {cmd:?}: {e}"),
         }
     };
-    Output {
+    // A killed command's children may still hold its pipes open: take what has come.
+    let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+        if finished {
+            rx.recv().unwrap_or_default()
+        } else {
+            rx.recv_timeout(KILLED_OUTPUT_LIMIT).unwrap_or_default()
+        }
+    };
+    let out = Output {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    };
+    if finished { Ok(out) } else { Err(out) }
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it creates
@@ -1010,5 +1030,33 @@ pub fn hosts(v6: bool) -> (IpAddr, IpAddr) {
         (LAN_HOST_V6.into(), WAN_HOST_V6.into())
     } else {
         (LAN_HOST_V4.into(), WAN_HOST_V4.into())
+    }
+}
+
+#[cfg(test)]
+mod self_tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn run_within_kills_a_command_past_its_limit_and_keeps_its_output() {
+        let start = Instant::now();
+        let out = run_within(
+            Command::new("sh").args(["-c", "echo started >&2; exec sleep 30"]),
+            Duration::from_millis(300),
+        )
+        .expect_err("sleep 30 outlives the limit");
+        assert!(start.elapsed() < Duration::from_secs(5), "killed promptly");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "started\n");
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn run_within_returns_a_finished_command() {
+        let out = run_within(Command::new("sh").args(["-c", "echo done"]), COMMAND_LIMIT)
+            .expect("echo finishes");
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
     }
 }

@@ -1,14 +1,30 @@
 //! Bad input and missing privileges: the documented exit status and one actionable line.
 
-use std::process::{Command, Output};
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
 
-use tests::agent::Agent;
+use tests::{agent::Agent, lab::run_within};
+
+/// Every case here ends before anything is attached; one that is still running after this
+/// has accepted its input and started for real.
+const EXIT_LIMIT: Duration = Duration::from_secs(10);
 
 fn monitor(args: &[&str]) -> Output {
-    Command::new(Agent::binary())
-        .args(args)
-        .output()
-        .expect("run the agent binary")
+    exits_early(Command::new(Agent::binary()).args(args), args)
+}
+
+/// Runs `cmd`; if it is still running after [`EXIT_LIMIT`] it is killed (by PID), reaped,
+/// and the test fails naming the agent's arguments `args`.
+fn exits_early(cmd: &mut Command, args: &[&str]) -> Output {
+    run_within(cmd, EXIT_LIMIT).unwrap_or_else(|out| {
+        panic!(
+            "`monitor {}` accepted its arguments and started: still running after {EXIT_LIMIT:?} (killed)\nstderr: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Exit status 2 and exactly one line on stderr naming the flag and the value.
@@ -364,13 +380,16 @@ fn help_documents_every_flag_with_its_default() {
 /// Without privileges the agent cannot load its programs: it must say what it needs.
 #[test]
 fn unprivileged_run_says_what_it_needs() {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(["--inh-caps=-all", "--bounding-set=-all"])
-        .arg(Agent::binary())
-        .args(["run", "--iface", "lo"])
-        .output()
-        .expect("run setpriv (util-linux)");
+    // Any free port: the default one may be taken, and listening comes before loading.
+    let args = ["run", "--iface", "lo", "--metrics-addr", "127.0.0.1:0"];
+    let out = exits_early(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["--inh-caps=-all", "--bounding-set=-all"])
+            .arg(Agent::binary())
+            .args(args),
+        &args,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     let last = stderr.lines().last().unwrap_or_default();
