@@ -177,7 +177,7 @@ impl Metrics {
         )?;
         let flow_map_entries = IntGauge::with_opts(opts(
             "flow_map_entries",
-            "Entries in the kernel connection map at the last poll.",
+            "Connections open in the connection table at the last poll (the kernel map holds one entry for each).",
         ))?;
         let flow_map_capacity = IntGauge::with_opts(opts(
             "flow_map_capacity",
@@ -198,7 +198,7 @@ impl Metrics {
         let dns_messages = IntCounterVec::new(
             opts(
                 "dns_messages_total",
-                "DNS messages from the kernel, by type: query, response, malformed (not DNS, or an IP fragment).",
+                "DNS messages from the kernel, by type: query, response (to a query seen), unsolicited (a response to no query seen), malformed (not DNS, cut, or an IP fragment).",
             ),
             &["type"],
         )?;
