@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Arc, RwLock,
+        Arc,
         mpsc::{self, RecvTimeoutError},
     },
     time::{Duration, Instant},
@@ -26,7 +26,6 @@ use crate::{
     conntable::{Conn, ConnTable, LocalNets, Uids},
     dns::{
         Dns,
-        cache::PassiveDns,
         events::{Batch, DnsEvents, DnsQueue},
     },
     export::{Collector, EndReason, IpfixConfig, IpfixExporter},
@@ -38,7 +37,7 @@ use crate::{
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
-    rules::{self, ConnCtx, Names, Rule},
+    rules::{self, ConnCtx, HostAddrs, Names, Rule},
     state::{Saved, StateDir},
     top,
 };
@@ -62,6 +61,11 @@ struct Pipeline {
     local: LocalNets,
     clock: Clock,
     rules: Vec<Box<dyn Rule>>,
+    /// The configured host names' addresses, as the resolver publishes them.
+    resolved: resolve::Resolved,
+    /// What the rules match host names by in this poll: taken once per poll, after its
+    /// DNS answers are recorded.
+    hosts: Arc<HostAddrs>,
     suppressor: Suppressor,
     sinks: Vec<Dispatcher>,
     conn_log: Option<JsonLines>,
@@ -105,6 +109,7 @@ impl Pipeline {
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
         self.record_dns();
+        self.hosts = self.resolved.snapshot();
         let mut alerts = Vec::new();
         for key in self.judge_open(coverage, now, &mut alerts) {
             self.finishing.push(key, None);
@@ -234,6 +239,7 @@ impl Pipeline {
             metrics: &mut self.metrics,
             exporters: &mut self.exporters,
             local: &self.local,
+            names: Names::new(&self.hosts, Some(self.dns.passive())),
             clock: &self.clock,
             nat: &self.nat,
         };
@@ -439,7 +445,8 @@ impl Pipeline {
         for exporter in &mut self.exporters {
             exporter.finish(&view, self.nat.of(&conn.key), reason, now.mono_ns);
         }
-        let ctx = ConnCtx::new(view, &self.clock).translated(&self.nat);
+        let names = Names::new(&self.hosts, Some(self.dns.passive()));
+        let ctx = ConnCtx::new(view, names, &self.clock).translated(&self.nat);
         for rule in &mut self.rules {
             rule.on_finish(&ctx, now, alerts);
         }
@@ -553,6 +560,7 @@ struct Turn<'a> {
     metrics: &'a mut Metrics,
     exporters: &'a mut Vec<IpfixExporter>,
     local: &'a LocalNets,
+    names: Names<'a>,
     clock: &'a Clock,
     nat: &'a Nat,
 }
@@ -563,7 +571,7 @@ impl<'a> Turn<'a> {
     where
         'a: 'c,
     {
-        ConnCtx::new(self.local.view(conn), self.clock).translated(self.nat)
+        ConnCtx::new(self.local.view(conn), self.names, self.clock).translated(self.nat)
     }
 
     /// The rules, metrics and exporters see the connection's latest snapshot.
@@ -769,11 +777,7 @@ impl Pipeline {
         let clock = Clock::new();
         let local = LocalNets::new(args.local_nets.clone());
         let dns_config = config::dns(&args.dns);
-        let passive = Arc::new(RwLock::new(PassiveDns::new(
-            dns_config.cache_size,
-            dns_config.min_ttl,
-        )));
-        let rules = start_rules(&config::rules(&args.rules), &passive);
+        let (rules, resolved) = start_rules(&config::rules(&args.rules));
         let Outputs {
             sinks,
             conn_log,
@@ -794,6 +798,8 @@ impl Pipeline {
             poller: parts.poller,
             table: ConnTable::new(args.idle_timeout, Uids::new(seed)),
             rules,
+            hosts: resolved.snapshot(),
+            resolved,
             suppressor: Suppressor::new(args.suppress),
             exporters: exporters(args, collectors, clock)?,
             sinks: (sinks.into_iter())
@@ -809,13 +815,7 @@ impl Pipeline {
             top: parts.top,
             state,
             state_conns: args.pin_path.is_some(),
-            dns: Dns::new(
-                &dns_config,
-                args.rules.window,
-                local.clone(),
-                dns_log,
-                passive,
-            ),
+            dns: Dns::new(&dns_config, args.rules.window, local.clone(), dns_log),
             nat: parts.nat,
             parse_watch: ParseWatch::default(),
             watching: parts.watching,
@@ -835,14 +835,10 @@ impl Pipeline {
 }
 
 /// The rules the flags turn on; the host names they mention are resolved in the
-/// background from now on.
-fn start_rules(
-    config: &rules::RulesConfig,
-    passive: &Arc<RwLock<PassiveDns>>,
-) -> Vec<Box<dyn Rule>> {
-    let names = Names::with_passive(passive.clone());
-    resolve::start(rules::allowlist::host_names(config), names.clone());
-    rules::from_config(config, &names)
+/// background from now on, their answers published through the `Resolved` returned.
+fn start_rules(config: &rules::RulesConfig) -> (Vec<Box<dyn Rule>>, resolve::Resolved) {
+    let resolved = resolve::start(rules::allowlist::host_names(config));
+    (rules::from_config(config), resolved)
 }
 
 /// One exporter per `--ipfix-collector`.

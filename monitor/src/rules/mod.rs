@@ -1,6 +1,6 @@
-//! Detection rules: pure state machines. Connection snapshots and the time go in, alerts
-//! come out; no rule reads a map, a file or the clock, so hours of simulated traffic run
-//! in milliseconds in their tests.
+//! Detection rules: pure state machines. Connection snapshots, the poll's name tables and
+//! the time go in, alerts come out; no rule reads a map, a file or the clock, so hours of
+//! simulated traffic run in milliseconds in their tests.
 
 pub mod allowlist;
 mod large_upload;
@@ -21,7 +21,7 @@ use crate::{
     logs::conn::ConnRecord,
     nat::Nat,
 };
-pub use allowlist::{AddrMatcher, Names};
+pub use allowlist::{AddrMatcher, HostAddrs, Names};
 pub use large_upload::LargeUpload;
 pub use long_connection::LongConnection;
 pub use restricted::RestrictedOutbound;
@@ -53,10 +53,11 @@ pub struct RulesConfig {
     pub exclude_dst: Vec<AddrSpec>,
 }
 
-/// A connection as rules see it: the table's view of it, and what its record is built
-/// from when an alert needs one.
+/// A connection as rules see it: the table's view of it, the name tables of the poll that
+/// judges it, and what its record is built from when an alert needs one.
 pub struct ConnCtx<'a> {
     view: View<'a>,
+    names: Names<'a>,
     clock: &'a Clock,
     nat: Option<&'a Nat>,
 }
@@ -70,9 +71,10 @@ impl<'a> std::ops::Deref for ConnCtx<'a> {
 }
 
 impl<'a> ConnCtx<'a> {
-    pub fn new(view: View<'a>, clock: &'a Clock) -> Self {
+    pub fn new(view: View<'a>, names: Names<'a>, clock: &'a Clock) -> Self {
         Self {
             view,
+            names,
             clock,
             nat: None,
         }
@@ -89,6 +91,11 @@ impl<'a> ConnCtx<'a> {
 
     pub fn view(&self) -> &View<'a> {
         &self.view
+    }
+
+    /// The host names' addresses as this poll knows them.
+    pub fn names(&self) -> Names<'a> {
+        self.names
     }
 
     /// What the responder offers, for messages: `port 443/tcp`, `icmp type 8`.
@@ -199,7 +206,7 @@ pub fn save_as(saved: &mut Saved, name: &str, state: impl serde::Serialize) {
 }
 
 /// Every rule the flags turn on.
-pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
+pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
     let mut rules: Vec<Box<dyn Rule>> = vec![
         Box::new(LargeUpload::new(
             config.upload_threshold,
@@ -216,13 +223,13 @@ pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
         )),
         Box::new(Windows::new(
             config.windows,
-            AddrMatcher::new(config.exclude_dst.clone(), names.clone()),
+            AddrMatcher::new(config.exclude_dst.clone()),
         )),
     ];
     if !config.restricted_nets.is_empty() {
         rules.push(Box::new(RestrictedOutbound::new(
             config.restricted_nets.clone(),
-            allowlist::Allowlist::new(&config.allowed, names.clone()),
+            allowlist::Allowlist::new(&config.allowed),
             config.restricted_suppress,
         )));
     }
@@ -355,18 +362,37 @@ pub(crate) mod testkit {
         }
     }
 
-    /// Runs `rule` on one update of `conn` at `now`.
+    /// Name tables in which no host name resolved.
+    pub fn no_names() -> Names<'static> {
+        static NONE: std::sync::LazyLock<HostAddrs> = std::sync::LazyLock::new(HostAddrs::new);
+        Names::new(&NONE, None)
+    }
+
+    /// Runs `rule` on one update of `conn` at `now`, no host name resolved.
     pub fn update(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
+        update_named(rule, conn, now, no_names())
+    }
+
+    /// Runs `rule` on one update of `conn` at `now`, in a poll that knows `names`.
+    pub fn update_named(rule: &mut dyn Rule, conn: &Conn, now: Now, names: Names) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_update(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
+        rule.on_update(
+            &ConnCtx::new(local.view(conn), names, &clock),
+            now,
+            &mut out,
+        );
         out
     }
 
     pub fn finish(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_finish(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
+        rule.on_finish(
+            &ConnCtx::new(local.view(conn), no_names(), &clock),
+            now,
+            &mut out,
+        );
         out
     }
 }
