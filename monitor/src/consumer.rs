@@ -10,6 +10,7 @@ use crate::{
     conntable::{Conn, ConnTable, EndReason, LocalNets, View},
     logs::conn::ConnRecord,
     nat::{Nat, Translation},
+    resolve::Names,
 };
 
 pub trait Consumer: Send {
@@ -34,6 +35,8 @@ pub trait Consumer: Send {
 #[derive(Clone, Copy)]
 pub struct PollCtx<'a> {
     pub local: &'a LocalNets,
+    /// The name tables as the poll took them, after recording its DNS answers.
+    pub names: Names<'a>,
     pub clock: &'a Clock,
     pub nat: &'a Nat,
 }
@@ -43,14 +46,15 @@ impl<'a> PollCtx<'a> {
     where
         'a: 'c,
     {
-        ConnCtx::new(self.local.view(conn), self.clock).translated(self.nat)
+        ConnCtx::new(self.local.view(conn), self.names, self.clock).translated(self.nat)
     }
 }
 
-/// A connection as a poll's consumers see it: the table's view of it, and what its record
-/// is built from when one is needed.
+/// A connection as a poll's consumers see it: the table's view of it, the name tables of
+/// the poll, and what its record is built from when one is needed.
 pub struct ConnCtx<'a> {
     view: View<'a>,
+    names: Names<'a>,
     clock: &'a Clock,
     nat: Option<&'a Nat>,
 }
@@ -64,9 +68,10 @@ impl<'a> std::ops::Deref for ConnCtx<'a> {
 }
 
 impl<'a> ConnCtx<'a> {
-    pub fn new(view: View<'a>, clock: &'a Clock) -> Self {
+    pub fn new(view: View<'a>, names: Names<'a>, clock: &'a Clock) -> Self {
         Self {
             view,
+            names,
             clock,
             nat: None,
         }
@@ -83,6 +88,11 @@ impl<'a> ConnCtx<'a> {
 
     pub fn view(&self) -> &View<'a> {
         &self.view
+    }
+
+    /// The host names' addresses as this poll knows them.
+    pub fn names(&self) -> Names<'a> {
+        self.names
     }
 
     /// How the gateway translated the connection, if it did.

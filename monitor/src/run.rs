@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Arc, RwLock,
+        Arc,
         mpsc::{self, RecvTimeoutError},
     },
     time::{Duration, Instant},
@@ -27,7 +27,6 @@ use crate::{
     consumer::{ConnCtx, Consumer, PollCtx},
     dns::{
         Dns,
-        cache::PassiveDns,
         events::{Batch, DnsEvents, DnsQueue},
     },
     export::{Collector, IpfixConfig, IpfixExporter},
@@ -39,7 +38,8 @@ use crate::{
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges, resolve,
-    rules::{self, Names, Rule, RuleSet},
+    resolve::{HostAddrs, Names},
+    rules::{self, Rule, RuleSet},
     state::{Saved, StateDir},
     top,
 };
@@ -62,6 +62,11 @@ struct Pipeline {
     table: ConnTable,
     local: LocalNets,
     clock: Clock,
+    /// The configured host names' addresses, as the resolver publishes them.
+    resolved: resolve::Resolved,
+    /// What the rules match host names by in this poll: taken once per poll, after its
+    /// DNS answers are recorded.
+    hosts: Arc<HostAddrs>,
     consumers: Consumers,
     suppressor: Suppressor,
     sinks: Vec<Dispatcher>,
@@ -102,6 +107,7 @@ impl Pipeline {
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
         self.record_dns();
+        self.hosts = self.resolved.snapshot();
         for key in self.judge_open(coverage, now) {
             self.finishing.push(key, None);
         }
@@ -216,6 +222,7 @@ impl Pipeline {
         let (table, consumers) = (&mut self.table, &mut self.consumers);
         let poll = PollCtx {
             local: &self.local,
+            names: Names::new(&self.hosts, Some(self.dns.passive())),
             clock: &self.clock,
             nat: &self.nat,
         };
@@ -419,6 +426,7 @@ impl Pipeline {
     fn finish(&mut self, conn: &Conn, now: Now, reason: EndReason) {
         let poll = PollCtx {
             local: &self.local,
+            names: Names::new(&self.hosts, Some(self.dns.passive())),
             clock: &self.clock,
             nat: &self.nat,
         };
@@ -746,11 +754,7 @@ impl Pipeline {
         let clock = Clock::new();
         let local = LocalNets::new(args.local_nets.clone());
         let dns_config = config::dns(&args.dns);
-        let passive = Arc::new(RwLock::new(PassiveDns::new(
-            dns_config.cache_size,
-            dns_config.min_ttl,
-        )));
-        let rules = start_rules(&config::rules(&args.rules), &passive);
+        let (rules, resolved) = start_rules(&config::rules(&args.rules));
         let Outputs {
             sinks,
             conn_log,
@@ -785,13 +789,7 @@ impl Pipeline {
             finish_budget: args.poll_interval / FINISH_SHARE,
             state,
             state_conns: args.pin_path.is_some(),
-            dns: Dns::new(
-                &dns_config,
-                args.rules.window,
-                local.clone(),
-                dns_log,
-                passive,
-            ),
+            dns: Dns::new(&dns_config, args.rules.window, local.clone(), dns_log),
             nat: parts.nat,
             parse_watch: ParseWatch::default(),
             watching: parts.watching,
@@ -799,6 +797,8 @@ impl Pipeline {
             dns_batch: Batch::default(),
             local,
             clock,
+            hosts: resolved.snapshot(),
+            resolved,
         };
         if let Some(saved) = saved {
             pipeline.restore(saved, parts.resumed);
@@ -821,14 +821,10 @@ fn vet_saved(
 }
 
 /// The rules the flags turn on; the host names they mention are resolved in the
-/// background from now on.
-fn start_rules(
-    config: &rules::RulesConfig,
-    passive: &Arc<RwLock<PassiveDns>>,
-) -> Vec<Box<dyn Rule>> {
-    let names = Names::with_passive(passive.clone());
-    resolve::start(rules::allowlist::host_names(config), names.clone());
-    rules::from_config(config, &names)
+/// background from now on, their answers published through the `Resolved` returned.
+fn start_rules(config: &rules::RulesConfig) -> (Vec<Box<dyn Rule>>, resolve::Resolved) {
+    let resolved = resolve::start(rules::allowlist::host_names(config));
+    (rules::from_config(config), resolved)
 }
 
 /// One exporter per `--ipfix-collector`.

@@ -391,7 +391,7 @@ mod tests {
     use crate::{
         cli::{Cli, Command},
         rules::{
-            self, Names,
+            self,
             testkit::{ConnSpec, at, finish, update},
         },
     };
@@ -526,7 +526,7 @@ mod tests {
         let Command::Run(args) = Cli::parse_from(["monitor", "run"]).command else {
             unreachable!("`monitor run`");
         };
-        rules::from_config(&crate::config::rules(&args.rules), &Names::default())
+        rules::from_config(&crate::config::rules(&args.rules))
     }
 
     #[test]
@@ -537,7 +537,7 @@ mod tests {
         else {
             unreachable!("`monitor run`");
         };
-        let mut rules = rules::from_config(&crate::config::rules(&args.rules), &Names::default());
+        let mut rules = rules::from_config(&crate::config::rules(&args.rules));
         let upload = ConnSpec {
             orig_bytes: 2_000_000,
             start: 1.0,

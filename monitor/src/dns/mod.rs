@@ -10,10 +10,7 @@ pub mod log;
 pub mod parse;
 pub mod tunnel;
 
-use std::{
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use monitor_common::flow::FlowKey;
@@ -44,8 +41,8 @@ pub struct DnsCounts {
 }
 
 pub struct Dns {
-    /// Shared with the rules' name matching.
-    cache: Arc<RwLock<PassiveDns>>,
+    /// Passive DNS, which the rules also match names by (see [`Dns::passive`]).
+    cache: PassiveDns,
     /// The queries waiting for their answers: only an answer to one of them teaches.
     queries: Transactions,
     log: Option<JsonLines>,
@@ -83,10 +80,9 @@ impl Dns {
         window: std::time::Duration,
         local: LocalNets,
         log: Option<JsonLines>,
-        cache: Arc<RwLock<PassiveDns>>,
     ) -> Self {
         Self {
-            cache,
+            cache: PassiveDns::new(config.cache_size, config.min_ttl),
             queries: Transactions::default(),
             log,
             resolvers: config.resolvers.clone(),
@@ -132,7 +128,7 @@ impl Dns {
                 if solicited {
                     self.counts.response += 1;
                     if self.teaches(client, server) {
-                        self.cache_mut().learn(client, &msg, meta.ts_ns);
+                        self.cache.learn(client, &msg, meta.ts_ns);
                     }
                     self.tunnel.message(&meta, &msg);
                 } else {
@@ -179,7 +175,7 @@ impl Dns {
         alerts: &mut Vec<Alert>,
     ) {
         self.tunnel.poll(now, alerts);
-        self.cache_mut().prune(now.mono_ns);
+        self.cache.prune(now.mono_ns);
         let expired = self.queries.expire(now.mono_ns, epoch);
         if let Some(out) = &mut self.log {
             for mut rec in self.unnamed.drain(..) {
@@ -226,11 +222,14 @@ impl Dns {
 
     /// The name `local` resolved for `remote` (else anyone's name for it).
     pub fn fqdn(&mut self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
-        self.cache_mut().name(local, remote, now_ns)
+        self.cache.name(local, remote, now_ns)
     }
 
-    fn cache_mut(&self) -> std::sync::RwLockWriteGuard<'_, PassiveDns> {
-        self.cache.write().unwrap_or_else(|e| e.into_inner())
+    /// Passive DNS as the answers recorded so far left it, for the rules to match names
+    /// by. They only peek: which entries the bound keeps follows new answers and the
+    /// names that records and alerts carry (`fqdn`), not allowlist checks.
+    pub fn passive(&self) -> &PassiveDns {
+        &self.cache
     }
 
     pub fn counts(&self) -> DnsCounts {
@@ -238,10 +237,7 @@ impl Dns {
     }
 
     pub fn cache_entries(&self) -> usize {
-        self.cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries()
+        self.cache.entries()
     }
 }
 

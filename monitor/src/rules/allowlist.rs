@@ -2,66 +2,15 @@
 //! addresses they last resolved to, or through what the client itself resolved (passive
 //! DNS), which `*.suffix` patterns match only.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::net::IpAddr;
 
 use crate::{
-    dns::cache::PassiveDns,
+    resolve::Names,
     rules::{
         RulesConfig,
         targets::{AddrSpec, AllowPair, AllowService, Service},
     },
 };
-
-/// The addresses each configured host name resolved to last (filled by the resolver),
-/// and the passive DNS map (filled from the client's own lookups); read by rules. A name
-/// that never resolved matches nothing.
-#[derive(Clone, Debug, Default)]
-pub struct Names {
-    active: Arc<RwLock<HashMap<String, Vec<IpAddr>>>>,
-    passive: Option<Arc<RwLock<PassiveDns>>>,
-}
-
-impl Names {
-    pub fn with_passive(passive: Arc<RwLock<PassiveDns>>) -> Self {
-        Self {
-            active: Arc::default(),
-            passive: Some(passive),
-        }
-    }
-
-    pub fn set(&self, host: &str, addrs: Vec<IpAddr>) {
-        self.active
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(host.to_owned(), addrs);
-    }
-
-    pub fn has(&self, host: &str, addr: IpAddr) -> bool {
-        self.active
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(host)
-            .is_some_and(|addrs| addrs.contains(&addr))
-    }
-
-    /// Whether `client` itself resolved a name that `matches` accepts to `addr`.
-    fn client_resolved(
-        &self,
-        client: IpAddr,
-        addr: IpAddr,
-        matches: impl Fn(&str) -> bool,
-    ) -> bool {
-        self.passive.as_ref().is_some_and(|p| {
-            p.read()
-                .unwrap_or_else(|e| e.into_inner())
-                .client_resolved(client, addr, matches)
-        })
-    }
-}
 
 /// `name` is `suffix` or a name under it.
 fn is_under(name: &str, suffix: &str) -> bool {
@@ -70,7 +19,7 @@ fn is_under(name: &str, suffix: &str) -> bool {
 }
 
 /// Whether `addr`, as reached by `client`, matches `spec`.
-fn spec_matches(spec: &AddrSpec, client: IpAddr, addr: IpAddr, names: &Names) -> bool {
+fn spec_matches(spec: &AddrSpec, names: Names, client: IpAddr, addr: IpAddr) -> bool {
     match spec {
         AddrSpec::Net(net) => net.contains(&addr),
         AddrSpec::Host(host) => {
@@ -84,19 +33,18 @@ fn spec_matches(spec: &AddrSpec, client: IpAddr, addr: IpAddr, names: &Names) ->
 #[derive(Clone, Debug)]
 pub struct AddrMatcher {
     specs: Vec<AddrSpec>,
-    names: Names,
 }
 
 impl AddrMatcher {
-    pub fn new(specs: Vec<AddrSpec>, names: Names) -> Self {
-        Self { specs, names }
+    pub fn new(specs: Vec<AddrSpec>) -> Self {
+        Self { specs }
     }
 
-    /// Whether `addr`, as reached by `client`, matches any spec.
-    pub fn matches(&self, client: IpAddr, addr: IpAddr) -> bool {
+    /// Whether `addr`, as reached by `client`, matches any spec by `names`.
+    pub fn matches(&self, names: Names, client: IpAddr, addr: IpAddr) -> bool {
         self.specs
             .iter()
-            .any(|s| spec_matches(s, client, addr, &self.names))
+            .any(|s| spec_matches(s, names, client, addr))
     }
 }
 
@@ -109,35 +57,32 @@ pub struct Allowed {
     pub pairs: Vec<AllowPair>,
 }
 
-/// RestrictedOutbound's allowlists, with the names they match by.
+/// RestrictedOutbound's allowlists.
 #[derive(Clone, Debug)]
 pub struct Allowlist {
     dst: AddrMatcher,
     services: Vec<AllowService>,
     pairs: Vec<AllowPair>,
-    names: Names,
 }
 
 impl Allowlist {
-    pub fn new(allowed: &Allowed, names: Names) -> Self {
+    pub fn new(allowed: &Allowed) -> Self {
         Self {
-            dst: AddrMatcher::new(allowed.dst.clone(), names.clone()),
+            dst: AddrMatcher::new(allowed.dst.clone()),
             services: allowed.services.clone(),
             pairs: allowed.pairs.clone(),
-            names,
         }
     }
 
-    /// Whether a connection from `src` to `dst` on `service` is allowed.
-    pub fn covers(&self, src: IpAddr, dst: IpAddr, service: Service) -> bool {
-        self.dst.matches(src, dst)
+    /// Whether a connection from `src` to `dst` on `service` is allowed, by `names`.
+    pub fn covers(&self, names: Names, src: IpAddr, dst: IpAddr, service: Service) -> bool {
+        self.dst.matches(names, src, dst)
             || self
                 .services
                 .iter()
                 .any(|s| s.service == service && s.dst.contains(&dst))
             || self.pairs.iter().any(|p| {
-                spec_matches(&p.src, src, src, &self.names)
-                    && spec_matches(&p.dst, src, dst, &self.names)
+                spec_matches(&p.src, names, src, src) && spec_matches(&p.dst, names, src, dst)
             })
     }
 }

@@ -205,7 +205,7 @@ mod tests {
         .conn();
         let (clock, local) = (clock(), local());
         let due = |rule: &LongConnection| {
-            rule.next_due(&ConnCtx::new(local.view(&conn), &clock))
+            rule.next_due(&ConnCtx::new(local.view(&conn), no_names(), &clock))
                 .expect("an open connection ages")
         };
         let mut crossings = Vec::new();
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(crossings, want);
         let mut closed = ConnSpec::default().conn();
         closed.edit(|snap| snap.dir[0].tcp_flags |= monitor_common::flow::tcp_flags::RST);
-        let ctx = ConnCtx::new(local.view(&closed), &clock);
+        let ctx = ConnCtx::new(local.view(&closed), no_names(), &clock);
         assert_eq!(
             rule.next_due(&ctx),
             None,

@@ -1,6 +1,6 @@
-//! Detection rules: pure state machines. Connection snapshots and the time go in, alerts
-//! come out; no rule reads a map, a file or the clock, so hours of simulated traffic run
-//! in milliseconds in their tests.
+//! Detection rules: pure state machines. Connection snapshots, the poll's name tables and
+//! the time go in, alerts come out; no rule reads a map, a file or the clock, so hours of
+//! simulated traffic run in milliseconds in their tests.
 
 pub mod allowlist;
 mod large_upload;
@@ -20,7 +20,7 @@ use crate::{
     conntable::{ConnTable, EndReason, LocalNets},
     consumer::Consumer,
 };
-pub use allowlist::{AddrMatcher, Names};
+pub use allowlist::AddrMatcher;
 pub use large_upload::LargeUpload;
 pub use long_connection::LongConnection;
 pub use restricted::RestrictedOutbound;
@@ -206,7 +206,7 @@ impl Consumer for RuleSet {
 }
 
 /// Every rule the flags turn on.
-pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
+pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
     let mut rules: Vec<Box<dyn Rule>> = vec![
         Box::new(LargeUpload::new(
             config.upload_threshold,
@@ -223,13 +223,13 @@ pub fn from_config(config: &RulesConfig, names: &Names) -> Vec<Box<dyn Rule>> {
         )),
         Box::new(Windows::new(
             config.windows,
-            AddrMatcher::new(config.exclude_dst.clone(), names.clone()),
+            AddrMatcher::new(config.exclude_dst.clone()),
         )),
     ];
     if !config.restricted_nets.is_empty() {
         rules.push(Box::new(RestrictedOutbound::new(
             config.restricted_nets.clone(),
-            allowlist::Allowlist::new(&config.allowed, names.clone()),
+            allowlist::Allowlist::new(&config.allowed),
             config.restricted_suppress,
         )));
     }
@@ -265,6 +265,7 @@ pub(crate) mod testkit {
         clock::Clock,
         conntable::{Conn, LocalNets},
         poller::FlowSnapshot,
+        resolve::{HostAddrs, Names},
     };
 
     /// Monotonic zero is 2026-11-24T00:00:00Z.
@@ -363,18 +364,37 @@ pub(crate) mod testkit {
         }
     }
 
-    /// Runs `rule` on one update of `conn` at `now`.
+    /// Name tables in which no host name resolved.
+    pub fn no_names() -> Names<'static> {
+        static NONE: std::sync::LazyLock<HostAddrs> = std::sync::LazyLock::new(HostAddrs::new);
+        Names::new(&NONE, None)
+    }
+
+    /// Runs `rule` on one update of `conn` at `now`, no host name resolved.
     pub fn update(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
+        update_named(rule, conn, now, no_names())
+    }
+
+    /// Runs `rule` on one update of `conn` at `now`, in a poll that knows `names`.
+    pub fn update_named(rule: &mut dyn Rule, conn: &Conn, now: Now, names: Names) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_update(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
+        rule.on_update(
+            &ConnCtx::new(local.view(conn), names, &clock),
+            now,
+            &mut out,
+        );
         out
     }
 
     pub fn finish(rule: &mut dyn Rule, conn: &Conn, now: Now) -> Vec<Alert> {
         let (clock, local) = (clock(), local());
         let mut out = Vec::new();
-        rule.on_finish(&ConnCtx::new(local.view(conn), &clock), now, &mut out);
+        rule.on_finish(
+            &ConnCtx::new(local.view(conn), no_names(), &clock),
+            now,
+            &mut out,
+        );
         out
     }
 }

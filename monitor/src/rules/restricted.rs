@@ -52,7 +52,7 @@ impl Rule for RestrictedOutbound {
             return;
         }
         self.changes += 1;
-        if conn.local_resp || self.allow.covers(src, dst, conn.offered()) {
+        if conn.local_resp || self.allow.covers(conn.names(), src, dst, conn.offered()) {
             return;
         }
         let sent = conn.conn.orig();
@@ -103,10 +103,15 @@ impl Rule for RestrictedOutbound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cli::RuleArgs, rules::Names, rules::testkit::*};
+    use crate::{
+        cli::RuleArgs,
+        dns::cache::PassiveDns,
+        resolve::{HostAddrs, Names},
+        rules::testkit::*,
+    };
     use clap::Parser;
 
-    fn rule(flags: &[&str], names: Names) -> RestrictedOutbound {
+    fn rule(flags: &[&str]) -> RestrictedOutbound {
         #[derive(Parser)]
         struct Flags {
             #[command(flatten)]
@@ -117,7 +122,7 @@ mod tests {
         let config = crate::config::rules(&Flags::try_parse_from(argv).unwrap().rules);
         RestrictedOutbound::new(
             config.restricted_nets.clone(),
-            Allowlist::new(&config.allowed, names),
+            Allowlist::new(&config.allowed),
             config.restricted_suppress,
         )
     }
@@ -134,7 +139,7 @@ mod tests {
 
     #[test]
     fn alerts_once_per_connection_for_any_protocol() {
-        let mut r = rule(&[], Names::default());
+        let mut r = rule(&[]);
         for (proto, port) in [(6, 443), (17, 53), (1, 0)] {
             let conn = from_restricted(("203.0.113.2", port), proto, "C1").conn();
             let alerts = update(&mut r, &conn, at(1.0));
@@ -157,10 +162,7 @@ mod tests {
     /// originator sent (an echo request keys as type 8 to code/counterpart 0).
     #[test]
     fn icmp_is_allowed_by_the_type_the_originator_sent() {
-        let mut r = rule(
-            &["--allow-service", "203.0.113.0/24,8/icmp"],
-            Names::default(),
-        );
+        let mut r = rule(&["--allow-service", "203.0.113.0/24,8/icmp"]);
         let icmp = |kind, uid| ConnSpec {
             orig: ("198.18.5.7", kind),
             resp: ("203.0.113.2", 0),
@@ -175,19 +177,16 @@ mod tests {
 
     #[test]
     fn silent_for_local_unrestricted_and_allowed() {
-        let names = Names::default();
-        names.set("backup.example.com", vec!["192.0.2.7".parse().unwrap()]);
-        let mut r = rule(
-            &[
-                "--allow-dst",
-                "198.51.100.0/24",
-                "--allow-service",
-                "203.0.113.0/24,123/udp",
-                "--allow-pair",
-                "198.18.5.7,backup.example.com",
-            ],
-            names,
-        );
+        let hosts = resolved_hosts("backup.example.com", "192.0.2.7");
+        let names = Names::new(&hosts, None);
+        let mut r = rule(&[
+            "--allow-dst",
+            "198.51.100.0/24",
+            "--allow-service",
+            "203.0.113.0/24,123/udp",
+            "--allow-pair",
+            "198.18.5.7,backup.example.com",
+        ]);
         let silent = [
             from_restricted(("198.18.1.1", 443), 6, "Clocal"),
             from_restricted(("198.51.100.9", 443), 6, "Cdst"),
@@ -200,7 +199,7 @@ mod tests {
         ];
         for spec in &silent {
             assert!(
-                update(&mut r, &spec.conn(), at(1.0)).is_empty(),
+                update_named(&mut r, &spec.conn(), at(1.0), names).is_empty(),
                 "{}",
                 spec.uid
             );
@@ -212,7 +211,7 @@ mod tests {
         ];
         for spec in &loud {
             assert_eq!(
-                update(&mut r, &spec.conn(), at(1.0)).len(),
+                update_named(&mut r, &spec.conn(), at(1.0), names).len(),
                 1,
                 "{}",
                 spec.uid
@@ -220,13 +219,13 @@ mod tests {
         }
     }
 
+    /// What the resolver found for `host`: `addr`.
+    fn resolved_hosts(host: &str, addr: &str) -> HostAddrs {
+        HostAddrs::from([(host.to_owned(), vec![addr.parse().unwrap()])])
+    }
+
     /// A response teaching `client` that `name` is at `addr`.
-    fn resolved(
-        passive: &std::sync::RwLock<crate::dns::cache::PassiveDns>,
-        client: &str,
-        name: &str,
-        addr: [u8; 4],
-    ) {
+    fn resolved(passive: &mut PassiveDns, client: &str, name: &str, addr: [u8; 4]) {
         let wire = crate::dns::parse::tests::message(
             1,
             true,
@@ -236,54 +235,36 @@ mod tests {
             &[(name.as_bytes(), 60, 1, addr.to_vec())],
         );
         let msg = crate::dns::parse::parse_message(&wire).unwrap();
-        passive
-            .write()
-            .unwrap()
-            .learn(client.parse().unwrap(), &msg, 0);
+        passive.learn(client.parse().unwrap(), &msg, 0);
     }
 
     #[test]
     fn names_match_what_the_client_itself_resolved() {
-        let passive =
-            std::sync::Arc::new(std::sync::RwLock::new(crate::dns::cache::PassiveDns::new(
-                std::num::NonZeroUsize::new(100).unwrap(),
-                std::time::Duration::from_secs(3600),
-            )));
-        let names = Names::with_passive(passive.clone());
+        let mut passive = PassiveDns::new(
+            std::num::NonZeroUsize::new(100).unwrap(),
+            std::time::Duration::from_secs(3600),
+        );
         // Active resolution knows one address of the CDN; the client got another.
-        names.set("files.cdn.test", vec!["192.0.2.1".parse().unwrap()]);
-        let mut r = rule(
-            &[
-                "--allow-dst",
-                "*.example.test",
-                "--allow-dst",
-                "files.cdn.test",
-                "--allow-pair",
-                "198.18.5.7,*.pair.test",
-            ],
-            names,
-        );
-        resolved(
-            &passive,
-            "198.18.5.7",
-            "www.example.test",
-            [203, 0, 113, 10],
-        );
-        resolved(&passive, "198.18.5.7", "files.cdn.test", [203, 0, 113, 11]);
-        resolved(&passive, "198.18.5.7", "api.pair.test", [203, 0, 113, 12]);
-        resolved(
-            &passive,
-            "198.18.5.7",
-            "example.test.evil.test",
-            [203, 0, 113, 13],
-        );
-        // Another host resolved this one: not the restricted client's own answer.
-        resolved(
-            &passive,
-            "198.18.5.8",
-            "www.example.test",
-            [203, 0, 113, 14],
-        );
+        let hosts = resolved_hosts("files.cdn.test", "192.0.2.1");
+        let mut r = rule(&[
+            "--allow-dst",
+            "*.example.test",
+            "--allow-dst",
+            "files.cdn.test",
+            "--allow-pair",
+            "198.18.5.7,*.pair.test",
+        ]);
+        for (client, name, addr) in [
+            ("198.18.5.7", "www.example.test", [203, 0, 113, 10]),
+            ("198.18.5.7", "files.cdn.test", [203, 0, 113, 11]),
+            ("198.18.5.7", "api.pair.test", [203, 0, 113, 12]),
+            ("198.18.5.7", "example.test.evil.test", [203, 0, 113, 13]),
+            // Another host resolved this one: not the restricted client's own answer.
+            ("198.18.5.8", "www.example.test", [203, 0, 113, 14]),
+        ] {
+            resolved(&mut passive, client, name, addr);
+        }
+        let names = Names::new(&hosts, Some(&passive));
         for (addr, uid) in [
             ("203.0.113.10", "Cwild"),
             ("203.0.113.11", "Cexact"),
@@ -291,7 +272,10 @@ mod tests {
             ("203.0.113.12", "Cpair"),
         ] {
             let conn = from_restricted((addr, 443), 6, uid).conn();
-            assert!(update(&mut r, &conn, at(1.0)).is_empty(), "{uid}");
+            assert!(
+                update_named(&mut r, &conn, at(1.0), names).is_empty(),
+                "{uid}"
+            );
         }
         for (addr, uid) in [
             ("203.0.113.13", "CnotUnder"),
@@ -299,13 +283,31 @@ mod tests {
             ("203.0.113.99", "Cunresolved"),
         ] {
             let conn = from_restricted((addr, 443), 6, uid).conn();
-            assert_eq!(update(&mut r, &conn, at(1.0)).len(), 1, "{uid}");
+            assert_eq!(
+                update_named(&mut r, &conn, at(1.0), names).len(),
+                1,
+                "{uid}"
+            );
         }
+    }
+
+    /// A rule holds no names: two built alike judge the same connection two ways when
+    /// their polls' name tables differ.
+    #[test]
+    fn judged_by_the_names_its_poll_hands_over() {
+        let flags = ["--allow-dst", "backup.example.com"];
+        let conn = from_restricted(("192.0.2.7", 22), 6, "Cbackup").conn();
+        let moved = resolved_hosts("backup.example.com", "192.0.2.8");
+        let known = resolved_hosts("backup.example.com", "192.0.2.7");
+        let alerts =
+            |hosts| update_named(&mut rule(&flags), &conn, at(1.0), Names::new(hosts, None));
+        assert_eq!(alerts(&moved).len(), 1);
+        assert!(alerts(&known).is_empty());
     }
 
     #[test]
     fn judged_at_finish_when_never_seen_open() {
-        let mut r = rule(&[], Names::default());
+        let mut r = rule(&[]);
         let conn = from_restricted(("203.0.113.2", 443), 6, "Cshort").conn();
         assert_eq!(finish(&mut r, &conn, at(1.0)).len(), 1);
         assert!(r.judged.is_empty());

@@ -145,7 +145,7 @@ impl Windows {
         };
         let delta = conn.sent_since_last(side).ip_bytes;
         let (local, remote) = conn.ends(side);
-        if delta == 0 || self.exclude.matches(local.addr, remote.addr) {
+        if delta == 0 || self.exclude.matches(conn.names(), local.addr, remote.addr) {
             return;
         }
         let key = match self.cfg.group {
@@ -405,7 +405,7 @@ impl Rule for Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Names, testkit::*};
+    use crate::rules::testkit::*;
 
     const MB: u64 = 1_000_000;
 
@@ -418,7 +418,7 @@ mod tests {
                 leak_threshold: 100 * MB,
                 group,
             },
-            AddrMatcher::new(vec!["192.0.2.0/24".parse().unwrap()], Names::default()),
+            AddrMatcher::new(vec!["192.0.2.0/24".parse().unwrap()]),
         )
     }
 
