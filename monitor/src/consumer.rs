@@ -100,16 +100,19 @@ impl<'a> ConnCtx<'a> {
         self.nat.and_then(|nat| nat.of(&self.conn.key))
     }
 
-    /// The connection's record, built only when an alert needs it.
-    pub fn record(&self) -> ConnRecord {
+    /// The connection's record at `now`: translated, and its remote end named, as the
+    /// poll knows them.
+    pub fn record(&self, now: Now) -> ConnRecord {
         let mut record = ConnRecord::new(&self.view, self.clock);
         record.fields.nat = self.translation().map(|t| t.fields(self.orig));
+        let (local, remote) = self.ends(self.shown_local());
+        record.fields.remote_fqdn = self.names.fqdn(local.addr, remote.addr, now.mono_ns);
         record
     }
 
     /// An alert about this connection from `src` to `dst`.
     pub fn alert(&self, now: Now, note: Note, msg: String, src: IpAddr, dst: IpAddr) -> Alert {
         let key = format!("{src}>{dst}:{}/{}", self.resp.port, self.proto());
-        Alert::for_conn(now.epoch, note, msg, src, dst, self.record(), key)
+        Alert::for_conn(now.epoch, note, msg, src, dst, self.record(now), key)
     }
 }

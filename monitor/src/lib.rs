@@ -28,6 +28,7 @@ pub mod poller;
 pub mod private;
 pub mod privileges;
 pub mod proto;
+pub mod records;
 pub mod resolve;
 pub mod rules;
 pub mod run;

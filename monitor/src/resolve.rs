@@ -48,6 +48,12 @@ impl<'a> Names<'a> {
         self.passive
             .is_some_and(|p| p.client_resolved(client, addr, matches))
     }
+
+    /// The name `local` resolved for `remote`, else anyone's name for it, unexpired at
+    /// kernel time `now_ns`.
+    pub fn fqdn(&self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
+        self.passive.and_then(|p| p.name(local, remote, now_ns))
+    }
 }
 
 /// How often names are looked up again.

@@ -37,7 +37,9 @@ use crate::{
     nat::Nat,
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
-    privileges, resolve,
+    privileges,
+    records::ConnRecords,
+    resolve,
     resolve::{HostAddrs, Names},
     rules::{self, Rule, RuleSet},
     state::{Saved, StateDir},
@@ -70,7 +72,6 @@ struct Pipeline {
     consumers: Consumers,
     suppressor: Suppressor,
     sinks: Vec<Dispatcher>,
-    conn_log: Option<JsonLines>,
     conn_long_log: Option<JsonLines>,
     /// New connections the kernel could not count because the map was full, as last seen.
     map_full: u64,
@@ -400,10 +401,7 @@ impl Pipeline {
         if !unparsed.is_empty() {
             info!("packets not parsed: {}", unparsed.join(" "));
         }
-        for log in [&mut self.conn_log, &mut self.conn_long_log]
-            .into_iter()
-            .flatten()
-        {
+        for log in self.logs() {
             log.close();
         }
         // All sinks drain at once: two that are down cost one wait, not two.
@@ -433,12 +431,6 @@ impl Pipeline {
         let ctx = poll.conn(conn);
         for consumer in self.consumers.each() {
             consumer.finish(&ctx, now, reason);
-        }
-        if let Some(log) = &mut self.conn_log {
-            let mut record = ctx.record();
-            let (local, remote) = record.fields.local_remote();
-            record.fields.remote_fqdn = self.dns.fqdn(local, remote, now.mono_ns);
-            log.write(&record);
         }
     }
 
@@ -478,13 +470,17 @@ impl Pipeline {
         );
     }
 
-    /// Passive DNS's name for the remote endpoint: in the connection fields, else beside
-    /// `dst`.
+    /// The connection logs that are open.
+    fn logs(&mut self) -> impl Iterator<Item = &mut JsonLines> {
+        let conn = self.consumers.conn_log.as_mut().map(|c| &mut c.log);
+        conn.into_iter().chain(self.conn_long_log.as_mut())
+    }
+
+    /// Passive DNS's name for the remote endpoint of an alert about no one connection
+    /// (a connection's record names its own), beside `dst`.
     fn name_remote(&mut self, alert: &mut Alert, now: Now) {
-        if let Some(fields) = &mut alert.conn {
-            let (local, remote) = fields.local_remote();
-            fields.remote_fqdn = self.dns.fqdn(local, remote, now.mono_ns);
-        } else if let Some(dst) = alert.dst
+        if alert.conn.is_none()
+            && let Some(dst) = alert.dst
             && let Some(name) = self.dns.fqdn(alert.src, dst, now.mono_ns)
         {
             alert.figures.insert("remote_fqdn".into(), name.into());
@@ -492,16 +488,14 @@ impl Pipeline {
     }
 
     fn flush(&mut self) {
-        for log in [&mut self.conn_log, &mut self.conn_long_log]
-            .into_iter()
-            .flatten()
-        {
+        for log in self.logs() {
             log.flush_or_count();
         }
-        let stats = |log: &Option<JsonLines>| log.as_ref().map(JsonLines::stats);
+        let conn = self.consumers.conn_log.as_ref().map(|c| c.log.stats());
+        let conn_long = self.conn_long_log.as_ref().map(JsonLines::stats);
         self.consumers.metrics.logs([
-            ("conn", stats(&self.conn_log)),
-            ("conn_long", stats(&self.conn_long_log)),
+            ("conn", conn),
+            ("conn_long", conn_long),
             ("dns", self.dns.log_stats()),
         ]);
     }
@@ -546,13 +540,15 @@ struct Consumers {
     top: top::Tracker,
     /// One per --ipfix-collector.
     exporters: Vec<IpfixExporter>,
+    conn_log: Option<ConnRecords>,
 }
 
 impl Consumers {
     fn each(&mut self) -> impl Iterator<Item = &mut dyn Consumer> {
         let fixed: [&mut dyn Consumer; 3] = [&mut self.rules, &mut self.metrics, &mut self.top];
         let exporters = self.exporters.iter_mut().map(|e| e as &mut dyn Consumer);
-        fixed.into_iter().chain(exporters)
+        let conn_log = self.conn_log.iter_mut().map(|c| c as &mut dyn Consumer);
+        fixed.into_iter().chain(exporters).chain(conn_log)
     }
 
     fn update(&mut self, conn: &ConnCtx, now: Now) {
@@ -776,12 +772,12 @@ impl Pipeline {
                 metrics: parts.metrics,
                 top: parts.top,
                 exporters: exporters(args, collectors, clock)?,
+                conn_log: conn_log.map(|log| ConnRecords { log }),
             },
             suppressor: Suppressor::new(args.suppress),
             sinks: (sinks.into_iter())
                 .map(|sink| Dispatcher::spawn(sink, SINK_QUEUE))
                 .collect(),
-            conn_log,
             conn_long_log,
             map_full: 0,
             capacity: args.flow_map_size,

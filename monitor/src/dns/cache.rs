@@ -75,15 +75,16 @@ impl PassiveDns {
         }
     }
 
-    /// The name `local` resolved for `remote`, else the name anyone resolved for it.
-    pub fn name(&mut self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
-        if let Some(e) = self.by_pair.get(&(local, remote))
+    /// The name `local` resolved for `remote`, else the name anyone resolved for it. A
+    /// peek: which entries the bound keeps follows the answers, not the lookups.
+    pub fn name(&self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
+        if let Some(e) = self.by_pair.peek(&(local, remote))
             && e.expires_ns > now_ns
         {
             return Some(e.name.clone());
         }
         self.by_addr
-            .get(&remote)
+            .peek(&remote)
             .filter(|e| e.expires_ns > now_ns)
             .map(|e| e.name.clone())
     }

@@ -221,7 +221,7 @@ impl Dns {
     }
 
     /// The name `local` resolved for `remote` (else anyone's name for it).
-    pub fn fqdn(&mut self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
+    pub fn fqdn(&self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
         self.cache.name(local, remote, now_ns)
     }
 

@@ -50,17 +50,6 @@ pub struct ConnFields {
     pub nat: Option<NatFields>,
 }
 
-impl ConnFields {
-    /// (local, remote) where exactly one side is local; else (orig, resp).
-    pub fn local_remote(&self) -> (IpAddr, IpAddr) {
-        if self.local_resp && !self.local_orig {
-            (self.resp_h, self.orig_h)
-        } else {
-            (self.orig_h, self.resp_h)
-        }
-    }
-}
-
 impl ConnRecord {
     pub fn new(view: &View, clock: &Clock) -> Self {
         let (conn, orig, resp) = (view.conn, view.orig, view.resp);
