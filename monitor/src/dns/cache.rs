@@ -89,8 +89,10 @@ impl PassiveDns {
             .map(|e| e.name.clone())
     }
 
-    /// Whether `client` itself resolved a name to `addr` that `matches` accepts (expired
-    /// answers too: a CDN address stays allowed while the client keeps using it).
+    /// Whether `client` itself resolved a name to `addr` that `matches` accepts. Expired
+    /// answers count until the next poll's prune drops them; every answer is kept at
+    /// least `--dns-min-ttl`, which is what lets a CDN address stay allowed after a short
+    /// TTL.
     pub fn client_resolved(
         &self,
         client: IpAddr,
