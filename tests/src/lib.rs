@@ -19,6 +19,7 @@ pub mod peers;
 pub mod pmacct;
 pub mod postgres;
 pub mod procfs;
+pub mod prometheus;
 pub mod replay;
 pub mod rules_lab;
 pub mod traffic;
