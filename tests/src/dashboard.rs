@@ -77,3 +77,39 @@ pub fn fill(expr: &str, vars: &[(&str, &str)]) -> String {
     );
     out
 }
+
+/// A template variable whose values Grafana reads from Prometheus:
+/// `label_values(selector, label)`.
+#[derive(Clone, Debug)]
+pub struct Variable {
+    pub name: String,
+    pub selector: String,
+    pub label: String,
+}
+
+/// The dashboard's variables of type `query`. Panics on one that is not `label_values`
+/// of a selector and a label.
+pub fn variables(dashboard: &Value) -> Vec<Variable> {
+    let list = dashboard["templating"]["list"].as_array();
+    list.map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            let definition = v["definition"].as_str().unwrap_or_default();
+            let (selector, label) = definition
+                .strip_prefix("label_values(")
+                .and_then(|rest| rest.strip_suffix(')'))
+                .and_then(|args| args.rsplit_once(','))
+                .unwrap_or_else(|| {
+                    panic!("variable {name}: {definition:?} is not label_values(selector, label)")
+                });
+            Variable {
+                name,
+                selector: selector.trim().to_owned(),
+                label: label.trim().to_owned(),
+            }
+        })
+        .collect()
+}

@@ -1,10 +1,11 @@
 //! The Grafana dashboard (`deploy/grafana/egress-monitor.json`) proved the way it is used:
 //! Debian's Prometheus scrapes the agent in the lab while traffic, DNS, alerts (one sent,
 //! one suppressed), IPFIX export and two alert sinks happen, then every panel's PromQL,
-//! read out of the JSON with its template variables filled in, goes through Prometheus's
-//! query API. Each must return data: a non-empty result vector, at least one series. A
-//! rate of a counter that did not move is a series with value 0, which is data: it shows
-//! the agent exports the metric under the labels the panel selects.
+//! read out of the JSON with its template variables filled in (`job` and `instance` with
+//! the lab's values, which those variables' `label_values` must offer), goes through
+//! Prometheus's query API. Each must return data: a non-empty result vector, at least one
+//! series. A rate of a counter that did not move is a series with value 0, which is data:
+//! it shows the agent exports the metric under the labels the panel selects.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -118,7 +119,28 @@ fn every_panel_returns_data() {
         ("__rate_interval", RATE_INTERVAL),
         ("__interval", INTERVAL),
     ];
-    let queries = dashboard::queries(&dashboard::load());
+    let dashboard = dashboard::load();
+    // The values the test fills in are those Grafana offers for the lab's agent.
+    for var in dashboard::variables(&dashboard) {
+        let value = vars
+            .iter()
+            .find(|(name, _)| *name == var.name)
+            .unwrap_or_else(|| panic!("variable {} has no value in the test", var.name))
+            .1;
+        let selector = dashboard::fill(&var.selector, &vars);
+        eventually(
+            &format!("variable {} offers {value}", var.name),
+            PANEL_LIMIT,
+            || {
+                let series = prometheus.query(&selector)?;
+                series
+                    .iter()
+                    .any(|s| s["metric"][&var.label] == value)
+                    .then_some(())
+            },
+        );
+    }
+    let queries = dashboard::queries(&dashboard);
     assert!(!queries.is_empty(), "{} has no queries", dashboard::PATH);
     let mut empty: Vec<Query> = queries
         .into_iter()
