@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod dashboard;
 pub mod dns_lab;
 pub mod fleet;
 pub mod flood;
@@ -19,6 +20,7 @@ pub mod peers;
 pub mod pmacct;
 pub mod postgres;
 pub mod procfs;
+pub mod prometheus;
 pub mod replay;
 pub mod rules_lab;
 pub mod traffic;

@@ -8,6 +8,7 @@
 
 mod lab_alertmanager;
 mod lab_counts;
+mod lab_dashboard;
 mod lab_dns;
 mod lab_dns_tunnels;
 mod lab_fleet;

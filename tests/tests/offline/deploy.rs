@@ -1,7 +1,9 @@
 //! The deployment files under `deploy/`: the Prometheus alerting rules pass
 //! `promtool check rules` and their unit tests (`promtool test rules`), every alert has a
 //! firing and a quiet case there, and the systemd unit passes `systemd-analyze verify`
-//! without a warning and keeps a low `systemd-analyze security` exposure.
+//! without a warning and keeps a low `systemd-analyze security` exposure, and every
+//! selector of the Grafana dashboard's queries follows its `job` and `instance` variables
+//! (`tests/tests/labs/lab_dashboard.rs` runs the queries themselves).
 //!
 //! Needs `promtool` (Debian package `prometheus`) and `systemd-analyze` (package
 //! `systemd`); a missing tool fails the test, naming the package `cargo xtask setup` must
@@ -15,7 +17,7 @@ use std::{
     process::{Command, Output},
 };
 
-use tests::agent::Agent;
+use tests::{agent::Agent, dashboard};
 
 const RULES: &str = "deploy/prometheus/egress-monitor.rules.yml";
 const RULES_TEST: &str = "deploy/prometheus/egress-monitor.rules.test.yml";
@@ -52,6 +54,22 @@ fn describe(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Every selector (`{...}`) of every panel's query starts with the dashboard's `job` and
+/// `instance` variables, so that the dashboard's choice of agents applies to all panels.
+#[test]
+fn dashboard_queries_follow_job_and_instance() {
+    const SELECTOR: &str = r#"{job=~"$job", instance=~"$instance""#;
+    for query in dashboard::queries(&dashboard::load()) {
+        let selectors = query.expr.matches('{').count();
+        assert!(
+            selectors > 0 && query.expr.matches(SELECTOR).count() == selectors,
+            "panel {:?}: every selector must start with {SELECTOR}: {}",
+            query.panel,
+            query.expr
+        );
+    }
 }
 
 fn promtool(args: &[&str]) -> Output {
