@@ -478,7 +478,7 @@ impl Pipeline {
 
     /// Passive DNS's name for the remote endpoint of an alert about no one connection
     /// (a connection's record names its own), beside `dst`.
-    fn name_remote(&mut self, alert: &mut Alert, now: Now) {
+    fn name_remote(&self, alert: &mut Alert, now: Now) {
         if alert.conn.is_none()
             && let Some(dst) = alert.dst
             && let Some(name) = self.dns.fqdn(alert.src, dst, now.mono_ns)

@@ -220,10 +220,11 @@ impl Conn {
         key_endpoints(&self.key)
     }
 
-    /// (originator, responder).
-    pub fn endpoints(&self) -> (Endpoint, Endpoint) {
+    /// (originator, responder), `orig_dir` being [`Self::orig_dir`] (which callers that
+    /// need it too compute once).
+    pub fn endpoints(&self, orig_dir: usize) -> (Endpoint, Endpoint) {
         let (a, b) = self.key_endpoints();
-        if self.orig_dir() == DIR_A_TO_B {
+        if orig_dir == DIR_A_TO_B {
             (a, b)
         } else {
             (b, a)

@@ -561,7 +561,7 @@ mod tests {
             dir(3, 10 * SEC, 12 * SEC, SYN | ACK, true),
             dir(2, 9 * SEC, 12 * SEC, SYN | ACK, false),
         );
-        let (orig, resp) = c.endpoints();
+        let (orig, resp) = c.endpoints(c.orig_dir());
         assert_eq!(orig.addr.to_string(), "198.18.1.2");
         assert_eq!(orig.port, 50_000);
         assert_eq!(resp.port, 443);
@@ -576,7 +576,7 @@ mod tests {
             dir(1, 5 * SEC, 5 * SEC, 0, false),
             dir(1, 4 * SEC, 4 * SEC, 0, false),
         );
-        assert_eq!(c.endpoints().0.port, 443);
+        assert_eq!(c.endpoints(c.orig_dir()).0.port, 443);
         let only_server = conn(IPPROTO_UDP, DirStats::default(), dir(1, SEC, SEC, 0, false));
         assert_eq!(only_server.orig_dir(), DIR_A_TO_B);
         assert_eq!(only_server.conn_state(), "S0");
@@ -619,7 +619,11 @@ mod tests {
             10 * SEC,
             "the answer's untimed packet is later"
         );
-        assert_eq!(conn.endpoints().0.port, 50_000, "the client stays orig");
+        assert_eq!(
+            conn.endpoints(conn.orig_dir()).0.port,
+            50_000,
+            "the client stays orig"
+        );
         assert!(!table.is_finished(conn, 13 * SEC));
     }
 
@@ -655,7 +659,7 @@ mod tests {
             dir(2, 2 * SEC, 3 * SEC, ACK, false),
             dir(2, SEC, 3 * SEC, SYN | ACK, false),
         );
-        assert_eq!(c.endpoints().0.port, 50_000);
+        assert_eq!(c.endpoints(c.orig_dir()).0.port, 50_000);
         assert!(c.missed_start());
     }
 

@@ -131,12 +131,13 @@ impl LocalNets {
 
     /// The connection's ends and which of them are local.
     pub fn view<'a>(&self, conn: &'a Conn) -> View<'a> {
-        let (orig, resp) = conn.endpoints();
+        let orig_dir = conn.orig_dir();
+        let (orig, resp) = conn.endpoints(orig_dir);
         View {
             conn,
             orig,
             resp,
-            orig_dir: conn.orig_dir(),
+            orig_dir,
             local_orig: self.contains(orig.addr),
             local_resp: self.contains(resp.addr),
         }
