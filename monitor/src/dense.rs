@@ -131,14 +131,37 @@ impl<T: Keyed> DenseMap<T> {
 
     /// Keeps the items for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&mut T) -> bool) {
-        let mut i = 0;
-        while i < self.items.len() {
-            if keep(&mut self.items[i]) {
-                i += 1;
-            } else {
-                // The last item moved to `i`: it is looked at next.
-                self.remove_at(i);
+        let gone: Vec<usize> = (self.items.iter_mut().enumerate())
+            .filter_map(|(i, item)| (!keep(item)).then_some(i))
+            .collect();
+        if gone.len() * 8 < self.items.len() {
+            // Last first: the item that takes a removed one's place is always kept.
+            for &position in gone.iter().rev() {
+                self.remove_at(position);
             }
+        } else if !gone.is_empty() {
+            // Many gone: the rest close ranks and are indexed afresh, cheaper than a
+            // lookup in the index for each item gone.
+            let mut gone = gone.into_iter().peekable();
+            let mut position = 0;
+            self.items.retain(|_| {
+                let kept = gone.next_if_eq(&position).is_none();
+                position += 1;
+                kept
+            });
+            self.reindex();
+        }
+    }
+
+    fn reindex(&mut self) {
+        let (items, index, hasher) = (&self.items, &mut self.index, &self.hasher);
+        index.clear();
+        for (position, item) in items.iter().enumerate() {
+            index.insert_unique(
+                hasher.hash_one(item.key()),
+                u32::try_from(position).expect("fewer than 2^32 items"),
+                |&i| hasher.hash_one(items[i as usize].key()),
+            );
         }
     }
 
@@ -224,9 +247,11 @@ mod tests {
                     *oracle.entry(key).or_insert(step) += 1;
                 }
                 _ if step % 1_000 == 0 => {
-                    let cut = next() % 3;
-                    dense.retain(|i| i.1 % 3 != cut);
-                    oracle.retain(|_, v| *v % 3 != cut);
+                    // A third of them gone, or a few.
+                    let every = if step % 2_000 == 0 { 3 } else { 50 };
+                    let cut = next() % every;
+                    dense.retain(|i| i.1 % every != cut);
+                    oracle.retain(|_, v| *v % every != cut);
                 }
                 _ => {}
             }

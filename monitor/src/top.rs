@@ -5,7 +5,7 @@
 //! and draws it.
 
 use std::{
-    cmp::Ordering,
+    cmp::{Ordering, Reverse},
     fmt::Write as _,
     io::{self, Write as _},
     net::SocketAddr,
@@ -14,13 +14,15 @@ use std::{
 };
 
 use anyhow::Context as _;
+use foldhash::HashSet;
+use monitor_common::flow::FlowKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
     clock::Now,
-    conntable::{Conn, ConnTable, Endpoint, LocalNets, Uid},
-    consumer::Consumer,
+    conntable::{Conn, ConnTable, LocalNets, Uid},
+    consumer::{ConnCtx, Consumer},
     proto,
     rules::human_bytes,
 };
@@ -62,19 +64,54 @@ pub struct Row {
 }
 
 /// The agent's side: ranks connections after each poll and publishes the top rows.
+///
+/// Only connections that moved since the last poll have a rate; the others rank by bytes
+/// alone. So a poll ranks the ones it handed over ([`Consumer::update`]) and the
+/// [`MAX_ROWS`] with the most bytes, which are kept from poll to poll: its work follows
+/// what changed, not the size of the table. The whole table is ranked again only when one
+/// of those kept leaves it (or before the first poll).
 pub struct Tracker {
     last_ns: u64,
     tx: watch::Sender<View>,
+    /// What the connections handed over since the last ranking showed.
+    handed: Handed,
+    /// The [`MAX_ROWS`] connections with the most bytes in the table, most first (all of
+    /// them when it holds fewer); `None` when to be found again from the whole table.
+    most_bytes: Option<Vec<ByBytes>>,
 }
 
-/// One ranked connection, before it becomes a [`Row`].
-struct Candidate<'a> {
-    conn: &'a Conn,
-    rank: Rank,
-    local: Endpoint,
-    remote: Endpoint,
-    bytes: [u64; 2],
-    rate: [f64; 2],
+/// What the connections handed over since the last ranking showed.
+#[derive(Clone, Default)]
+struct Handed {
+    count: usize,
+    /// Those that moved, by rank; the busiest [`MAX_ROWS`] of them are among these.
+    moved: Busiest,
+    /// Those that may take a place among the ones with the most bytes (at most the
+    /// [`MAX_ROWS`] with the most, once more were handed over).
+    entrants: Vec<ByBytes>,
+}
+
+/// A connection's place by bytes alone: what ranks connections with no rate.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ByBytes {
+    bytes: Reverse<u64>,
+    uid: Uid,
+    key: FlowKey,
+}
+
+impl ByBytes {
+    fn of(conn: &Conn) -> Self {
+        Self {
+            bytes: Reverse(conn.dir(0).bytes + conn.dir(1).bytes),
+            uid: conn.uid,
+            key: conn.key,
+        }
+    }
+}
+
+/// Whether `conn` carried anything since the observation before its latest.
+fn moved(conn: &Conn) -> bool {
+    [0, 1].iter().any(|&d| conn.delta(d).bytes > 0)
 }
 
 /// What connections are ranked by: the busier first, then the one with more bytes, then
@@ -87,6 +124,15 @@ struct Rank {
 }
 
 impl Rank {
+    /// `conn`'s, over the `secs` since the last poll.
+    fn of(conn: &Conn, secs: f64) -> Self {
+        Self {
+            rate: rates(conn, secs).iter().sum(),
+            bytes: conn.dir(0).bytes + conn.dir(1).bytes,
+            uid: conn.uid,
+        }
+    }
+
     fn busier(&self, other: &Self) -> Ordering {
         other
             .rate
@@ -96,9 +142,49 @@ impl Rank {
     }
 }
 
-impl Candidate<'_> {
-    fn busier(&self, other: &Self) -> Ordering {
-        self.rank.busier(&other.rank)
+/// Payload bytes per second in each key direction over the `secs` since the last poll.
+fn rates(conn: &Conn, secs: f64) -> [f64; 2] {
+    [0, 1].map(|dir| {
+        if secs > 0.0 {
+            conn.delta(dir).bytes as f64 / secs
+        } else {
+            0.0
+        }
+    })
+}
+
+/// The busiest [`MAX_ROWS`] of the connections offered.
+#[derive(Clone, Default)]
+struct Busiest {
+    /// Bounded: whenever it fills, only the busiest MAX_ROWS stay, and a connection that
+    /// would rank below the last of them is passed over at once.
+    kept: Vec<(Rank, FlowKey)>,
+    floor: Option<Rank>,
+}
+
+impl Busiest {
+    fn offer(&mut self, rank: Rank, key: FlowKey) {
+        if self
+            .floor
+            .is_some_and(|f| rank.busier(&f) != Ordering::Less)
+        {
+            return;
+        }
+        self.kept.push((rank, key));
+        if self.kept.len() >= 2 * MAX_ROWS {
+            self.keep_busiest();
+            self.floor = self.kept.last().map(|(rank, _)| *rank);
+        }
+    }
+
+    /// Sorts the busiest [`MAX_ROWS`] first and drops the rest.
+    fn keep_busiest(&mut self) {
+        let busier = |a: &(Rank, FlowKey), b: &(Rank, FlowKey)| a.0.busier(&b.0);
+        if self.kept.len() > MAX_ROWS {
+            self.kept.select_nth_unstable_by(MAX_ROWS - 1, busier);
+            self.kept.truncate(MAX_ROWS);
+        }
+        self.kept.sort_unstable_by(busier);
     }
 }
 
@@ -109,6 +195,8 @@ impl Tracker {
         Self {
             last_ns: start_ns,
             tx: watch::Sender::new(View::default()),
+            handed: Handed::default(),
+            most_bytes: None,
         }
     }
 
@@ -116,64 +204,47 @@ impl Tracker {
         self.tx.subscribe()
     }
 
-    /// Ranks the table's connections as of `now` and publishes the busiest.
-    pub fn update(&mut self, table: &ConnTable, local: &LocalNets, now: Now) {
-        let secs = Duration::from_nanos(now.mono_ns.saturating_sub(self.last_ns)).as_secs_f64();
-        // Bounded: whenever it fills, only the busiest MAX_ROWS stay, and a connection
-        // that would rank below the last of them is passed over at once.
-        let mut busiest: Vec<Candidate> = Vec::with_capacity(2 * MAX_ROWS);
-        let mut floor: Option<Rank> = None;
-        for conn in table.iter() {
-            let rate = |dir: usize| {
-                if secs > 0.0 {
-                    conn.delta(dir).bytes as f64 / secs
-                } else {
-                    0.0
-                }
-            };
-            let now_bytes = [0, 1].map(|d| conn.dir(d).bytes);
-            let rank = Rank {
-                rate: rate(0) + rate(1),
-                bytes: now_bytes[0] + now_bytes[1],
-                uid: conn.uid,
-            };
-            if floor.is_some_and(|f| rank.busier(&f) != Ordering::Less) {
-                continue;
-            }
-            let view = local.view(conn);
-            // "out" is what the local side sends; orig's when both or neither are local.
-            let side = view.shown_local();
-            let (local_ep, remote_ep) = view.ends(side);
-            let out_dir = view.dir_of(side);
-            busiest.push(Candidate {
-                conn,
-                rank,
-                local: local_ep,
-                remote: remote_ep,
-                bytes: [now_bytes[out_dir], now_bytes[1 - out_dir]],
-                rate: [rate(out_dir), rate(1 - out_dir)],
-            });
-            if busiest.len() == busiest.capacity() {
-                keep_busiest(&mut busiest);
-                floor = busiest.last().map(|c| c.rank);
+    fn secs_to(&self, now: Now) -> f64 {
+        Duration::from_nanos(now.mono_ns.saturating_sub(self.last_ns)).as_secs_f64()
+    }
+
+    /// A connection handed over since the last ranking, as of `now`.
+    fn handed(&mut self, conn: &Conn, now: Now) {
+        let secs = self.secs_to(now);
+        let handed = &mut self.handed;
+        handed.count += 1;
+        if moved(conn) {
+            handed.moved.offer(Rank::of(conn, secs), conn.key);
+        }
+        let entrant = ByBytes::of(conn);
+        let last = self
+            .most_bytes
+            .as_ref()
+            .and_then(|most| (most.len() == MAX_ROWS).then(|| most.last()).flatten());
+        if last.is_none_or(|last| entrant < *last) {
+            handed.entrants.push(entrant);
+            if handed.entrants.len() >= 2 * MAX_ROWS {
+                keep_most(&mut handed.entrants);
             }
         }
-        keep_busiest(&mut busiest);
+    }
+
+    /// Ranks the table's connections as of `now` and publishes the busiest.
+    pub fn update(&mut self, table: &ConnTable, local: &LocalNets, now: Now) {
+        let secs = self.secs_to(now);
+        let handed = std::mem::take(&mut self.handed);
+        let ranked = (self.most_bytes.take())
+            .filter(|_| handed.count < table.len())
+            .and_then(|most| rank_handed(handed, most, table, secs));
+        let (busiest, most) = match ranked {
+            Some(ranked) => ranked,
+            None => rank_all(table, secs),
+        };
+        self.most_bytes = Some(most);
         self.last_ns = now.mono_ns;
         let connections = busiest
             .iter()
-            .map(|c| Row {
-                uid: c.conn.uid.to_string(),
-                proto: proto::name(c.conn.key.proto).into_owned(),
-                local: SocketAddr::new(c.local.addr, c.local.port),
-                remote: SocketAddr::new(c.remote.addr, c.remote.port),
-                bytes_out: c.bytes[0],
-                bytes_in: c.bytes[1],
-                rate_out: c.rate[0],
-                rate_in: c.rate[1],
-                age: Duration::from_nanos(now.mono_ns.saturating_sub(c.conn.first_ns()))
-                    .as_secs_f64(),
-            })
+            .map(|conn| row(conn, local, secs, now))
             .collect();
         self.tx.send_replace(View {
             ts: now.epoch,
@@ -183,20 +254,104 @@ impl Tracker {
     }
 }
 
-/// Ranks after every poll, over all open connections.
-impl Consumer for Tracker {
-    fn end_poll(&mut self, open: &ConnTable, local: &LocalNets, now: Now) {
-        self.update(open, local, now);
+/// The busiest connections of the whole table, and those with the most bytes.
+fn rank_all(table: &ConnTable, secs: f64) -> (Vec<&Conn>, Vec<ByBytes>) {
+    let mut busiest = Busiest::default();
+    let mut most = Vec::with_capacity(2 * MAX_ROWS);
+    for conn in table.iter() {
+        busiest.offer(Rank::of(conn, secs), conn.key);
+        most.push(ByBytes::of(conn));
+        if most.len() == most.capacity() {
+            keep_most(&mut most);
+        }
+    }
+    keep_most(&mut most);
+    busiest.keep_busiest();
+    let busiest = (busiest.kept.iter())
+        .map(|(_, key)| table.get(key).expect("a connection of the table"))
+        .collect();
+    (busiest, most)
+}
+
+/// The busiest connections from those handed over and those with the most bytes at the
+/// last ranking (`most`), and those with the most bytes now. `None` when that is not
+/// enough to know: one of `most` left the table (another, not handed over, may take its
+/// place) or has fewer bytes than before, or one ranked among the busiest left the
+/// table after it was handed over. (One that left and ranks below the busiest changes
+/// nothing: those above it are what the busiest are.)
+fn rank_handed(
+    handed: Handed,
+    mut most: Vec<ByBytes>,
+    table: &ConnTable,
+    secs: f64,
+) -> Option<(Vec<&Conn>, Vec<ByBytes>)> {
+    let Handed {
+        mut moved,
+        entrants,
+        ..
+    } = handed;
+    for kept in &mut most {
+        let conn = table.get(&kept.key).filter(|c| c.uid == kept.uid)?;
+        let now = ByBytes::of(conn);
+        if now.bytes > kept.bytes {
+            return None;
+        }
+        *kept = now;
+    }
+    let mut kept: HashSet<Uid> = most.iter().map(|m| m.uid).collect();
+    most.extend((entrants.into_iter()).filter(|m| kept.insert(m.uid)));
+    keep_most(&mut most);
+    let offered: HashSet<Uid> = moved.kept.iter().map(|(rank, _)| rank.uid).collect();
+    for m in most.iter().filter(|m| !offered.contains(&m.uid)) {
+        let conn = table.get(&m.key).filter(|c| c.uid == m.uid)?;
+        moved.offer(Rank::of(conn, secs), conn.key);
+    }
+    moved.keep_busiest();
+    let busiest = (moved.kept.iter())
+        .map(|(rank, key)| table.get(key).filter(|c| c.uid == rank.uid))
+        .collect::<Option<Vec<&Conn>>>()?;
+    Some((busiest, most))
+}
+
+/// Sorts the [`MAX_ROWS`] with the most bytes first and drops the rest.
+fn keep_most(most: &mut Vec<ByBytes>) {
+    if most.len() > MAX_ROWS {
+        most.select_nth_unstable(MAX_ROWS - 1);
+        most.truncate(MAX_ROWS);
+    }
+    most.sort_unstable();
+}
+
+fn row(conn: &Conn, local: &LocalNets, secs: f64, now: Now) -> Row {
+    let view = local.view(conn);
+    // "out" is what the local side sends; orig's when both or neither are local.
+    let side = view.shown_local();
+    let (local_ep, remote_ep) = view.ends(side);
+    let out = view.dir_of(side);
+    let bytes = [0, 1].map(|d| conn.dir(d).bytes);
+    let rate = rates(conn, secs);
+    Row {
+        uid: conn.uid.to_string(),
+        proto: proto::name(conn.key.proto).into_owned(),
+        local: SocketAddr::new(local_ep.addr, local_ep.port),
+        remote: SocketAddr::new(remote_ep.addr, remote_ep.port),
+        bytes_out: bytes[out],
+        bytes_in: bytes[1 - out],
+        rate_out: rate[out],
+        rate_in: rate[1 - out],
+        age: Duration::from_nanos(now.mono_ns.saturating_sub(conn.first_ns())).as_secs_f64(),
     }
 }
 
-/// Sorts the busiest [`MAX_ROWS`] first and drops the rest.
-fn keep_busiest(candidates: &mut Vec<Candidate>) {
-    if candidates.len() > MAX_ROWS {
-        candidates.select_nth_unstable_by(MAX_ROWS - 1, Candidate::busier);
-        candidates.truncate(MAX_ROWS);
+/// Ranks after every poll: the connections handed over, and those with the most bytes.
+impl Consumer for Tracker {
+    fn update(&mut self, conn: &ConnCtx, now: Now) {
+        self.handed(conn.conn, now);
     }
-    candidates.sort_unstable_by(Candidate::busier);
+
+    fn end_poll(&mut self, open: &ConnTable, local: &LocalNets, now: Now) {
+        self.update(open, local, now);
+    }
 }
 
 /// What `monitor top` is asked for.
@@ -368,6 +523,8 @@ pub fn human_age(secs: f64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::{
         conntable::Uids,
@@ -458,6 +615,94 @@ mod tests {
         let expected: Vec<u16> = (0..MAX_ROWS as u16).map(|i| 10_299 - i).collect();
         let got: Vec<u16> = view.connections.iter().map(|r| r.local.port()).collect();
         assert_eq!(got, expected);
+    }
+
+    /// Polls that hand over only what moved, with connections growing, leaving and
+    /// arriving, rank exactly as a ranking of the whole table does.
+    #[test]
+    fn ranking_what_moved_agrees_with_ranking_everything() {
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+        let mut tracker = Tracker::new(0);
+        let view = tracker.subscribe();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |below: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % below
+        };
+        let spec = |port: u16, out: u64, back: u64| ConnSpec {
+            orig: ("198.18.1.2", port),
+            orig_bytes: out,
+            resp_bytes: back,
+            ..ConnSpec::timed()
+        };
+        let mut bytes: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
+        let mut next_port = 1u16;
+        // More move in a poll than the ranking keeps while it goes.
+        let mut ranked_what_moved = 0;
+        for poll in 1..=60u64 {
+            // The ones leaving are, now and then, among those with the most bytes.
+            let leaving: Vec<u16> = bytes.keys().copied().filter(|_| next(600) == 0).collect();
+            for port in &leaving {
+                let (out, back) = bytes.remove(port).unwrap();
+                table.remove(&spec(*port, out, back).conn().key).unwrap();
+            }
+            let mut moved = Vec::new();
+            let arriving = if poll == 1 {
+                6 * MAX_ROWS
+            } else {
+                next(20) as usize
+            };
+            for _ in 0..arriving {
+                bytes.insert(next_port, (next(50_000), next(50_000)));
+                moved.push(next_port);
+                next_port += 1;
+            }
+            for (&port, sent) in bytes.iter_mut() {
+                if next(2) == 0 {
+                    sent.0 += next(40_000);
+                    sent.1 += next(2) * next(40_000);
+                    moved.push(port);
+                }
+            }
+            moved.sort_unstable();
+            moved.dedup();
+            let snaps: Vec<_> = moved
+                .iter()
+                .map(|port| {
+                    let (out, back) = bytes[port];
+                    spec(*port, out, back).conn().snap()
+                })
+                .collect();
+            table
+                .observe_changed(|observe| {
+                    snaps.iter().for_each(|s| observe(*s));
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+            let now = at(poll as f64);
+            for snap in &snaps {
+                tracker.handed(table.get(&snap.key).unwrap(), now);
+            }
+            // Now and then one handed over finishes in the same poll (a long poll
+            // interval), after it was ranked.
+            if next(3) == 0 {
+                let port = moved[next(moved.len() as u64) as usize];
+                let (out, back) = bytes.remove(&port).unwrap();
+                table.remove(&spec(port, out, back).conn().key).unwrap();
+            }
+            ranked_what_moved += usize::from(
+                (tracker.most_bytes.clone())
+                    .and_then(|most| rank_handed(tracker.handed.clone(), most, &table, 1.0))
+                    .is_some(),
+            );
+            let mut whole = Tracker::new(tracker.last_ns);
+            tracker.update(&table, &local(), now);
+            whole.update(&table, &local(), now);
+            assert!(*view.borrow() == *whole.subscribe().borrow(), "poll {poll}");
+        }
+        assert!(ranked_what_moved > 30, "{ranked_what_moved} of 60 polls");
     }
 
     #[test]
