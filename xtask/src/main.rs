@@ -44,6 +44,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     // systemd-analyze verifies the unit in deploy/.
     "systemd",
+    // The Debian package's test rotates a log with its logrotate snippet.
+    "logrotate",
     // nfcapd and nfdump: a real IPFIX collector for the export tests.
     "nfdump",
     // pmacct's nfacctd, a second real IPFIX collector, and PostgreSQL for the fleet test

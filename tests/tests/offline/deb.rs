@@ -5,7 +5,7 @@
 //! and the environment cleared. The machine itself is never touched.
 //!
 //! Needs root (mounts, chroot), `unshare` and `dpkg-deb` (Debian packages `util-linux`
-//! and `dpkg`, always present) and `systemd-analyze` (package `systemd`).
+//! and `dpkg`, always present), `systemd-analyze` (package `systemd`) and `logrotate`.
 
 use std::{env, fs, path::PathBuf, process::Command};
 
@@ -49,8 +49,8 @@ const CONFFILES: &str = "/etc/default/egress-monitor\n/etc/logrotate.d/egress-mo
 
 const UNIT: &str = "/usr/lib/systemd/system/egress-monitor.service";
 
-/// What the package leaves after its purge besides nothing: the package's own paths,
-/// dpkg's records of it and deb-systemd-helper's state.
+/// Paths the purge must remove: the package's own, dpkg's records of it and
+/// deb-systemd-helper's state.
 const GONE_AFTER_PURGE: &[&str] = &[
     "/usr/bin/monitor",
     UNIT,
@@ -114,6 +114,12 @@ step toolchain sh -c '
         if [ -d "$path" ]; then ls -A "$path"; elif [ -f "$path" ]; then echo "$path"; fi
     done </tmp/out/hidden'
 step help monitor --help
+step logrotate sh -c '
+    set -e
+    echo "{}" >/var/log/egress-monitor/conn.log
+    logrotate --force --state /tmp/logrotate.state /etc/logrotate.d/egress-monitor
+    ls /var/log/egress-monitor
+    rm /var/log/egress-monitor/*'
 step verify systemd-analyze verify /usr/lib/systemd/system/egress-monitor.service
 step purge dpkg --purge egress-monitor
 step purged dpkg -s egress-monitor
@@ -289,6 +295,12 @@ fn package_installs_runs_and_purges_without_rust() {
         "Rust's toolchain is still visible in the throwaway root (hidden: {hidden:?})"
     );
     assert!(ok("help", "monitor --help without Rust").contains("run"));
+    // The postrotate's reload finds no systemd here and is ignored, as the snippet says.
+    assert_eq!(
+        ok("logrotate", "logrotate --force with the package's snippet"),
+        "conn.log.1\n",
+        "a rotation moves conn.log aside (compressed only at the next one)"
+    );
     let verify = ok("verify", "systemd-analyze verify on the installed unit");
     let about_unit: Vec<&str> = verify
         .lines()
