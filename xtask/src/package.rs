@@ -59,6 +59,11 @@ const FILES: &[(&str, &str, u32)] = &[
     ),
 ];
 
+/// The package's changelog (Debian's format), checked to begin with this version and
+/// installed compressed.
+const CHANGELOG: &str = "deploy/debian/changelog";
+const CHANGELOG_GZ: &str = "usr/share/doc/egress-monitor/changelog.gz";
+
 /// The logs' directory: the agent's connection log names every host and peer.
 const LOG_DIR: &str = "var/log/egress-monitor";
 const LOG_DIR_MODE: u32 = 0o750;
@@ -74,14 +79,16 @@ Priority: optional
 Maintainer: egress-monitor developers <dev@egress-monitor.invalid>
 Recommends: logrotate
 Description: eBPF egress monitor for Linux gateways
- Kernel programs (TC, XDP) count the packets and bytes of every connection leaving the
- network; the agent assembles them into connections, raises exfiltration alerts (large
- uploads, upload ratio, restricted hosts, slow leaks, long connections, DNS tunnels)
- and writes connection logs, alerts and Prometheus metrics.
+ Kernel programs (TC, XDP) count the packets and bytes of every connection
+ leaving the network; the agent assembles them into connections, raises
+ exfiltration alerts (large uploads, upload ratio, restricted hosts, slow
+ leaks, long connections, DNS tunnels) and writes connection logs, alerts
+ and Prometheus metrics.
  .
- The service is installed disabled: set the flags in /etc/default/egress-monitor, then
- `systemctl enable --now egress-monitor`. Prometheus alerting rules and a Grafana
- dashboard are in /usr/share/egress-monitor.
+ The service is installed disabled: set the flags in
+ /etc/default/egress-monitor, then `systemctl enable --now egress-monitor`.
+ Prometheus alerting rules and a Grafana dashboard are in
+ /usr/share/egress-monitor.
 ";
 const STATIC_DEPENDS: &str = "systemd | systemd-standalone-sysusers | systemd-sysusers";
 
@@ -102,11 +109,14 @@ pub fn build(root: &Path, binary: &Path, out_dir: &Path) -> anyhow::Result<PathB
     let mut files: Vec<&str> = vec![BINARY];
     make_dirs(&tree, parent(BINARY))?;
     copy(binary, &tree.join(BINARY), 0o755)?;
-    // Debug information only: the symbols stay, so that a panic's backtrace names
-    // functions.
+    // As Debian's dh_strip does. A panic still says where (file and line are data).
     check(
         Command::new("strip")
-            .arg("--strip-debug")
+            .args([
+                "--remove-section=.comment",
+                "--remove-section=.note",
+                "--strip-unneeded",
+            ])
             .arg(tree.join(BINARY)),
         "strip",
     )?;
@@ -115,6 +125,22 @@ pub fn build(root: &Path, binary: &Path, out_dir: &Path) -> anyhow::Result<PathB
         copy(&root.join(source), &tree.join(dest), mode)?;
         files.push(dest);
     }
+    let changelog =
+        fs::read_to_string(root.join(CHANGELOG)).with_context(|| format!("reading {CHANGELOG}"))?;
+    if !changelog.starts_with(&format!("{NAME} ({VERSION}) ")) {
+        bail!("{CHANGELOG} must begin with an entry for {NAME} {VERSION}");
+    }
+    make_dirs(&tree, parent(CHANGELOG_GZ))?;
+    let gz = fs::File::create(tree.join(CHANGELOG_GZ))?;
+    check(
+        Command::new("gzip")
+            .args(["-9", "--no-name", "--stdout"])
+            .arg(root.join(CHANGELOG))
+            .stdout(gz),
+        "gzip",
+    )?;
+    set_mode(&tree.join(CHANGELOG_GZ), 0o644)?;
+    files.push(CHANGELOG_GZ);
     make_dirs(&tree, Path::new(LOG_DIR))?;
     set_mode(&tree.join(LOG_DIR), LOG_DIR_MODE)?;
 

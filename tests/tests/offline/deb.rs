@@ -35,6 +35,7 @@ drwxr-xr-x ./usr/lib/sysusers.d/
 drwxr-xr-x ./usr/share/
 drwxr-xr-x ./usr/share/doc/
 drwxr-xr-x ./usr/share/doc/egress-monitor/
+-rw-r--r-- ./usr/share/doc/egress-monitor/changelog.gz
 -rw-r--r-- ./usr/share/doc/egress-monitor/copyright
 drwxr-xr-x ./usr/share/egress-monitor/
 -rw-r--r-- ./usr/share/egress-monitor/egress-monitor.json
