@@ -2,7 +2,8 @@
 //! path that packages the release build), its files and modes are exactly the expected
 //! ones, and it installs, runs and purges in a throwaway root: a private mount namespace
 //! where an overlay on `/` with a tmpfs on top takes every write, Rust's toolchain hidden
-//! and the environment cleared. The machine itself is never touched.
+//! and the environment cleared; the purge must also undo an admin's `systemctl enable`.
+//! The machine itself is never touched.
 //!
 //! Needs root (mounts, chroot), `unshare` and `dpkg-deb` (Debian packages `util-linux`
 //! and `dpkg`, always present), `systemd-analyze` (package `systemd`) and `logrotate`.
@@ -64,6 +65,8 @@ const GONE_AFTER_PURGE: &[&str] = &[
     "/var/lib/dpkg/info/egress-monitor.list",
     "/var/lib/dpkg/info/egress-monitor.postinst",
     "/var/lib/systemd/deb-systemd-helper-enabled/egress-monitor.service.dsh-also",
+    // An admin's `systemctl enable` (the test makes one).
+    "/etc/systemd/system/multi-user.target.wants/egress-monitor.service",
 ];
 
 /// Outside the chroot: an overlay of `/` whose writes go to a tmpfs, with its own /proc,
@@ -122,6 +125,7 @@ step logrotate sh -c '
     ls /var/log/egress-monitor
     rm /var/log/egress-monitor/*'
 step verify systemd-analyze verify /usr/lib/systemd/system/egress-monitor.service
+step enable systemctl enable egress-monitor.service
 step purge dpkg --purge egress-monitor
 step purged dpkg -s egress-monitor
 step leftovers sh -c 'while read -r path; do ls -d "$path" 2>/dev/null || true; done </tmp/out/gone'
@@ -311,6 +315,7 @@ fn package_installs_runs_and_purges_without_rust() {
         about_unit.is_empty(),
         "systemd-analyze verify {UNIT} complained:\n{verify}"
     );
+    ok("enable", "systemctl enable (offline: links only)");
     ok("purge", "dpkg --purge");
     let (rc, out) = step("purged");
     assert_ne!(
