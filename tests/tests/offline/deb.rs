@@ -2,7 +2,8 @@
 //! path that packages the release build), its files and modes are exactly the expected
 //! ones, and it installs, runs and purges in a throwaway root: a private mount namespace
 //! where an overlay on `/` with a tmpfs on top takes every write, Rust's toolchain hidden
-//! and the environment cleared; the purge must also undo an admin's `systemctl enable`.
+//! and the environment cleared; an upgrade keeps the admin's flags, and the purge must
+//! also undo an admin's `systemctl enable`.
 //! The machine itself is never touched.
 //!
 //! Needs root (mounts, chroot), `unshare` and `dpkg-deb` (Debian packages `util-linux`
@@ -125,6 +126,11 @@ step logrotate sh -c '
     ls /var/log/egress-monitor
     rm /var/log/egress-monitor/*'
 step verify systemd-analyze verify /usr/lib/systemd/system/egress-monitor.service
+step reinstall sh -c '
+    set -e
+    echo "MONITOR_ARGS=\"--iface eth0\"" >/etc/default/egress-monitor
+    dpkg -i "$1" </dev/null
+    cat /etc/default/egress-monitor' sh "$1"
 step enable systemctl enable egress-monitor.service
 step purge dpkg --purge egress-monitor
 step purged dpkg -s egress-monitor
@@ -314,6 +320,11 @@ fn package_installs_runs_and_purges_without_rust() {
     assert!(
         about_unit.is_empty(),
         "systemd-analyze verify {UNIT} complained:\n{verify}"
+    );
+    let reinstall = ok("reinstall", "dpkg -i over the installed package");
+    assert!(
+        reinstall.ends_with("MONITOR_ARGS=\"--iface eth0\"\n"),
+        "an upgrade must keep the admin's /etc/default/egress-monitor (a conffile):\n{reinstall}"
     );
     ok("enable", "systemctl enable (offline: links only)");
     ok("purge", "dpkg --purge");
