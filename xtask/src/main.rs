@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup|build|run|test`. `./x` runs them after installing the
+//! Project tasks: `cargo xtask setup|build|run|test|package`. `./x` runs them after installing the
 //! pinned Rust toolchain.
 
 use std::{
@@ -9,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 /// bpf-linker must be built against the LLVM that the pinned rustc ships (22), from
 /// Debian's `llvm-22-dev` with `--no-default-features --features llvm-22` and
@@ -42,6 +44,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
     // systemd-analyze verifies the unit in deploy/.
     "systemd",
+    // The Debian package's test rotates a log with its logrotate snippet.
+    "logrotate",
     // nfcapd and nfdump: a real IPFIX collector for the export tests.
     "nfdump",
     // pmacct's nfacctd, a second real IPFIX collector, and PostgreSQL for the fleet test
@@ -96,6 +100,17 @@ enum Task {
     /// Set up, then build a namespace lab (LAN, gateway running the agent, Internet host),
     /// play a short exfiltration story and show the alerts and metrics it produced.
     Demo,
+    /// Set up, build (release) and make the Debian package egress-monitor_VERSION_ARCH.deb;
+    /// prints its path.
+    Package {
+        /// Package this agent binary instead of building one (the tests package their
+        /// debug build); nothing is set up or built.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Where to write the package (default: the target directory's `debian/`).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Set up, then run every test: unit, kernel (BPF_PROG_TEST_RUN) and namespace labs.
     Test {
         /// Passed to `cargo test` (e.g. a test name filter).
@@ -115,6 +130,8 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     let root = workspace_root();
+    // Paths given on the command line are relative to where it was typed.
+    let cwd = env::current_dir()?;
     env::set_current_dir(&root)?;
     match Cli::parse().task {
         Task::Setup => setup(),
@@ -167,6 +184,23 @@ fn main() -> anyhow::Result<()> {
             cmd.args(["run", "--quiet", "-p", "tests", "--bin", "demo"])
                 .env("MONITOR_BIN", target_dir(&root).join("debug/monitor"));
             check(cmd.status(), "demo")
+        }
+        Task::Package { binary, out_dir } => {
+            let binary = match binary {
+                Some(binary) => cwd.join(binary),
+                None => {
+                    setup()?;
+                    cargo(&["build", "--release", "-p", "monitor"])?;
+                    target_dir(&root).join("release/monitor")
+                }
+            };
+            let out_dir =
+                out_dir.map_or_else(|| target_dir(&root).join("debian"), |dir| cwd.join(dir));
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            let deb = package::build(&root, &binary, &out_dir)?;
+            println!("{}", deb.display());
+            Ok(())
         }
         Task::Test { args } => {
             setup()?;

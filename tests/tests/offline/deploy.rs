@@ -23,12 +23,12 @@ const RULES: &str = "deploy/prometheus/egress-monitor.rules.yml";
 const RULES_TEST: &str = "deploy/prometheus/egress-monitor.rules.test.yml";
 const UNIT: &str = "deploy/systemd/egress-monitor.service";
 const UNIT_NAME: &str = "egress-monitor.service";
-const INSTALLED_BINARY: &str = "/usr/local/bin/monitor";
+const INSTALLED_BINARY: &str = "/usr/bin/monitor";
 /// `systemd-analyze security` exposure (0-100, shown as 0.0-10.0) the unit must not exceed:
 /// 1.7 when written. Raise it only with a reason in the unit's comments.
 const MAX_EXPOSURE: &str = "20";
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate lives in the workspace root")
@@ -47,7 +47,7 @@ fn run<S: AsRef<OsStr>>(tool: &str, package: &str, args: &[S], dir: &Path) -> Ou
     }
 }
 
-fn describe(out: &Output) -> String {
+pub(crate) fn describe(out: &Output) -> String {
     format!(
         "{}\nstdout:\n{}\nstderr:\n{}",
         out.status,
