@@ -109,9 +109,8 @@ impl<V> AddrMatcher<V> {
             .or_else(|| parents(name).find_map(|parent| self.suffixes.get(parent)))
     }
 
-    /// Every host name listed, for the resolver.
-    pub fn hosts(&self) -> impl Iterator<Item = &String> {
-        self.hosts.keys()
+    pub fn is_empty(&self) -> bool {
+        self.nets.0.is_empty() && self.hosts.is_empty() && self.suffixes.is_empty()
     }
 }
 

@@ -35,7 +35,7 @@ impl Rule for IntelMatch {
 
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         let (src, dst) = (conn.orig.addr, conn.resp.addr);
-        if !conn.local_orig || self.alerted.contains(&conn.uid()) {
+        if self.listed.is_empty() || !conn.local_orig || self.alerted.contains(&conn.uid()) {
             return;
         }
         let Some(origin) = self.listed.find(conn.names(), src, dst) else {
