@@ -11,17 +11,15 @@ use crate::{
     dns::DnsConfig,
     export::Collector,
     kernel::pins,
-    rules::{RulesConfig, allowlist::Allowed, windows},
+    lists::{Item, RESTRICTED_NOT_LOCAL, Sources},
+    rules::{Lists, RulesConfig, windows},
     top,
 };
 
 /// Flags that parse one by one but cannot be used together, or name what is not there.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "invalid value '{0}' for '--restricted-net <CIDR>': not inside any --local-net \
-         (restricted hosts are local hosts; add --local-net for it)"
-    )]
+    #[error("invalid value '{0}' for '--restricted-net <CIDR>': {RESTRICTED_NOT_LOCAL}")]
     RestrictedNotLocal(IpNet),
     #[error(
         "invalid value '{path}' for '--pin-path <DIR>': {} is not on a BPF filesystem \
@@ -35,8 +33,11 @@ pub enum ConfigError {
 
 /// `monitor run`'s flags taken together.
 pub fn check_run(args: &RunArgs) -> Result<(), ConfigError> {
-    for net in &args.rules.restricted_nets {
-        if !args.local_nets.iter().any(|local| local.contains(net)) {
+    // Those in files are checked as the files are read (`crate::lists`).
+    for item in &args.rules.restricted_nets {
+        if let Item::Entry(net) = item
+            && !args.local_nets.iter().any(|local| local.contains(net))
+        {
             return Err(ConfigError::RestrictedNotLocal(*net));
         }
     }
@@ -70,7 +71,22 @@ pub fn collectors(args: &IpfixArgs) -> Result<Vec<Collector>, ConfigError> {
         .collect()
 }
 
-pub fn rules(args: &RuleArgs) -> RulesConfig {
+/// The list flags, to read the lists from at start and on SIGHUP.
+pub fn list_sources(args: &RuleArgs, local_nets: &[IpNet]) -> Sources {
+    Sources {
+        long_ignore: args.long_ignore.clone(),
+        restricted_nets: args.restricted_nets.clone(),
+        allow_dst: args.allow_dst.clone(),
+        allow_service: args.allow_service.clone(),
+        allow_pair: args.allow_pair.clone(),
+        exclude_dst: args.exclude_dst.clone(),
+        intel_dst: args.intel_dst.clone(),
+        local_nets: local_nets.to_vec(),
+    }
+}
+
+/// The rules' configuration, with `lists` as read from the list flags.
+pub fn rules(args: &RuleArgs, lists: Lists) -> RulesConfig {
     RulesConfig {
         upload_threshold: args.upload_threshold.0,
         upload_min_packets: args.upload_min_packets,
@@ -78,13 +94,6 @@ pub fn rules(args: &RuleArgs) -> RulesConfig {
         ratio: args.ratio,
         ratio_min_bytes: args.ratio_min_bytes.0,
         long_durations: args.long_durations.0.clone(),
-        long_ignore: args.long_ignore.clone(),
-        restricted_nets: args.restricted_nets.clone(),
-        allowed: Allowed {
-            dst: args.allow_dst.clone(),
-            services: args.allow_service.clone(),
-            pairs: args.allow_pair.clone(),
-        },
         restricted_suppress: args.restricted_suppress,
         windows: windows::Config {
             window: args.window,
@@ -93,7 +102,7 @@ pub fn rules(args: &RuleArgs) -> RulesConfig {
             leak_threshold: args.leak_threshold.0,
             group: args.leak_group,
         },
-        exclude_dst: args.exclude_dst.clone(),
+        lists,
     }
 }
 

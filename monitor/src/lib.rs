@@ -20,6 +20,7 @@ pub mod iface;
 pub mod kernel;
 #[cfg(test)]
 mod layering;
+pub mod lists;
 pub mod logs;
 pub mod metrics;
 pub mod nat;

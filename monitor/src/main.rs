@@ -24,13 +24,16 @@ fn main() -> ExitCode {
             let collectors = config::check_run(&args)
                 .and_then(|()| config::collectors(&args.ipfix))
                 .unwrap_or_else(|err| cli::usage_error(&format!("error: {err}")));
+            let lists = config::list_sources(&args.rules, &args.local_nets)
+                .load()
+                .unwrap_or_else(|err| cli::usage_error(&format!("error: {err}")));
             let ifaces = watched_interfaces(&args.ifaces);
             check_links(&ifaces, &args);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(run::run(args, ifaces, collectors)))
+                .and_then(|rt| rt.block_on(run::run(args, ifaces, collectors, lists)))
         }
         Command::Top(args) => top::run(&config::top(&args)),
         Command::Detach(args) => {

@@ -72,6 +72,7 @@ pub struct Metrics {
     ipfix_records: IntCounter,
     ipfix_messages: IntCounter,
     ipfix_errors: IntCounter,
+    config_reloads: IntCounterVec,
 }
 
 /// `--top-talkers N`: the N local hosts that sent the most IP bytes to non-local ones in
@@ -307,6 +308,14 @@ impl Metrics {
             "IPFIX messages not sent: UDP send errors, messages dropped from a full queue, and \
              messages a TCP collector could not take before shutdown.",
         ))?;
+        let config_reloads = IntCounterVec::new(
+            opts(
+                "config_reloads_total",
+                "List reloads on SIGHUP, by result: ok (every list file read), error (a file \
+                 could not be read or had a bad line; its list stays as it was).",
+            ),
+            &["result"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts("build_info", "Version of the agent; always 1."),
             &["version"],
@@ -342,6 +351,7 @@ impl Metrics {
             Box::new(ipfix_records.clone()),
             Box::new(ipfix_messages.clone()),
             Box::new(ipfix_errors.clone()),
+            Box::new(config_reloads.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -364,6 +374,9 @@ impl Metrics {
         }
         for coverage in ["changed", "whole"] {
             poll_reads.with_label_values(&[coverage]);
+        }
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
         }
         flow_map_capacity.set(i64::from(capacity));
         build_info
@@ -409,6 +422,7 @@ impl Metrics {
             ipfix_records,
             ipfix_messages,
             ipfix_errors,
+            config_reloads,
         })
     }
 
@@ -543,6 +557,12 @@ impl Metrics {
                 catch_up(&counter.with_label_values(&[name]), total);
             }
         }
+    }
+
+    /// A reload of the lists: whether every file read well.
+    pub fn config_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.config_reloads.with_label_values(&[result]).inc();
     }
 
     /// What the bounded tables shed so far: the suppressor's and the rules' totals.

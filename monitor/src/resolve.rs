@@ -1,11 +1,11 @@
 //! Active resolution of the host names in allowlists and exclusions: every address they
-//! have (A and AAAA, through the system resolver), refreshed periodically. A failed lookup
-//! keeps the last good answer and is logged.
+//! have (A and AAAA, through the system resolver), refreshed periodically and whenever a
+//! reload changes the names. A failed lookup keeps the last good answer and is logged.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, ToSocketAddrs},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Condvar, Mutex, PoisonError},
     thread,
     time::Duration,
 };
@@ -18,35 +18,48 @@ use crate::dns::cache::PassiveDns;
 /// them.
 pub type HostAddrs = HashMap<String, Vec<IpAddr>>;
 
+/// The resolver's answers both ways: by name, and the names each address is one of, so
+/// that a connection is matched by its address's few names, not by every listed name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Answers {
+    by_name: HostAddrs,
+    by_addr: foldhash::HashMap<IpAddr, Vec<String>>,
+}
+
+impl From<HostAddrs> for Answers {
+    fn from(by_name: HostAddrs) -> Self {
+        let mut by_addr = foldhash::HashMap::<IpAddr, Vec<String>>::default();
+        for (name, addrs) in &by_name {
+            for addr in addrs {
+                by_addr.entry(*addr).or_default().push(name.clone());
+            }
+        }
+        Self { by_name, by_addr }
+    }
+}
+
 /// The name tables host names are matched by, as one poll sees them: the resolver's
 /// answers for the configured names, and passive DNS (the client's own lookups). A name
 /// that never resolved matches nothing.
 #[derive(Clone, Copy, Debug)]
 pub struct Names<'a> {
-    active: &'a HostAddrs,
+    active: &'a Answers,
     passive: Option<&'a PassiveDns>,
 }
 
 impl<'a> Names<'a> {
-    pub fn new(active: &'a HostAddrs, passive: Option<&'a PassiveDns>) -> Self {
+    pub fn new(active: &'a Answers, passive: Option<&'a PassiveDns>) -> Self {
         Self { active, passive }
     }
 
-    pub fn has(&self, host: &str, addr: IpAddr) -> bool {
-        self.active
-            .get(host)
-            .is_some_and(|addrs| addrs.contains(&addr))
+    /// The configured names that last resolved to `addr`.
+    pub fn resolved_to(&self, addr: IpAddr) -> &'a [String] {
+        self.active.by_addr.get(&addr).map_or(&[], Vec::as_slice)
     }
 
-    /// Whether `client` itself resolved a name that `matches` accepts to `addr`.
-    pub fn client_resolved(
-        &self,
-        client: IpAddr,
-        addr: IpAddr,
-        matches: impl Fn(&str) -> bool,
-    ) -> bool {
-        self.passive
-            .is_some_and(|p| p.client_resolved(client, addr, matches))
+    /// The name `client` itself resolved to `addr`, if any.
+    pub fn client_resolved(&self, client: IpAddr, addr: IpAddr) -> Option<&'a str> {
+        self.passive.and_then(|p| p.client_resolved(client, addr))
     }
 
     /// The name `local` resolved for `remote`, else anyone's name for it, unexpired at
@@ -62,16 +75,51 @@ pub const REFRESH: Duration = Duration::from_secs(60);
 /// The resolver's answers, published whole at each refresh: a snapshot stays as it was
 /// taken, whatever the resolver publishes later.
 #[derive(Clone, Debug, Default)]
-pub struct Resolved(Arc<Mutex<Arc<HostAddrs>>>);
+pub struct Resolved {
+    answers: Arc<Mutex<Arc<Answers>>>,
+    hosts: Arc<(Mutex<Wanted>, Condvar)>,
+}
+
+/// The names to resolve, and whether they changed since the resolver last looked.
+#[derive(Debug, Default)]
+struct Wanted {
+    hosts: Vec<String>,
+    changed: bool,
+}
 
 impl Resolved {
     /// The answers as last published.
-    pub fn snapshot(&self) -> Arc<HostAddrs> {
-        Arc::clone(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    pub fn snapshot(&self) -> Arc<Answers> {
+        Arc::clone(&self.answers.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn publish(&self, answers: HostAddrs) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(answers);
+        *self.answers.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(answers.into());
+    }
+
+    /// Resolves `hosts` from now on instead, at once: a reload's new names match from the
+    /// first answer, not a [`REFRESH`] later.
+    pub fn set_hosts(&self, hosts: Vec<String>) {
+        let (lock, changed) = &*self.hosts;
+        let mut current = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.hosts != hosts {
+            *current = Wanted {
+                hosts,
+                changed: true,
+            };
+            changed.notify_one();
+        }
+    }
+
+    /// The names to resolve after at most [`REFRESH`], or as soon as they change.
+    fn next_hosts(&self) -> Vec<String> {
+        let (lock, changed) = &*self.hosts;
+        let current = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut current, _) = changed
+            .wait_timeout_while(current, REFRESH, |wanted| !wanted.changed)
+            .unwrap_or_else(PoisonError::into_inner);
+        current.changed = false;
+        current.hosts.clone()
     }
 }
 
@@ -82,9 +130,10 @@ fn lookup(host: &str) -> std::io::Result<Vec<IpAddr>> {
     Ok(addrs)
 }
 
-/// `last` with every host looked up again.
+/// `last` with every host looked up again; names no longer configured are dropped.
 fn refresh(hosts: &[String], last: &HostAddrs) -> HostAddrs {
     let mut answers = last.clone();
+    answers.retain(|host, _| hosts.contains(host));
     for host in hosts {
         match lookup(host) {
             Ok(addrs) if !addrs.is_empty() => {
@@ -97,22 +146,29 @@ fn refresh(hosts: &[String], last: &HostAddrs) -> HostAddrs {
     answers
 }
 
-/// Resolves every name once now, then again every [`REFRESH`] in a background thread,
-/// which publishes its answers through what this returns.
+/// Resolves every name once now, then in a background thread every [`REFRESH`] and
+/// whenever [`Resolved::set_hosts`] changes them, publishing its answers through what
+/// this returns.
 pub fn start(hosts: Vec<String>) -> Resolved {
     let resolved = Resolved::default();
-    if hosts.is_empty() {
-        return resolved;
+    if !hosts.is_empty() {
+        resolved.publish(refresh(&hosts, &HostAddrs::new()));
+        info!("resolving {} host names every {REFRESH:?}", hosts.len());
     }
-    resolved.publish(refresh(&hosts, &HostAddrs::new()));
-    info!("resolving {} host names every {REFRESH:?}", hosts.len());
+    resolved
+        .hosts
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .hosts = hosts;
     let published = resolved.clone();
     let spawned = thread::Builder::new()
         .name("resolver".into())
         .spawn(move || {
             loop {
-                thread::sleep(REFRESH);
-                published.publish(refresh(&hosts, &published.snapshot()));
+                let hosts = published.next_hosts();
+                let last = published.snapshot().by_name.clone();
+                published.publish(refresh(&hosts, &last));
             }
         });
     if let Err(err) = spawned {
@@ -136,6 +192,10 @@ mod tests {
         let last = HostAddrs::from([("no-such-host.invalid".to_owned(), vec![ip("192.0.2.1")])]);
         let answers = refresh(&["no-such-host.invalid".to_owned()], &last);
         assert_eq!(answers, last);
+        assert!(
+            refresh(&[], &last).is_empty(),
+            "a name no longer listed is forgotten"
+        );
     }
 
     /// A poll judges by the snapshot it took: answers published meanwhile wait for the
@@ -153,7 +213,7 @@ mod tests {
             ..Allowed::default()
         };
         let mut rule = RestrictedOutbound::new(
-            vec!["198.18.5.0/24".parse().unwrap()],
+            &["198.18.5.0/24".parse().unwrap()],
             Allowlist::new(&allowed),
             Duration::from_secs(60),
         );

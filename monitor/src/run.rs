@@ -32,6 +32,7 @@ use crate::{
     export::{Collector, IpfixConfig, IpfixExporter},
     finishing::Finishing,
     kernel::{Kernel, pins::PinDir},
+    lists::{self, Reloads, Sources},
     logs::{self, JsonLines},
     metrics::{self, Metrics},
     nat::Nat,
@@ -40,8 +41,8 @@ use crate::{
     privileges,
     records::ConnRecords,
     resolve,
-    resolve::{HostAddrs, Names},
-    rules::{self, Rule, RuleSet},
+    resolve::{Answers, Names},
+    rules::{self, Lists, Rule, RuleSet},
     state::{Saved, StateDir},
     top,
 };
@@ -68,7 +69,7 @@ struct Pipeline {
     resolved: resolve::Resolved,
     /// What the rules match host names by in this poll: taken once per poll, after its
     /// DNS answers are recorded.
-    hosts: Arc<HostAddrs>,
+    hosts: Arc<Answers>,
     consumers: Consumers,
     suppressor: Suppressor,
     sinks: Vec<Dispatcher>,
@@ -93,6 +94,10 @@ struct Pipeline {
     /// DNS messages drained from the kernel's ring meanwhile.
     dns_queue: DnsQueue,
     dns_batch: Batch,
+    /// The list flags, read again on SIGHUP into `lists`, the lists the rules match now.
+    sources: Sources,
+    lists: Lists,
+    reloads: Reloads,
 }
 
 impl Pipeline {
@@ -101,6 +106,9 @@ impl Pipeline {
     /// rules once more, and written.
     fn poll(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
+        if self.reloads.requested() {
+            self.reload_lists();
+        }
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         let counters = self.poller.counters()?;
         self.check_map_full(counters[stats::FLOW_MAP_FULL as usize]);
@@ -212,6 +220,23 @@ impl Pipeline {
         }
         self.consumers.metrics.finishing(self.finishing.len());
         Ok(())
+    }
+
+    /// SIGHUP: the lists are read again; the rules match by them from now on, keeping
+    /// what they know, and their new host names are resolved at once. A list whose file
+    /// cannot be read stays as it was.
+    fn reload_lists(&mut self) {
+        let errors = self.sources.reload(&mut self.lists);
+        for err in &errors {
+            warn!("SIGHUP: {err}; that list stays as it was");
+        }
+        self.consumers.rules.set_lists(&self.lists);
+        self.resolved
+            .set_hosts(rules::allowlist::host_names(&self.lists));
+        self.consumers.metrics.config_reload(errors.is_empty());
+        if errors.is_empty() {
+            info!("SIGHUP: lists reloaded");
+        }
     }
 
     /// Runs the rules, metrics and exporters on the open connections that may have
@@ -675,7 +700,8 @@ impl Attached {
     }
 }
 
-/// The signals the agent answers: SIGHUP reopens the logs, SIGINT and SIGTERM stop it.
+/// The signals the agent answers: SIGHUP reopens the logs and reloads the lists, SIGINT
+/// and SIGTERM stop it.
 struct Signals {
     term: Signal,
     int: Signal,
@@ -697,7 +723,8 @@ impl Signals {
             tokio::select! {
                 _ = self.hup.recv() => {
                     logs::request_reopen();
-                    info!("SIGHUP: log files reopen before their next line");
+                    lists::request_reload();
+                    info!("SIGHUP: log files reopen before their next line; lists reload before the next poll");
                 }
                 _ = self.int.recv() => return,
                 _ = self.term.recv() => return,
@@ -746,11 +773,16 @@ struct Parts {
 }
 
 impl Pipeline {
-    fn new(args: &RunArgs, collectors: &[Collector], parts: Parts) -> anyhow::Result<Self> {
+    fn new(
+        args: &RunArgs,
+        collectors: &[Collector],
+        lists: Lists,
+        parts: Parts,
+    ) -> anyhow::Result<Self> {
         let clock = Clock::new();
         let local = LocalNets::new(args.local_nets.clone());
         let dns_config = config::dns(&args.dns);
-        let (rules, resolved) = start_rules(&config::rules(&args.rules));
+        let (rules, resolved) = start_rules(&config::rules(&args.rules, lists.clone()));
         let Outputs {
             sinks,
             conn_log,
@@ -795,6 +827,9 @@ impl Pipeline {
             clock,
             hosts: resolved.snapshot(),
             resolved,
+            sources: config::list_sources(&args.rules, &args.local_nets),
+            lists,
+            reloads: Reloads::default(),
         };
         if let Some(saved) = saved {
             pipeline.restore(saved, parts.resumed);
@@ -819,7 +854,7 @@ fn vet_saved(
 /// The rules the flags turn on; the host names they mention are resolved in the
 /// background from now on, their answers published through the `Resolved` returned.
 fn start_rules(config: &rules::RulesConfig) -> (Vec<Box<dyn Rule>>, resolve::Resolved) {
-    let resolved = resolve::start(rules::allowlist::host_names(config));
+    let resolved = resolve::start(rules::allowlist::host_names(&config.lists));
     (rules::from_config(config), resolved)
 }
 
@@ -846,6 +881,7 @@ pub async fn run(
     args: RunArgs,
     ifaces: Vec<String>,
     collectors: Vec<Collector>,
+    lists: Lists,
 ) -> anyhow::Result<()> {
     let mut outputs = Outputs::open(&args)?;
     let metrics = Metrics::new(args.flow_map_size, args.top_talkers, args.rules.window)?;
@@ -878,7 +914,7 @@ pub async fn run(
         top,
         nat,
     };
-    let pipeline = Pipeline::new(&args, &collectors, parts)?;
+    let pipeline = Pipeline::new(&args, &collectors, lists, parts)?;
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 

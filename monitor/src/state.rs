@@ -522,11 +522,16 @@ mod tests {
         assert!(format!("{err:#}").contains("--state-dir /proc/monitor-state"));
     }
 
+    fn rules_config(args: &crate::cli::RunArgs) -> rules::RulesConfig {
+        let sources = crate::config::list_sources(&args.rules, &args.local_nets);
+        crate::config::rules(&args.rules, sources.load().unwrap())
+    }
+
     fn default_rules() -> Vec<Box<dyn Rule>> {
         let Command::Run(args) = Cli::parse_from(["monitor", "run"]).command else {
             unreachable!("`monitor run`");
         };
-        rules::from_config(&crate::config::rules(&args.rules))
+        rules::from_config(&rules_config(&args))
     }
 
     #[test]
@@ -537,7 +542,7 @@ mod tests {
         else {
             unreachable!("`monitor run`");
         };
-        let mut rules = rules::from_config(&crate::config::rules(&args.rules));
+        let mut rules = rules::from_config(&rules_config(&args));
         let upload = ConnSpec {
             orig_bytes: 2_000_000,
             start: 1.0,
@@ -551,6 +556,16 @@ mod tests {
         }
         .conn();
         let (upload, inside) = (&upload, &inside);
+        let reloaded = rules::Lists {
+            allowed: rules::allowlist::Allowed {
+                dst: vec!["203.0.113.0/24".parse().unwrap()],
+                ..Default::default()
+            },
+            exclude_dst: vec!["203.0.113.0/24".parse().unwrap()],
+            long_ignore: vec!["192.0.2.0/24".parse().unwrap()],
+            ..rules::Lists::default()
+        };
+        let reloaded = &reloaded;
         type Step<'a> = Box<dyn Fn(&mut dyn Rule) -> Vec<crate::alerts::Alert> + 'a>;
         let tick = |secs: f64| -> Step<'static> {
             Box::new(move |rule| {
@@ -565,6 +580,14 @@ mod tests {
                 Box::new(move |r| update(r, upload, at(2.0))),
             ),
             ("a tick in the same window", false, tick(2.0)),
+            (
+                "lists reloaded: what the rules know stays",
+                false,
+                Box::new(move |r| {
+                    r.set_lists(reloaded);
+                    Vec::new()
+                }),
+            ),
             (
                 "traffic no rule keeps",
                 false,

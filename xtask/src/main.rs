@@ -87,8 +87,8 @@ enum Task {
     },
     /// Set up, build (release) and run the benchmark suite (kernel cost per packet, poll
     /// cost, NAT, end to end against peers; with offloads off: throughput, new flows and
-    /// kernel cost in place; detection latency) and write its section of BENCHMARKS.md;
-    /// or one named benchmark, which prints a Markdown table.
+    /// kernel cost in place; rule-list matching; detection latency) and write its section
+    /// of BENCHMARKS.md; or one named benchmark, which prints a Markdown table.
     Bench {
         #[arg(value_enum)]
         which: Option<Bench>,

@@ -21,10 +21,11 @@ pub enum Note {
     WindowExceeded,
     DataLeak,
     DnsTunnel,
+    IntelMatch,
 }
 
 impl Note {
-    pub const ALL: [Note; 7] = [
+    pub const ALL: [Note; 8] = [
         Note::LargeUpload,
         Note::UploadRatio,
         Note::LongConnection,
@@ -32,6 +33,7 @@ impl Note {
         Note::WindowExceeded,
         Note::DataLeak,
         Note::DnsTunnel,
+        Note::IntelMatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,6 +45,7 @@ impl Note {
             Note::WindowExceeded => "WindowExceeded",
             Note::DataLeak => "DataLeak",
             Note::DnsTunnel => "DnsTunnel",
+            Note::IntelMatch => "IntelMatch",
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::{
     endpoint::Url,
     export::COLLECTOR_SCHEMES,
     kernel::{IngressHook, XdpMode},
+    lists::Item,
     rules::{
         targets::{AddrSpec, AllowPair, AllowService, Service},
         windows::LeakGroup,
@@ -332,44 +333,51 @@ pub struct RuleArgs {
     pub long_durations: Durations,
 
     /// LongConnection: connections with an endpoint here are not reported (repeatable),
-    /// e.g. a VPN range.
-    #[arg(long = "long-ignore", value_name = "CIDR", value_parser = parse_cidr,
-          help_heading = "LongConnection")]
-    pub long_ignore: Vec<IpNet>,
+    /// e.g. a VPN range. `@FILE`: one a line (`#` comments), read again on SIGHUP.
+    #[arg(
+        long = "long-ignore",
+        value_name = "CIDR|@FILE",
+        help_heading = "LongConnection"
+    )]
+    pub long_ignore: Vec<Item<IpNet>>,
 
     /// RestrictedOutbound: hosts here must not open connections outside the local nets
-    /// (repeatable). Default: none, the rule is off.
-    #[arg(long = "restricted-net", value_name = "CIDR", value_parser = parse_cidr,
-          help_heading = "RestrictedOutbound")]
-    pub restricted_nets: Vec<IpNet>,
+    /// (repeatable; `@FILE` as for --long-ignore). Default: none, the rule is silent.
+    #[arg(
+        long = "restricted-net",
+        value_name = "CIDR|@FILE",
+        help_heading = "RestrictedOutbound"
+    )]
+    pub restricted_nets: Vec<Item<IpNet>>,
 
-    /// RestrictedOutbound: destinations allowed to anyone (repeatable). Host names stand
-    /// for all their A/AAAA records, re-resolved every minute, and for any address the
-    /// client itself resolved the name to (passive DNS); `*.domain` matches what the
-    /// client resolved from any name under the domain.
+    /// RestrictedOutbound: destinations allowed to anyone (repeatable; `@FILE` as for
+    /// --long-ignore). Host names stand for all their A/AAAA records, re-resolved every
+    /// minute, and for any address the client itself resolved the name to (passive DNS);
+    /// `*.domain` matches what the client resolved from any name under the domain.
     #[arg(
         long = "allow-dst",
-        value_name = "CIDR|HOST",
+        value_name = "CIDR|HOST|@FILE",
         help_heading = "RestrictedOutbound"
     )]
-    pub allow_dst: Vec<AddrSpec>,
+    pub allow_dst: Vec<Item<AddrSpec>>,
 
-    /// RestrictedOutbound: a service allowed to anyone (repeatable).
+    /// RestrictedOutbound: a service allowed to anyone (repeatable; `@FILE` as for
+    /// --long-ignore).
     #[arg(
         long = "allow-service",
-        value_name = "CIDR,PORT/PROTO",
+        value_name = "CIDR,PORT/PROTO|@FILE",
         help_heading = "RestrictedOutbound"
     )]
-    pub allow_service: Vec<AllowService>,
+    pub allow_service: Vec<Item<AllowService>>,
 
-    /// RestrictedOutbound: a source allowed to reach a destination (repeatable); names and
-    /// `*.domain` as for --allow-dst.
+    /// RestrictedOutbound: a source allowed to reach a destination (repeatable; `@FILE`
+    /// as for --long-ignore); names and `*.domain` as for --allow-dst.
     #[arg(
         long = "allow-pair",
-        value_name = "SRC,DST",
+        value_name = "SRC,DST|@FILE",
         help_heading = "RestrictedOutbound"
     )]
-    pub allow_pair: Vec<AllowPair>,
+    pub allow_pair: Vec<Item<AllowPair>>,
 
     /// RestrictedOutbound: quiet time per (source, destination, port) before the same
     /// connection alerts again; a repeat inside it restarts it.
@@ -412,14 +420,24 @@ pub struct RuleArgs {
           help_heading = "WindowExceeded and DataLeak")]
     pub leak_group: LeakGroup,
 
-    /// Destinations left out of window and leak accounting (repeatable); names and
-    /// `*.domain` as for --allow-dst.
+    /// Destinations left out of window and leak accounting (repeatable; `@FILE` as for
+    /// --long-ignore); names and `*.domain` as for --allow-dst.
     #[arg(
         long = "exclude-dst",
-        value_name = "CIDR|HOST",
+        value_name = "CIDR|HOST|@FILE",
         help_heading = "WindowExceeded and DataLeak"
     )]
-    pub exclude_dst: Vec<AddrSpec>,
+    pub exclude_dst: Vec<Item<AddrSpec>>,
+
+    /// IntelMatch: threat-intel destinations (repeatable; `@FILE` as for --long-ignore):
+    /// a local host connecting to one raises IntelMatch, naming the list and line; names
+    /// and `*.domain` as for --allow-dst. Default: none.
+    #[arg(
+        long = "intel-dst",
+        value_name = "ADDR|CIDR|NAME|@FILE",
+        help_heading = "IntelMatch"
+    )]
+    pub intel_dst: Vec<Item<AddrSpec>>,
 }
 
 /// RFC 1918, RFC 6598 (carrier-grade NAT) and RFC 4193 (unique local IPv6).

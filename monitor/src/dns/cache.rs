@@ -89,19 +89,11 @@ impl PassiveDns {
             .map(|e| e.name.clone())
     }
 
-    /// Whether `client` itself resolved a name to `addr` that `matches` accepts. Expired
-    /// answers count until the next poll's prune drops them; every answer is kept at
-    /// least `--dns-min-ttl`, which is what lets a CDN address stay allowed after a short
-    /// TTL.
-    pub fn client_resolved(
-        &self,
-        client: IpAddr,
-        addr: IpAddr,
-        matches: impl Fn(&str) -> bool,
-    ) -> bool {
-        self.by_pair
-            .peek(&(client, addr))
-            .is_some_and(|e| matches(&e.name))
+    /// The name `client` itself last resolved to `addr`. Expired answers count until the
+    /// next poll's prune drops them; every answer is kept at least `--dns-min-ttl`, which
+    /// is what lets a CDN address stay allowed after a short TTL.
+    pub fn client_resolved(&self, client: IpAddr, addr: IpAddr) -> Option<&str> {
+        self.by_pair.peek(&(client, addr)).map(|e| e.name.as_str())
     }
 
     /// Entries of the (client, address) map: `dns_cache_entries`.
@@ -217,8 +209,14 @@ mod tests {
                 .as_deref(),
             Some("two.example.test")
         );
-        assert!(p.client_resolved(a, ip("203.0.113.10"), |n| n.ends_with(".example.test")));
-        assert!(!p.client_resolved(ip("198.18.0.12"), ip("203.0.113.10"), |_| true));
+        assert_eq!(
+            p.client_resolved(a, ip("203.0.113.10")),
+            Some("one.example.test")
+        );
+        assert_eq!(
+            p.client_resolved(ip("198.18.0.12"), ip("203.0.113.10")),
+            None
+        );
     }
 
     #[test]

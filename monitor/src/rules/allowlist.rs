@@ -1,50 +1,137 @@
-//! Address matching for allowlists and exclusions: networks, and host names through the
-//! addresses they last resolved to, or through what the client itself resolved (passive
-//! DNS), which `*.suffix` patterns match only.
+//! Address matching for allowlists, exclusions and intel lists: networks by longest
+//! prefix in a trie, host names through the addresses they last resolved to, or through
+//! what the client itself resolved (passive DNS), which `*.suffix` patterns match only.
+//! Names are looked up by hash, the name and each of its parent domains, so a list of
+//! 100,000 entries costs a connection what one of 10 does.
 
-use std::net::IpAddr;
+use std::{collections::hash_map::Entry, net::IpAddr};
+
+use foldhash::{HashMap, HashMapExt as _};
+use ipnet::IpNet;
+use prefix_trie::joint::map::JointPrefixMap;
 
 use crate::{
     resolve::Names,
     rules::{
-        RulesConfig,
+        Lists,
         targets::{AddrSpec, AllowPair, AllowService, Service},
     },
 };
 
-/// `name` is `suffix` or a name under it.
-fn is_under(name: &str, suffix: &str) -> bool {
-    name.strip_suffix(suffix)
-        .is_some_and(|head| head.ends_with('.'))
-}
+/// Networks, each with a value; an address finds the most specific that holds it.
+#[derive(Clone, Debug)]
+pub struct NetSet<V = ()>(JointPrefixMap<IpNet, V>);
 
-/// Whether `addr`, as reached by `client`, matches `spec`.
-fn spec_matches(spec: &AddrSpec, names: Names, client: IpAddr, addr: IpAddr) -> bool {
-    match spec {
-        AddrSpec::Net(net) => net.contains(&addr),
-        AddrSpec::Host(host) => {
-            names.has(host, addr) || names.client_resolved(client, addr, |n| n == host)
-        }
-        AddrSpec::Suffix(suffix) => names.client_resolved(client, addr, |n| is_under(n, suffix)),
+impl<V> Default for NetSet<V> {
+    fn default() -> Self {
+        Self(JointPrefixMap::new())
     }
 }
 
-/// Any of a list of networks and host names.
+impl<V> NetSet<V> {
+    /// The first value given for a network is kept.
+    pub fn insert(&mut self, net: IpNet, value: V) {
+        if self.0.get(&net).is_none() {
+            self.0.insert(net, value);
+        }
+    }
+
+    /// The most specific network holding `addr`, and its value.
+    pub fn find(&self, addr: IpAddr) -> Option<(IpNet, &V)> {
+        self.0.get_lpm(&IpNet::from(addr))
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.find(addr).is_some()
+    }
+}
+
+impl FromIterator<IpNet> for NetSet {
+    fn from_iter<I: IntoIterator<Item = IpNet>>(nets: I) -> Self {
+        let mut set = Self::default();
+        for net in nets {
+            set.insert(net, ());
+        }
+        set
+    }
+}
+
+/// `name`'s parent domains, nearest first: `a.b.c` gives `b.c`, then `c`.
+fn parents(name: &str) -> impl Iterator<Item = &str> {
+    name.match_indices('.').map(|(at, _)| &name[at + 1..])
+}
+
+/// Networks, host names and `*.suffix` patterns, each with a value (where it was listed,
+/// for intel lists).
 #[derive(Clone, Debug)]
-pub struct AddrMatcher {
-    specs: Vec<AddrSpec>,
+pub struct AddrMatcher<V = ()> {
+    nets: NetSet<V>,
+    hosts: HashMap<String, V>,
+    suffixes: HashMap<String, V>,
+}
+
+impl<V> Default for AddrMatcher<V> {
+    fn default() -> Self {
+        Self {
+            nets: NetSet::default(),
+            hosts: HashMap::new(),
+            suffixes: HashMap::new(),
+        }
+    }
 }
 
 impl AddrMatcher {
     pub fn new(specs: Vec<AddrSpec>) -> Self {
-        Self { specs }
+        specs.into_iter().map(|spec| (spec, ())).collect()
     }
 
     /// Whether `addr`, as reached by `client`, matches any spec by `names`.
     pub fn matches(&self, names: Names, client: IpAddr, addr: IpAddr) -> bool {
-        self.specs
-            .iter()
-            .any(|s| spec_matches(s, names, client, addr))
+        self.find(names, client, addr).is_some()
+    }
+}
+
+impl<V> AddrMatcher<V> {
+    /// The value of a spec `addr`, as reached by `client`, matches by `names`: the most
+    /// specific network first, then a name the address resolved to, then the name the
+    /// client resolved (exact, then its nearest listed parent domain).
+    pub fn find(&self, names: Names, client: IpAddr, addr: IpAddr) -> Option<&V> {
+        if let Some((_, value)) = self.nets.find(addr) {
+            return Some(value);
+        }
+        let active = names.resolved_to(addr).iter();
+        if let Some(value) = active.filter_map(|name| self.hosts.get(name)).next() {
+            return Some(value);
+        }
+        let name = names.client_resolved(client, addr)?;
+        self.hosts
+            .get(name)
+            .or_else(|| parents(name).find_map(|parent| self.suffixes.get(parent)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.0.is_empty() && self.hosts.is_empty() && self.suffixes.is_empty()
+    }
+}
+
+impl<V> FromIterator<(AddrSpec, V)> for AddrMatcher<V> {
+    /// The first value given for a spec is kept.
+    fn from_iter<I: IntoIterator<Item = (AddrSpec, V)>>(specs: I) -> Self {
+        let mut matcher = Self::default();
+        for (spec, value) in specs {
+            let by_name = match spec {
+                AddrSpec::Net(net) => {
+                    matcher.nets.insert(net, value);
+                    continue;
+                }
+                AddrSpec::Host(host) => matcher.hosts.entry(host),
+                AddrSpec::Suffix(suffix) => matcher.suffixes.entry(suffix),
+            };
+            if let Entry::Vacant(vacant) = by_name {
+                vacant.insert(value);
+            }
+        }
+        matcher
     }
 }
 
@@ -57,20 +144,33 @@ pub struct Allowed {
     pub pairs: Vec<AllowPair>,
 }
 
-/// RestrictedOutbound's allowlists.
-#[derive(Clone, Debug)]
+/// RestrictedOutbound's allowlists. Services are found by the connection's service, pairs
+/// by their source: what a connection costs grows with the distinct pair sources only.
+#[derive(Clone, Debug, Default)]
 pub struct Allowlist {
     dst: AddrMatcher,
-    services: Vec<AllowService>,
-    pairs: Vec<AllowPair>,
+    services: HashMap<Service, NetSet>,
+    pairs: Vec<(AddrMatcher, AddrMatcher)>,
 }
 
 impl Allowlist {
     pub fn new(allowed: &Allowed) -> Self {
+        let mut services: HashMap<Service, NetSet> = HashMap::new();
+        for s in &allowed.services {
+            services.entry(s.service).or_default().insert(s.dst, ());
+        }
+        let mut by_src: HashMap<&AddrSpec, Vec<AddrSpec>> = HashMap::new();
+        for pair in &allowed.pairs {
+            by_src.entry(&pair.src).or_default().push(pair.dst.clone());
+        }
+        let pairs = by_src
+            .into_iter()
+            .map(|(src, dsts)| (AddrMatcher::new(vec![src.clone()]), AddrMatcher::new(dsts)))
+            .collect();
         Self {
             dst: AddrMatcher::new(allowed.dst.clone()),
-            services: allowed.services.clone(),
-            pairs: allowed.pairs.clone(),
+            services,
+            pairs,
         }
     }
 
@@ -79,23 +179,26 @@ impl Allowlist {
         self.dst.matches(names, src, dst)
             || self
                 .services
+                .get(&service)
+                .is_some_and(|nets| nets.contains(dst))
+            || self
+                .pairs
                 .iter()
-                .any(|s| s.service == service && s.dst.contains(&dst))
-            || self.pairs.iter().any(|p| {
-                spec_matches(&p.src, names, src, src) && spec_matches(&p.dst, names, src, dst)
-            })
+                .any(|(from, to)| from.matches(names, src, src) && to.matches(names, src, dst))
     }
 }
 
-/// Every host name the rules' flags mention, for the resolver.
-pub fn host_names(config: &RulesConfig) -> Vec<String> {
-    let allowed = &config.allowed;
+/// Every host name the lists mention, for the resolver.
+pub fn host_names(lists: &Lists) -> Vec<String> {
+    let allowed = &lists.allowed;
     let pairs = allowed.pairs.iter().flat_map(|p| [&p.src, &p.dst]);
+    let intel = lists.intel.iter().map(|(spec, _)| spec);
     let mut hosts: Vec<String> = allowed
         .dst
         .iter()
         .chain(pairs)
-        .chain(&config.exclude_dst)
+        .chain(&lists.exclude_dst)
+        .chain(intel)
         .filter_map(|spec| match spec {
             AddrSpec::Host(host) => Some(host.clone()),
             AddrSpec::Net(_) | AddrSpec::Suffix(_) => None,
@@ -104,4 +207,90 @@ pub fn host_names(config: &RulesConfig) -> Vec<String> {
     hosts.sort();
     hosts.dedup();
     hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        dns::cache::PassiveDns,
+        resolve::{Answers, HostAddrs},
+    };
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// Networks go by longest prefix; names by hash on the name and its parents, whatever
+    /// the list's size.
+    #[test]
+    fn nets_by_longest_prefix_and_names_by_their_parents() {
+        let specs = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "2001:db8::/32",
+            "db.example.test",
+            "*.cdn.test",
+        ];
+        let matcher: AddrMatcher<usize> = specs
+            .iter()
+            .enumerate()
+            .map(|(line, s)| (s.parse().unwrap(), line + 1))
+            .collect();
+        let active = Answers::from(HostAddrs::from([(
+            "db.example.test".to_owned(),
+            vec![ip("192.0.2.5")],
+        )]));
+        let mut passive = PassiveDns::new(
+            std::num::NonZeroUsize::new(10).unwrap(),
+            std::time::Duration::from_secs(3600),
+        );
+        let client = ip("198.18.0.2");
+        for (name, addr) in [
+            ("a.b.cdn.test", [203, 0, 113, 1]),
+            ("cdn.test", [203, 0, 113, 2]),
+        ] {
+            let wire = crate::dns::parse::tests::message(
+                1,
+                true,
+                0,
+                name.as_bytes(),
+                1,
+                &[(name.as_bytes(), 60, 1, addr.to_vec())],
+            );
+            let msg = crate::dns::parse::parse_message(&wire).unwrap();
+            passive.learn(client, &msg, 0);
+        }
+        let names = Names::new(&active, Some(&passive));
+        let found = |addr: &str| matcher.find(names, client, ip(addr)).copied();
+        assert_eq!(found("10.2.3.4"), Some(1));
+        assert_eq!(found("10.1.3.4"), Some(2), "the most specific network");
+        assert_eq!(found("2001:db8::1"), Some(3));
+        assert_eq!(found("192.0.2.5"), Some(4), "resolved actively");
+        assert_eq!(found("203.0.113.1"), Some(5), "under *.cdn.test");
+        assert_eq!(
+            found("203.0.113.2"),
+            None,
+            "*.cdn.test is not cdn.test itself"
+        );
+        assert_eq!(found("11.0.0.1"), None);
+        let other = ip("198.18.0.3");
+        assert_eq!(
+            matcher.find(names, other, ip("203.0.113.1")),
+            None,
+            "not its own answer"
+        );
+    }
+
+    #[test]
+    fn first_entry_of_a_spec_is_kept() {
+        let matcher: AddrMatcher<usize> = [("192.0.2.0/24", 1), ("192.0.2.0/24", 2)]
+            .into_iter()
+            .map(|(s, line)| (s.parse().unwrap(), line))
+            .collect();
+        let none = Answers::default();
+        let names = Names::new(&none, None);
+        let at = ip("192.0.2.1");
+        assert_eq!(matcher.find(names, at, at), Some(&1));
+    }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, Saved, decode, save_as, saved};
+use super::{ConnCtx, Lists, Now, Rule, Saved, allowlist::NetSet, decode, save_as, saved};
 use crate::{
     alerts::{Alert, ConnLog, Note},
     conntable::Uid,
@@ -17,7 +17,7 @@ use crate::{
 
 pub struct LongConnection {
     durations: Vec<Duration>,
-    ignore: Vec<IpNet>,
+    ignore: NetSet,
     /// Crossings reported so far per open connection.
     crossed: HashMap<Uid, usize>,
     /// Changes to what `save` writes, counted.
@@ -25,14 +25,14 @@ pub struct LongConnection {
 }
 
 impl LongConnection {
-    pub fn new(durations: Vec<Duration>, ignore: Vec<IpNet>) -> Self {
+    pub fn new(durations: Vec<Duration>, ignore: &[IpNet]) -> Self {
         assert!(
             !durations.is_empty(),
             "the flag parser refuses an empty list"
         );
         Self {
             durations,
-            ignore,
+            ignore: ignore.iter().copied().collect(),
             crossed: HashMap::new(),
             changes: 0,
         }
@@ -49,12 +49,17 @@ impl LongConnection {
 
     /// Closed by FIN or RST, it only waits out the close delay: not active any more.
     fn passes_over(&self, conn: &ConnCtx) -> bool {
-        let ignored = |addr| self.ignore.iter().any(|net: &IpNet| net.contains(&addr));
-        conn.conn.closed() || ignored(conn.orig.addr) || ignored(conn.resp.addr)
+        conn.conn.closed()
+            || self.ignore.contains(conn.orig.addr)
+            || self.ignore.contains(conn.resp.addr)
     }
 }
 
 impl Rule for LongConnection {
+    fn set_lists(&mut self, lists: &Lists) {
+        self.ignore = lists.long_ignore.iter().copied().collect();
+    }
+
     /// Its age crosses the next threshold whether packets come or not.
     fn next_due(&self, conn: &ConnCtx) -> Option<u64> {
         if self.passes_over(conn) {
@@ -159,7 +164,7 @@ mod tests {
 
     fn default_rule() -> LongConnection {
         let list = crate::cli::parse_durations("10m,30m,1h,12h,24h,3d").unwrap();
-        LongConnection::new(list, vec![])
+        LongConnection::new(list, &[])
     }
 
     #[test]
@@ -265,14 +270,14 @@ mod tests {
     fn ignored_nets_and_finished_connections() {
         let mut rule = LongConnection::new(
             vec![Duration::from_secs(60)],
-            vec!["203.0.113.0/24".parse().unwrap()],
+            &["203.0.113.0/24".parse().unwrap()],
         );
         let conn = ConnSpec::default().conn();
         assert!(
             update(&mut rule, &conn, at(120.0)).is_empty(),
             "remote in an ignored net"
         );
-        let mut rule = LongConnection::new(vec![Duration::from_secs(60)], vec![]);
+        let mut rule = LongConnection::new(vec![Duration::from_secs(60)], &[]);
         assert_eq!(update(&mut rule, &conn, at(61.0)).len(), 1);
         finish(&mut rule, &conn, at(62.0));
         assert!(rule.crossed.is_empty());

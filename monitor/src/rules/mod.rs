@@ -3,6 +3,7 @@
 //! simulated traffic run in milliseconds in their tests.
 
 pub mod allowlist;
+mod intel;
 mod large_upload;
 mod long_connection;
 mod restricted;
@@ -21,6 +22,7 @@ use crate::{
     consumer::Consumer,
 };
 pub use allowlist::AddrMatcher;
+pub use intel::IntelMatch;
 pub use large_upload::LargeUpload;
 pub use long_connection::LongConnection;
 pub use restricted::RestrictedOutbound;
@@ -28,7 +30,21 @@ pub use upload_ratio::UploadRatio;
 pub use windows::Windows;
 
 pub use crate::clock::Now;
-use targets::{AddrSpec, Service};
+use targets::{AddrSpec, Origin, Service};
+
+/// The lists rules match, which a reload (SIGHUP) may replace while the rules run.
+#[derive(Clone, Debug, Default)]
+pub struct Lists {
+    /// LongConnection.
+    pub long_ignore: Vec<IpNet>,
+    /// RestrictedOutbound: silent while there are no restricted nets.
+    pub restricted_nets: Vec<IpNet>,
+    pub allowed: allowlist::Allowed,
+    /// WindowExceeded and DataLeak.
+    pub exclude_dst: Vec<AddrSpec>,
+    /// IntelMatch, each entry with where it was listed.
+    pub intel: Vec<(AddrSpec, Origin)>,
+}
 
 /// What the rules are told: their thresholds, periods and lists.
 #[derive(Clone, Debug)]
@@ -42,14 +58,11 @@ pub struct RulesConfig {
     pub ratio_min_bytes: u64,
     /// LongConnection.
     pub long_durations: Vec<Duration>,
-    pub long_ignore: Vec<IpNet>,
-    /// RestrictedOutbound: off when there are no restricted nets.
-    pub restricted_nets: Vec<IpNet>,
-    pub allowed: allowlist::Allowed,
+    /// RestrictedOutbound.
     pub restricted_suppress: Duration,
     /// WindowExceeded and DataLeak.
     pub windows: windows::Config,
-    pub exclude_dst: Vec<AddrSpec>,
+    pub lists: Lists,
 }
 
 /// What rules ask of a connection beyond its view.
@@ -115,6 +128,8 @@ pub trait Rule: Send {
     fn shed(&self) -> u64 {
         0
     }
+    /// The lists were reloaded: match by these from now on, keeping all else.
+    fn set_lists(&mut self, _lists: &Lists) {}
 }
 
 /// Rule states by rule name, as `--state-dir` keeps them.
@@ -176,6 +191,13 @@ impl RuleSet {
     pub fn shed(&self) -> u64 {
         self.rules.iter().map(|rule| rule.shed()).sum()
     }
+
+    /// Every rule matches by `lists` from now on; what the rules know stays.
+    pub fn set_lists(&mut self, lists: &Lists) {
+        for rule in &mut self.rules {
+            rule.set_lists(lists);
+        }
+    }
 }
 
 impl Consumer for RuleSet {
@@ -205,9 +227,11 @@ impl Consumer for RuleSet {
     }
 }
 
-/// Every rule the flags turn on.
+/// Every rule the flags turn on. RestrictedOutbound and IntelMatch are there even while
+/// their lists are empty: a reload may fill them.
 pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
-    let mut rules: Vec<Box<dyn Rule>> = vec![
+    let lists = &config.lists;
+    vec![
         Box::new(LargeUpload::new(
             config.upload_threshold,
             config.upload_min_packets,
@@ -219,21 +243,19 @@ pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
         )),
         Box::new(LongConnection::new(
             config.long_durations.clone(),
-            config.long_ignore.clone(),
+            &lists.long_ignore,
         )),
         Box::new(Windows::new(
             config.windows,
-            AddrMatcher::new(config.exclude_dst.clone()),
+            AddrMatcher::new(lists.exclude_dst.clone()),
         )),
-    ];
-    if !config.restricted_nets.is_empty() {
-        rules.push(Box::new(RestrictedOutbound::new(
-            config.restricted_nets.clone(),
-            allowlist::Allowlist::new(&config.allowed),
+        Box::new(RestrictedOutbound::new(
+            &lists.restricted_nets,
+            allowlist::Allowlist::new(&lists.allowed),
             config.restricted_suppress,
-        )));
-    }
-    rules
+        )),
+        Box::new(IntelMatch::new(&lists.intel)),
+    ]
 }
 
 /// Bytes for people: `123.4 MB` (powers of 10, as the flags take them).
@@ -265,7 +287,7 @@ pub(crate) mod testkit {
         clock::Clock,
         conntable::{Conn, LocalNets},
         poller::FlowSnapshot,
-        resolve::{HostAddrs, Names},
+        resolve::{Answers, Names},
     };
 
     /// Monotonic zero is 2026-11-24T00:00:00Z.
@@ -366,7 +388,7 @@ pub(crate) mod testkit {
 
     /// Name tables in which no host name resolved.
     pub fn no_names() -> Names<'static> {
-        static NONE: std::sync::LazyLock<HostAddrs> = std::sync::LazyLock::new(HostAddrs::new);
+        static NONE: std::sync::LazyLock<Answers> = std::sync::LazyLock::new(Answers::default);
         Names::new(&NONE, None)
     }
 

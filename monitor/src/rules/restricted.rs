@@ -10,14 +10,18 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::{ConnCtx, Now, Rule, Saved, allowlist::Allowlist, decode, human_bytes, save_as, saved};
+use super::{
+    ConnCtx, Lists, Now, Rule, Saved,
+    allowlist::{Allowlist, NetSet},
+    decode, human_bytes, save_as, saved,
+};
 use crate::{
     alerts::{Alert, Note, Quiet},
     conntable::Uid,
 };
 
 pub struct RestrictedOutbound {
-    restricted: Vec<IpNet>,
+    restricted: NetSet,
     allow: Allowlist,
     quiet: Quiet,
     /// Open connections from restricted hosts already judged.
@@ -28,9 +32,9 @@ pub struct RestrictedOutbound {
 
 impl RestrictedOutbound {
     /// `quiet`: `--restricted-suppress`.
-    pub fn new(restricted: Vec<IpNet>, allow: Allowlist, quiet: Duration) -> Self {
+    pub fn new(restricted: &[IpNet], allow: Allowlist, quiet: Duration) -> Self {
         Self {
-            restricted,
+            restricted: restricted.iter().copied().collect(),
             allow,
             quiet: Quiet {
                 time: quiet,
@@ -43,9 +47,14 @@ impl RestrictedOutbound {
 }
 
 impl Rule for RestrictedOutbound {
+    fn set_lists(&mut self, lists: &Lists) {
+        self.restricted = lists.restricted_nets.iter().copied().collect();
+        self.allow = Allowlist::new(&lists.allowed);
+    }
+
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         let (src, dst) = (conn.orig.addr, conn.resp.addr);
-        let Some(net) = self.restricted.iter().find(|n| n.contains(&src)) else {
+        let Some((net, _)) = self.restricted.find(src) else {
             return;
         };
         if !self.judged.insert(conn.uid()) {
@@ -106,7 +115,7 @@ mod tests {
     use crate::{
         cli::RuleArgs,
         dns::cache::PassiveDns,
-        resolve::{HostAddrs, Names},
+        resolve::{Answers, HostAddrs, Names},
         rules::testkit::*,
     };
     use clap::Parser;
@@ -119,10 +128,12 @@ mod tests {
         }
         let mut argv = vec!["test", "--restricted-net", "198.18.5.0/24"];
         argv.extend(flags);
-        let config = crate::config::rules(&Flags::try_parse_from(argv).unwrap().rules);
+        let args = Flags::try_parse_from(argv).unwrap().rules;
+        let lists = crate::config::list_sources(&args, &[]).load().unwrap();
+        let config = crate::config::rules(&args, lists);
         RestrictedOutbound::new(
-            config.restricted_nets.clone(),
-            Allowlist::new(&config.allowed),
+            &config.lists.restricted_nets,
+            Allowlist::new(&config.lists.allowed),
             config.restricted_suppress,
         )
     }
@@ -220,8 +231,8 @@ mod tests {
     }
 
     /// What the resolver found for `host`: `addr`.
-    fn resolved_hosts(host: &str, addr: &str) -> HostAddrs {
-        HostAddrs::from([(host.to_owned(), vec![addr.parse().unwrap()])])
+    fn resolved_hosts(host: &str, addr: &str) -> Answers {
+        HostAddrs::from([(host.to_owned(), vec![addr.parse().unwrap()])]).into()
     }
 
     /// A response teaching `client` that `name` is at `addr`.
@@ -303,6 +314,29 @@ mod tests {
             |hosts| update_named(&mut rule(&flags), &conn, at(1.0), Names::new(hosts, None));
         assert_eq!(alerts(&moved).len(), 1);
         assert!(alerts(&known).is_empty());
+    }
+
+    /// The case: a destination added to the allowlist by a reload silences the
+    /// next connection; one already judged is not judged again.
+    #[test]
+    fn a_reload_allows_from_the_next_connection() {
+        let mut r = rule(&[]);
+        let first = from_restricted(("203.0.113.2", 443), 6, "C1").conn();
+        assert_eq!(update(&mut r, &first, at(1.0)).len(), 1);
+        let lists = Lists {
+            restricted_nets: vec!["198.18.5.0/24".parse().unwrap()],
+            allowed: crate::rules::allowlist::Allowed {
+                dst: vec!["203.0.113.2".parse().unwrap()],
+                ..Default::default()
+            },
+            ..Lists::default()
+        };
+        r.set_lists(&lists);
+        assert!(r.judged.contains(&first.uid), "what was judged stays");
+        let next = from_restricted(("203.0.113.2", 443), 6, "C2").conn();
+        assert!(update(&mut r, &next, at(2.0)).is_empty());
+        let elsewhere = from_restricted(("198.51.100.1", 443), 6, "C3").conn();
+        assert_eq!(update(&mut r, &elsewhere, at(2.0)).len(), 1);
     }
 
     #[test]

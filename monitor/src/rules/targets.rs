@@ -1,7 +1,7 @@
 //! What rules match, in the forms flags give them: services (PORT/PROTO), addresses,
 //! networks and names, and the allowlist entries made of them.
 
-use std::{fmt, str::FromStr};
+use std::{fmt, str::FromStr, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -87,6 +87,14 @@ impl fmt::Display for AddrSpec {
             AddrSpec::Suffix(suffix) => write!(f, "*.{suffix}"),
         }
     }
+}
+
+/// Where a list entry was given: in file `list` at line `line`, or on the command line
+/// (`list` is then the flag, `line` which of its values, from 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub list: Arc<str>,
+    pub line: usize,
 }
 
 /// `--allow-service CIDR,PORT/PROTO`.

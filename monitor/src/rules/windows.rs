@@ -8,7 +8,7 @@ use std::{collections::VecDeque, net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AddrMatcher, ConnCtx, Now, Rule, Saved, decode, human_bytes, save_as, saved};
+use super::{AddrMatcher, ConnCtx, Lists, Now, Rule, Saved, decode, human_bytes, save_as, saved};
 use crate::{
     alerts::{Alert, Note},
     dense::{DenseMap, Keyed},
@@ -293,6 +293,10 @@ impl Windows {
 }
 
 impl Rule for Windows {
+    fn set_lists(&mut self, lists: &Lists) {
+        self.exclude = AddrMatcher::new(lists.exclude_dst.clone());
+    }
+
     fn shed(&self) -> u64 {
         self.shed
     }

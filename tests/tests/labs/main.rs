@@ -17,6 +17,7 @@ mod lab_hardening;
 mod lab_hooks;
 mod lab_ipfix;
 mod lab_jumbo;
+mod lab_lists;
 mod lab_logs;
 mod lab_map_pressure;
 mod lab_metrics;
