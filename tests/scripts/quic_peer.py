@@ -2,9 +2,9 @@
 
 server: accepts connections on PORT with CERT and KEY; on each stream it counts the
         bytes until the stream ends and answers with the count as decimal text.
-client: connects to HOST PORT sending SNI as server_name (the certificate is not
-        verified), sends BYTES bytes on one stream, ends it, and prints the server's
-        count. Bounded: gives up after TIMEOUT seconds.
+client: connects to HOST PORT in QUIC version 1 or 2 (RFC 9369) sending SNI as
+        server_name (the certificate is not verified), sends BYTES bytes on one stream,
+        ends it, and prints the server's count. Bounded: gives up after TIMEOUT seconds.
 """
 
 import argparse
@@ -14,9 +14,11 @@ import sys
 
 from aioquic.asyncio import QuicConnectionProtocol, connect, serve
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicProtocolVersion
 from aioquic.quic.events import StreamDataReceived
 
 ALPN = ["egress-lab"]
+VERSIONS = {1: QuicProtocolVersion.VERSION_1, 2: QuicProtocolVersion.VERSION_2}
 
 
 class Counter(QuicConnectionProtocol):
@@ -47,6 +49,7 @@ async def run_client(args):
         alpn_protocols=ALPN,
         server_name=args.sni,
         verify_mode=ssl.CERT_NONE,
+        supported_versions=[VERSIONS[args.quic_version]],
     )
     async with connect(args.host, args.port, configuration=config) as client:
         reader, writer = await client.create_stream()
@@ -68,6 +71,7 @@ def main():
     client.add_argument("--port", type=int, required=True)
     client.add_argument("--sni", required=True)
     client.add_argument("--bytes", type=int, required=True)
+    client.add_argument("--quic-version", type=int, choices=VERSIONS, default=1)
     client.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
     if args.mode == "server":

@@ -112,14 +112,16 @@ impl Drop for QuicServer {
     }
 }
 
-/// Runs aioquic's client in `ns`: it connects to `server` with `sni` as its server_name,
-/// sends `bytes` bytes on one stream, and returns how many the server says it received.
-pub fn upload(ns: &str, server: SocketAddr, sni: &str, bytes: u64) -> u64 {
+/// Runs aioquic's client in `ns`: it connects to `server` in QUIC `version` (1 or 2) with
+/// `sni` as its server_name, sends `bytes` bytes on one stream, and returns how many the
+/// server says it received.
+pub fn upload(ns: &str, server: SocketAddr, version: u8, sni: &str, bytes: u64) -> u64 {
     require_aioquic();
     let script = script();
-    let (host, port, bytes) = (
+    let (host, port, version, bytes) = (
         server.ip().to_string(),
         server.port().to_string(),
+        version.to_string(),
         bytes.to_string(),
     );
     let out = ns_output(
@@ -136,6 +138,8 @@ pub fn upload(ns: &str, server: SocketAddr, sni: &str, bytes: u64) -> u64 {
             sni,
             "--bytes",
             &bytes,
+            "--quic-version",
+            &version,
         ],
         CLIENT_LIMIT,
     );
