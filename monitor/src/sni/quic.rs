@@ -631,6 +631,30 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_decrypted_frames_never_panic() {
+        // Frame types an Initial may hold, and varint prefixes of every length, are
+        // likelier than the rest so that the walk gets past the first byte.
+        const LIKELY: [u8; 10] = [0x00, 0x01, 0x02, 0x03, 0x06, 0x1c, 0x40, 0x80, 0xc0, 0xff];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..2_000 {
+            let len = usize::try_from(next() % 64).unwrap();
+            let frames: Vec<u8> = (0..len)
+                .map(|_| match next() % 3 {
+                    0 => LIKELY[usize::try_from(next() % 10).unwrap()],
+                    _ => next() as u8,
+                })
+                .collect();
+            let _ = client_hello(&seal(VERSION_1, &DCID, 0, &frames, 0));
+        }
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         for packet in [unhex(V1_PACKET), unhex(V2_PACKET)] {
             for len in 0..packet.len() {
