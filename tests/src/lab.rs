@@ -822,24 +822,12 @@ pub fn send_raw_frame(ns: &str, dev: &str, dst: [u8; 6], frame: Vec<u8>) {
     let dev = dev.to_string();
     let ns_name = ns.to_string();
     run_in_ns(ns, move || {
-        let name = std::ffi::CString::new(dev.clone()).expect("interface name");
-        // SAFETY: `name` is a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(ifindex != 0, "in {ns_name}: no interface {dev}");
         // Protocol 0: the socket sends only, it receives nothing.
-        // SAFETY: plain syscall.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        assert!(
-            fd >= 0,
-            "in {ns_name}: AF_PACKET socket: {}",
-            io::Error::last_os_error()
-        );
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let (fd, ifindex) = packet_socket(&ns_name, &dev, libc::SOCK_RAW, 0);
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
+        addr.sll_ifindex = ifindex;
         addr.sll_halen = 6;
         addr.sll_addr[..6].copy_from_slice(&dst);
         // SAFETY: buffer and address are valid for the lengths given.
@@ -860,6 +848,32 @@ pub fn send_raw_frame(ns: &str, dev: &str, dst: [u8; 6], frame: Vec<u8>) {
             io::Error::last_os_error()
         );
     });
+}
+
+/// An AF_PACKET socket of `kind` (`SOCK_RAW`, `SOCK_DGRAM`) for `protocol` (network byte
+/// order), in the calling thread's namespace (`ns_name`, for messages), and the index of
+/// interface `dev` there.
+pub fn packet_socket(ns_name: &str, dev: &str, kind: i32, protocol: u16) -> (OwnedFd, i32) {
+    let name = std::ffi::CString::new(dev).expect("interface name");
+    // SAFETY: `name` is a valid C string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex != 0, "in {ns_name}: no interface {dev}");
+    // SAFETY: plain syscall.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            kind | libc::SOCK_CLOEXEC,
+            i32::from(protocol),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "in {ns_name}: AF_PACKET socket: {}",
+        io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    (fd, ifindex as i32)
 }
 
 /// Reads an interface's counters with `ip -s -j link show`.

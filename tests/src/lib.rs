@@ -21,6 +21,7 @@ pub mod pmacct;
 pub mod postgres;
 pub mod procfs;
 pub mod prometheus;
+pub mod quic;
 pub mod replay;
 pub mod rules_lab;
 pub mod traffic;

@@ -64,7 +64,16 @@ const APT_PACKAGES: &[&str] = &[
     // A gateway whose default route is a tun device, as with OpenVPN: socat's TUN address
     // tunnels it over UDP to the Internet host.
     "socat",
+    // The QUIC labs' peers run aioquic from a venv of Debian's Python (see LAB_VENV).
+    "python3-venv",
 ];
+
+/// The venv holding the QUIC labs' aioquic (tests/scripts/quic_peer.py); the tests know
+/// this path too (tests/src/quic.rs).
+const LAB_VENV: &str = "/var/lib/egress-monitor-lab/venv";
+/// aioquic 1.9 wants pylsqpack >= 1.1.1, which pip does not find here (1.0.0 is the
+/// newest it offers); 1.7.2 installs with it.
+const AIOQUIC_VERSION: &str = "1.7.2";
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "Project tasks")]
@@ -265,7 +274,28 @@ fn setup() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"));
         check(install.status(), "cargo install bpf-linker")?;
     }
+    lab_venv()?;
     mount_bpf_fs()
+}
+
+/// Installs aioquic into [`LAB_VENV`] unless the pinned version is there.
+fn lab_venv() -> anyhow::Result<()> {
+    let venv = Path::new(LAB_VENV);
+    let installed = Command::new(venv.join("bin/python"))
+        .args(["-c", "import aioquic; print(aioquic.__version__)"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == AIOQUIC_VERSION);
+    if installed {
+        eprintln!("setup: aioquic {AIOQUIC_VERSION} present in {LAB_VENV}");
+        return Ok(());
+    }
+    eprintln!("setup: installing aioquic {AIOQUIC_VERSION} into a venv at {LAB_VENV}");
+    let mut create = as_root(Path::new("/usr/bin/python3"));
+    create.args(["-m", "venv", LAB_VENV]);
+    check(create.status(), "python3 -m venv")?;
+    let mut install = as_root(&venv.join("bin/pip"));
+    install.args(["install", "--quiet", &format!("aioquic=={AIOQUIC_VERSION}")]);
+    check(install.status(), "pip install aioquic")
 }
 
 /// `--pin-path` needs a BPF filesystem at /sys/fs/bpf, which not every machine mounts.

@@ -26,6 +26,7 @@ mod lab_offloads;
 mod lab_pmacct;
 mod lab_poll_changes;
 mod lab_privileges;
+mod lab_quic;
 mod lab_restart;
 mod lab_rules;
 mod lab_sink_outages;
