@@ -67,28 +67,71 @@ pub struct Row {
 ///
 /// Only connections that moved since the last poll have a rate; the others rank by bytes
 /// alone. So a poll ranks the ones it handed over ([`Consumer::update`]) and the
-/// [`MAX_ROWS`] with the most bytes, which are kept from poll to poll: its work follows
-/// what changed, not the size of the table. The whole table is ranked again only when one
-/// of those kept leaves it (or before the first poll).
+/// [`MAX_ROWS`] with the most bytes, found among the [`MOST_DEPTH`] with the most that are
+/// kept from poll to poll: its work follows what changed, not the size of the table. The
+/// whole table is ranked again only when fewer than [`MAX_ROWS`] of those kept are left
+/// (or before the first poll).
 pub struct Tracker {
     last_ns: u64,
     tx: watch::Sender<View>,
     /// What the connections handed over since the last ranking showed.
     handed: Handed,
-    /// The [`MAX_ROWS`] connections with the most bytes in the table, most first (all of
-    /// them when it holds fewer); `None` when to be found again from the whole table.
-    most_bytes: Option<Vec<ByBytes>>,
+    /// `None` when to be found again from the whole table.
+    most_bytes: Option<MostBytes>,
 }
 
+/// How many connections with the most bytes are kept: more than [`MAX_ROWS`], so that
+/// some may leave the table before it is ranked whole again.
+const MOST_DEPTH: usize = 4 * MAX_ROWS;
+
+/// The connections with the most bytes in the table, most first: those of the table that
+/// rank above every other by bytes, at most [`MOST_DEPTH`]. (One that leaves takes
+/// nothing from that: the rest still rank above every other.)
+#[derive(Clone)]
+struct MostBytes {
+    kept: Vec<ByBytes>,
+    /// Whether they are all of the table's connections.
+    all: bool,
+}
+
+impl MostBytes {
+    /// Whether one handed over with `bytes` may be among them: it ranks above the last,
+    /// or they are all of the table's.
+    fn may_take(&self, bytes: &ByBytes) -> bool {
+        self.all || self.kept.last().is_none_or(|last| bytes < last)
+    }
+
+    /// Adds `more` (none of them kept already), keeping the [`MOST_DEPTH`] with the most.
+    fn extend(&mut self, more: impl IntoIterator<Item = ByBytes>) {
+        self.kept.extend(more);
+        self.all &= self.kept.len() <= MOST_DEPTH;
+        keep_most(&mut self.kept, MOST_DEPTH);
+    }
+}
+
+/// Past this many connections that may take a place among those with the most bytes, a
+/// poll ranks the whole table: a read of the whole map hands every connection over.
+const MAX_ENTRANTS: usize = 2 * MOST_DEPTH;
+
 /// What the connections handed over since the last ranking showed.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Handed {
     count: usize,
     /// Those that moved, by rank; the busiest [`MAX_ROWS`] of them are among these.
     moved: Busiest,
-    /// Those that may take a place among the ones with the most bytes (at most the
-    /// [`MAX_ROWS`] with the most, once more were handed over).
-    entrants: Vec<ByBytes>,
+    /// Those that may take a place among the ones with the most bytes; `None` once more
+    /// than [`MAX_ENTRANTS`] were, and the whole table is to be ranked.
+    entrants: Option<Vec<ByBytes>>,
+}
+
+impl Default for Handed {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            moved: Busiest::default(),
+            entrants: Some(Vec::new()),
+        }
+    }
 }
 
 /// A connection's place by bytes alone: what ranks connections with no rate.
@@ -217,14 +260,12 @@ impl Tracker {
             handed.moved.offer(Rank::of(conn, secs), conn.key);
         }
         let entrant = ByBytes::of(conn);
-        let last = self
-            .most_bytes
-            .as_ref()
-            .and_then(|most| (most.len() == MAX_ROWS).then(|| most.last()).flatten());
-        if last.is_none_or(|last| entrant < *last) {
-            handed.entrants.push(entrant);
-            if handed.entrants.len() >= 2 * MAX_ROWS {
-                keep_most(&mut handed.entrants);
+        if let Some(entrants) = &mut handed.entrants
+            && (self.most_bytes.as_ref()).is_none_or(|most| most.may_take(&entrant))
+        {
+            entrants.push(entrant);
+            if entrants.len() > MAX_ENTRANTS {
+                handed.entrants = None;
             }
         }
     }
@@ -255,17 +296,21 @@ impl Tracker {
 }
 
 /// The busiest connections of the whole table, and those with the most bytes.
-fn rank_all(table: &ConnTable, secs: f64) -> (Vec<&Conn>, Vec<ByBytes>) {
+fn rank_all(table: &ConnTable, secs: f64) -> (Vec<&Conn>, MostBytes) {
     let mut busiest = Busiest::default();
-    let mut most = Vec::with_capacity(2 * MAX_ROWS);
+    let mut most = Vec::with_capacity(2 * MOST_DEPTH);
     for conn in table.iter() {
         busiest.offer(Rank::of(conn, secs), conn.key);
         most.push(ByBytes::of(conn));
         if most.len() == most.capacity() {
-            keep_most(&mut most);
+            keep_most(&mut most, MOST_DEPTH);
         }
     }
-    keep_most(&mut most);
+    keep_most(&mut most, MOST_DEPTH);
+    let most = MostBytes {
+        kept: most,
+        all: table.len() <= MOST_DEPTH,
+    };
     busiest.keep_busiest();
     let busiest = (busiest.kept.iter())
         .map(|(_, key)| table.get(key).expect("a connection of the table"))
@@ -275,34 +320,44 @@ fn rank_all(table: &ConnTable, secs: f64) -> (Vec<&Conn>, Vec<ByBytes>) {
 
 /// The busiest connections from those handed over and those with the most bytes at the
 /// last ranking (`most`), and those with the most bytes now. `None` when that is not
-/// enough to know: one of `most` left the table (another, not handed over, may take its
-/// place) or has fewer bytes than before, or one ranked among the busiest left the
-/// table after it was handed over. (One that left and ranks below the busiest changes
-/// nothing: those above it are what the busiest are.)
+/// enough to know: too many were handed over, or fewer than [`MAX_ROWS`] of `most` are
+/// left in the table (others, not handed over, may rank above those that are not kept),
+/// or one has fewer bytes than before, or one ranked among the busiest left the table
+/// after it was handed over. (One
+/// that left and ranks below the busiest changes nothing: those above it are what the
+/// busiest are.)
 fn rank_handed(
     handed: Handed,
-    mut most: Vec<ByBytes>,
+    mut most: MostBytes,
     table: &ConnTable,
     secs: f64,
-) -> Option<(Vec<&Conn>, Vec<ByBytes>)> {
+) -> Option<(Vec<&Conn>, MostBytes)> {
     let Handed {
         mut moved,
         entrants,
         ..
     } = handed;
-    for kept in &mut most {
-        let conn = table.get(&kept.key).filter(|c| c.uid == kept.uid)?;
+    let entrants = entrants?;
+    let mut fewer = false;
+    most.kept.retain_mut(|kept| {
+        let Some(conn) = table.get(&kept.key).filter(|c| c.uid == kept.uid) else {
+            return false;
+        };
         let now = ByBytes::of(conn);
-        if now.bytes > kept.bytes {
-            return None;
-        }
+        fewer |= now.bytes > kept.bytes;
         *kept = now;
+        true
+    });
+    if fewer || (!most.all && most.kept.len() < MAX_ROWS) {
+        return None;
     }
-    let mut kept: HashSet<Uid> = most.iter().map(|m| m.uid).collect();
-    most.extend((entrants.into_iter()).filter(|m| kept.insert(m.uid)));
-    keep_most(&mut most);
+    let mut kept: HashSet<Uid> = most.kept.iter().map(|m| m.uid).collect();
+    // Those handed over may have finished since.
+    let present = |m: &ByBytes| table.get(&m.key).is_some_and(|c| c.uid == m.uid);
+    most.extend((entrants.into_iter()).filter(|m| present(m) && kept.insert(m.uid)));
     let offered: HashSet<Uid> = moved.kept.iter().map(|(rank, _)| rank.uid).collect();
-    for m in most.iter().filter(|m| !offered.contains(&m.uid)) {
+    let most_of_all = most.kept.iter().take(MAX_ROWS);
+    for m in most_of_all.filter(|m| !offered.contains(&m.uid)) {
         let conn = table.get(&m.key).filter(|c| c.uid == m.uid)?;
         moved.offer(Rank::of(conn, secs), conn.key);
     }
@@ -313,11 +368,11 @@ fn rank_handed(
     Some((busiest, most))
 }
 
-/// Sorts the [`MAX_ROWS`] with the most bytes first and drops the rest.
-fn keep_most(most: &mut Vec<ByBytes>) {
-    if most.len() > MAX_ROWS {
-        most.select_nth_unstable(MAX_ROWS - 1);
-        most.truncate(MAX_ROWS);
+/// Sorts the `depth` with the most bytes first and drops the rest.
+fn keep_most(most: &mut Vec<ByBytes>, depth: usize) {
+    if most.len() > depth {
+        most.select_nth_unstable(depth - 1);
+        most.truncate(depth);
     }
     most.sort_unstable();
 }
@@ -703,6 +758,32 @@ mod tests {
             assert!(*view.borrow() == *whole.subscribe().borrow(), "poll {poll}");
         }
         assert!(ranked_what_moved > 30, "{ranked_what_moved} of 60 polls");
+    }
+
+    /// Those kept with the most bytes leave, and nothing is handed over: once fewer than
+    /// a view's worth are left, the whole table is ranked again.
+    #[test]
+    fn those_with_the_most_bytes_leaving_rank_the_table_again() {
+        let mut table = ConnTable::new(Duration::from_secs(300), Uids::new([1, 2]));
+        let spec = |port: u16| ConnSpec {
+            orig: ("198.18.1.2", port),
+            orig_bytes: u64::from(port) * 100,
+            ..ConnSpec::timed()
+        };
+        let n = 10 * MAX_ROWS as u16;
+        observe(&mut table, &(1..=n).map(spec).collect::<Vec<_>>());
+        let mut tracker = Tracker::new(0);
+        tracker.update(&table, &local(), at(1.0));
+        for (step, port) in (1..=n).rev().take(MOST_DEPTH).enumerate() {
+            table.remove(&spec(port).conn().key);
+            if step % 50 == 0 {
+                let now = at(2.0 + step as f64);
+                let mut whole = Tracker::new(tracker.last_ns);
+                tracker.update(&table, &local(), now);
+                whole.update(&table, &local(), now);
+                assert!(*tracker.tx.borrow() == *whole.tx.borrow(), "{step} gone");
+            }
+        }
     }
 
     #[test]
