@@ -86,6 +86,7 @@ pub fn rules(args: &RuleArgs) -> RulesConfig {
             pairs: args.allow_pair.clone(),
         },
         restricted_suppress: args.restricted_suppress,
+        restricted_doh: args.restricted_doh,
         windows: windows::Config {
             window: args.window,
             threshold: args.window_threshold.0,

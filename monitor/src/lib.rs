@@ -33,6 +33,7 @@ pub mod resolve;
 pub mod rules;
 pub mod run;
 pub mod shed;
+pub mod sni;
 pub mod state;
 pub mod top;
 pub mod worker;

@@ -19,17 +19,33 @@ use crate::dns::cache::PassiveDns;
 pub type HostAddrs = HashMap<String, Vec<IpAddr>>;
 
 /// The name tables host names are matched by, as one poll sees them: the resolver's
-/// answers for the configured names, and passive DNS (the client's own lookups). A name
-/// that never resolved matches nothing.
+/// answers for the configured names, and passive DNS (the client's own lookups); for one
+/// connection also the name its TLS or QUIC hello asked its server for. A name that never
+/// resolved matches nothing.
 #[derive(Clone, Copy, Debug)]
 pub struct Names<'a> {
     active: &'a HostAddrs,
     passive: Option<&'a PassiveDns>,
+    /// A connection's server address and the `server_name` its client sent there.
+    server_name: Option<(IpAddr, &'a str)>,
 }
 
 impl<'a> Names<'a> {
     pub fn new(active: &'a HostAddrs, passive: Option<&'a PassiveDns>) -> Self {
-        Self { active, passive }
+        Self {
+            active,
+            passive,
+            server_name: None,
+        }
+    }
+
+    /// The same tables, and `name` for `server`: what a connection's client asked for in
+    /// its hello, matched as a name it resolved itself.
+    pub fn with_server_name(self, server: IpAddr, name: &'a str) -> Self {
+        Self {
+            server_name: Some((server, name)),
+            ..self
+        }
     }
 
     pub fn has(&self, host: &str, addr: IpAddr) -> bool {
@@ -38,21 +54,31 @@ impl<'a> Names<'a> {
             .is_some_and(|addrs| addrs.contains(&addr))
     }
 
-    /// Whether `client` itself resolved a name that `matches` accepts to `addr`.
+    /// Whether `client` itself resolved a name that `matches` accepts to `addr`, or
+    /// named `addr` so in its hello.
     pub fn client_resolved(
         &self,
         client: IpAddr,
         addr: IpAddr,
         matches: impl Fn(&str) -> bool,
     ) -> bool {
-        self.passive
-            .is_some_and(|p| p.client_resolved(client, addr, matches))
+        self.server_name
+            .is_some_and(|(server, name)| server == addr && matches(name))
+            || self
+                .passive
+                .is_some_and(|p| p.client_resolved(client, addr, matches))
     }
 
     /// The name `local` resolved for `remote`, else anyone's name for it, unexpired at
-    /// kernel time `now_ns`.
+    /// kernel time `now_ns`; else the name the hello gave `remote`.
     pub fn fqdn(&self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
-        self.passive.and_then(|p| p.name(local, remote, now_ns))
+        self.passive
+            .and_then(|p| p.name(local, remote, now_ns))
+            .or_else(|| {
+                self.server_name
+                    .filter(|(server, _)| *server == remote)
+                    .map(|(_, name)| name.to_owned())
+            })
     }
 }
 
@@ -161,6 +187,7 @@ mod tests {
             ConnSpec {
                 orig: ("198.18.5.7", 40000),
                 resp: ("192.0.2.7", 22),
+                orig_bytes: 100,
                 uid,
                 ..ConnSpec::default()
             }

@@ -47,6 +47,8 @@ pub struct RulesConfig {
     pub restricted_nets: Vec<IpNet>,
     pub allowed: allowlist::Allowed,
     pub restricted_suppress: Duration,
+    /// `--restricted-doh`: encrypted DNS alerts even to an allowed destination.
+    pub restricted_doh: bool,
     /// WindowExceeded and DataLeak.
     pub windows: windows::Config,
     pub exclude_dst: Vec<AddrSpec>,
@@ -227,11 +229,14 @@ pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
         )),
     ];
     if !config.restricted_nets.is_empty() {
-        rules.push(Box::new(RestrictedOutbound::new(
-            config.restricted_nets.clone(),
-            allowlist::Allowlist::new(&config.allowed),
-            config.restricted_suppress,
-        )));
+        rules.push(Box::new(
+            RestrictedOutbound::new(
+                config.restricted_nets.clone(),
+                allowlist::Allowlist::new(&config.allowed),
+                config.restricted_suppress,
+            )
+            .with_doh(config.restricted_doh),
+        ));
     }
     rules
 }
