@@ -18,7 +18,7 @@ use tests::{
     http::{agent_sample, eventually},
     lab::{self, Lab, ns_output, run_in_ns, spawn_in_ns},
     procfs,
-    rules_lab::{RulesAgent, Scratch, connect, listen, listing, of},
+    rules_lab::{RulesAgent, Scratch, WAN_HOST2_V4, add_wan_address, connect, listen, listing, of},
 };
 
 const WAN: IpAddr = IpAddr::V4(lab::WAN_HOST_V4);
@@ -88,10 +88,12 @@ fn tls_names_reach_records_alerts_and_allowlists() {
     let lab = Lab::new();
     let scratch = Scratch::new("sni");
     let cert = certificate(&scratch);
-    // A server per alert expected: RestrictedOutbound's alerts are quiet per server port.
-    tls_server(&lab, &cert, 443);
-    tls_server(&lab, &cert, 4443);
-    tls_server(&lab, &cert, 853);
+    // A destination and port per connection judged: RestrictedOutbound's alerts are quiet
+    // per destination and port, and these may all be judged in one poll.
+    for port in [443, 4443, 8443, 853] {
+        tls_server(&lab, &cert, port);
+    }
+    add_wan_address(&lab, WAN_HOST2_V4);
     let restricted = format!("{}/32", lab::LAN_HOST_V4);
     let agent = RulesAgent::start(
         &lab,
@@ -107,7 +109,7 @@ fn tls_names_reach_records_alerts_and_allowlists() {
     );
 
     // Not under *.exfil.test (the domain itself is not): alerts, and names the server.
-    s_client(&lab, 443, "exfil.test");
+    s_client(&lab, 8443, "exfil.test");
     // Under it: allowed.
     let resolve = format!("www.exfil.test:443:{WAN}");
     let curl = ["curl", "-sk", "--max-time", "10", "--resolve", &resolve];
@@ -116,9 +118,11 @@ fn tls_names_reach_records_alerts_and_allowlists() {
     s_client(&lab, 4443, "doh.exfil.test");
     s_client(&lab, 853, "dot.exfil.test");
     // Not TLS, to 443: no name.
-    let server = SocketAddr::new(WAN, 443);
+    let server = SocketAddr::new(IpAddr::V4(WAN_HOST2_V4), 443);
     let mut plain = connect(&lab.lan, server);
-    let plain_client = plain.local_addr().expect("client address");
+    let client = plain.local_addr().expect("client address");
+    let plain_ends =
+        |r: &&ConnRecord| r.is_between("tcp", (client.ip(), client.port()), (server.ip(), 443));
     plain
         .write_all(b"GET / HTTP/1.0\r\n\r\n")
         .expect("send a plain request");
@@ -134,9 +138,7 @@ fn tls_names_reach_records_alerts_and_allowlists() {
         ]
         .iter()
         .all(|name| record_named(&conns, name).is_some())
-            && conns
-                .iter()
-                .any(|r| r.is_between("tcp", (plain_client.ip(), plain_client.port()), (WAN, 443)));
+            && conns.iter().any(|r| plain_ends(&r));
         done.then_some(conns)
     });
     let www = record_named(&conns, "www.exfil.test").unwrap();
@@ -146,10 +148,7 @@ fn tls_names_reach_records_alerts_and_allowlists() {
         let rec = record_named(&conns, name).unwrap();
         assert!(rec.bool("encrypted_dns"), "{rec}");
     }
-    let plain = conns
-        .iter()
-        .find(|r| r.is_between("tcp", (plain_client.ip(), plain_client.port()), (WAN, 443)))
-        .unwrap();
+    let plain = conns.iter().find(plain_ends).unwrap();
     assert!(
         !plain.has("server_name") && !plain.has("remote_fqdn"),
         "{plain}"
