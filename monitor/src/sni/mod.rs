@@ -79,7 +79,13 @@ pub struct Sni {
     /// the read): matched at this poll, else dropped.
     waiting: Vec<(FlowKey, Hello)>,
     counts: HelloCounts,
+    /// Settles since the last sweep (see [`SWEEP_EVERY`]).
+    settles: u32,
 }
+
+/// Polls between two sweeps of the hellos whose connection left the table without
+/// finishing (absorbed into its translated self, whose key the hello did not know).
+const SWEEP_EVERY: u32 = 256;
 
 impl Sni {
     /// `doh_servers`: `--doh-server`, beside [`DOH_SERVERS`].
@@ -95,6 +101,7 @@ impl Sni {
             fresh: Vec::new(),
             waiting: Vec::new(),
             counts: HelloCounts::default(),
+            settles: 0,
         }
     }
 
@@ -152,6 +159,11 @@ impl Sni {
             } else {
                 self.waiting.push((key, hello));
             }
+        }
+        self.settles += 1;
+        if self.settles >= SWEEP_EVERY {
+            self.settles = 0;
+            self.hellos.0.retain(|key, _| known(key));
         }
     }
 
@@ -260,6 +272,12 @@ mod tests {
             sni.hellos().get(&key(2)).is_none(),
             "dropped after one poll"
         );
+        for _ in 0..SWEEP_EVERY {
+            sni.settle(|k| *k != key(1));
+        }
+        assert!(sni.hellos().get(&key(1)).is_none(), "swept once gone");
+        sni.fresh = vec![(key(1), hello)];
+        sni.settle(|_| true);
         sni.forget(&key(1));
         assert!(sni.hellos().get(&key(1)).is_none());
     }
