@@ -247,8 +247,9 @@ fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) {
         // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
         unsafe { *slot = info };
         // Here, not in `counted`: the calls from there would pass the 512 stack bytes
-        // they may use together. A poll that reads the counts just before the copy is in
-        // the ring still takes it: it drains the ring after the map read.
+        // they may use together. So the copy follows the counts by the time it takes; a
+        // poll whose map read falls in between finds it unless it is not in the ring yet
+        // when the poll drains the ring, a little after that read.
         let first_payload = counted(seen, copier);
         if first_payload != 0 {
             copy_hello(seen, copier, first_payload);
