@@ -35,12 +35,17 @@ pub struct DirStats {
     /// was the first or carried FIN or RST.
     pub first_ns: u64,
     pub last_ns: u64,
-    /// Union of the TCP flags seen. With `syn_only` and `_pad`, the low bytes of one
-    /// aligned little-endian u64 that the kernel programs update with a single atomic OR.
+    /// Union of the TCP flags seen. With `syn_only`, `awaiting_hello` and `_pad`, the low
+    /// bytes of one aligned little-endian u64 that the kernel programs update with a
+    /// single atomic OR.
     pub tcp_flags: u8,
     /// 1 when a SYN without ACK was seen: its sender is the originator.
     pub syn_only: u8,
-    pub _pad: [u8; 2],
+    /// 1 from a SYN without ACK until this direction's first payload, which the programs
+    /// then offer the agent as a TLS hello (a reused address and port pair arms it
+    /// again); 0 in maps written by builds before it, as padding.
+    pub awaiting_hello: u8,
+    pub _pad: u8,
     /// The interface whose ingress last found this direction's source routed back through
     /// it (the reverse-path check); 0 before a check. Packets arriving there are not
     /// checked again.
@@ -92,7 +97,8 @@ impl DirStats {
         last_ns: 0,
         tcp_flags: 0,
         syn_only: 0,
-        _pad: [0; 2],
+        awaiting_hello: 0,
+        _pad: 0,
         source_checked_on: 0,
     };
 }

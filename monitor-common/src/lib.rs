@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod flow;
+pub mod hello;
 pub mod parse;
 pub mod stats;
 
@@ -18,6 +19,8 @@ pub mod names {
     pub const EPOCH_MAP: &str = "EPOCH";
     pub const CHANGED_MAP: &str = "CHANGED";
     pub const CHANGES_LOST_MAP: &str = "CHANGES_LOST";
+    pub const HELLO_EVENTS_MAP: &str = "HELLO_EVENTS";
+    pub const HELLO_LOST_MAP: &str = "HELLO_LOST";
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";

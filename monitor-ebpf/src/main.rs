@@ -28,7 +28,8 @@ use monitor_common::{
         DnsEventHeader, dns_span, flags as dns_flags, is_dns_port,
     },
     flow::{CHANGED_RING_BYTES, ChangedKey, DirStats, FlowKey, FlowValue, tcp_flags},
-    parse::{Frame, Link, PacketInfo, parse_packet},
+    hello::{HELLO_CAPTURE_MAX, HELLO_RING_BYTES, HelloEvent, is_hello},
+    parse::{Frame, IPPROTO_TCP, Link, PacketInfo, parse_packet},
     stats, watched,
 };
 
@@ -51,6 +52,15 @@ static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES,
 /// DNS messages (port 53) for the agent; a full buffer counts `stats::DNS_EVENTS_LOST`.
 #[map(name = "DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
+
+/// First payloads that may name the server (TLS ClientHello, QUIC Initial) for the agent.
+#[map(name = "HELLO_EVENTS")]
+static HELLO_EVENTS: RingBuf = RingBuf::with_byte_size(HELLO_RING_BYTES, 0);
+
+/// First payloads not handed over because `HELLO_EVENTS` was full. A map of its own, not
+/// a `STATS` slot, for the reason `CHANGES_LOST` is.
+#[map(name = "HELLO_LOST")]
+static HELLO_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The agent's poll epoch, raised by the agent before each read of `CHANGED`.
 #[map(name = "EPOCH")]
@@ -236,27 +246,40 @@ fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) {
     if let Some(slot) = PARSED.get_ptr_mut(0) {
         // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
         unsafe { *slot = info };
-        counted(seen, copier);
+        // Here, not in `counted`: the calls from there would pass the 512 stack bytes
+        // they may use together. So the copy follows the counts by the time it takes; a
+        // poll whose map read falls in between finds it unless it is not in the ring yet
+        // when the poll drains the ring, a little after that read.
+        let first_payload = counted(seen, copier);
+        if first_payload != 0 {
+            copy_hello(seen, copier, first_payload);
+        }
     }
 }
 
-/// Everything after parsing, for the packet in [`PARSED`].
+/// Everything after parsing, for the packet in [`PARSED`]. Returns the payload length of
+/// a connection's first payload from its originator, else 0.
 #[inline(never)]
-fn counted<C: Copier>(seen: &Seen, copier: &C) {
+fn counted<C: Copier>(seen: &Seen, copier: &C) -> u32 {
     let Some(info) = PARSED.get_ptr(0) else {
-        return;
+        return 0;
     };
     // SAFETY: as in `count`.
     let info = unsafe { &*info };
-    if !account(info, seen, copier) {
-        return bump(stats::SPOOFED_SOURCE);
-    }
+    let first_payload = match account(info, seen, copier) {
+        Some(first_payload) => first_payload,
+        None => {
+            bump(stats::SPOOFED_SOURCE);
+            return 0;
+        }
+    };
     if info.ip_len_exceeds_frame(seen.frame_len, seen.segs) {
         bump(stats::IP_LEN_EXCEEDS_FRAME);
     }
     if is_dns_port(info) {
         copy_dns(info, seen, copier);
     }
+    first_payload
 }
 
 /// Hands a DNS message to the agent. Never touches the packet.
@@ -281,20 +304,84 @@ fn copy_dns<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) {
             flags |= dns_flags::COPY_FAILED;
             len = 0;
         }
-        (*event).header = DnsEventHeader {
-            ts_ns: bpf_ktime_get_ns(),
-            src: info.src,
-            dst: info.dst,
-            sport: info.sport,
-            dport: info.dport,
-            ifindex: seen.ifindex,
-            family: info.family,
-            proto: info.proto,
-            direction: seen.direction,
+        write_header(
+            &raw mut (*event).header,
+            info,
+            seen,
             flags,
-            msg_len: span.msg_len as u16,
-            captured_len: len as u16,
-        };
+            span.msg_len,
+            len,
+        );
+    }
+    entry.submit(0);
+}
+
+/// Fills a ring entry's header in place: built on the stack, it would cost the calls
+/// that reach here bytes of the 512 they may use together.
+///
+/// SAFETY: `header` points to a reserved ring entry's header.
+#[inline(always)]
+unsafe fn write_header(
+    header: *mut DnsEventHeader,
+    info: &PacketInfo,
+    seen: &Seen,
+    flags: u8,
+    msg_len: u32,
+    captured_len: u32,
+) {
+    // SAFETY: as the caller promised.
+    unsafe {
+        (*header).ts_ns = bpf_ktime_get_ns();
+        (*header).src = info.src;
+        (*header).dst = info.dst;
+        (*header).sport = info.sport;
+        (*header).dport = info.dport;
+        (*header).ifindex = seen.ifindex;
+        (*header).family = info.family;
+        (*header).proto = info.proto;
+        (*header).direction = seen.direction;
+        (*header).flags = flags;
+        (*header).msg_len = msg_len as u16;
+        (*header).captured_len = captured_len as u16;
+    }
+}
+
+/// Hands the first payload of a new connection, the packet in [`PARSED`], to the agent
+/// when it may name the server (see [`is_hello`]). Never touches the packet. Not inlined:
+/// only first payloads call it, and the verifier follows it once.
+#[inline(never)]
+fn copy_hello<C: Copier>(seen: &Seen, copier: &C, payload: u32) {
+    let Some(info) = PARSED.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: as in `count`.
+    let info = unsafe { &*info };
+    let offset = info.l2_len + info.hdr_len;
+    if !is_hello(&Copied(copier), info, offset) {
+        return;
+    }
+    let Some(mut entry) = HELLO_EVENTS.reserve::<HelloEvent>(0) else {
+        if let Some(lost) = HELLO_LOST.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot; only this CPU writes it while this program runs.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    // The caller passes a payload, which LLVM knows and the verifier does not: read
+    // afresh, clamped from below too, the verifier sees the copy is never empty.
+    // SAFETY: a local.
+    let payload = unsafe { core::ptr::read_volatile(&payload) };
+    let mut len = payload.clamp(1, HELLO_CAPTURE_MAX as u32);
+    let event = entry.as_mut_ptr();
+    let mut flags = 0;
+    // SAFETY: `event` is the reserved entry, large enough for a HelloEvent; `len` is at
+    // most the size of its data array.
+    unsafe {
+        if copier.copy(offset, (*event).data.as_mut_ptr(), len) != 0 {
+            flags = dns_flags::COPY_FAILED;
+            len = 0;
+        }
+        write_header(&raw mut (*event).header, info, seen, flags, payload, len);
     }
     entry.submit(0);
 }
@@ -350,24 +437,32 @@ mod atomic {
     }
 }
 
-// `tcp_flags` and `syn_only` are the two low bytes of one aligned little-endian word: one
-// atomic OR sets both, and leaves the word's other bytes (`source_checked_on`) as they are.
+// `tcp_flags`, `syn_only` and `awaiting_hello` are the three low bytes of one aligned
+// little-endian word: one atomic OR sets them, and leaves the word's other bytes
+// (`source_checked_on`) as they are.
 const _: () = {
     assert!(core::mem::offset_of!(DirStats, tcp_flags) % 8 == 0);
     assert!(
         core::mem::offset_of!(DirStats, syn_only) == core::mem::offset_of!(DirStats, tcp_flags) + 1
     );
+    assert!(
+        core::mem::offset_of!(DirStats, awaiting_hello)
+            == core::mem::offset_of!(DirStats, tcp_flags) + 2
+    );
 };
 const SYN_ONLY_BIT: u64 = 1 << 8;
+const AWAITING_HELLO_BIT: u64 = 1 << 16;
 
-/// Counts the packet in its connection's entry, made if new; false for a forged source.
+/// Counts the packet in its connection's entry, made if new; `None` for a forged source,
+/// else the payload length when the packet is the first payload from the connection's
+/// originator (0 when not).
 ///
 /// An ingress packet's source is checked against the routing table when its connection
 /// is new and when its direction arrives on an interface other than the one that last
 /// passed the check: a known connection's packets pay for one comparison, and a forger
 /// cannot add to a connection from the side its source is not routed through.
 #[inline(always)]
-fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
+fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32> {
     let (ifindex, ingress) = (seen.ifindex, seen.direction == DIRECTION_INGRESS);
     let mut source_checked = false;
     let (key, dir) = info.flow_key();
@@ -376,7 +471,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
         None => {
             if ingress {
                 if spoofed(info, ifindex, copier) {
-                    return false;
+                    return None;
                 }
                 source_checked = true;
             }
@@ -393,7 +488,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
                 }
                 None => {
                     bump(stats::FLOW_MAP_FULL);
-                    return true;
+                    return Some(0);
                 }
             }
         }
@@ -412,13 +507,33 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
             let checked_on = &raw mut (*d).source_checked_on;
             if checked_on.read_volatile() != ifindex {
                 if !source_checked && spoofed(info, ifindex, copier) {
-                    return false;
+                    return None;
                 }
                 checked_on.write_volatile(ifindex);
             }
         }
     }
     let (pkts, ip_bytes, bytes) = info.wire_counts(seen.frame_len, seen.segs);
+    // The one test every other packet pays: whether its direction awaits its first
+    // payload (TCP: since its SYN; UDP: a flow's first datagram, nothing came back yet).
+    // SAFETY: fields of the map's entry. Clearing `awaiting_hello` with a plain store of
+    // its byte leaves the other bytes of its word to the atomic ORs of other CPUs; two
+    // CPUs racing here with a payload each both copy theirs.
+    let opens = bytes != 0
+        && unsafe {
+            if info.proto == IPPROTO_TCP {
+                let awaiting = &raw mut (*d).awaiting_hello;
+                let armed = awaiting.read_volatile() != 0;
+                if armed {
+                    awaiting.write_volatile(0);
+                }
+                armed
+            } else {
+                let other = if dir == 0 { 1 } else { 0 };
+                (&raw const (*d).bytes).read_volatile() == 0
+                    && (&raw const (*value).dir[other].pkts).read_volatile() == 0
+            }
+        };
     // SAFETY: `value` is the map's entry, which other CPUs update at the same time: every
     // read-modify-write below is atomic. Fields are 8-byte aligned (#[repr(C)] of u64s).
     unsafe {
@@ -428,7 +543,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
         stamp(d, info.tcp_flags);
         let mut bits = u64::from(info.tcp_flags);
         if info.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
-            bits |= SYN_ONLY_BIT;
+            bits |= SYN_ONLY_BIT | AWAITING_HELLO_BIT;
         }
         let flags = (&raw mut (*d).tcp_flags).cast::<u64>();
         if flags.read_volatile() & bits != bits {
@@ -436,7 +551,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> bool {
         }
     }
     mark_changed(&key, value);
-    true
+    Some(if opens { bytes as u32 } else { 0 })
 }
 
 /// Times a packet in its direction's `first_ns` and `last_ns`. The precise clock costs more

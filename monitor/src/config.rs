@@ -95,6 +95,7 @@ pub fn rules(args: &RuleArgs, lists: Lists) -> RulesConfig {
         ratio_min_bytes: args.ratio_min_bytes.0,
         long_durations: args.long_durations.0.clone(),
         restricted_suppress: args.restricted_suppress,
+        restricted_doh: args.restricted_doh,
         windows: windows::Config {
             window: args.window,
             threshold: args.window_threshold.0,

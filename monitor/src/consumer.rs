@@ -11,6 +11,7 @@ use crate::{
     logs::conn::ConnRecord,
     nat::{Nat, Translation},
     resolve::Names,
+    sni::{self, Hello, Hellos},
 };
 
 pub trait Consumer: Send {
@@ -39,6 +40,8 @@ pub struct PollCtx<'a> {
     pub names: Names<'a>,
     pub clock: &'a Clock,
     pub nat: &'a Nat,
+    /// What the connections' first payloads told (TLS or QUIC hellos).
+    pub hellos: &'a Hellos,
 }
 
 impl<'a> PollCtx<'a> {
@@ -46,7 +49,9 @@ impl<'a> PollCtx<'a> {
     where
         'a: 'c,
     {
-        ConnCtx::new(self.local.view(conn), self.names, self.clock).translated(self.nat)
+        ConnCtx::new(self.local.view(conn), self.names, self.clock)
+            .translated(self.nat)
+            .with_hellos(self.hellos)
     }
 }
 
@@ -57,6 +62,7 @@ pub struct ConnCtx<'a> {
     names: Names<'a>,
     clock: &'a Clock,
     nat: Option<&'a Nat>,
+    hellos: Option<&'a Hellos>,
 }
 
 impl<'a> std::ops::Deref for ConnCtx<'a> {
@@ -74,6 +80,7 @@ impl<'a> ConnCtx<'a> {
             names,
             clock,
             nat: None,
+            hellos: None,
         }
     }
 
@@ -86,13 +93,35 @@ impl<'a> ConnCtx<'a> {
         }
     }
 
+    /// The same connection, whose hello (if any) `hellos` knows.
+    pub fn with_hellos(self, hellos: &'a Hellos) -> Self {
+        Self {
+            hellos: Some(hellos),
+            ..self
+        }
+    }
+
     pub fn view(&self) -> &View<'a> {
         &self.view
     }
 
-    /// The host names' addresses as this poll knows them.
+    /// What the connection's first payload told, if it was a TLS or QUIC hello.
+    pub fn hello(&self) -> Option<&'a Hello> {
+        self.hellos.and_then(|h| h.get(&self.conn.key))
+    }
+
+    /// The host names' addresses as this poll knows them, and the name the connection's
+    /// hello gave its server.
     pub fn names(&self) -> Names<'a> {
-        self.names
+        match self.hello().and_then(|h| h.server_name.as_deref()) {
+            Some(name) => self.names.with_server_name(self.resp.addr, name),
+            None => self.names,
+        }
+    }
+
+    /// Whether the connection carries encrypted DNS (DoT, DoQ, DoH).
+    pub fn encrypted_dns(&self) -> bool {
+        sni::encrypted_dns(self.proto(), self.resp, self.hello())
     }
 
     /// How the gateway translated the connection, if it did.
@@ -106,7 +135,11 @@ impl<'a> ConnCtx<'a> {
         let mut record = ConnRecord::new(&self.view, self.clock);
         record.fields.nat = self.translation().map(|t| t.fields(self.orig));
         let (local, remote) = self.ends(self.shown_local());
-        record.fields.remote_fqdn = self.names.fqdn(local.addr, remote.addr, now.mono_ns);
+        record.fields.remote_fqdn = self.names().fqdn(local.addr, remote.addr, now.mono_ns);
+        let hello = self.hello();
+        record.fields.server_name = hello.and_then(|h| h.server_name.clone());
+        record.fields.ech = hello.is_some_and(|h| h.ech);
+        record.fields.encrypted_dns = self.encrypted_dns();
         record
     }
 

@@ -27,12 +27,14 @@ use crate::{
     dns::DnsCounts,
     logs::LogStats,
     poller::Coverage,
+    sni::HelloCounts,
     top,
 };
 
 const PREFIX: &str = "egress_monitor";
 const DIRECTIONS: [&str; 4] = ["outbound", "inbound", "internal", "external"];
 const DNS_TYPES: [&str; 4] = ["query", "response", "unsolicited", "malformed"];
+const HELLO_RESULTS: [&str; 2] = ["parsed", "unparsed"];
 
 pub struct Metrics {
     registry: Registry,
@@ -50,6 +52,11 @@ pub struct Metrics {
     dns_messages: IntCounterVec,
     dns_cache_entries: IntGauge,
     last_dns: DnsCounts,
+    client_hellos: IntCounterVec,
+    last_hellos: HelloCounts,
+    hello_events_lost: IntCounter,
+    hello_lost_seen: u64,
+    encrypted_dns: IntCounter,
     unparsed: IntCounterVec,
     parse_failing: IntGauge,
     poll_duration: Histogram,
@@ -207,6 +214,25 @@ impl Metrics {
             "dns_cache_entries",
             "Entries of the passive DNS map (client, address) -> name.",
         ))?;
+        let client_hellos = IntCounterVec::new(
+            opts(
+                "client_hellos_total",
+                "TLS ClientHellos and QUIC Initials that opened connections, by result: parsed \
+                 (server_name read, or the hello has none), unparsed (cut before server_name, \
+                 or a QUIC Initial the agent cannot open).",
+            ),
+            &["result"],
+        )?;
+        let hello_events_lost = IntCounter::with_opts(opts(
+            "hello_events_lost_total",
+            "First payloads of connections (TLS ClientHellos, QUIC Initials) the kernel could \
+             not hand over because their ring buffer was full.",
+        ))?;
+        let encrypted_dns = IntCounter::with_opts(opts(
+            "encrypted_dns_connections_total",
+            "Finished connections that carried encrypted DNS: port 853 (DNS over TLS or QUIC), \
+             or DNS over HTTPS by the server_name of their hello.",
+        ))?;
         let unparsed = IntCounterVec::new(
             opts(
                 "packets_unparsed_total",
@@ -334,6 +360,9 @@ impl Metrics {
             Box::new(spoofed.clone()),
             Box::new(dns_messages.clone()),
             Box::new(dns_cache_entries.clone()),
+            Box::new(client_hellos.clone()),
+            Box::new(hello_events_lost.clone()),
+            Box::new(encrypted_dns.clone()),
             Box::new(unparsed.clone()),
             Box::new(parse_failing.clone()),
             Box::new(poll_duration.clone()),
@@ -372,6 +401,9 @@ impl Metrics {
         for kind in DNS_TYPES {
             dns_messages.with_label_values(&[kind]);
         }
+        for result in HELLO_RESULTS {
+            client_hellos.with_label_values(&[result]);
+        }
         for coverage in ["changed", "whole"] {
             poll_reads.with_label_values(&[coverage]);
         }
@@ -396,6 +428,11 @@ impl Metrics {
             dns_messages,
             dns_cache_entries,
             last_dns: DnsCounts::default(),
+            client_hellos,
+            last_hellos: HelloCounts::default(),
+            hello_events_lost,
+            hello_lost_seen: 0,
+            encrypted_dns,
             unparsed,
             parse_failing,
             poll_duration,
@@ -536,6 +573,22 @@ impl Metrics {
         self.dns_cache_entries.set(cache_entries as i64);
     }
 
+    /// The hellos' totals (they only grow), and the kernel's count of those lost.
+    pub fn hellos(&mut self, counts: HelloCounts, lost: u64) {
+        let before = std::mem::replace(&mut self.last_hellos, counts);
+        for (result, now, was) in [
+            (HELLO_RESULTS[0], counts.parsed, before.parsed),
+            (HELLO_RESULTS[1], counts.unparsed, before.unparsed),
+        ] {
+            self.client_hellos
+                .with_label_values(&[result])
+                .inc_by(now.saturating_sub(was));
+        }
+        self.hello_events_lost
+            .inc_by(lost.saturating_sub(self.hello_lost_seen));
+        self.hello_lost_seen = lost;
+    }
+
     /// A sink's totals as its dispatcher counts them (they only grow).
     pub fn sink(&self, name: &str, dropped: u64, failures: u64) {
         for (counter, total) in [
@@ -647,6 +700,9 @@ impl Consumer for Metrics {
 
     fn finish(&mut self, conn: &ConnCtx, _now: Now, _reason: EndReason) {
         self.observe(conn.view());
+        if conn.encrypted_dns() {
+            self.encrypted_dns.inc();
+        }
     }
 }
 

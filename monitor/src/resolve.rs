@@ -39,17 +39,33 @@ impl From<HostAddrs> for Answers {
 }
 
 /// The name tables host names are matched by, as one poll sees them: the resolver's
-/// answers for the configured names, and passive DNS (the client's own lookups). A name
-/// that never resolved matches nothing.
+/// answers for the configured names, and passive DNS (the client's own lookups); for one
+/// connection also the name its TLS or QUIC hello asked its server for. A name that never
+/// resolved matches nothing.
 #[derive(Clone, Copy, Debug)]
 pub struct Names<'a> {
     active: &'a Answers,
     passive: Option<&'a PassiveDns>,
+    /// A connection's server address and the `server_name` its client sent there.
+    server_name: Option<(IpAddr, &'a str)>,
 }
 
 impl<'a> Names<'a> {
     pub fn new(active: &'a Answers, passive: Option<&'a PassiveDns>) -> Self {
-        Self { active, passive }
+        Self {
+            active,
+            passive,
+            server_name: None,
+        }
+    }
+
+    /// The same tables, and `name` for `server`: what a connection's client asked for in
+    /// its hello, matched as a name it resolved itself.
+    pub fn with_server_name(self, server: IpAddr, name: &'a str) -> Self {
+        Self {
+            server_name: Some((server, name)),
+            ..self
+        }
     }
 
     /// The configured names that last resolved to `addr`.
@@ -57,15 +73,27 @@ impl<'a> Names<'a> {
         self.active.by_addr.get(&addr).map_or(&[], Vec::as_slice)
     }
 
-    /// The name `client` itself resolved to `addr`, if any.
-    pub fn client_resolved(&self, client: IpAddr, addr: IpAddr) -> Option<&'a str> {
-        self.passive.and_then(|p| p.client_resolved(client, addr))
+    /// The names `client` gave `addr` itself: the one its hello asked `addr` for, and
+    /// the one it resolved to `addr`.
+    pub fn client_resolved(&self, client: IpAddr, addr: IpAddr) -> impl Iterator<Item = &'a str> {
+        let hello = (self.server_name)
+            .filter(|(server, _)| *server == addr)
+            .map(|(_, name)| name);
+        hello
+            .into_iter()
+            .chain(self.passive.and_then(|p| p.client_resolved(client, addr)))
     }
 
     /// The name `local` resolved for `remote`, else anyone's name for it, unexpired at
-    /// kernel time `now_ns`.
+    /// kernel time `now_ns`; else the name the hello gave `remote`.
     pub fn fqdn(&self, local: IpAddr, remote: IpAddr, now_ns: u64) -> Option<String> {
-        self.passive.and_then(|p| p.name(local, remote, now_ns))
+        self.passive
+            .and_then(|p| p.name(local, remote, now_ns))
+            .or_else(|| {
+                self.server_name
+                    .filter(|(server, _)| *server == remote)
+                    .map(|(_, name)| name.to_owned())
+            })
     }
 }
 
@@ -221,6 +249,7 @@ mod tests {
             ConnSpec {
                 orig: ("198.18.5.7", 40000),
                 resp: ("192.0.2.7", 22),
+                orig_bytes: 100,
                 uid,
                 ..ConnSpec::default()
             }

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray};
 use log::{info, warn};
 use monitor_common::{flow::FlowKey, names, stats};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -43,6 +44,7 @@ use crate::{
     resolve,
     resolve::{Answers, Names},
     rules::{self, Lists, Rule, RuleSet},
+    sni::Sni,
     state::{Saved, StateDir},
     top,
 };
@@ -98,6 +100,12 @@ struct Pipeline {
     sources: Sources,
     lists: Lists,
     reloads: Reloads,
+    /// Server names from the connections' first payloads, drained as DNS messages are.
+    sni: Sni,
+    hello_queue: DnsQueue,
+    hello_batch: Batch,
+    /// The programs' `HELLO_LOST`: first payloads the full ring could not take.
+    hello_lost: PerCpuArray<MapData, u64>,
 }
 
 impl Pipeline {
@@ -116,6 +124,7 @@ impl Pipeline {
         // A connection opened right after its lookup is judged by name: every answer the
         // kernel queued before the read is applied first.
         self.record_dns();
+        self.record_hellos();
         self.hosts = self.resolved.snapshot();
         for key in self.judge_open(coverage, now) {
             self.finishing.push(key, None);
@@ -166,6 +175,13 @@ impl Pipeline {
         self.consumers
             .metrics
             .dns(self.dns.counts(), self.dns.cache_entries());
+        match self.hello_lost.get(&0, 0) {
+            Ok(lost) => self
+                .consumers
+                .metrics
+                .hellos(self.sni.counts(), lost.iter().sum()),
+            Err(err) => warn!("reading HELLO_LOST: {err}"),
+        }
         self.consumers
             .metrics
             .shed(self.suppressor.shed(), self.consumers.rules.shed());
@@ -251,6 +267,7 @@ impl Pipeline {
             names: Names::new(&self.hosts, Some(self.dns.passive())),
             clock: &self.clock,
             nat: &self.nat,
+            hellos: self.sni.hellos(),
         };
         let mut finished = Vec::new();
         if coverage == Coverage::Whole {
@@ -293,6 +310,15 @@ impl Pipeline {
         let (dns, nat, clock) = (&mut self.dns, &self.nat, self.clock);
         self.dns_batch
             .drain(|record| dns.record(record, |ns| clock.epoch_secs(ns), nat));
+    }
+
+    /// The hellos the kernel queued before the map read, each given to its connection
+    /// (after the DNS messages, which refreshed the translations).
+    fn record_hellos(&mut self) {
+        self.hello_queue.take(&mut self.hello_batch);
+        let (sni, nat, table) = (&mut self.sni, &self.nat, &self.table);
+        self.hello_batch.drain(|record| sni.record(record, nat));
+        sni.settle(|key| table.get(key).is_some());
     }
 
     /// Polls every `every` on its own thread until `stop` says so (or its sender goes),
@@ -373,6 +399,7 @@ impl Pipeline {
     /// unfinished, to the next run; what the rules know is saved, the sinks drained.
     fn suspend(mut self, pins: &std::path::Path) -> anyhow::Result<()> {
         self.record_dns();
+        self.record_hellos();
         self.save_state();
         info!(
             "{} open connections left to the next run: the programs stay attached, pinned under {} \
@@ -390,6 +417,7 @@ impl Pipeline {
         let now = Now::new(clock::monotonic_ns(), &self.clock);
         self.read_map()?;
         self.record_dns();
+        self.record_hellos();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log();
         // Those found finished before keep their reason.
@@ -452,11 +480,13 @@ impl Pipeline {
             names: Names::new(&self.hosts, Some(self.dns.passive())),
             clock: &self.clock,
             nat: &self.nat,
+            hellos: self.sni.hellos(),
         };
         let ctx = poll.conn(conn);
         for consumer in self.consumers.each() {
             consumer.finish(&ctx, now, reason);
         }
+        self.sni.forget(&conn.key);
     }
 
     /// Alerts go out whatever the logs do: a log that cannot be written is counted.
@@ -653,6 +683,9 @@ struct Attached {
     poller: Poller,
     dns_events: DnsEvents,
     dns_queue: DnsQueue,
+    hello_events: DnsEvents,
+    hello_queue: DnsQueue,
+    hello_lost: PerCpuArray<MapData, u64>,
     /// The interfaces and how each is hooked, for the `watching` line.
     watching: String,
     /// Whether pinned maps brought an earlier run's connections.
@@ -671,6 +704,9 @@ impl Attached {
             kernel.take_map(names::STATS_MAP)?,
         );
         let (dns_events, dns_queue) = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
+        let (hello_events, hello_queue) =
+            DnsEvents::new(kernel.take_map(names::HELLO_EVENTS_MAP)?)?;
+        let hello_lost = PerCpuArray::try_from(kernel.take_map(names::HELLO_LOST_MAP)?)?;
         let mut watching = Vec::new();
         for iface in ifaces {
             let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
@@ -694,6 +730,9 @@ impl Attached {
             poller,
             dns_events,
             dns_queue,
+            hello_events,
+            hello_queue,
+            hello_lost,
             watching: watching.join(", "),
             resumed,
         })
@@ -739,7 +778,7 @@ impl Signals {
 async fn poll_until_stopped(
     pipeline: Pipeline,
     every: Duration,
-    dns_events: DnsEvents,
+    [dns_events, hello_events]: [DnsEvents; 2],
     mut signals: Signals,
 ) -> anyhow::Result<Pipeline> {
     let (stop, stopped) = mpsc::channel();
@@ -752,8 +791,14 @@ async fn poll_until_stopped(
             warn!("reading DNS events failed: {err:#}");
         }
     });
+    let hello_drain = tokio::spawn(async move {
+        if let Err(err) = hello_events.run().await {
+            warn!("reading TLS and QUIC hellos failed: {err:#}");
+        }
+    });
     signals.until_stop().await;
     drain.abort();
+    hello_drain.abort();
     drop(stop);
     polling
         .join()
@@ -765,6 +810,8 @@ struct Parts {
     outputs: Outputs,
     poller: Poller,
     dns_queue: DnsQueue,
+    hello_queue: DnsQueue,
+    hello_lost: PerCpuArray<MapData, u64>,
     watching: String,
     resumed: bool,
     metrics: Metrics,
@@ -823,6 +870,10 @@ impl Pipeline {
             watching: parts.watching,
             dns_queue: parts.dns_queue,
             dns_batch: Batch::default(),
+            sni: Sni::new(&args.dns.doh_servers),
+            hello_queue: parts.hello_queue,
+            hello_batch: Batch::default(),
+            hello_lost: parts.hello_lost,
             local,
             clock,
             hosts: resolved.snapshot(),
@@ -897,6 +948,9 @@ pub async fn run(
         poller,
         dns_events,
         dns_queue,
+        hello_events,
+        hello_queue,
+        hello_lost,
         watching,
         resumed,
     } = Attached::attach(&args, &ifaces, outputs.pins.take())?;
@@ -908,6 +962,8 @@ pub async fn run(
         outputs,
         poller,
         dns_queue,
+        hello_queue,
+        hello_lost,
         watching,
         resumed,
         metrics,
@@ -918,7 +974,13 @@ pub async fn run(
     // Tests and scripts wait for this line: the programs are counting from here on.
     eprintln!("monitor: watching {}", pipeline.watching);
 
-    let pipeline = poll_until_stopped(pipeline, args.poll_interval, dns_events, signals).await?;
+    let pipeline = poll_until_stopped(
+        pipeline,
+        args.poll_interval,
+        [dns_events, hello_events],
+        signals,
+    )
+    .await?;
     drop(kernel);
     if let Some(pins) = &args.pin_path {
         return pipeline.suspend(pins);

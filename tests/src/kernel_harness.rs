@@ -451,7 +451,12 @@ impl Kernel {
         };
         for (i, d) in v.dir.iter().enumerate() {
             assert!(d.syn_only <= 1, "{k}: syn_only {}", d.syn_only);
-            assert_eq!(d._pad, [0; 2], "{k}: direction {i}: padding");
+            assert!(
+                d.awaiting_hello <= 1,
+                "{k}: awaiting_hello {}",
+                d.awaiting_hello
+            );
+            assert_eq!(d._pad, 0, "{k}: direction {i}: padding");
             assert!(
                 [0, lo].contains(&d.source_checked_on),
                 "{k}: direction {i}: source checked on {}",

@@ -227,6 +227,20 @@ pub struct DnsArgs {
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "DNS")]
     pub dns_nxdomain_threshold: u64,
+
+    /// A DNS-over-HTTPS server's name (repeatable), beside the built-in list: connections
+    /// whose TLS or QUIC hello names it, or a name under it, are marked encrypted_dns.
+    #[arg(long = "doh-server", value_name = "NAME", value_parser = parse_host_name,
+          help_heading = "DNS")]
+    pub doh_servers: Vec<String>,
+}
+
+/// `--doh-server`: a host name, as allowlists take them.
+fn parse_host_name(text: &str) -> Result<String, String> {
+    match text.parse::<AddrSpec>() {
+        Ok(AddrSpec::Host(name)) => Ok(name),
+        _ => Err("expected a host name such as doh.example.net".into()),
+    }
 }
 
 /// `--pin-path`: an absolute path (whether it is on a BPF filesystem is checked with the
@@ -384,6 +398,11 @@ pub struct RuleArgs {
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s",
           help_heading = "RestrictedOutbound")]
     pub restricted_suppress: Duration,
+
+    /// RestrictedOutbound: a restricted host's encrypted DNS (port 853, or a DoH server by
+    /// its TLS or QUIC name) alerts even to an allowed destination.
+    #[arg(long, help_heading = "RestrictedOutbound")]
+    pub restricted_doh: bool,
 
     /// WindowExceeded: windows (aligned to the epoch) over which bytes a local host sends
     /// to non-local ones are summed per group.

@@ -1,6 +1,6 @@
-//! The `DNS_EVENTS` ring buffer, drained as soon as the kernel writes to it (the poll
-//! period would let a burst fill it) on the runtime's thread, while the pipeline polls on
-//! its own: a long poll never leaves the ring unread.
+//! The `DNS_EVENTS` ring buffer (and `HELLO_EVENTS`, the same way), drained as soon as
+//! the kernel writes to it (the poll period would let a burst fill it) on the runtime's
+//! thread, while the pipeline polls on its own: a long poll never leaves the ring unread.
 
 use std::{
     os::fd::{AsFd, OwnedFd},

@@ -77,6 +77,18 @@ const MIN_RECORD: usize = 11;
 
 /// Splits one ring buffer record into its packet and what it carried.
 pub fn decode(record: &[u8]) -> Option<(Meta, Payload)> {
+    let (meta, bits, data) = split(record)?;
+    let payload = if bits & (flags::FRAGMENT | flags::TCP_PARTIAL) != 0 {
+        Payload::Fragment
+    } else {
+        parse_message(data).map_or(Payload::NotDns, Payload::Message)
+    };
+    Some((meta, payload))
+}
+
+/// A record of a ring whose events start with a [`DnsEventHeader`] (`DNS_EVENTS`,
+/// `HELLO_EVENTS`): the packet, the header's flags and the bytes copied.
+pub fn split(record: &[u8]) -> Option<(Meta, u8, &[u8])> {
     let header_len = size_of::<DnsEventHeader>();
     let header_bytes = record.get(..header_len)?;
     // SAFETY: DnsEventHeader is plain data without padding; read_unaligned copes with any
@@ -93,12 +105,7 @@ pub fn decode(record: &[u8]) -> Option<(Meta, Payload)> {
     };
     let data = record.get(header_len..)?;
     let data = data.get(..header.captured_len as usize)?;
-    let payload = if header.flags & (flags::FRAGMENT | flags::TCP_PARTIAL) != 0 {
-        Payload::Fragment
-    } else {
-        parse_message(data).map_or(Payload::NotDns, Payload::Message)
-    };
-    Some((meta, payload))
+    Some((meta, header.flags, data))
 }
 
 /// Parses a whole DNS message; `None` when it is not one.

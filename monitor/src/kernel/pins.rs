@@ -18,9 +18,9 @@ use crate::private;
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
 /// The maps a restarted agent must find again: everything the programs write (the
-/// programs a pinned link keeps attached write DNS messages to the ring buffer they were
-/// loaded with).
-pub const MAPS: [&str; 7] = [
+/// programs a pinned link keeps attached write DNS messages and hellos to the ring buffers
+/// they were loaded with). Those an earlier build did not have are made and pinned.
+pub const MAPS: [&str; 9] = [
     names::FLOW_MAP,
     names::STATS_MAP,
     names::WATCHED_MAP,
@@ -28,6 +28,8 @@ pub const MAPS: [&str; 7] = [
     names::EPOCH_MAP,
     names::CHANGED_MAP,
     names::CHANGES_LOST_MAP,
+    names::HELLO_EVENTS_MAP,
+    names::HELLO_LOST_MAP,
 ];
 
 /// Whether `path` is on a BPF filesystem (where pins can be made).

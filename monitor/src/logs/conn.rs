@@ -45,6 +45,15 @@ pub struct ConnFields {
     /// it (passive DNS); absent when unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_fqdn: Option<String>,
+    /// The name the originator's TLS ClientHello (or QUIC Initial) asked the server for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// The hello offered Encrypted Client Hello: `server_name` is the outer, public name.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ech: bool,
+    /// DNS over TLS or QUIC (port 853), or DoH (`server_name` of a DoH server).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted_dns: bool,
     /// The endpoints as the gateway translated them; absent when it translated nothing.
     #[serde(flatten)]
     pub nat: Option<NatFields>,
@@ -75,6 +84,9 @@ impl ConnRecord {
             missed_start: conn.missed_start(),
             iface: iface::name(conn.ifindex),
             remote_fqdn: None,
+            server_name: None,
+            ech: false,
+            encrypted_dns: false,
             nat: None,
         };
         Self {

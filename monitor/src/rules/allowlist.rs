@@ -93,8 +93,8 @@ impl AddrMatcher {
 
 impl<V> AddrMatcher<V> {
     /// The value of a spec `addr`, as reached by `client`, matches by `names`: the most
-    /// specific network first, then a name the address resolved to, then the name the
-    /// client resolved (exact, then its nearest listed parent domain).
+    /// specific network first, then a name the address resolved to, then a name the
+    /// client gave it (exact, then its nearest listed parent domain).
     pub fn find(&self, names: Names, client: IpAddr, addr: IpAddr) -> Option<&V> {
         if let Some((_, value)) = self.nets.find(addr) {
             return Some(value);
@@ -103,10 +103,11 @@ impl<V> AddrMatcher<V> {
         if let Some(value) = active.filter_map(|name| self.hosts.get(name)).next() {
             return Some(value);
         }
-        let name = names.client_resolved(client, addr)?;
-        self.hosts
-            .get(name)
-            .or_else(|| parents(name).find_map(|parent| self.suffixes.get(parent)))
+        names.client_resolved(client, addr).find_map(|name| {
+            self.hosts
+                .get(name)
+                .or_else(|| parents(name).find_map(|parent| self.suffixes.get(parent)))
+        })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -60,6 +60,8 @@ pub struct RulesConfig {
     pub long_durations: Vec<Duration>,
     /// RestrictedOutbound.
     pub restricted_suppress: Duration,
+    /// `--restricted-doh`: encrypted DNS alerts even to an allowed destination.
+    pub restricted_doh: bool,
     /// WindowExceeded and DataLeak.
     pub windows: windows::Config,
     pub lists: Lists,
@@ -249,11 +251,14 @@ pub fn from_config(config: &RulesConfig) -> Vec<Box<dyn Rule>> {
             config.windows,
             AddrMatcher::new(lists.exclude_dst.clone()),
         )),
-        Box::new(RestrictedOutbound::new(
-            &lists.restricted_nets,
-            allowlist::Allowlist::new(&lists.allowed),
-            config.restricted_suppress,
-        )),
+        Box::new(
+            RestrictedOutbound::new(
+                &lists.restricted_nets,
+                allowlist::Allowlist::new(&lists.allowed),
+                config.restricted_suppress,
+            )
+            .with_doh(config.restricted_doh),
+        ),
         Box::new(IntelMatch::new(&lists.intel)),
     ]
 }

@@ -1,7 +1,9 @@
 //! RestrictedOutbound: a host in a restricted net opened a connection to a non-local
 //! destination that no allowlist covers; any protocol, ICMP included. Alerted at the first
-//! poll that sees the connection; its alerts are quiet for `--restricted-suppress` per
-//! (source, destination, port), a repeat starting the quiet time again.
+//! poll that sees the connection, a TCP connection's once its originator sent data (the
+//! TLS ClientHello that names the server) or it finished; its alerts are quiet for
+//! `--restricted-suppress` per (source, destination, port), a repeat starting the quiet
+//! time again. With `--restricted-doh`, encrypted DNS alerts whatever the allowlists say.
 
 use std::{
     collections::{BTreeSet, HashSet},
@@ -9,6 +11,7 @@ use std::{
 };
 
 use ipnet::IpNet;
+use monitor_common::parse::IPPROTO_TCP;
 
 use super::{
     ConnCtx, Lists, Now, Rule, Saved,
@@ -24,6 +27,8 @@ pub struct RestrictedOutbound {
     restricted: NetSet,
     allow: Allowlist,
     quiet: Quiet,
+    /// `--restricted-doh`.
+    doh: bool,
     /// Open connections from restricted hosts already judged.
     judged: HashSet<Uid>,
     /// Changes to what `save` writes, counted.
@@ -40,9 +45,56 @@ impl RestrictedOutbound {
                 time: quiet,
                 repeats_restart: true,
             },
+            doh: false,
             judged: HashSet::new(),
             changes: 0,
         }
+    }
+
+    /// `--restricted-doh`: encrypted DNS is never allowed.
+    pub fn with_doh(self, doh: bool) -> Self {
+        Self { doh, ..self }
+    }
+
+    /// Judges a connection once: `last` when it finished.
+    fn judge(&mut self, conn: &ConnCtx, now: Now, last: bool, out: &mut Vec<Alert>) {
+        let (src, dst) = (conn.orig.addr, conn.resp.addr);
+        let Some((net, _)) = self.restricted.find(src) else {
+            return;
+        };
+        // Its first data may name the server: a TLS hello reaches the agent with the
+        // counts that carry it.
+        if !last && conn.proto() == IPPROTO_TCP && conn.conn.orig().bytes == 0 {
+            return;
+        }
+        if !self.judged.insert(conn.uid()) {
+            return;
+        }
+        self.changes += 1;
+        let doh = self.doh && conn.encrypted_dns();
+        if conn.local_resp || (!doh && self.allow.covers(conn.names(), src, dst, conn.offered())) {
+            return;
+        }
+        let sent = conn.conn.orig();
+        let msg = if doh {
+            format!(
+                "{src} in restricted net {net} used encrypted DNS with {dst} {} (sent {} so far)",
+                conn.service(),
+                human_bytes(sent.bytes),
+            )
+        } else {
+            format!(
+                "{src} in restricted net {net} opened a connection to {dst} {} (sent {} so far), which no allowlist covers",
+                conn.service(),
+                human_bytes(sent.bytes),
+            )
+        };
+        out.push(
+            conn.alert(now, Note::RestrictedOutbound, msg, src, dst)
+                .with("restricted_net", net.to_string())
+                .with("bytes", sent.bytes)
+                .quiet(self.quiet),
+        );
     }
 }
 
@@ -53,34 +105,12 @@ impl Rule for RestrictedOutbound {
     }
 
     fn on_update(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
-        let (src, dst) = (conn.orig.addr, conn.resp.addr);
-        let Some((net, _)) = self.restricted.find(src) else {
-            return;
-        };
-        if !self.judged.insert(conn.uid()) {
-            return;
-        }
-        self.changes += 1;
-        if conn.local_resp || self.allow.covers(conn.names(), src, dst, conn.offered()) {
-            return;
-        }
-        let sent = conn.conn.orig();
-        let msg = format!(
-            "{src} in restricted net {net} opened a connection to {dst} {} (sent {} so far), which no allowlist covers",
-            conn.service(),
-            human_bytes(sent.bytes),
-        );
-        out.push(
-            conn.alert(now, Note::RestrictedOutbound, msg, src, dst)
-                .with("restricted_net", net.to_string())
-                .with("bytes", sent.bytes)
-                .quiet(self.quiet),
-        );
+        self.judge(conn, now, false, out);
     }
 
     fn on_finish(&mut self, conn: &ConnCtx, now: Now, out: &mut Vec<Alert>) {
         // A connection that opened and finished between two polls is judged now.
-        self.on_update(conn, now, out);
+        self.judge(conn, now, true, out);
         if self.judged.remove(&conn.uid()) {
             self.changes += 1;
         }
@@ -136,13 +166,16 @@ mod tests {
             Allowlist::new(&config.lists.allowed),
             config.restricted_suppress,
         )
+        .with_doh(config.restricted_doh)
     }
 
+    /// A connection whose originator sent data: judged at once.
     fn from_restricted(resp: (&'static str, u16), proto: u8, uid: &'static str) -> ConnSpec {
         ConnSpec {
             orig: ("198.18.5.7", 40000),
             resp,
             proto,
+            orig_bytes: 300,
             uid,
             ..ConnSpec::default()
         }
@@ -345,5 +378,61 @@ mod tests {
         let conn = from_restricted(("203.0.113.2", 443), 6, "Cshort").conn();
         assert_eq!(finish(&mut r, &conn, at(1.0)).len(), 1);
         assert!(r.judged.is_empty());
+    }
+
+    /// Its first data may be a ClientHello that names the server.
+    #[test]
+    fn a_tcp_connection_waits_for_its_first_data_or_its_end() {
+        let mut r = rule(&[]);
+        let silent = ConnSpec {
+            orig_bytes: 0,
+            ..from_restricted(("203.0.113.2", 443), 6, "Csyn")
+        }
+        .conn();
+        assert!(update(&mut r, &silent, at(1.0)).is_empty());
+        assert!(r.judged.is_empty());
+        assert_eq!(finish(&mut r, &silent, at(2.0)).len(), 1);
+        let udp = ConnSpec {
+            orig_bytes: 0,
+            ..from_restricted(("203.0.113.2", 4000), 17, "Cudp")
+        }
+        .conn();
+        assert_eq!(update(&mut r, &udp, at(1.0)).len(), 1);
+    }
+
+    #[test]
+    fn the_server_name_of_the_hello_matches_names() {
+        let flags = ["--allow-dst", "*.exfil.test", "--allow-dst", "exact.test"];
+        let conn = from_restricted(("203.0.113.2", 443), 6, "Csni").conn();
+        let hosts = Answers::default();
+        let server = "203.0.113.2".parse().unwrap();
+        for (name, alerts) in [
+            ("www.exfil.test", 0),
+            ("exact.test", 0),
+            ("exfil.test", 1),
+            ("www.exfil.test.evil.test", 1),
+        ] {
+            let names = Names::new(&hosts, None).with_server_name(server, name);
+            let got = update_named(&mut rule(&flags), &conn, at(1.0), names).len();
+            assert_eq!(got, alerts, "{name}");
+        }
+        // Another server than the one the hello named.
+        let other = from_restricted(("203.0.113.3", 443), 6, "Cother").conn();
+        let names = Names::new(&hosts, None).with_server_name(server, "www.exfil.test");
+        assert_eq!(
+            update_named(&mut rule(&flags), &other, at(1.0), names).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn restricted_doh_alerts_on_encrypted_dns_even_when_allowed() {
+        let dot = from_restricted(("203.0.113.2", 853), 6, "Cdot").conn();
+        let allowed = ["--allow-dst", "203.0.113.2"];
+        assert!(update(&mut rule(&allowed), &dot, at(1.0)).is_empty());
+        let strict = ["--allow-dst", "203.0.113.2", "--restricted-doh"];
+        let alerts = update(&mut rule(&strict), &dot, at(1.0));
+        assert_eq!(alerts.len(), 1);
+        assert!(alerts[0].msg.contains("encrypted DNS"), "{}", alerts[0].msg);
     }
 }

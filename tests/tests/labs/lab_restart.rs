@@ -215,7 +215,7 @@ fn kill_9_mid_upload_then_restart_loses_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "detach: {stderr}");
     assert!(
-        stderr.contains("removed 2 links and 7 maps"),
+        stderr.contains("removed 2 links and 9 maps"),
         "detach: {stderr}"
     );
     assert!(!pins.0.exists(), "the pin directory is gone");

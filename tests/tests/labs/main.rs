@@ -30,6 +30,7 @@ mod lab_quic;
 mod lab_restart;
 mod lab_rules;
 mod lab_sink_outages;
+mod lab_sni;
 mod lab_spoofed;
 mod lab_top;
 mod lab_tun;

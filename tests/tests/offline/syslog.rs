@@ -305,6 +305,9 @@ fn alert(n: u32) -> Alert {
                 missed_start: false,
                 iface: "eth0".to_owned(),
                 remote_fqdn: None,
+                server_name: Some("exfil.test".to_owned()),
+                ech: false,
+                encrypted_dns: false,
                 nat: None,
             },
         };
