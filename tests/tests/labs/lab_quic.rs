@@ -1,7 +1,9 @@
 //! QUIC's server name in a gateway lab: aioquic's client on the lan host uploads to
 //! aioquic's server on the wan host; its first datagram, captured on gw's WAN veth (where
 //! the agent watches), gives `monitor::sni::quic` the ClientHello, whose server_name must
-//! be the one the client sent, in QUIC version 1 and version 2.
+//! be the one the client sent, in QUIC version 1 and version 2; and the agent watching
+//! that veth names the connections in its records and alerts, and its name allowlists
+//! match them.
 
 use std::net::SocketAddr;
 
@@ -9,6 +11,7 @@ use monitor::sni::quic::client_hello;
 use tests::{
     lab::{self, Lab},
     quic::{self, Capture, QuicServer},
+    rules_lab::{RulesAgent, listing, of},
 };
 
 const PORT: u16 = 4433;
@@ -69,4 +72,45 @@ fn quic_first_datagram_names_the_server_v6() {
 #[test]
 fn quic_v2_first_datagram_names_the_server() {
     first_datagram_names_the_server(false, 2);
+}
+
+#[test]
+fn quic_names_reach_records_alerts_and_allowlists() {
+    quic::require_aioquic();
+    let lab = Lab::new();
+    let (_, wan_host) = lab::hosts(false);
+    let allowed = SocketAddr::new(wan_host, PORT);
+    let other = SocketAddr::new(wan_host, PORT + 1);
+    let _servers = [allowed, other].map(|addr| QuicServer::start(&lab.wan, addr));
+    let restricted = format!("{}/32", lab::LAN_HOST_V4);
+    let agent = RulesAgent::start(
+        &lab,
+        &[
+            "--restricted-net",
+            &restricted,
+            "--allow-dst",
+            "*.exfil.test",
+        ],
+    );
+    assert_eq!(quic::upload(&lab.lan, allowed, 1, SNI, BYTES), BYTES);
+    assert_eq!(
+        quic::upload(&lab.lan, other, 2, "quic.elsewhere.test", BYTES),
+        BYTES
+    );
+    let stopped = agent.stop();
+    for (server, name) in [(allowed, SNI), (other, "quic.elsewhere.test")] {
+        let record = (stopped.conns.iter())
+            .find(|r| r.str("proto") == "udp" && r.u64("id.resp_p") == u64::from(server.port()))
+            .unwrap_or_else(|| panic!("a record of the connection to {server}"));
+        assert_eq!(record.str("server_name"), name, "{record}");
+        assert_eq!(record.str("remote_fqdn"), name, "{record}");
+    }
+    let restricted = of(&stopped.alerts, "RestrictedOutbound");
+    let named: Vec<&str> = (restricted.iter()).map(|a| a.str("server_name")).collect();
+    assert_eq!(
+        named,
+        ["quic.elsewhere.test"],
+        "*.exfil.test allows {SNI}, not the other:\n{}",
+        listing(&stopped.alerts)
+    );
 }
