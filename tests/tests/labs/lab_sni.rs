@@ -277,3 +277,44 @@ fn a_flood_of_client_hellos_is_accounted_for_with_bounded_memory() {
         assert_eq!(record.str("server_name"), "flood.exfil.test", "{record}");
     }
 }
+
+/// ClientHellos while the agent is stopped (SIGSTOP), more than the ring holds: after
+/// SIGCONT every one is either parsed or counted lost, and some were lost.
+#[test]
+fn client_hellos_the_full_ring_cannot_take_are_counted_lost() {
+    const SENT: usize = 2_000;
+    let lab = Lab::new();
+    let agent = RulesAgent::start(&lab, &[]);
+    let server = SocketAddr::new(WAN, 8443);
+    let listener = listen(&lab.wan, server);
+    let acceptor =
+        thread::spawn(move || accept_and_close(listener, SENT, Duration::from_secs(120)));
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &agent.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {sig} the agent");
+    };
+    let hello = client_hello("stopped.exfil.test");
+    signal("-STOP");
+    run_in_ns(&lab.lan, move || {
+        for _ in 0..SENT {
+            let mut stream = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10))
+                .expect("connect");
+            stream.write_all(&hello).expect("send a ClientHello");
+        }
+    });
+    assert_eq!(acceptor.join().expect("the acceptor"), SENT);
+    signal("-CONT");
+    let metric = |name: &str| agent_sample(&lab.gw, name);
+    let (parsed, lost) = eventually("every ClientHello accounted for", LIMIT, || {
+        let parsed = metric("egress_monitor_client_hellos_total{result=\"parsed\"}")?;
+        let unparsed = metric("egress_monitor_client_hellos_total{result=\"unparsed\"}")?;
+        let lost = metric("egress_monitor_hello_events_lost_total")?;
+        (parsed + unparsed + lost == SENT as f64).then_some((parsed, lost))
+    });
+    eprintln!("stopped agent: {parsed} parsed, {lost} lost of {SENT}");
+    assert!(lost > 0.0 && parsed > 0.0, "{parsed} parsed, {lost} lost");
+    agent.stop();
+}
