@@ -24,4 +24,5 @@ pub mod prometheus;
 pub mod quic;
 pub mod replay;
 pub mod rules_lab;
+pub mod tls;
 pub mod traffic;

@@ -5,12 +5,12 @@
 //! bounded.
 
 use std::{
-    io::{ErrorKind, Write},
-    net::{IpAddr, SocketAddr, TcpListener},
+    io::Write,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tests::{
@@ -19,6 +19,7 @@ use tests::{
     lab::{self, Lab, ns_output, run_in_ns, spawn_in_ns},
     procfs,
     rules_lab::{RulesAgent, Scratch, WAN_HOST2_V4, add_wan_address, connect, listen, listing, of},
+    tls::{accept_and_close, client_hello, send_hellos},
 };
 
 const WAN: IpAddr = IpAddr::V4(lab::WAN_HOST_V4);
@@ -183,48 +184,8 @@ fn tls_names_reach_records_alerts_and_allowlists() {
     );
 }
 
-/// A ClientHello record naming `name`, with nothing else in it.
-fn client_hello(name: &str) -> Vec<u8> {
-    let len = |n: usize| (n as u16).to_be_bytes();
-    let mut sni = vec![0, 0];
-    sni.extend(len(name.len() + 5));
-    sni.extend(len(name.len() + 3));
-    sni.push(0);
-    sni.extend(len(name.len()));
-    sni.extend(name.as_bytes());
-    let mut body = vec![3, 3];
-    body.extend([7; 32]);
-    body.extend([0, 0, 2, 0x13, 0x01, 1, 0]);
-    body.extend(len(sni.len()));
-    body.extend(sni);
-    let mut message = vec![1, 0];
-    message.extend(len(body.len()));
-    message.extend(body);
-    let mut record = vec![0x16, 3, 1];
-    record.extend(len(message.len()));
-    record.extend(message);
-    record
-}
-
 const FLOOD: usize = 10_000;
 const FLOOD_THREADS: usize = 4;
-
-/// Accepts and closes `n` connections, within `limit`.
-fn accept_and_close(listener: TcpListener, n: usize, limit: Duration) -> usize {
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
-    let start = Instant::now();
-    let mut accepted = 0;
-    while accepted < n && start.elapsed() < limit {
-        match listener.accept() {
-            Ok(_) => accepted += 1,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
-            Err(e) => panic!("accept: {e}"),
-        }
-    }
-    accepted
-}
 
 #[test]
 fn a_flood_of_client_hellos_is_accounted_for_with_bounded_memory() {
@@ -239,12 +200,7 @@ fn a_flood_of_client_hellos_is_accounted_for_with_bounded_memory() {
         .map(|_| {
             let hello = hello.clone();
             spawn_in_ns(&lab.lan, move || {
-                for _ in 0..FLOOD / FLOOD_THREADS {
-                    let mut stream =
-                        std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10))
-                            .expect("connect");
-                    stream.write_all(&hello).expect("send a ClientHello");
-                }
+                send_hellos(server, &hello, FLOOD / FLOOD_THREADS);
             })
         })
         .collect();
@@ -298,13 +254,7 @@ fn client_hellos_the_full_ring_cannot_take_are_counted_lost() {
     };
     let hello = client_hello("stopped.exfil.test");
     signal("-STOP");
-    run_in_ns(&lab.lan, move || {
-        for _ in 0..SENT {
-            let mut stream = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(10))
-                .expect("connect");
-            stream.write_all(&hello).expect("send a ClientHello");
-        }
-    });
+    run_in_ns(&lab.lan, move || send_hellos(server, &hello, SENT));
     assert_eq!(acceptor.join().expect("the acceptor"), SENT);
     signal("-CONT");
     let metric = |name: &str| agent_sample(&lab.gw, name);

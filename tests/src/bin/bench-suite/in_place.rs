@@ -2,11 +2,14 @@
 //! ingress and egress through TCX) on the gateway's WAN-facing veth in the lab with every
 //! wire packet through the hooks ([`e2e::wire_lab`]), timed by the kernel's run-time
 //! statistics (`run_time_ns` / `run_cnt` of its programs, by ID) over real traffic: a hot
-//! TCP flow (one iperf3 stream) and new UDP flows (one datagram each). The same runs with
+//! TCP flow (one iperf3 stream), new UDP flows (one datagram each) and new TLS
+//! connections (connect, one ClientHello, close: the first payload the programs copy).
+//! The same runs with
 //! an empty program (`TC_ACT_OK`) attached the same way in the same place give what the
 //! hook and the statistics cost by themselves: the agent's net cost is the difference.
 
 use std::{
+    net::{SocketAddr, TcpListener},
     os::fd::{AsFd as _, OwnedFd},
     time::Duration,
 };
@@ -16,7 +19,7 @@ use tests::{
     agent::Agent,
     bpf,
     lab::{self, Lab, run_in_ns},
-    traffic,
+    tls, traffic,
 };
 
 use crate::{
@@ -28,17 +31,27 @@ use crate::{
 pub enum Workload {
     HotTcp,
     NewUdp,
+    NewTls,
 }
 
-pub const WORKLOADS: [Workload; 2] = [Workload::HotTcp, Workload::NewUdp];
+pub const WORKLOADS: [Workload; 3] = [Workload::HotTcp, Workload::NewUdp, Workload::NewTls];
+
+/// Port of the wan host that takes the TLS connections.
+const TLS_PORT: u16 = 8443;
 
 impl Workload {
     pub fn label(self) -> &'static str {
         match self {
             Workload::HotTcp => "hot TCP flow (one iperf3 stream, both directions)",
             Workload::NewUdp => "new UDP flows (one datagram each)",
+            Workload::NewTls => "new TLS connections (connect, one ClientHello, close)",
         }
     }
+}
+
+/// TLS connections per run of [`Workload::NewTls`].
+pub fn tls_connections(plan: &Plan) -> usize {
+    if plan.quick { 1_000 } else { 5_000 }
 }
 
 /// Length of each workload, seconds: the statistics are exact, a few seconds hold
@@ -86,9 +99,9 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     let empty = refprog::bare(Kind::Tc).expect("load the empty TC program");
     let empty_id = bpf::prog_id(empty.as_fd());
     // Per round: [agent, empty] per workload.
-    let mut rounds: Vec<[[Cost; 2]; 2]> = Vec::new();
+    let mut rounds: Vec<[[Cost; 2]; WORKLOADS.len()]> = Vec::new();
     for round in 0..plan.wire_rounds {
-        let mut costs = [[Cost::default(); 2]; 2];
+        let mut costs = [[Cost::default(); 2]; WORKLOADS.len()];
         for (which, label) in [(0, "the agent"), (1, "an empty program")] {
             eprintln!("bench: kernel cost in place, {label}, round {}", round + 1);
             let (hooked, ids) = if which == 0 {
@@ -158,6 +171,19 @@ fn run(plan: &Plan, lab: &Lab, workload: Workload, ids: &[u32]) -> Cost {
                 rate,
                 new_flows::PAYLOAD,
             );
+        }
+        Workload::NewTls => {
+            let n = tls_connections(plan);
+            let server = SocketAddr::new(lab::WAN_HOST_V4.into(), TLS_PORT);
+            let listener = run_in_ns(&lab.wan, move || {
+                TcpListener::bind(server).expect("listen for the TLS connections")
+            });
+            let taken = std::thread::spawn(move || {
+                tls::accept_and_close(listener, n, Duration::from_secs(120))
+            });
+            let hello = tls::client_hello("bench.exfil.test");
+            run_in_ns(&lab.lan, move || tls::send_hellos(server, &hello, n));
+            assert_eq!(taken.join().expect("the acceptor"), n);
         }
     }
     lab.wait_quiet();

@@ -546,12 +546,18 @@ fn in_place_table(plan: &Plan, rows: &[in_place::Row]) -> String {
          data segments through TC egress, its ACKs through TC ingress, one connection the \
          map already knows. New UDP flows: {} per second for {} s as in the new-flows \
          test, each datagram one run of TC egress and one insert into the agent's flow \
-         map. {}, the agent then the empty program in each; medians.\n\n\
+         map. New TLS connections: {} connections, one after another, from the lan host \
+         to a server on the wan host that accepts and closes them; each sends one \
+         ClientHello record (the first payload, which the programs copy to their ring) \
+         and closes: the net cost per connection is the net ns per packet times the runs \
+         per test over the connections. {}, the agent then the empty program in each; \
+         medians.\n\n\
          | workload | runs per test | raw ns per packet | empty program ns per packet | net ns per packet |\n\
          |---|---|---|---|---|\n",
         in_place::secs(plan),
         new_flows::RATE,
         in_place::secs(plan),
+        in_place::tls_connections(plan),
         rounds(plan.wire_rounds),
     );
     for row in rows {
