@@ -1,11 +1,13 @@
 //! What the rule lists cost a connection: a destination matched against a list of 10 and
 //! of 100,000 entries (half networks, half host names with their resolved addresses),
 //! through the agent's own matcher (`monitor::rules::AddrMatcher`: a prefix trie and name
-//! hashes), beside a scan of every entry as lists were matched before; and what reading
+//! hashes), beside a scan of every entry as lists were matched before, and beside the
+//! floor: one lookup of the address in a hash set of the list's addresses, whose cost
+//! grows with the list too (a larger table misses the caches more); and what reading
 //! such a list from a file and building its matcher costs a reload (SIGHUP).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hint::black_box,
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
@@ -26,6 +28,8 @@ pub struct Row {
     pub matcher_ns: f64,
     /// Every entry scanned, per destination matched.
     pub scan_ns: f64,
+    /// One hash-set lookup of the destination among the list's addresses.
+    pub floor_ns: f64,
     /// Reading the list from its file and building the matcher.
     pub load_ms: f64,
 }
@@ -107,10 +111,15 @@ fn one(entries: u32, run: u32) -> Row {
                 .iter()
                 .any(|name| by_name.get(name).is_some_and(|a| a.contains(&addr)))
     });
+    let listed: HashSet<IpAddr> = (nets.iter().map(|net| net.addr()))
+        .chain((0..half).map(name_addr))
+        .collect();
+    let floor_ns = per_match(&addrs, |addr| listed.contains(&addr));
     Row {
         entries,
         matcher_ns,
         scan_ns,
+        floor_ns,
         load_ms,
     }
 }
@@ -124,6 +133,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
                 entries,
                 matcher_ns: median(rows.iter().map(|r| r.matcher_ns)),
                 scan_ns: median(rows.iter().map(|r| r.scan_ns)),
+                floor_ns: median(rows.iter().map(|r| r.floor_ns)),
                 load_ms: median(rows.iter().map(|r| r.load_ms)),
             }
         })
