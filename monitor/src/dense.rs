@@ -85,12 +85,7 @@ impl<T: Keyed> DenseMap<T> {
         debug_assert!(self.position(item.key()).is_none(), "a key already present");
         let position = self.items.len();
         let hash = self.hash(item.key());
-        let (items, hasher) = (&self.items, &self.hasher);
-        self.index.insert_unique(
-            hash,
-            u32::try_from(position).expect("fewer than 2^32 items"),
-            |&i| hasher.hash_one(items[i as usize].key()),
-        );
+        index_at(&mut self.index, &self.items, &self.hasher, hash, position);
         self.items.push(item);
         position
     }
@@ -154,14 +149,10 @@ impl<T: Keyed> DenseMap<T> {
     }
 
     fn reindex(&mut self) {
-        let (items, index, hasher) = (&self.items, &mut self.index, &self.hasher);
-        index.clear();
-        for (position, item) in items.iter().enumerate() {
-            index.insert_unique(
-                hasher.hash_one(item.key()),
-                u32::try_from(position).expect("fewer than 2^32 items"),
-                |&i| hasher.hash_one(items[i as usize].key()),
-            );
+        self.index.clear();
+        for (position, item) in self.items.iter().enumerate() {
+            let hash = self.hasher.hash_one(item.key());
+            index_at(&mut self.index, &self.items, &self.hasher, hash, position);
         }
     }
 
@@ -186,6 +177,22 @@ impl<T: Keyed> DenseMap<T> {
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
+}
+
+/// Indexes `position` under `hash`; a growing index hashes again the keys of the `items`
+/// its positions point to.
+fn index_at<T: Keyed>(
+    index: &mut HashTable<u32>,
+    items: &[T],
+    hasher: &foldhash::fast::RandomState,
+    hash: u64,
+    position: usize,
+) {
+    index.insert_unique(
+        hash,
+        u32::try_from(position).expect("fewer than 2^32 items"),
+        |&i| hasher.hash_one(items[i as usize].key()),
+    );
 }
 
 impl<T: Keyed> FromIterator<T> for DenseMap<T> {

@@ -145,11 +145,21 @@ struct ByBytes {
 impl ByBytes {
     fn of(conn: &Conn) -> Self {
         Self {
-            bytes: Reverse(conn.dir(0).bytes + conn.dir(1).bytes),
+            bytes: Reverse(total_bytes(conn)),
             uid: conn.uid,
             key: conn.key,
         }
     }
+}
+
+/// Payload bytes both ways.
+fn total_bytes(conn: &Conn) -> u64 {
+    conn.dir(0).bytes + conn.dir(1).bytes
+}
+
+/// The connection of `key` in `table`, if it is still the one `uid` names.
+fn still<'t>(table: &'t ConnTable, key: &FlowKey, uid: Uid) -> Option<&'t Conn> {
+    table.get(key).filter(|c| c.uid == uid)
 }
 
 /// Whether `conn` carried anything since the observation before its latest.
@@ -171,7 +181,7 @@ impl Rank {
     fn of(conn: &Conn, secs: f64) -> Self {
         Self {
             rate: rates(conn, secs).iter().sum(),
-            bytes: conn.dir(0).bytes + conn.dir(1).bytes,
+            bytes: total_bytes(conn),
             uid: conn.uid,
         }
     }
@@ -255,6 +265,10 @@ impl Tracker {
     fn handed(&mut self, conn: &Conn, now: Now) {
         let secs = self.secs_to(now);
         let handed = &mut self.handed;
+        // Too many entrants: the whole table is ranked, nothing gathered here counts.
+        if handed.entrants.is_none() {
+            return;
+        }
         handed.count += 1;
         if moved(conn) {
             handed.moved.offer(Rank::of(conn, secs), conn.key);
@@ -323,9 +337,8 @@ fn rank_all(table: &ConnTable, secs: f64) -> (Vec<&Conn>, MostBytes) {
 /// enough to know: too many were handed over, or fewer than [`MAX_ROWS`] of `most` are
 /// left in the table (others, not handed over, may rank above those that are not kept),
 /// or one has fewer bytes than before, or one ranked among the busiest left the table
-/// after it was handed over. (One
-/// that left and ranks below the busiest changes nothing: those above it are what the
-/// busiest are.)
+/// after it was handed over. (One that left and ranks below the busiest changes nothing:
+/// those above it are what the busiest are.)
 fn rank_handed(
     handed: Handed,
     mut most: MostBytes,
@@ -340,7 +353,7 @@ fn rank_handed(
     let entrants = entrants?;
     let mut fewer = false;
     most.kept.retain_mut(|kept| {
-        let Some(conn) = table.get(&kept.key).filter(|c| c.uid == kept.uid) else {
+        let Some(conn) = still(table, &kept.key, kept.uid) else {
             return false;
         };
         let now = ByBytes::of(conn);
@@ -353,17 +366,17 @@ fn rank_handed(
     }
     let mut kept: HashSet<Uid> = most.kept.iter().map(|m| m.uid).collect();
     // Those handed over may have finished since.
-    let present = |m: &ByBytes| table.get(&m.key).is_some_and(|c| c.uid == m.uid);
+    let present = |m: &ByBytes| still(table, &m.key, m.uid).is_some();
     most.extend((entrants.into_iter()).filter(|m| present(m) && kept.insert(m.uid)));
     let offered: HashSet<Uid> = moved.kept.iter().map(|(rank, _)| rank.uid).collect();
     let most_of_all = most.kept.iter().take(MAX_ROWS);
     for m in most_of_all.filter(|m| !offered.contains(&m.uid)) {
-        let conn = table.get(&m.key).filter(|c| c.uid == m.uid)?;
+        let conn = still(table, &m.key, m.uid)?;
         moved.offer(Rank::of(conn, secs), conn.key);
     }
     moved.keep_busiest();
     let busiest = (moved.kept.iter())
-        .map(|(rank, key)| table.get(key).filter(|c| c.uid == rank.uid))
+        .map(|(rank, key)| still(table, key, rank.uid))
         .collect::<Option<Vec<&Conn>>>()?;
     Some((busiest, most))
 }
