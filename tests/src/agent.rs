@@ -160,6 +160,11 @@ impl Agent {
         self.pid
     }
 
+    /// Sends the running agent `sig` (SIGHUP, SIGSTOP, SIGCONT, ...).
+    pub fn signal(&self, sig: libc::c_int) {
+        assert_eq!(signal(self.pid, sig), 0, "signal {sig} to the agent");
+    }
+
     pub fn conn_log_path(&self) -> &Path {
         &self.conn_log
     }
@@ -289,10 +294,11 @@ impl Drop for Agent {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+/// `kill(2)`'s result.
+fn signal(pid: u32, sig: libc::c_int) -> libc::c_int {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: plain syscall; `pid` is our own child, not yet reaped, so not reused.
-    unsafe { libc::kill(pid, sig) };
+    unsafe { libc::kill(pid, sig) }
 }
 
 fn keep_lines(

@@ -317,6 +317,11 @@ impl RulesAgent {
         self.agent.pid()
     }
 
+    /// Sends the agent `sig`.
+    pub fn signal(&self, sig: libc::c_int) {
+        self.agent.signal(sig);
+    }
+
     /// SIGTERM (the agent judges what is still open, drains its sinks and exits 0), then
     /// everything it wrote.
     pub fn stop(self) -> Stopped {

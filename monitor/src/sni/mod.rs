@@ -135,7 +135,7 @@ impl Sni {
         let doh = hello
             .server_name
             .as_deref()
-            .is_some_and(|name| self.doh.iter().any(|d| is_or_under(name, d)));
+            .is_some_and(|name| self.is_doh(name));
         self.fresh.push((
             key,
             Hello {
@@ -171,6 +171,11 @@ impl Sni {
     /// A finished connection's hello goes with it.
     pub fn forget(&mut self, key: &FlowKey) {
         self.hellos.0.remove(key);
+    }
+
+    /// Whether `name` is a DNS-over-HTTPS server's, or under one.
+    fn is_doh(&self, name: &str) -> bool {
+        self.doh.iter().any(|domain| is_or_under(name, domain))
     }
 
     pub fn hellos(&self) -> &Hellos {
@@ -236,7 +241,7 @@ mod tests {
     #[test]
     fn doh_names_and_port_853() {
         let sni = Sni::new(&["DoH.Example.NET".to_owned()]);
-        let doh = |name: &str| sni.doh.iter().any(|d| is_or_under(name, d));
+        let doh = |name: &str| sni.is_doh(name);
         assert!(doh("dns.google"));
         assert!(doh("mozilla.cloudflare-dns.com"));
         assert!(doh("doh.example.net"));

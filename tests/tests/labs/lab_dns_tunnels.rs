@@ -399,15 +399,8 @@ fn a_flood_of_responses_is_counted_not_fatal() {
     let agent = RulesAgent::start(&lab, &[]);
     let target: SocketAddr = format!("{}:40000", lab::LAN_HOST_V4).parse().expect("addr");
     let payload = random_bytes(1200, 7);
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &agent.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} the agent");
-    };
     let before = lab::counters(&lab.gw, &lab.gw_wan_if);
-    signal("-STOP");
+    agent.signal(libc::SIGSTOP);
     let sent = run_in_ns(&lab.wan, move || {
         let sock = std::net::UdpSocket::bind("203.0.113.2:53").expect("bind port 53");
         (0..FLOOD)
@@ -418,7 +411,7 @@ fn a_flood_of_responses_is_counted_not_fatal() {
     let received = lab::counters(&lab.gw, &lab.gw_wan_if)
         .since(before)
         .rx_packets;
-    signal("-CONT");
+    agent.signal(libc::SIGCONT);
     assert!(
         received > FLOOD / 2,
         "gw received {received} of {sent} sent"

@@ -27,9 +27,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Sends SIGHUP to the agent and waits until its metrics count the reload as `result`,
 /// the `count`th so: the lists are in use from then on.
 fn reload(lab: &Lab, agent: &RulesAgent, result: &str, count: f64) {
-    // SAFETY: a signal to the agent this test started, by its PID.
-    let rc = unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    assert_eq!(rc, 0, "SIGHUP to the agent");
+    agent.signal(libc::SIGHUP);
     let sample = format!("egress_monitor_config_reloads_total{{result=\"{result}\"}}");
     agent.wait_for(&format!("{sample} {count}"), LIMIT, |_| {
         (http::agent_sample(&lab.gw, &sample) == Some(count)).then_some(())

@@ -45,9 +45,7 @@ fn sighup_reopens_the_conn_log_after_rotation() {
         thread::sleep(Duration::from_millis(200));
     }
     std::fs::rename(&log, &rotated).expect("rotate the conn log");
-    // SAFETY: a signal to the agent this test started, by its PID.
-    let rc = unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
-    assert_eq!(rc, 0, "SIGHUP to the agent");
+    agent.signal(libc::SIGHUP);
     thread::sleep(Duration::from_millis(500));
     let second = traffic::tcp_upload(&lab.lan, &lab.wan, server, 100_000);
     // Read before stop(): the harness removes its directory with the agent.

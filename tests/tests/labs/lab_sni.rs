@@ -245,18 +245,11 @@ fn client_hellos_the_full_ring_cannot_take_are_counted_lost() {
     let listener = listen(&lab.wan, server);
     let acceptor =
         thread::spawn(move || accept_and_close(listener, SENT, Duration::from_secs(120)));
-    let signal = |sig: &str| {
-        let status = Command::new("kill")
-            .args([sig, &agent.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {sig} the agent");
-    };
     let hello = client_hello("stopped.exfil.test");
-    signal("-STOP");
+    agent.signal(libc::SIGSTOP);
     run_in_ns(&lab.lan, move || send_hellos(server, &hello, SENT));
     assert_eq!(acceptor.join().expect("the acceptor"), SENT);
-    signal("-CONT");
+    agent.signal(libc::SIGCONT);
     let metric = |name: &str| agent_sample(&lab.gw, name);
     let (parsed, lost) = eventually("every ClientHello accounted for", LIMIT, || {
         let parsed = metric("egress_monitor_client_hellos_total{result=\"parsed\"}")?;
