@@ -2,6 +2,7 @@
 //! names.
 
 pub mod bpf;
+pub mod btf;
 pub mod pins;
 
 use std::{io, path::PathBuf};
