@@ -7,6 +7,7 @@
 pub mod dns;
 pub mod flow;
 pub mod hello;
+pub mod owner;
 pub mod parse;
 pub mod stats;
 
@@ -21,6 +22,20 @@ pub mod names {
     pub const CHANGES_LOST_MAP: &str = "CHANGES_LOST";
     pub const HELLO_EVENTS_MAP: &str = "HELLO_EVENTS";
     pub const HELLO_LOST_MAP: &str = "HELLO_LOST";
+    pub const OWNER_EVENTS_MAP: &str = "OWNER_EVENTS";
+    pub const OWNER_LOST_MAP: &str = "OWNER_LOST";
+    pub const OWNERS_MAP: &str = "OWNERS";
+    /// The global the agent sets to the running kernel's `task_struct` offsets.
+    pub const TASK_OFFSETS: &str = "TASK_OFFSETS";
+    /// The cgroup programs that keep a socket's owner (each named after its hook).
+    pub const OWNER_PROGRAMS: [&str; 6] = [
+        "owner_connect4",
+        "owner_connect6",
+        "owner_bind4",
+        "owner_bind6",
+        "owner_sendmsg4",
+        "owner_sendmsg6",
+    ];
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";

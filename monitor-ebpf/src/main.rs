@@ -7,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
+mod owner;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -227,9 +229,12 @@ struct Seen {
     direction: u8,
 }
 
-/// Counts one frame.
+/// [`counted`]'s flag: the packet was the first of its connection's direction.
+const FIRST_IN_DIRECTION: u32 = 1 << 31;
+
+/// Counts one frame. Returns whether it was the first of its connection's direction.
 #[inline(always)]
-fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) {
+fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) -> bool {
     let parsed = match parse_packet(pkt, link) {
         // An skb built from pages (AF_PACKET, tun, some drivers) may hold no more than the
         // link-layer header in its linear part: the helper reads the rest. Only packets
@@ -241,24 +246,31 @@ fn count<C: Copier>(pkt: &Packet, link: Link, seen: &Seen, copier: &C) {
     };
     let info = match parsed {
         Ok(info) => info,
-        Err(reason) => return bump(reason),
-    };
-    if let Some(slot) = PARSED.get_ptr_mut(0) {
-        // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
-        unsafe { *slot = info };
-        // Here, not in `counted`: the calls from there would pass the 512 stack bytes
-        // they may use together. So the copy follows the counts by the time it takes; a
-        // poll whose map read falls in between finds it unless it is not in the ring yet
-        // when the poll drains the ring, a little after that read.
-        let first_payload = counted(seen, copier);
-        if first_payload != 0 {
-            copy_hello(seen, copier, first_payload);
+        Err(reason) => {
+            bump(reason);
+            return false;
         }
+    };
+    let Some(slot) = PARSED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch value, used by nothing else while this program runs.
+    unsafe { *slot = info };
+    // Here, not in `counted`: the calls from there would pass the 512 stack bytes they
+    // may use together. So the copy follows the counts by the time it takes; a poll whose
+    // map read falls in between finds it unless it is not in the ring yet when the poll
+    // drains the ring, a little after that read.
+    let outcome = counted(seen, copier);
+    let first_payload = outcome & !FIRST_IN_DIRECTION;
+    if first_payload != 0 {
+        copy_hello(seen, copier, first_payload);
     }
+    outcome & FIRST_IN_DIRECTION != 0
 }
 
 /// Everything after parsing, for the packet in [`PARSED`]. Returns the payload length of
-/// a connection's first payload from its originator, else 0.
+/// a connection's first payload from its originator, else 0, with
+/// [`FIRST_IN_DIRECTION`] set if the packet was the first of its direction.
 #[inline(never)]
 fn counted<C: Copier>(seen: &Seen, copier: &C) -> u32 {
     let Some(info) = PARSED.get_ptr(0) else {
@@ -266,8 +278,8 @@ fn counted<C: Copier>(seen: &Seen, copier: &C) -> u32 {
     };
     // SAFETY: as in `count`.
     let info = unsafe { &*info };
-    let first_payload = match account(info, seen, copier) {
-        Some(first_payload) => first_payload,
+    let outcome = match account(info, seen, copier) {
+        Some(outcome) => outcome,
         None => {
             bump(stats::SPOOFED_SOURCE);
             return 0;
@@ -279,7 +291,7 @@ fn counted<C: Copier>(seen: &Seen, copier: &C) -> u32 {
     if is_dns_port(info) {
         copy_dns(info, seen, copier);
     }
-    first_payload
+    outcome
 }
 
 /// Hands a DNS message to the agent. Never touches the packet.
@@ -514,6 +526,9 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
         }
     }
     let (pkts, ip_bytes, bytes) = info.wire_counts(seen.frame_len, seen.segs);
+    // SAFETY: a field of the map's entry; CPUs racing with a direction's first packets
+    // may each see none before theirs.
+    let first = unsafe { (&raw const (*d).pkts).read_volatile() } == 0;
     // The one test every other packet pays: whether its direction awaits its first
     // payload (TCP: since its SYN; UDP: a flow's first datagram, nothing came back yet).
     // SAFETY: fields of the map's entry. Clearing `awaiting_hello` with a plain store of
@@ -551,7 +566,12 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
         }
     }
     mark_changed(&key, value);
-    Some(if opens { bytes as u32 } else { 0 })
+    let first_payload = if opens { bytes as u32 } else { 0 };
+    Some(if first {
+        first_payload | FIRST_IN_DIRECTION
+    } else {
+        first_payload
+    })
 }
 
 /// Times a packet in its direction's `first_ns` and `last_ns`. The precise clock costs more
@@ -678,8 +698,11 @@ fn count_egress(ctx: &TcContext, no_l2: bool) {
     // SAFETY: the context pointer is valid for the program's run. ingress_ifindex is 0
     // for locally sent packets.
     let came_in = unsafe { (*skb).ingress_ifindex };
-    if came_in == 0 || watched_bits(came_in) & watched::INGRESS_HOOKED == 0 {
-        count_skb(ctx, DIRECTION_EGRESS, no_l2);
+    if (came_in == 0 || watched_bits(came_in) & watched::INGRESS_HOOKED == 0)
+        && count_skb(ctx, DIRECTION_EGRESS, no_l2)
+        && let Some(info) = PARSED.get_ptr(0)
+    {
+        owner::report(skb, info);
     }
 }
 
@@ -691,8 +714,9 @@ fn watched_bits(ifindex: u32) -> u8 {
 }
 
 /// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.
+/// Returns whether it was the first packet of its connection's direction.
 #[inline(always)]
-fn count_skb(ctx: &TcContext, direction: u8, no_l2: bool) {
+fn count_skb(ctx: &TcContext, direction: u8, no_l2: bool) -> bool {
     let skb = ctx.as_ptr() as *const __sk_buff;
     // SAFETY: the context pointer is valid for the program's run.
     let (len, segs, ifindex, vlan_present, protocol) = unsafe {
@@ -727,7 +751,7 @@ fn count_skb(ctx: &TcContext, direction: u8, no_l2: bool) {
         ifindex,
         direction,
     };
-    count(&pkt, link, &seen, &SkbCopier(ctx.as_ptr().cast()));
+    count(&pkt, link, &seen, &SkbCopier(ctx.as_ptr().cast()))
 }
 
 // On the host (clippy), a dependency brings std and its handler.

@@ -8,8 +8,9 @@ use crate::{
     alerts::{Alert, Note},
     clock::{Clock, Now},
     conntable::{Conn, ConnTable, EndReason, LocalNets, View},
-    logs::conn::ConnRecord,
+    logs::conn::{ConnRecord, OwnerFields},
     nat::{Nat, Translation},
+    owners::Owned,
     resolve::Names,
     sni::{self, Hello, Hellos},
 };
@@ -42,6 +43,8 @@ pub struct PollCtx<'a> {
     pub nat: &'a Nat,
     /// What the connections' first payloads told (TLS or QUIC hellos).
     pub hellos: &'a Hellos,
+    /// Which processes own the watched host's ends.
+    pub owners: &'a Owned,
 }
 
 impl<'a> PollCtx<'a> {
@@ -52,6 +55,7 @@ impl<'a> PollCtx<'a> {
         ConnCtx::new(self.local.view(conn), self.names, self.clock)
             .translated(self.nat)
             .with_hellos(self.hellos)
+            .with_owners(self.owners)
     }
 }
 
@@ -63,6 +67,7 @@ pub struct ConnCtx<'a> {
     clock: &'a Clock,
     nat: Option<&'a Nat>,
     hellos: Option<&'a Hellos>,
+    owners: Option<&'a Owned>,
 }
 
 impl<'a> std::ops::Deref for ConnCtx<'a> {
@@ -81,6 +86,7 @@ impl<'a> ConnCtx<'a> {
             clock,
             nat: None,
             hellos: None,
+            owners: None,
         }
     }
 
@@ -97,6 +103,14 @@ impl<'a> ConnCtx<'a> {
     pub fn with_hellos(self, hellos: &'a Hellos) -> Self {
         Self {
             hellos: Some(hellos),
+            ..self
+        }
+    }
+
+    /// The same connection, whose owner (if any) `owners` knows.
+    pub fn with_owners(self, owners: &'a Owned) -> Self {
+        Self {
+            owners: Some(owners),
             ..self
         }
     }
@@ -140,6 +154,9 @@ impl<'a> ConnCtx<'a> {
         record.fields.server_name = hello.and_then(|h| h.server_name.clone());
         record.fields.ech = hello.is_some_and(|h| h.ech);
         record.fields.encrypted_dns = self.encrypted_dns();
+        record.fields.owner = (self.owners)
+            .and_then(|o| o.get(&self.conn.key))
+            .map(OwnerFields::from);
         record
     }
 

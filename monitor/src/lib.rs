@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod alerts;
+pub mod cgroups;
 pub mod cidr;
 pub mod cli;
 pub mod clock;
@@ -24,6 +25,7 @@ pub mod lists;
 pub mod logs;
 pub mod metrics;
 pub mod nat;
+pub mod owners;
 pub mod parse_watch;
 pub mod poller;
 pub mod private;

@@ -56,6 +56,7 @@ pub struct Metrics {
     last_hellos: HelloCounts,
     hello_events_lost: IntCounter,
     hello_lost_seen: u64,
+    owner_events_lost: IntCounter,
     encrypted_dns: IntCounter,
     unparsed: IntCounterVec,
     parse_failing: IntGauge,
@@ -228,6 +229,12 @@ impl Metrics {
             "First payloads of connections (TLS ClientHellos, QUIC Initials) the kernel could \
              not hand over because their ring buffer was full.",
         ))?;
+        let owner_events_lost = IntCounter::with_opts(opts(
+            "owner_events_lost_total",
+            "Owners of the watched host's sockets (the process that connected, accepted or sent) \
+             the kernel could not hand over because their ring buffer was full: those \
+             connections carry no local_pid.",
+        ))?;
         let encrypted_dns = IntCounter::with_opts(opts(
             "encrypted_dns_connections_total",
             "Finished connections that carried encrypted DNS: port 853 (DNS over TLS or QUIC), \
@@ -362,6 +369,7 @@ impl Metrics {
             Box::new(dns_cache_entries.clone()),
             Box::new(client_hellos.clone()),
             Box::new(hello_events_lost.clone()),
+            Box::new(owner_events_lost.clone()),
             Box::new(encrypted_dns.clone()),
             Box::new(unparsed.clone()),
             Box::new(parse_failing.clone()),
@@ -432,6 +440,7 @@ impl Metrics {
             last_hellos: HelloCounts::default(),
             hello_events_lost,
             hello_lost_seen: 0,
+            owner_events_lost,
             encrypted_dns,
             unparsed,
             parse_failing,
@@ -587,6 +596,11 @@ impl Metrics {
         self.hello_events_lost
             .inc_by(lost.saturating_sub(self.hello_lost_seen));
         self.hello_lost_seen = lost;
+    }
+
+    /// The kernel's count of socket owners lost (it only grows).
+    pub fn owners_lost(&self, lost: u64) {
+        catch_up(&self.owner_events_lost, lost);
     }
 
     /// A sink's totals as its dispatcher counts them (they only grow).

@@ -37,6 +37,7 @@ use crate::{
     logs::{self, JsonLines},
     metrics::{self, Metrics},
     nat::Nat,
+    owners::Owners,
     parse_watch::{self, Change, ParseWatch},
     poller::{Coverage, FlowSnapshot, PollError, Poller},
     privileges,
@@ -106,6 +107,12 @@ struct Pipeline {
     hello_batch: Batch,
     /// The programs' `HELLO_LOST`: first payloads the full ring could not take.
     hello_lost: PerCpuArray<MapData, u64>,
+    /// The owners of the watched host's sockets, drained as DNS messages are.
+    owners: Owners,
+    owner_queue: DnsQueue,
+    owner_batch: Batch,
+    /// The programs' `OWNER_LOST`: owners the full ring could not take.
+    owner_lost: PerCpuArray<MapData, u64>,
 }
 
 impl Pipeline {
@@ -125,6 +132,7 @@ impl Pipeline {
         // kernel queued before the read is applied first.
         self.record_dns();
         self.record_hellos();
+        self.record_owners();
         self.hosts = self.resolved.snapshot();
         for key in self.judge_open(coverage, now) {
             self.finishing.push(key, None);
@@ -181,6 +189,10 @@ impl Pipeline {
                 .metrics
                 .hellos(self.sni.counts(), lost.iter().sum()),
             Err(err) => warn!("reading HELLO_LOST: {err}"),
+        }
+        match self.owner_lost.get(&0, 0) {
+            Ok(lost) => self.consumers.metrics.owners_lost(lost.iter().sum()),
+            Err(err) => warn!("reading OWNER_LOST: {err}"),
         }
         self.consumers
             .metrics
@@ -268,6 +280,7 @@ impl Pipeline {
             clock: &self.clock,
             nat: &self.nat,
             hellos: self.sni.hellos(),
+            owners: self.owners.owned(),
         };
         let mut finished = Vec::new();
         if coverage == Coverage::Whole {
@@ -319,6 +332,15 @@ impl Pipeline {
         let (sni, nat, table) = (&mut self.sni, &self.nat, &self.table);
         self.hello_batch.drain(|record| sni.record(record, nat));
         sni.settle(|key| table.get(key).is_some());
+    }
+
+    /// The owners the kernel named before the map read, each given to its connection.
+    fn record_owners(&mut self) {
+        self.owner_queue.take(&mut self.owner_batch);
+        let (owners, nat) = (&mut self.owners, &self.nat);
+        self.owner_batch.drain(|record| owners.record(record, nat));
+        let table = &self.table;
+        owners.settle(|key| table.get(key).is_some());
     }
 
     /// Polls every `every` on its own thread until `stop` says so (or its sender goes),
@@ -400,6 +422,7 @@ impl Pipeline {
     fn suspend(mut self, pins: &std::path::Path) -> anyhow::Result<()> {
         self.record_dns();
         self.record_hellos();
+        self.record_owners();
         self.save_state();
         info!(
             "{} open connections left to the next run: the programs stay attached, pinned under {} \
@@ -418,6 +441,7 @@ impl Pipeline {
         self.read_map()?;
         self.record_dns();
         self.record_hellos();
+        self.record_owners();
         // While the table still knows the uids of the connections that carried DNS.
         self.close_dns_log();
         // Those found finished before keep their reason.
@@ -481,12 +505,14 @@ impl Pipeline {
             clock: &self.clock,
             nat: &self.nat,
             hellos: self.sni.hellos(),
+            owners: self.owners.owned(),
         };
         let ctx = poll.conn(conn);
         for consumer in self.consumers.each() {
             consumer.finish(&ctx, now, reason);
         }
         self.sni.forget(&conn.key);
+        self.owners.forget(&conn.key);
     }
 
     /// Alerts go out whatever the logs do: a log that cannot be written is counted.
@@ -686,6 +712,9 @@ struct Attached {
     hello_events: DnsEvents,
     hello_queue: DnsQueue,
     hello_lost: PerCpuArray<MapData, u64>,
+    owner_events: DnsEvents,
+    owner_queue: DnsQueue,
+    owner_lost: PerCpuArray<MapData, u64>,
     /// The interfaces and how each is hooked, for the `watching` line.
     watching: String,
     /// Whether pinned maps brought an earlier run's connections.
@@ -707,6 +736,12 @@ impl Attached {
         let (hello_events, hello_queue) =
             DnsEvents::new(kernel.take_map(names::HELLO_EVENTS_MAP)?)?;
         let hello_lost = PerCpuArray::try_from(kernel.take_map(names::HELLO_LOST_MAP)?)?;
+        let (owner_events, owner_queue) =
+            DnsEvents::new(kernel.take_map(names::OWNER_EVENTS_MAP)?)?;
+        let owner_lost = PerCpuArray::try_from(kernel.take_map(names::OWNER_LOST_MAP)?)?;
+        if let Err(err) = kernel.attach_owners() {
+            warn!("connections will not name their local process: {err}");
+        }
         let mut watching = Vec::new();
         for iface in ifaces {
             let attached = kernel.attach(iface, args.ingress_hook, args.xdp_mode)?;
@@ -733,6 +768,9 @@ impl Attached {
             hello_events,
             hello_queue,
             hello_lost,
+            owner_events,
+            owner_queue,
+            owner_lost,
             watching: watching.join(", "),
             resumed,
         })
@@ -778,7 +816,7 @@ impl Signals {
 async fn poll_until_stopped(
     pipeline: Pipeline,
     every: Duration,
-    [dns_events, hello_events]: [DnsEvents; 2],
+    rings: [(DnsEvents, &'static str); 3],
     mut signals: Signals,
 ) -> anyhow::Result<Pipeline> {
     let (stop, stopped) = mpsc::channel();
@@ -786,19 +824,17 @@ async fn poll_until_stopped(
         .name("poll".into())
         .spawn(move || pipeline.run(every, &stopped))
         .context("starting the poll thread")?;
-    let drain = tokio::spawn(async move {
-        if let Err(err) = dns_events.run().await {
-            warn!("reading DNS events failed: {err:#}");
-        }
-    });
-    let hello_drain = tokio::spawn(async move {
-        if let Err(err) = hello_events.run().await {
-            warn!("reading TLS and QUIC hellos failed: {err:#}");
-        }
+    let drains = rings.map(|(events, what)| {
+        tokio::spawn(async move {
+            if let Err(err) = events.run().await {
+                warn!("reading {what} failed: {err:#}");
+            }
+        })
     });
     signals.until_stop().await;
-    drain.abort();
-    hello_drain.abort();
+    for drain in drains {
+        drain.abort();
+    }
     drop(stop);
     polling
         .join()
@@ -812,6 +848,8 @@ struct Parts {
     dns_queue: DnsQueue,
     hello_queue: DnsQueue,
     hello_lost: PerCpuArray<MapData, u64>,
+    owner_queue: DnsQueue,
+    owner_lost: PerCpuArray<MapData, u64>,
     watching: String,
     resumed: bool,
     metrics: Metrics,
@@ -874,6 +912,10 @@ impl Pipeline {
             hello_queue: parts.hello_queue,
             hello_batch: Batch::default(),
             hello_lost: parts.hello_lost,
+            owners: Owners::default(),
+            owner_queue: parts.owner_queue,
+            owner_batch: Batch::default(),
+            owner_lost: parts.owner_lost,
             local,
             clock,
             hosts: resolved.snapshot(),
@@ -951,6 +993,9 @@ pub async fn run(
         hello_events,
         hello_queue,
         hello_lost,
+        owner_events,
+        owner_queue,
+        owner_lost,
         watching,
         resumed,
     } = Attached::attach(&args, &ifaces, outputs.pins.take())?;
@@ -964,6 +1009,8 @@ pub async fn run(
         dns_queue,
         hello_queue,
         hello_lost,
+        owner_queue,
+        owner_lost,
         watching,
         resumed,
         metrics,
@@ -977,7 +1024,11 @@ pub async fn run(
     let pipeline = poll_until_stopped(
         pipeline,
         args.poll_interval,
-        [dns_events, hello_events],
+        [
+            (dns_events, "DNS events"),
+            (hello_events, "TLS and QUIC hellos"),
+            (owner_events, "socket owners"),
+        ],
         signals,
     )
     .await?;

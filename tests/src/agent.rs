@@ -73,8 +73,9 @@ impl Agent {
     }
 
     /// Like [`start`](Self::start), but entering only the namespace's network: `ip netns
-    /// exec` mounts a /sys of its own, which hides the pins under /sys/fs/bpf.
-    pub fn start_seeing_pins(ns: &str, iface: &str, extra: &[&str]) -> Agent {
+    /// exec` mounts a /sys of its own, which hides the pins under /sys/fs/bpf and the
+    /// cgroup tree.
+    pub fn start_seeing_host(ns: &str, iface: &str, extra: &[&str]) -> Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"));
         Self::launch(cmd, ns, Some(iface), extra)

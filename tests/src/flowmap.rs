@@ -50,7 +50,7 @@ impl Drop for Pins {
 /// and polls `poll_interval` apart.
 pub fn start_agent(lab: &Lab, pins: &Pins, entries: u32, poll_interval: &str) -> Agent {
     let capacity = (entries * 2).to_string();
-    Agent::start_seeing_pins(
+    Agent::start_seeing_host(
         &lab.gw,
         "lo",
         &[

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod cgroup;
 pub mod dashboard;
 pub mod dns_lab;
 pub mod fleet;

@@ -180,6 +180,14 @@ impl RulesAgent {
         Self::start_with(rule_flags, |args| Agent::start_default(&lab.gw, args))
     }
 
+    /// Like [`start`](Self::start), entering only gw's network namespace: the agent sees
+    /// the host's mounts (its cgroup tree among them), as on a real gateway.
+    pub fn start_seeing_host(lab: &Lab, rule_flags: &[&str]) -> RulesAgent {
+        Self::start_with(rule_flags, |args| {
+            Agent::start_seeing_host(&lab.gw, &lab.gw_wan_if, args)
+        })
+    }
+
     /// Like [`start`](Self::start), watching `ifaces` of gw.
     pub fn start_on(lab: &Lab, ifaces: &[&str], rule_flags: &[&str]) -> RulesAgent {
         let mut flags: Vec<&str> = ifaces.iter().skip(1).flat_map(|i| ["--iface", i]).collect();

@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod btf;
+pub mod owners;
 pub mod pins;
 
 use std::{io, path::PathBuf};
@@ -116,14 +117,19 @@ pub enum PinLinkError {
 
 impl From<PinError> for PinLinkError {
     fn from(error: PinError) -> Self {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            text = format!("{text}: {cause}");
-            source = cause.source();
-        }
-        Self::Pin(text)
+        Self::Pin(chain(&error))
     }
+}
+
+/// An error and its causes, in one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 /// How a watched interface's ingress ended up hooked.
@@ -186,6 +192,15 @@ impl Kernel {
     pub fn load(flow_map_size: u32, pins: Option<PinDir>) -> Result<Self, KernelError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::FLOW_MAP, flow_map_size);
+        let offsets = owners::task_offsets();
+        match &offsets {
+            Ok(offsets) => {
+                loader.override_global(names::TASK_OFFSETS, offsets, true);
+            }
+            Err(err) => warn!(
+                "{err}: connections name the thread that opened their socket, not its process"
+            ),
+        }
         let resumed = pins.as_ref().is_some_and(PinDir::has_flows);
         let changes_pinned = pins.as_ref().is_some_and(PinDir::has_changes);
         if let Some(pins) = &pins {
@@ -223,6 +238,12 @@ impl Kernel {
             changes_complete: true,
             changes_pinned,
         })
+    }
+
+    /// Keeps the owner of every socket that connects, binds or sends a datagram, for
+    /// the egress programs to name in `OWNER_EVENTS`.
+    pub fn attach_owners(&mut self) -> Result<(), owners::OwnersError> {
+        owners::attach(&mut self.ebpf)
     }
 
     /// Whether the programs attached so far all name the entries they change in `CHANGED`.

@@ -17,10 +17,11 @@ use crate::private;
 /// `statfs(2)`'s `f_type` for bpffs.
 const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 
-/// The maps a restarted agent must find again: everything the programs write (the
-/// programs a pinned link keeps attached write DNS messages and hellos to the ring buffers
-/// they were loaded with). Those an earlier build did not have are made and pinned.
-pub const MAPS: [&str; 9] = [
+/// The maps a restarted agent must find again: everything the programs write or read
+/// (the programs a pinned link keeps attached write DNS messages, hellos and owners to
+/// the ring buffers they were loaded with, and read owners from the socket storage they
+/// were loaded with). Those an earlier build did not have are made and pinned.
+pub const MAPS: [&str; 12] = [
     names::FLOW_MAP,
     names::STATS_MAP,
     names::WATCHED_MAP,
@@ -30,6 +31,9 @@ pub const MAPS: [&str; 9] = [
     names::CHANGES_LOST_MAP,
     names::HELLO_EVENTS_MAP,
     names::HELLO_LOST_MAP,
+    names::OWNERS_MAP,
+    names::OWNER_EVENTS_MAP,
+    names::OWNER_LOST_MAP,
 ];
 
 /// Whether `path` is on a BPF filesystem (where pins can be made).

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::{clock::Clock, conntable::View, iface, nat::NatFields, proto};
+use crate::{clock::Clock, conntable::View, iface, nat::NatFields, owners::Owner, proto};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ConnRecord {
@@ -57,6 +57,32 @@ pub struct ConnFields {
     /// The endpoints as the gateway translated them; absent when it translated nothing.
     #[serde(flatten)]
     pub nat: Option<NatFields>,
+    /// The process that owns the watched host's socket; absent for forwarded traffic.
+    #[serde(flatten)]
+    pub owner: Option<OwnerFields>,
+}
+
+/// The owner of a connection's local socket when it connected, accepted or first sent.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OwnerFields {
+    pub local_pid: u32,
+    /// The thread-group leader's name.
+    pub local_comm: String,
+    pub local_uid: u32,
+    /// The cgroup v2 path; absent when the cgroup was gone before it could be named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_cgroup: Option<String>,
+}
+
+impl From<&Owner> for OwnerFields {
+    fn from(owner: &Owner) -> Self {
+        Self {
+            local_pid: owner.pid,
+            local_comm: owner.comm.clone(),
+            local_uid: owner.uid,
+            local_cgroup: owner.cgroup.clone(),
+        }
+    }
 }
 
 impl ConnRecord {
@@ -88,6 +114,7 @@ impl ConnRecord {
             ech: false,
             encrypted_dns: false,
             nat: None,
+            owner: None,
         };
         Self {
             ts: clock.epoch_secs(first),

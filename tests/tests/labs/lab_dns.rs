@@ -241,7 +241,7 @@ fn a_restarted_agent_reads_the_pinned_ring_buffer() {
     let pin_arg = pins.0.to_str().expect("UTF-8").to_owned();
     let logs = [scratch.path("dns-1.jsonl"), scratch.path("dns-2.jsonl")];
     let start = |life: usize| {
-        Agent::start_seeing_pins(
+        Agent::start_seeing_host(
             &lab.gw,
             &lab.gw_wan_if,
             &[

@@ -120,7 +120,7 @@ fn pin_directories_are_private_and_refused_when_not_ours() {
     let lab = Lab::new();
 
     let made = PinDir::new("private");
-    let agent = Agent::start_seeing_pins(&lab.gw, &lab.gw_wan_if, &["--pin-path", made.arg()]);
+    let agent = Agent::start_seeing_host(&lab.gw, &lab.gw_wan_if, &["--pin-path", made.arg()]);
     for dir in [made.0.clone(), made.0.join("maps"), made.0.join("links")] {
         assert_eq!(mode(&dir), 0o700, "{} is private", dir.display());
     }

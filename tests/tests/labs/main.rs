@@ -23,6 +23,7 @@ mod lab_map_pressure;
 mod lab_metrics;
 mod lab_nat;
 mod lab_offloads;
+mod lab_owners;
 mod lab_pmacct;
 mod lab_poll_changes;
 mod lab_privileges;

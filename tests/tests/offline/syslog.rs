@@ -309,6 +309,7 @@ fn alert(n: u32) -> Alert {
                 ech: false,
                 encrypted_dns: false,
                 nat: None,
+                owner: None,
             },
         };
         Alert::for_conn(ts, note, msg, src, dst, record, format!("k{n}"))
