@@ -50,7 +50,13 @@ pub struct Owners {
     /// after the read): matched at this poll, else dropped.
     waiting: Vec<(FlowKey, Owner)>,
     cgroups: Cgroups,
+    /// Settles since the last sweep (see [`SWEEP_EVERY`]).
+    settles: u32,
 }
+
+/// Polls between two sweeps of the owners whose connection left the table without
+/// finishing (absorbed into its translated self, whose key the owner did not know).
+const SWEEP_EVERY: u32 = 256;
 
 impl Owners {
     /// One `OWNER_EVENTS` record, its key as the wire had it.
@@ -92,6 +98,11 @@ impl Owners {
             } else {
                 self.waiting.push((key, owner));
             }
+        }
+        self.settles += 1;
+        if self.settles >= SWEEP_EVERY {
+            self.settles = 0;
+            self.owned.0.retain(|key, _| known(key));
         }
     }
 

@@ -16,6 +16,7 @@ use std::{
 use tests::{
     agent::ConnRecord,
     cgroup::TestCgroup,
+    http::{agent_sample, eventually},
     lab::{self, Lab, run_in_ns},
     rules_lab::{
         HttpServer, RulesAgent, Scratch, accept, connect, listen, listing, of, read_to_eof, send,
@@ -363,5 +364,46 @@ fn accepted_and_datagram_sockets_name_their_process() {
         me.0,
         me.1,
         wrong.join("\n")
+    );
+}
+
+/// New datagram flows from gw while the agent is stopped (SIGSTOP), more than the ring
+/// holds: after SIGCONT each flow carries its owner or is counted lost, and some were
+/// lost.
+#[test]
+fn owners_the_full_ring_cannot_take_are_counted_lost() {
+    const FLOWS: usize = 6_000;
+    const FIRST_PORT: u16 = 20_000;
+    let lab = Lab::new();
+    let agent = RulesAgent::start_seeing_host(&lab, &GW_IS_LOCAL);
+    let sink = SocketAddr::new(WAN, 9);
+    agent.signal(libc::SIGSTOP);
+    // A socket each, a flow each: from a port of its own (one the kernel handed out
+    // again would make two flows one).
+    run_in_ns(&lab.gw, move || {
+        for port in FIRST_PORT..FIRST_PORT + FLOWS as u16 {
+            let socket = UdpSocket::bind((GW_WAN, port)).expect("bind");
+            socket.send_to(b"owned?", sink).expect("send_to");
+        }
+    });
+    agent.signal(libc::SIGCONT);
+    let lost = eventually("the lost owners counted", LIMIT, || {
+        agent_sample(&lab.gw, "egress_monitor_owner_events_lost_total").filter(|&n| n > 0.0)
+    });
+    let stopped = agent.stop();
+    let flows: Vec<&ConnRecord> = (stopped.conns.iter())
+        .filter(|r| r.str("proto") == "udp" && r.resp() == (WAN, 9))
+        .collect();
+    assert_eq!(flows.len(), FLOWS, "a record per flow");
+    let me = u64::from(std::process::id());
+    let named = flows
+        .iter()
+        .filter(|r| owner(r).is_some_and(|(pid, _, _)| pid == me))
+        .count();
+    eprintln!("stopped agent: {named} flows named, {lost} lost of {FLOWS}");
+    assert_eq!(
+        named as f64 + lost,
+        FLOWS as f64,
+        "{named} named, {lost} lost"
     );
 }
