@@ -5,7 +5,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, ToSocketAddrs},
-    sync::{Arc, Condvar, Mutex, PoisonError},
+    sync::{
+        Arc, Condvar, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -20,11 +23,17 @@ pub type HostAddrs = HashMap<String, Vec<IpAddr>>;
 
 /// The resolver's answers both ways: by name, and the names each address is one of, so
 /// that a connection is matched by its address's few names, not by every listed name.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct Answers {
     by_name: HostAddrs,
     by_addr: foldhash::HashMap<IpAddr, Vec<String>>,
+    /// Which answers these are: every set built gets its own, copies share it; empty
+    /// answers may share 0.
+    generation: u64,
 }
+
+/// The last [`Answers::generation`] given.
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
 
 impl From<HostAddrs> for Answers {
     fn from(by_name: HostAddrs) -> Self {
@@ -34,7 +43,12 @@ impl From<HostAddrs> for Answers {
                 by_addr.entry(*addr).or_default().push(name.clone());
             }
         }
-        Self { by_name, by_addr }
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            by_name,
+            by_addr,
+            generation,
+        }
     }
 }
 
@@ -71,6 +85,16 @@ impl<'a> Names<'a> {
     /// The configured names that last resolved to `addr`.
     pub fn resolved_to(&self, addr: IpAddr) -> &'a [String] {
         self.active.by_addr.get(&addr).map_or(&[], Vec::as_slice)
+    }
+
+    /// The addresses configured name `name` last resolved to.
+    pub fn addrs_of(&self, name: &str) -> &'a [IpAddr] {
+        self.active.by_name.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Which resolver answers these names are: the same generation, the same answers.
+    pub fn generation(&self) -> u64 {
+        self.active.generation
     }
 
     /// The names `client` gave `addr` itself: the one its hello asked `addr` for, and

@@ -1,10 +1,12 @@
 //! Address matching for allowlists, exclusions and intel lists: networks by longest
 //! prefix in a trie, host names through the addresses they last resolved to, or through
 //! what the client itself resolved (passive DNS), which `*.suffix` patterns match only.
-//! Names are looked up by hash, the name and each of its parent domains, so a list of
-//! 100,000 entries costs a connection what one of 10 does.
+//! Resolved names are found by the address, in a table of the listed hosts' addresses
+//! built again for each generation of the resolver's answers; the client's names by hash,
+//! the name and each of its parent domains. So a list of 100,000 entries costs a
+//! connection what one of 10 does.
 
-use std::{collections::hash_map::Entry, net::IpAddr};
+use std::{cell::RefCell, collections::hash_map::Entry, net::IpAddr};
 
 use foldhash::{HashMap, HashMapExt as _};
 use ipnet::IpNet;
@@ -66,8 +68,40 @@ fn parents(name: &str) -> impl Iterator<Item = &str> {
 #[derive(Clone, Debug)]
 pub struct AddrMatcher<V = ()> {
     nets: NetSet<V>,
-    hosts: HashMap<String, V>,
+    /// Each host name's value, as its place in `values`.
+    hosts: HashMap<String, usize>,
+    values: Vec<V>,
     suffixes: HashMap<String, V>,
+    /// The hosts by the addresses they resolved to, for the answers last matched by.
+    resolved: RefCell<ByAddr>,
+}
+
+/// The listed host each address stands for in one generation of the resolver's answers:
+/// the first listed of the names it resolved from, in the order the answers give them.
+/// One lookup of the address finds it, where going by name takes a lookup of the
+/// address and one of each of its names, strings whose hashing and comparing miss the
+/// caches more as lists grow.
+#[derive(Clone, Debug, Default)]
+struct ByAddr {
+    generation: u64,
+    hosts: HashMap<IpAddr, usize>,
+}
+
+impl ByAddr {
+    fn new(hosts: &HashMap<String, usize>, names: Names) -> Self {
+        let mut by_addr = HashMap::new();
+        for addr in hosts.keys().flat_map(|host| names.addrs_of(host)) {
+            if by_addr.contains_key(addr) {
+                continue;
+            }
+            let first = names.resolved_to(*addr).iter().find_map(|n| hosts.get(n));
+            by_addr.extend(first.map(|&host| (*addr, host)));
+        }
+        Self {
+            generation: names.generation(),
+            hosts: by_addr,
+        }
+    }
 }
 
 impl<V> Default for AddrMatcher<V> {
@@ -75,7 +109,9 @@ impl<V> Default for AddrMatcher<V> {
         Self {
             nets: NetSet::default(),
             hosts: HashMap::new(),
+            values: Vec::new(),
             suffixes: HashMap::new(),
+            resolved: RefCell::default(),
         }
     }
 }
@@ -99,15 +135,25 @@ impl<V> AddrMatcher<V> {
         if let Some((_, value)) = self.nets.find(addr) {
             return Some(value);
         }
-        let active = names.resolved_to(addr).iter();
-        if let Some(value) = active.filter_map(|name| self.hosts.get(name)).next() {
-            return Some(value);
+        if let Some(host) = self.resolved_host(names, addr) {
+            return Some(&self.values[host]);
         }
         names.client_resolved(client, addr).find_map(|name| {
-            self.hosts
-                .get(name)
+            (self.hosts.get(name).map(|&host| &self.values[host]))
                 .or_else(|| parents(name).find_map(|parent| self.suffixes.get(parent)))
         })
+    }
+
+    /// The listed host `addr` resolved from, by `names`' answers.
+    fn resolved_host(&self, names: Names, addr: IpAddr) -> Option<usize> {
+        if self.hosts.is_empty() {
+            return None;
+        }
+        let mut resolved = self.resolved.borrow_mut();
+        if resolved.generation != names.generation() {
+            *resolved = ByAddr::new(&self.hosts, names);
+        }
+        resolved.hosts.get(&addr).copied()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -120,16 +166,17 @@ impl<V> FromIterator<(AddrSpec, V)> for AddrMatcher<V> {
     fn from_iter<I: IntoIterator<Item = (AddrSpec, V)>>(specs: I) -> Self {
         let mut matcher = Self::default();
         for (spec, value) in specs {
-            let by_name = match spec {
-                AddrSpec::Net(net) => {
-                    matcher.nets.insert(net, value);
-                    continue;
+            match spec {
+                AddrSpec::Net(net) => matcher.nets.insert(net, value),
+                AddrSpec::Host(host) => {
+                    if let Entry::Vacant(vacant) = matcher.hosts.entry(host) {
+                        vacant.insert(matcher.values.len());
+                        matcher.values.push(value);
+                    }
                 }
-                AddrSpec::Host(host) => matcher.hosts.entry(host),
-                AddrSpec::Suffix(suffix) => matcher.suffixes.entry(suffix),
-            };
-            if let Entry::Vacant(vacant) = by_name {
-                vacant.insert(value);
+                AddrSpec::Suffix(suffix) => {
+                    matcher.suffixes.entry(suffix).or_insert(value);
+                }
             }
         }
         matcher
@@ -281,6 +328,118 @@ mod tests {
             None,
             "not its own answer"
         );
+    }
+
+    /// A small generator, so that every run draws the same cases.
+    struct Draw(u64);
+
+    impl Draw {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+            from[self.below(from.len())]
+        }
+
+        /// One of few addresses, so that networks overlap and names share addresses.
+        fn addr(&mut self) -> IpAddr {
+            if self.below(2) == 0 {
+                let [a, b, c, d] = [[10, 11], [0, 1], [0, 1], [0, 1]].map(|x| self.pick(&x));
+                IpAddr::from([a, b, c, self.pick(&[d, 2, 255])])
+            } else {
+                let net = self.pick(&[0, 1]);
+                let host = self.pick(&[0, 1, 2, 0xffff]);
+                IpAddr::from([0x2001, 0xdb8, net, 0, 0, 0, 0, host])
+            }
+        }
+
+        fn spec(&mut self) -> AddrSpec {
+            const NAMES: [&str; 4] = ["h0.t", "h1.t", "h2.s0.t", "s0.t"];
+            match self.below(3) {
+                0 => {
+                    let addr = self.addr();
+                    let len = match addr {
+                        IpAddr::V4(_) => self.pick(&[0, 1, 8, 15, 16, 23, 24, 31, 32]),
+                        IpAddr::V6(_) => self.pick(&[0, 1, 32, 47, 48, 64, 127, 128]),
+                    };
+                    AddrSpec::Net(IpNet::new(addr, len).unwrap().trunc())
+                }
+                1 => AddrSpec::Host(self.pick(&NAMES).to_owned()),
+                _ => AddrSpec::Suffix(self.pick(&["t", "s0.t", "h0.t"]).to_owned()),
+            }
+        }
+
+        /// Answers for the listed names and one more, each with up to three addresses.
+        fn answers(&mut self) -> Answers {
+            let mut by_name = HostAddrs::new();
+            for name in ["h0.t", "h1.t", "h2.s0.t", "s0.t", "unlisted.t"] {
+                if self.below(4) != 0 {
+                    let addrs = (0..self.below(4)).map(|_| self.addr()).collect();
+                    by_name.insert(name.to_owned(), addrs);
+                }
+            }
+            Answers::from(by_name)
+        }
+    }
+
+    /// What a matcher must find, by scanning every entry: the most specific network
+    /// (the first given of equal ones), then the first listed of the names the address
+    /// resolved to, then a name the client gave it, exact or by its nearest listed parent.
+    fn scan(
+        specs: &[(AddrSpec, usize)],
+        names: Names,
+        client: IpAddr,
+        addr: IpAddr,
+    ) -> Option<usize> {
+        let first = |want: &AddrSpec| specs.iter().find(|(spec, _)| spec == want).map(|(_, v)| *v);
+        let host = |name: &str| first(&AddrSpec::Host(name.to_owned()));
+        let suffix = |name: &str| first(&AddrSpec::Suffix(name.to_owned()));
+        let nets = specs.iter().filter_map(|(spec, value)| match spec {
+            AddrSpec::Net(net) if net.contains(&addr) => Some((net.prefix_len(), *value)),
+            _ => None,
+        });
+        let longest = nets.max_by_key(|&(len, value)| (len, std::cmp::Reverse(value)));
+        longest
+            .map(|(_, value)| value)
+            .or_else(|| names.resolved_to(addr).iter().find_map(|name| host(name)))
+            .or_else(|| {
+                names
+                    .client_resolved(client, addr)
+                    .find_map(|name| host(name).or_else(|| parents(name).find_map(suffix)))
+            })
+    }
+
+    /// Over random lists, answers and addresses, v4 and v6, /0 to /32 and /128 with
+    /// overlapping networks, names sharing addresses: the matcher finds what a scan of
+    /// every entry does, also as the answers it matches by change and change back.
+    #[test]
+    fn finds_what_a_scan_of_every_entry_finds() {
+        let mut draw = Draw(0x2545_f491_4f6c_dd1d);
+        let client = ip("198.18.0.2");
+        for _ in 0..300 {
+            let specs: Vec<(AddrSpec, usize)> = (0..draw.below(12))
+                .map(|value| (draw.spec(), value))
+                .collect();
+            let matcher: AddrMatcher<usize> = specs.iter().cloned().collect();
+            let answers = [draw.answers(), draw.answers()];
+            for round in [0, 1, 0] {
+                for _ in 0..20 {
+                    let addr = draw.addr();
+                    let hello = draw.pick(&["h0.t", "x.h0.t", "s0.t", "a.s0.t", "h2.s0.t", "u"]);
+                    let names = Names::new(&answers[round], None).with_server_name(addr, hello);
+                    assert_eq!(
+                        matcher.find(names, client, addr).copied(),
+                        scan(&specs, names, client, addr),
+                        "{addr} asked for {hello} against {specs:?} by {:?}",
+                        answers[round],
+                    );
+                }
+            }
+        }
     }
 
     #[test]
