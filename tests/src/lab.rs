@@ -911,6 +911,43 @@ pub fn ns_exec(ns: &str, args: &[&str]) -> String {
     )
 }
 
+/// `/proc/net/snmp` of a namespace: its kernel's protocol counters.
+pub struct Snmp {
+    ns: String,
+    text: String,
+}
+
+impl Snmp {
+    pub fn read(ns: &str) -> Snmp {
+        Snmp {
+            ns: ns.to_owned(),
+            text: ns_exec(ns, &["cat", "/proc/net/snmp"]),
+        }
+    }
+
+    /// Counter `name` of `group` (`Ip`, `Tcp`, ...); panics when there is none.
+    pub fn get(&self, group: &str, name: &str) -> u64 {
+        let prefix = format!("{group}: ");
+        let mut lines = self.text.lines().filter(|l| l.starts_with(&prefix));
+        lines
+            .next()
+            .zip(lines.next())
+            .and_then(|(names, values)| {
+                names
+                    .split_whitespace()
+                    .zip(values.split_whitespace())
+                    .find(|(n, _)| *n == name)
+            })
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "in {}: no {group}: {name} in /proc/net/snmp:\n{}",
+                    self.ns, self.text
+                )
+            })
+    }
+}
+
 /// Runs `ARGS` inside `ns`, killed after `limit`; the caller judges the exit status.
 pub fn ns_output(ns: &str, args: &[&str], limit: Duration) -> Output {
     run_bounded(

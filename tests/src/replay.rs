@@ -325,14 +325,13 @@ impl Conn {
             (false, true) if has(r, RST) => "RSTRH",
             (false, true) if has(r, FIN) => "SHR",
             (false, _) => "OTH",
+            // A RST after FINs both ways leaves Zeek's state closed.
+            (true, true) if has(o, FIN) && has(r, FIN) => "SF",
             (true, true) if has(o, RST) => "RSTO",
             (true, true) if has(r, RST) => "RSTR",
-            (true, true) => match (has(o, FIN), has(r, FIN)) {
-                (true, true) => "SF",
-                (true, false) => "S2",
-                (false, true) => "S3",
-                (false, false) => "S1",
-            },
+            (true, true) if has(o, FIN) => "S2",
+            (true, true) if has(r, FIN) => "S3",
+            (true, true) => "S1",
         }
     }
 }

@@ -256,7 +256,10 @@ impl Conn {
     }
 
     /// Zeek's `conn_state`, derived from the flags each side sent (their order is not
-    /// known, so FIN and RST are weighed as Zeek's state machine would end up).
+    /// known, so FIN and RST are weighed as Zeek's state machine would end up). A side
+    /// sends no FIN after its own RST, so a RST beside FINs both ways came after its
+    /// sender's FIN, and Zeek keeps such a connection `SF`: a RST after a FIN exchange
+    /// (a late segment answered by a closed socket) is no abort.
     pub fn conn_state(&self) -> &'static str {
         let (o, r) = (&self.orig(), &self.resp());
         if !self.is_tcp() {
@@ -273,14 +276,12 @@ impl Conn {
             (false, true) if has(r, tcp_flags::RST) => "RSTRH",
             (false, true) if has(r, tcp_flags::FIN) => "SHR",
             (false, _) => "OTH",
+            (true, true) if has(o, tcp_flags::FIN) && has(r, tcp_flags::FIN) => "SF",
             (true, true) if has(o, tcp_flags::RST) => "RSTO",
             (true, true) if has(r, tcp_flags::RST) => "RSTR",
-            (true, true) => match (has(o, tcp_flags::FIN), has(r, tcp_flags::FIN)) {
-                (true, true) => "SF",
-                (true, false) => "S2",
-                (false, true) => "S3",
-                (false, false) => "S1",
-            },
+            (true, true) if has(o, tcp_flags::FIN) => "S2",
+            (true, true) if has(r, tcp_flags::FIN) => "S3",
+            (true, true) => "S1",
         }
     }
 

@@ -638,6 +638,23 @@ mod tests {
         assert_eq!(t(d(SYN, true), d(RST | ACK, false)), "REJ");
         assert_eq!(t(d(SYN | ACK | RST, true), d(SYN | ACK, false)), "RSTO");
         assert_eq!(t(d(SYN | ACK, true), d(SYN | ACK | RST, false)), "RSTR");
+        assert_eq!(
+            t(d(SYN | ACK | FIN, true), d(SYN | ACK | RST, false)),
+            "RSTR"
+        );
+        assert_eq!(
+            t(d(SYN | ACK | RST, true), d(SYN | ACK | FIN, false)),
+            "RSTO"
+        );
+        // Zeek leaves a closed side's state alone on a RST once its peer closed too.
+        assert_eq!(
+            t(d(SYN | ACK | FIN, true), d(SYN | ACK | FIN | RST, false)),
+            "SF"
+        );
+        assert_eq!(
+            t(d(SYN | ACK | FIN | RST, true), d(SYN | ACK | FIN, false)),
+            "SF"
+        );
         assert_eq!(t(d(SYN | ACK | FIN, true), d(SYN | ACK, false)), "S2");
         assert_eq!(t(d(SYN | ACK, true), d(SYN | ACK | FIN, false)), "S3");
         assert_eq!(t(d(SYN | RST, true), none), "RSTOS0");

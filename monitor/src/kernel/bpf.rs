@@ -1,8 +1,8 @@
 //! Every raw `bpf(2)` call of the agent, its tests and its benchmarks: the commands aya
 //! 0.16 does not expose for hash maps (batch reads, lookup-and-delete, lookups without
-//! its per-call checks), and what the tests and benchmarks need to make maps and programs
-//! of their own. Each function checks what the kernel will read or write against the
-//! buffers it is given, so all of them are safe to call.
+//! its per-call checks) or for pinned links (detach), and what the tests and benchmarks
+//! need to make maps and programs of their own. Each function checks what the kernel will
+//! read or write against the buffers it is given, so all of them are safe to call.
 
 use std::{
     borrow::Borrow,
@@ -26,6 +26,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// Kernel >= 5.14 for hash maps.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -33,6 +34,8 @@ const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_CREATE: libc::c_long = 28;
+/// Kernel >= 5.9 (XDP links); TCX links have it from the start.
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
@@ -67,6 +70,25 @@ unsafe fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     let fd = unsafe { bpf(cmd, attr) }?;
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+impl ObjAttr {
+    /// For `path`, which must outlive the call the attr is given to.
+    fn new(path: &CString, bpf_fd: u32) -> ObjAttr {
+        ObjAttr {
+            pathname: path.as_ptr() as u64,
+            bpf_fd,
+            file_flags: 0,
+        }
+    }
 }
 
 /// The leading fields of `union bpf_attr` for map element commands.
@@ -305,6 +327,20 @@ pub fn attach_tcx(
     unsafe { bpf_fd(BPF_LINK_CREATE, &mut attr) }
 }
 
+/// Detaches the program of the link pinned at `path` now (`BPF_OBJ_GET`,
+/// `BPF_LINK_DETACH`). Removing the pin alone detaches it only when the kernel frees the
+/// link, after an RCU grace period and a queued work item: on a busy machine, well after
+/// the pin is gone.
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())?;
+    let mut get = ObjAttr::new(&path, 0);
+    // SAFETY: `pathname` is NUL-terminated and outlives the call.
+    let link = unsafe { bpf_fd(BPF_OBJ_GET, &mut get) }?;
+    let mut attr = link.as_raw_fd() as u32;
+    // SAFETY: the attr (`link_detach.link_fd`) holds no pointers.
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
+}
+
 /// `BPF_PROG_TEST_RUN` of `prog` on `frame`, `repeat` times, without reading the packet
 /// back: the kernel's mean ns per run.
 pub fn test_run(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> io::Result<u32> {
@@ -470,18 +506,8 @@ impl RawMap {
 
     /// `BPF_OBJ_PIN` at `path`, a file on a BPF file system.
     pub fn pin(&self, path: &Path) -> io::Result<()> {
-        #[repr(C)]
-        struct ObjPin {
-            pathname: u64,
-            bpf_fd: u32,
-            file_flags: u32,
-        }
         let path = CString::new(path.as_os_str().as_bytes())?;
-        let mut attr = ObjPin {
-            pathname: path.as_ptr() as u64,
-            bpf_fd: self.fd.as_raw_fd() as u32,
-            file_flags: 0,
-        };
+        let mut attr = ObjAttr::new(&path, self.fd.as_raw_fd() as u32);
         // SAFETY: `pathname` is NUL-terminated and outlives the call.
         unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
     }

@@ -11,7 +11,7 @@ use std::{
 
 use monitor_common::names;
 
-use super::IngressAttach;
+use super::{IngressAttach, bpf};
 use crate::private;
 
 /// `statfs(2)`'s `f_type` for bpffs.
@@ -159,8 +159,8 @@ pub struct Removed {
     pub maps: usize,
 }
 
-/// Removes the links (which detaches the programs once no agent holds them) and the maps
-/// pinned under `root`, then the directories; leaves anything else there alone.
+/// Detaches the programs of the links pinned under `root` and removes those links, then
+/// the maps and the directories; leaves anything else there alone.
 pub fn remove(root: &Path) -> io::Result<Removed> {
     let dir = PinDir {
         root: root.to_owned(),
@@ -169,7 +169,11 @@ pub fn remove(root: &Path) -> io::Result<Removed> {
     match fs::read_dir(dir.links()) {
         Ok(entries) => {
             for entry in entries {
-                fs::remove_file(entry?.path())?;
+                let path = entry?.path();
+                bpf::detach_pinned_link(&path).map_err(|err| {
+                    io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+                })?;
+                fs::remove_file(path)?;
                 removed.links += 1;
             }
             fs::remove_dir(dir.links())?;

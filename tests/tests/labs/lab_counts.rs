@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use tests::{
     agent::{Agent, ConnRecord},
     lab::{self, Lab, WanCounters},
-    traffic,
+    packet::{Frame, tcp_flags},
+    traffic::{self, TcpTransfer},
 };
 
 const TCP_PORT: u16 = 5001;
@@ -260,6 +261,11 @@ fn tcp_case(hook: Hook, name: &str, v6: bool, upload: bool, bytes: u64) {
         (t.server_sent, t.client_received)
     };
     assert_eq!((sent, received), (bytes, bytes), "{case}: generator: {t:?}");
+    check_closed_tcp(case, &lab, agent, &t, wire);
+}
+
+/// Stops the agent and checks its record of `t`, a transfer both ends closed with a FIN.
+fn check_closed_tcp(case: String, lab: &Lab, agent: Agent, t: &TcpTransfer, wire: Measured) {
     let records = agent.stop();
     check(
         &records,
@@ -392,6 +398,37 @@ fn missed_start(hook: Hook) {
     );
 }
 
+/// A segment of the client's that reaches the server after both sides closed (a FIN
+/// retransmitted late, overtaken by the final ACK) is answered with a RST by the server's
+/// kernel: the RST is counted, and the connection stays `SF`, as Zeek keeps it.
+fn rst_after_close(hook: Hook) {
+    let case = format!("[{hook:?}] rst_after_close");
+    let lab = Lab::new();
+    let agent = start_agent(&lab, hook);
+    let server = SocketAddr::new(lab::WAN_HOST_V4.into(), TCP_PORT);
+    let bytes = MB;
+    let rsts = || lab::Snmp::read(&lab.wan).get("Tcp", "OutRsts");
+    let rsts_before = rsts();
+    let (t, wire) = measure(&lab, || {
+        let t = traffic::tcp_upload(&lab.lan, &lab.wan, server, bytes);
+        let (lan_mac, gw_mac) = lab.macs(&lab.lan_if);
+        let late = Frame::eth()
+            .macs(lan_mac, gw_mac)
+            .ipv4(lab::LAN_HOST_V4, lab::WAN_HOST_V4)
+            .tcp(t.client.port(), TCP_PORT, tcp_flags::FIN | tcp_flags::ACK)
+            .build();
+        lab::send_raw_frame(&lab.lan, &lab.lan_if, gw_mac, late);
+        t
+    });
+    assert_eq!(
+        (t.client_sent, t.server_received),
+        (bytes, bytes),
+        "{case}: generator: {t:?}"
+    );
+    assert_eq!(rsts() - rsts_before, 1, "{case}: the server's RST");
+    check_closed_tcp(case, &lab, agent, &t, wire);
+}
+
 macro_rules! per_hook {
     ($hook_mod:ident, $hook:expr, [$($case:ident),* $(,)?]) => {
         mod $hook_mod {
@@ -415,7 +452,8 @@ per_hook!(
         tcp6_download,
         udp_exchange,
         icmp_echo,
-        missed_start
+        missed_start,
+        rst_after_close
     ]
 );
 per_hook!(
@@ -428,7 +466,8 @@ per_hook!(
         tcp6_download,
         udp_exchange,
         icmp_echo,
-        missed_start
+        missed_start,
+        rst_after_close
     ]
 );
 

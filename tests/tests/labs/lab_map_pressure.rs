@@ -102,20 +102,8 @@ struct GwIp {
 
 impl GwIp {
     fn read(ns: &str) -> GwIp {
-        let snmp = lab::ns_exec(ns, &["cat", "/proc/net/snmp"]);
-        let mut ip_lines = snmp.lines().filter(|l| l.starts_with("Ip: "));
-        let (names, values) = (ip_lines.next(), ip_lines.next());
-        let (Some(names), Some(values)) = (names, values) else {
-            panic!("in {ns}: no Ip: lines in /proc/net/snmp:\n{snmp}")
-        };
-        let ip = |field: &str| -> u64 {
-            names
-                .split_whitespace()
-                .position(|n| n == field)
-                .and_then(|at| values.split_whitespace().nth(at))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("in {ns}: no Ip: {field} in /proc/net/snmp:\n{snmp}"))
-        };
+        let snmp = lab::Snmp::read(ns);
+        let ip = |field: &str| snmp.get("Ip", field);
         let snmp6 = lab::ns_exec(ns, &["cat", "/proc/net/snmp6"]);
         let out6_requests = snmp6
             .lines()
