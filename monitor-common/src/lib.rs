@@ -27,14 +27,14 @@ pub mod names {
     pub const OWNERS_MAP: &str = "OWNERS";
     /// The global the agent sets to the running kernel's `task_struct` offsets.
     pub const TASK_OFFSETS: &str = "TASK_OFFSETS";
-    /// The cgroup programs that keep a socket's owner (each named after its hook).
-    pub const OWNER_PROGRAMS: [&str; 6] = [
+    /// The cgroup programs that keep a socket's owner (each named after its hook): at
+    /// `socket()`, and at `connect()` and `bind()`.
+    pub const OWNER_SOCK_CREATE: &str = "owner_sock_create";
+    pub const OWNER_SOCK_ADDR_PROGRAMS: [&str; 4] = [
         "owner_connect4",
         "owner_connect6",
         "owner_bind4",
         "owner_bind6",
-        "owner_sendmsg4",
-        "owner_sendmsg6",
     ];
     pub const XDP_INGRESS: &str = "xdp_ingress";
     pub const TC_INGRESS: &str = "tc_ingress";

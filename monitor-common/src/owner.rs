@@ -1,5 +1,5 @@
 //! Which process owns a socket of the watched host. Programs that run in the owning
-//! process when a socket connects, binds or sends a datagram keep the process in the
+//! process when a socket is created, connects or binds keep the process in the
 //! socket's storage; the TC egress program hands it to the agent, through the
 //! `OWNER_EVENTS` ring buffer, with the key of each connection the socket opens.
 

@@ -1,23 +1,22 @@
 //! Socket owners. Programs attached to the root cgroup run in the owning process when a
-//! socket connects, binds (a listener's children inherit nothing, but their SYN-ACK leads
-//! back to the listener) or sends a datagram, and keep that process in the socket's
-//! storage. When a watched interface's TC egress sees the first packet of a direction
+//! socket is created, connects or binds (a listener's children inherit nothing, but their
+//! SYN-ACK leads back to the listener), and keep that process in the socket's storage. When a watched interface's TC egress sees the first packet of a direction
 //! from a socket of this host, it hands the agent the owner with the connection's key.
 //! Forwarded packets have no socket.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::SkStorage,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task, bpf_get_current_uid_gid, bpf_probe_read_kernel,
         generated::{bpf_get_listener_sock, bpf_sk_fullsock, bpf_sk_storage_get},
     },
-    macros::{btf_map, cgroup_sock_addr, map},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, map},
     maps::{PerCpuArray, RingBuf},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use monitor_common::{
     owner::{OWNER_RING_BYTES, Owner, OwnerEvent, TaskOffsets},
@@ -49,50 +48,51 @@ const PROCEED: i32 = 1;
 /// `connect()`: TCP's active open, or a datagram socket's peer. The owner is the caller.
 #[cgroup_sock_addr(connect4)]
 pub fn owner_connect4(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, true);
+    keep(&ctx);
     PROCEED
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn owner_connect6(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, true);
+    keep(&ctx);
     PROCEED
 }
 
 /// `bind()`: a listener's owner, named when its SYN-ACKs leave.
 #[cgroup_sock_addr(bind4)]
 pub fn owner_bind4(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, true);
+    keep(&ctx);
     PROCEED
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn owner_bind6(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, true);
+    keep(&ctx);
     PROCEED
 }
 
-/// A datagram to an address (an unconnected socket): the sender, unless the socket has
-/// an owner already.
-#[cgroup_sock_addr(sendmsg4)]
-pub fn owner_sendmsg4(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, false);
-    PROCEED
-}
-
-#[cgroup_sock_addr(sendmsg6)]
-pub fn owner_sendmsg6(ctx: SockAddrContext) -> i32 {
-    keep(&ctx, false);
-    PROCEED
-}
-
-fn keep(ctx: &SockAddrContext, replace: bool) {
-    if !replace && !OWNERS.get_ptr_mut(ctx).is_null() {
-        return;
+/// `socket()`: every IPv4 and IPv6 socket starts owned by its creator, which is how a
+/// datagram socket that neither binds nor connects (it sends to addresses) is named,
+/// without a program in the path of each datagram.
+#[cgroup_sock(sock_create)]
+pub fn owner_sock_create(ctx: SockContext) -> i32 {
+    let mut owner = current();
+    // SAFETY: the context is the new socket; the storage is created with `owner`.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(OWNERS) as *mut c_void,
+            ctx.sock.cast(),
+            (&raw mut owner).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        );
     }
+    PROCEED
+}
+
+fn keep(ctx: &SockAddrContext) {
     let mut owner = current();
     let slot = OWNERS.get_or_insert_ptr_mut(ctx, Some(&mut owner));
-    if replace && !slot.is_null() {
+    if !slot.is_null() {
         // SAFETY: this socket's storage; the kernel holds the socket's lock here.
         unsafe { *slot = owner };
     }

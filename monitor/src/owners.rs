@@ -1,6 +1,6 @@
 //! Which process owns the watched host's end of a connection. Programs attached to the
-//! root cgroup keep each socket's owner when it connects, binds or sends a datagram, in
-//! that process, so short-lived processes are named too; the egress programs hand it over
+//! root cgroup keep each socket's owner when it is created, connects or binds, in that
+//! process, so short-lived processes are named too; the egress programs hand it over
 //! with the key of each connection the socket opens or answers (`OWNER_EVENTS`). Each
 //! owner is matched to its connection, and leaves with it. Forwarded traffic has no
 //! socket here, and so no owner.
@@ -15,7 +15,7 @@ use monitor_common::{flow::FlowKey, owner::OwnerEvent};
 
 use crate::{cgroups::Cgroups, conntable, nat::Nat};
 
-/// A socket's owner when it connected, bound or first sent.
+/// A socket's owner when it was created, connected or bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owner {
     pub pid: u32,

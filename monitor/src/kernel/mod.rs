@@ -240,7 +240,7 @@ impl Kernel {
         })
     }
 
-    /// Keeps the owner of every socket that connects, binds or sends a datagram, for
+    /// Keeps the owner of every socket that is created, connects or binds, for
     /// the egress programs to name in `OWNER_EVENTS`.
     pub fn attach_owners(&mut self) -> Result<(), owners::OwnersError> {
         owners::attach(&mut self.ebpf)

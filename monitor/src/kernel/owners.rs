@@ -6,7 +6,7 @@ use std::fs::File;
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
 };
 use monitor_common::{names, owner::TaskOffsets};
 use thiserror::Error;
@@ -47,18 +47,31 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<(), OwnersError> {
         path: root.display().to_string(),
         error,
     })?;
-    for name in names::OWNER_PROGRAMS {
+    // As links, which the kernel adds beside the other programs of the cgroup (a link
+    // takes no attach flags).
+    let name = names::OWNER_SOCK_CREATE;
+    let attach = |error| OwnersError::Attach { name, error };
+    let program: &mut CgroupSock = owner_program(ebpf, name);
+    program.load().map_err(attach)?;
+    program
+        .attach(&dir, CgroupAttachMode::Single)
+        .map_err(attach)?;
+    for name in names::OWNER_SOCK_ADDR_PROGRAMS {
         let attach = |error| OwnersError::Attach { name, error };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("the embedded object has its owner programs");
+        let program: &mut CgroupSockAddr = owner_program(ebpf, name);
         program.load().map_err(attach)?;
-        // As a link, which the kernel adds beside the other programs of the cgroup (a
-        // link takes no attach flags).
         program
             .attach(&dir, CgroupAttachMode::Single)
             .map_err(attach)?;
     }
     Ok(())
+}
+
+fn owner_program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut P
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .expect("the embedded object has its owner programs")
 }

@@ -62,7 +62,7 @@ pub struct ConnFields {
     pub owner: Option<OwnerFields>,
 }
 
-/// The owner of a connection's local socket when it connected, accepted or first sent.
+/// The owner of a connection's local socket when it was created, connected or bound (a listener, for what it accepts).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OwnerFields {
     pub local_pid: u32,

@@ -407,3 +407,32 @@ fn owners_the_full_ring_cannot_take_are_counted_lost() {
         "{named} named, {lost} lost"
     );
 }
+
+/// A datagram socket that neither binds nor connects (the kernel binds it at its first
+/// send) is named by the process that created it.
+#[test]
+fn a_datagram_socket_that_never_binds_is_named_by_its_creator() {
+    let lab = Lab::new();
+    let agent = RulesAgent::start_seeing_host(&lab, &GW_IS_LOCAL);
+    let sink = SocketAddr::new(WAN, 9);
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.sendto(b'unbound', ('{}', {}))\n\
+         print(s.getsockname()[1])",
+        sink.ip(),
+        sink.port()
+    );
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.gw))
+        .args(["--", "python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn python3");
+    let (pid, port) = finished(child);
+    let stopped = agent.stop();
+    let record = (stopped.conns.iter())
+        .find(|r| r.is_between("udp", (GW_WAN, port), (WAN, 9)))
+        .unwrap_or_else(|| panic!("no record of the datagram from port {port}"));
+    assert_eq!(owner(record), Some((u64::from(pid), "python3", 0)));
+}

@@ -1,6 +1,6 @@
 //! What naming the socket owner costs the watched host's own processes: the same socket
 //! calls timed in the lab gateway without an agent and with one (whose cgroup programs
-//! then run at every `connect()`, `bind()` and datagram send of every process). The
+//! then run at every `socket()`, `connect()` and `bind()` of every process). The
 //! calls go over loopback, which the agent does not watch: only the owner-keeping
 //! programs are in their path, not the counting ones. The TCP connects go to a port
 //! nothing listens on, refused at once: a listener's accept queue would time them.
@@ -36,7 +36,8 @@ pub fn measure(plan: &Plan) -> Row {
     let mut runs: [[Vec<f64>; 2]; 3] = Default::default();
     for _ in 0..plan.runs {
         for (with_agent, slot) in [(false, 0), (true, 1)] {
-            let agent = with_agent.then(|| Agent::start(&lab.gw, &lab.gw_wan_if, &[]));
+            // Seeing the host's mounts: the cgroup tree, where its programs attach.
+            let agent = with_agent.then(|| Agent::start_seeing_host(&lab.gw, &lab.gw_wan_if, &[]));
             let [connect, first_send, send] = time_calls(&lab.gw, calls);
             runs[0][slot].push(connect);
             runs[1][slot].push(first_send);
