@@ -66,6 +66,9 @@ const APT_PACKAGES: &[&str] = &[
     "socat",
     // The QUIC labs' peers run aioquic from a venv of Debian's Python (see LAB_VENV).
     "python3-venv",
+    // A real client: TLS server names (lab_sni) and the uploads whose process the agent
+    // names (lab_owners).
+    "curl",
 ];
 
 /// The venv holding the QUIC labs' aioquic (tests/scripts/quic_peer.py); the tests know
