@@ -18,6 +18,7 @@ pub mod endpoint;
 pub mod export;
 pub mod finishing;
 pub mod iface;
+pub mod joined;
 pub mod kernel;
 #[cfg(test)]
 mod layering;

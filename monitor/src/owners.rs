@@ -5,15 +5,17 @@
 //! owner is matched to its connection, and leaves with it. Forwarded traffic has no
 //! socket here, and so no owner.
 //!
-//! events (ring buffer, drained as DNS's) -> [`Owners::record`] -> [`Owners::settle`] ->
-//! [`Owned`] by flow key
+//! events (ring buffer, drained as DNS's) -> [`Owners::record`] -> [`Joined`] -> [`Owned`]
+//! by flow key
 
-use std::collections::hash_map::Entry;
-
-use foldhash::HashMap;
 use monitor_common::{flow::FlowKey, owner::OwnerEvent};
 
-use crate::{cgroups::Cgroups, conntable, nat::Nat};
+use crate::{
+    cgroups::Cgroups,
+    conntable,
+    joined::{ByConn, Joined},
+    nat::Nat,
+};
 
 /// A socket's owner when it was created, connected or bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,35 +30,13 @@ pub struct Owner {
 }
 
 /// The owners of the connections in the table, by their (pre-NAT) flow key.
-#[derive(Debug, Default)]
-pub struct Owned(HashMap<FlowKey, Owner>);
-
-impl Owned {
-    pub fn get(&self, key: &FlowKey) -> Option<&Owner> {
-        // Forwarded connections have none: an empty map costs no hash.
-        if self.0.is_empty() {
-            return None;
-        }
-        self.0.get(key)
-    }
-}
+pub type Owned = ByConn<Owner>;
 
 #[derive(Default)]
 pub struct Owners {
-    owned: Owned,
-    /// Owners of this poll's events, not yet matched to a connection.
-    fresh: Vec<(FlowKey, Owner)>,
-    /// Owners whose connection the last poll's read did not find (its first packet came
-    /// after the read): matched at this poll, else dropped.
-    waiting: Vec<(FlowKey, Owner)>,
+    owners: Joined<Owner>,
     cgroups: Cgroups,
-    /// Settles since the last sweep (see [`SWEEP_EVERY`]).
-    settles: u32,
 }
-
-/// Polls between two sweeps of the owners whose connection left the table without
-/// finishing (absorbed into its translated self, whose key the owner did not know).
-const SWEEP_EVERY: u32 = 256;
 
 impl Owners {
     /// One `OWNER_EVENTS` record, its key as the wire had it.
@@ -74,45 +54,21 @@ impl Owners {
             uid: raw.uid,
             cgroup: self.cgroups.path(raw.cgroup, raw.tgid),
         };
-        self.fresh.push((key, owner));
+        self.owners.push(key, owner);
     }
 
-    /// After a poll's read of the map: this poll's owners and those left waiting go to
-    /// their connections where `known` finds them, unless those have one already (the
-    /// first stays); this poll's others wait for the next.
+    /// After a poll's read of the map (see [`Joined::settle`]).
     pub fn settle(&mut self, known: impl Fn(&FlowKey) -> bool) {
-        let owned = &mut self.owned.0;
-        let mut keep = |key, owner| {
-            if let Entry::Vacant(slot) = owned.entry(key) {
-                slot.insert(owner);
-            }
-        };
-        for (key, owner) in std::mem::take(&mut self.waiting) {
-            if known(&key) {
-                keep(key, owner);
-            }
-        }
-        for (key, owner) in self.fresh.drain(..) {
-            if known(&key) {
-                keep(key, owner);
-            } else {
-                self.waiting.push((key, owner));
-            }
-        }
-        self.settles += 1;
-        if self.settles >= SWEEP_EVERY {
-            self.settles = 0;
-            self.owned.0.retain(|key, _| known(key));
-        }
+        self.owners.settle(known);
     }
 
     /// A finished connection's owner goes with it.
     pub fn forget(&mut self, key: &FlowKey) {
-        self.owned.0.remove(key);
+        self.owners.forget(key);
     }
 
     pub fn owned(&self) -> &Owned {
-        &self.owned
+        self.owners.joined()
     }
 }
 
@@ -170,12 +126,9 @@ mod tests {
     }
 
     #[test]
-    fn an_owner_joins_its_connection_when_the_table_knows_it() {
+    fn an_event_names_its_connection_by_the_pre_nat_key() {
         let (mut owners, nat) = (Owners::default(), Nat::without_conntrack());
         owners.record(&event(4242), &nat);
-        // Its first packet came after this poll's read: it waits one poll.
-        owners.settle(|_| false);
-        assert_eq!(owners.owned().get(&key()), None);
         owners.settle(|k| *k == key());
         let owner = owners.owned().get(&key()).unwrap();
         assert_eq!(
@@ -187,22 +140,10 @@ mod tests {
     }
 
     #[test]
-    fn an_owner_no_connection_claims_is_dropped_after_a_poll() {
+    fn a_short_record_is_ignored() {
         let (mut owners, nat) = (Owners::default(), Nat::without_conntrack());
-        owners.record(&event(4242), &nat);
-        owners.settle(|_| false);
-        owners.settle(|_| false);
-        owners.settle(|k| *k == key());
+        owners.record(&event(4242)[..10], &nat);
+        owners.settle(|_| true);
         assert_eq!(owners.owned().get(&key()), None);
-    }
-
-    #[test]
-    fn the_first_owner_stays() {
-        let (mut owners, nat) = (Owners::default(), Nat::without_conntrack());
-        owners.record(&event(4242), &nat);
-        owners.settle(|k| *k == key());
-        owners.record(&event(7), &nat);
-        owners.settle(|k| *k == key());
-        assert_eq!(owners.owned().get(&key()).unwrap().pid, 4242);
     }
 }

@@ -9,7 +9,6 @@
 pub mod quic;
 pub mod tls;
 
-use foldhash::HashMap;
 use monitor_common::{
     dns::flags,
     flow::FlowKey,
@@ -19,6 +18,7 @@ use monitor_common::{
 use crate::{
     conntable::{self, Endpoint},
     dns::parse,
+    joined::{ByConn, Joined},
     nat::Nat,
 };
 use tls::ClientHello;
@@ -58,35 +58,13 @@ pub struct HelloCounts {
 }
 
 /// The hellos of the connections in the table, by their (pre-NAT) flow key.
-#[derive(Debug, Default)]
-pub struct Hellos(HashMap<FlowKey, Hello>);
-
-impl Hellos {
-    pub fn get(&self, key: &FlowKey) -> Option<&Hello> {
-        // Most connections have none: an empty map costs no hash.
-        if self.0.is_empty() {
-            return None;
-        }
-        self.0.get(key)
-    }
-}
+pub type Hellos = ByConn<Hello>;
 
 pub struct Sni {
     doh: Vec<String>,
-    hellos: Hellos,
-    /// Hellos of this poll's events, not yet matched to a connection.
-    fresh: Vec<(FlowKey, Hello)>,
-    /// Hellos whose connection the last poll's read did not find (its packets came after
-    /// the read): matched at this poll, else dropped.
-    waiting: Vec<(FlowKey, Hello)>,
+    hellos: Joined<Hello>,
     counts: HelloCounts,
-    /// Settles since the last sweep (see [`SWEEP_EVERY`]).
-    settles: u32,
 }
-
-/// Polls between two sweeps of the hellos whose connection left the table without
-/// finishing (absorbed into its translated self, whose key the hello did not know).
-const SWEEP_EVERY: u32 = 256;
 
 impl Sni {
     /// `doh_servers`: `--doh-server`, beside [`DOH_SERVERS`].
@@ -98,11 +76,8 @@ impl Sni {
             .collect();
         Self {
             doh,
-            hellos: Hellos::default(),
-            fresh: Vec::new(),
-            waiting: Vec::new(),
+            hellos: Joined::default(),
             counts: HelloCounts::default(),
-            settles: 0,
         }
     }
 
@@ -136,41 +111,24 @@ impl Sni {
             .server_name
             .as_deref()
             .is_some_and(|name| self.is_doh(name));
-        self.fresh.push((
+        self.hellos.push(
             key,
             Hello {
                 server_name: hello.server_name,
                 ech: hello.ech,
                 doh,
             },
-        ));
+        );
     }
 
-    /// After a poll's read of the map: this poll's hellos and those left waiting go to
-    /// their connections where `known` finds them; this poll's others wait for the next.
+    /// After a poll's read of the map (see [`Joined::settle`]).
     pub fn settle(&mut self, known: impl Fn(&FlowKey) -> bool) {
-        for (key, hello) in std::mem::take(&mut self.waiting) {
-            if known(&key) {
-                self.hellos.0.insert(key, hello);
-            }
-        }
-        for (key, hello) in self.fresh.drain(..) {
-            if known(&key) {
-                self.hellos.0.insert(key, hello);
-            } else {
-                self.waiting.push((key, hello));
-            }
-        }
-        self.settles += 1;
-        if self.settles >= SWEEP_EVERY {
-            self.settles = 0;
-            self.hellos.0.retain(|key, _| known(key));
-        }
+        self.hellos.settle(known);
     }
 
     /// A finished connection's hello goes with it.
     pub fn forget(&mut self, key: &FlowKey) {
-        self.hellos.0.remove(key);
+        self.hellos.forget(key);
     }
 
     /// Whether `name` is a DNS-over-HTTPS server's, or under one.
@@ -179,7 +137,7 @@ impl Sni {
     }
 
     pub fn hellos(&self) -> &Hellos {
-        &self.hellos
+        self.hellos.joined()
     }
 
     pub fn counts(&self) -> HelloCounts {
@@ -259,33 +217,5 @@ mod tests {
             ..Hello::default()
         };
         assert!(encrypted_dns(IPPROTO_TCP, to(443), Some(&hello)));
-    }
-
-    #[test]
-    fn a_hello_waits_one_poll_for_its_connection() {
-        let mut sni = Sni::new(&[]);
-        let key = |port| FlowKey {
-            port_a: port,
-            ..FlowKey::default()
-        };
-        let hello = Hello::default();
-        sni.fresh = vec![(key(1), hello.clone()), (key(2), hello.clone())];
-        sni.settle(|k| *k == key(1));
-        assert!(sni.hellos().get(&key(1)).is_some());
-        assert!(sni.hellos().get(&key(2)).is_none());
-        sni.settle(|_| false);
-        sni.settle(|_| true);
-        assert!(
-            sni.hellos().get(&key(2)).is_none(),
-            "dropped after one poll"
-        );
-        for _ in 0..SWEEP_EVERY {
-            sni.settle(|k| *k != key(1));
-        }
-        assert!(sni.hellos().get(&key(1)).is_none(), "swept once gone");
-        sni.fresh = vec![(key(1), hello)];
-        sni.settle(|_| true);
-        sni.forget(&key(1));
-        assert!(sni.hellos().get(&key(1)).is_none());
     }
 }
