@@ -1,7 +1,8 @@
 //! Socket owners. Programs attached to the root cgroup run in the owning process when a
 //! socket is created, connects or binds (a listener's children inherit nothing, but their
-//! SYN-ACK leads back to the listener), and keep that process in the socket's storage. When a watched interface's TC egress sees the first packet of a direction
-//! from a socket of this host, it hands the agent the owner with the connection's key.
+//! SYN-ACK leads back to the listener), and keep that process in the socket's storage.
+//! When a watched interface's TC egress sees the first packet of a direction from a
+//! socket of this host, it hands the agent the owner with the connection's key.
 //! Forwarded packets have no socket.
 
 use core::ffi::c_void;
