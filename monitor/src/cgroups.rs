@@ -83,7 +83,7 @@ pub fn root() -> Option<PathBuf> {
 /// Where cgroup2 is mounted, and the cgroup path of that directory: as this process sees
 /// its mounts, else as PID 1 does, through its root (`ip netns exec` mounts a /sys of
 /// its own, without the cgroup tree).
-fn mount() -> Option<(PathBuf, String)> {
+pub fn mount() -> Option<(PathBuf, String)> {
     let seen = |info: &str, prefix: &Path| {
         cgroup2_mount(info).map(|(dir, root)| {
             let inside = dir.strip_prefix("/").unwrap_or(&dir).to_owned();

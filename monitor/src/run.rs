@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray};
 use log::{info, warn};
 use monitor_common::{flow::FlowKey, names, stats};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -28,7 +27,7 @@ use crate::{
     consumer::{ConnCtx, Consumer, PollCtx},
     dns::{
         Dns,
-        events::{Batch, DnsEvents, DnsQueue},
+        events::{Batch, DnsEvents, DnsQueue, Drained},
     },
     export::{Collector, IpfixConfig, IpfixExporter},
     finishing::Finishing,
@@ -103,16 +102,10 @@ struct Pipeline {
     reloads: Reloads,
     /// Server names from the connections' first payloads, drained as DNS messages are.
     sni: Sni,
-    hello_queue: DnsQueue,
-    hello_batch: Batch,
-    /// The programs' `HELLO_LOST`: first payloads the full ring could not take.
-    hello_lost: PerCpuArray<MapData, u64>,
+    hellos: Drained,
     /// The owners of the watched host's sockets, drained as DNS messages are.
     owners: Owners,
-    owner_queue: DnsQueue,
-    owner_batch: Batch,
-    /// The programs' `OWNER_LOST`: owners the full ring could not take.
-    owner_lost: PerCpuArray<MapData, u64>,
+    owner_events: Drained,
 }
 
 impl Pipeline {
@@ -183,15 +176,12 @@ impl Pipeline {
         self.consumers
             .metrics
             .dns(self.dns.counts(), self.dns.cache_entries());
-        match self.hello_lost.get(&0, 0) {
-            Ok(lost) => self
-                .consumers
-                .metrics
-                .hellos(self.sni.counts(), lost.iter().sum()),
+        match self.hellos.lost() {
+            Ok(lost) => self.consumers.metrics.hellos(self.sni.counts(), lost),
             Err(err) => warn!("reading HELLO_LOST: {err}"),
         }
-        match self.owner_lost.get(&0, 0) {
-            Ok(lost) => self.consumers.metrics.owners_lost(lost.iter().sum()),
+        match self.owner_events.lost() {
+            Ok(lost) => self.consumers.metrics.owners_lost(lost),
             Err(err) => warn!("reading OWNER_LOST: {err}"),
         }
         self.consumers
@@ -328,18 +318,15 @@ impl Pipeline {
     /// The hellos the kernel queued before the map read, each given to its connection
     /// (after the DNS messages, which refreshed the translations).
     fn record_hellos(&mut self) {
-        self.hello_queue.take(&mut self.hello_batch);
         let (sni, nat, table) = (&mut self.sni, &self.nat, &self.table);
-        self.hello_batch.drain(|record| sni.record(record, nat));
+        self.hellos.each(|record| sni.record(record, nat));
         sni.settle(|key| table.get(key).is_some());
     }
 
     /// The owners the kernel named before the map read, each given to its connection.
     fn record_owners(&mut self) {
-        self.owner_queue.take(&mut self.owner_batch);
-        let (owners, nat) = (&mut self.owners, &self.nat);
-        self.owner_batch.drain(|record| owners.record(record, nat));
-        let table = &self.table;
+        let (owners, nat, table) = (&mut self.owners, &self.nat, &self.table);
+        self.owner_events.each(|record| owners.record(record, nat));
         owners.settle(|key| table.get(key).is_some());
     }
 
@@ -710,11 +697,9 @@ struct Attached {
     dns_events: DnsEvents,
     dns_queue: DnsQueue,
     hello_events: DnsEvents,
-    hello_queue: DnsQueue,
-    hello_lost: PerCpuArray<MapData, u64>,
+    hellos: Drained,
     owner_events: DnsEvents,
-    owner_queue: DnsQueue,
-    owner_lost: PerCpuArray<MapData, u64>,
+    owners: Drained,
     /// The interfaces and how each is hooked, for the `watching` line.
     watching: String,
     /// Whether pinned maps brought an earlier run's connections.
@@ -733,12 +718,14 @@ impl Attached {
             kernel.take_map(names::STATS_MAP)?,
         );
         let (dns_events, dns_queue) = DnsEvents::new(kernel.take_map(names::DNS_EVENTS_MAP)?)?;
-        let (hello_events, hello_queue) =
-            DnsEvents::new(kernel.take_map(names::HELLO_EVENTS_MAP)?)?;
-        let hello_lost = PerCpuArray::try_from(kernel.take_map(names::HELLO_LOST_MAP)?)?;
-        let (owner_events, owner_queue) =
-            DnsEvents::new(kernel.take_map(names::OWNER_EVENTS_MAP)?)?;
-        let owner_lost = PerCpuArray::try_from(kernel.take_map(names::OWNER_LOST_MAP)?)?;
+        let (hello_events, hellos) = Drained::new(
+            kernel.take_map(names::HELLO_EVENTS_MAP)?,
+            kernel.take_map(names::HELLO_LOST_MAP)?,
+        )?;
+        let (owner_events, owners) = Drained::new(
+            kernel.take_map(names::OWNER_EVENTS_MAP)?,
+            kernel.take_map(names::OWNER_LOST_MAP)?,
+        )?;
         if let Err(err) = kernel.attach_owners() {
             warn!("connections will not name their local process: {err}");
         }
@@ -766,11 +753,9 @@ impl Attached {
             dns_events,
             dns_queue,
             hello_events,
-            hello_queue,
-            hello_lost,
+            hellos,
             owner_events,
-            owner_queue,
-            owner_lost,
+            owners,
             watching: watching.join(", "),
             resumed,
         })
@@ -846,10 +831,8 @@ struct Parts {
     outputs: Outputs,
     poller: Poller,
     dns_queue: DnsQueue,
-    hello_queue: DnsQueue,
-    hello_lost: PerCpuArray<MapData, u64>,
-    owner_queue: DnsQueue,
-    owner_lost: PerCpuArray<MapData, u64>,
+    hellos: Drained,
+    owner_events: Drained,
     watching: String,
     resumed: bool,
     metrics: Metrics,
@@ -909,13 +892,9 @@ impl Pipeline {
             dns_queue: parts.dns_queue,
             dns_batch: Batch::default(),
             sni: Sni::new(&args.dns.doh_servers),
-            hello_queue: parts.hello_queue,
-            hello_batch: Batch::default(),
-            hello_lost: parts.hello_lost,
+            hellos: parts.hellos,
             owners: Owners::default(),
-            owner_queue: parts.owner_queue,
-            owner_batch: Batch::default(),
-            owner_lost: parts.owner_lost,
+            owner_events: parts.owner_events,
             local,
             clock,
             hosts: resolved.snapshot(),
@@ -991,11 +970,9 @@ pub async fn run(
         dns_events,
         dns_queue,
         hello_events,
-        hello_queue,
-        hello_lost,
+        hellos,
         owner_events,
-        owner_queue,
-        owner_lost,
+        owners,
         watching,
         resumed,
     } = Attached::attach(&args, &ifaces, outputs.pins.take())?;
@@ -1007,10 +984,8 @@ pub async fn run(
         outputs,
         poller,
         dns_queue,
-        hello_queue,
-        hello_lost,
-        owner_queue,
-        owner_lost,
+        hellos,
+        owner_events: owners,
         watching,
         resumed,
         metrics,

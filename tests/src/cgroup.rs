@@ -17,18 +17,9 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// `NAME` under the cgroup2 mount's root; panics where cgroup2 is not mounted.
     pub fn new(name: &str) -> TestCgroup {
-        let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-        let (point, root) = info
-            .lines()
-            .find_map(|line| {
-                let (mount, fs) = line.split_once(" - ")?;
-                (fs.split(' ').next()? == "cgroup2").then(|| {
-                    let mut fields = mount.split(' ').skip(3);
-                    let root = fields.next().unwrap_or("/").to_owned();
-                    (PathBuf::from(fields.next().unwrap_or_default()), root)
-                })
-            })
-            .expect("cgroup2 mounted (`mount -t cgroup2`)");
+        // Where the agent finds it.
+        let (point, root) =
+            monitor::cgroups::mount().expect("cgroup2 mounted (`mount -t cgroup2`)");
         let dir = point.join(name);
         let _ = fs::remove_dir(&dir);
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use aya::maps::{Map, MapData, RingBuf};
+use aya::maps::{Map, MapData, MapError, PerCpuArray, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 /// Records taken per wake-up at most, so a flood cannot starve the runtime.
@@ -120,5 +120,38 @@ impl Batch {
         }
         self.bytes.clear();
         self.ends.clear();
+    }
+}
+
+/// A ring the pipeline takes its records from at each poll, beside the programs' per-CPU
+/// count of the records the full ring could not take (hellos, socket owners).
+pub struct Drained {
+    queue: DnsQueue,
+    batch: Batch,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl Drained {
+    /// The ring in `events` and its count of lost records in `lost`; the drain goes to
+    /// the caller, to run.
+    pub fn new(events: Map, lost: Map) -> anyhow::Result<(DnsEvents, Self)> {
+        let (events, queue) = DnsEvents::new(events)?;
+        let drained = Self {
+            queue,
+            batch: Batch::default(),
+            lost: PerCpuArray::try_from(lost)?,
+        };
+        Ok((events, drained))
+    }
+
+    /// Hands out every record drained so far and every record the ring holds now.
+    pub fn each(&mut self, f: impl FnMut(&[u8])) {
+        self.queue.take(&mut self.batch);
+        self.batch.drain(f);
+    }
+
+    /// Records the full ring could not take since the programs loaded, over every CPU.
+    pub fn lost(&self) -> Result<u64, MapError> {
+        Ok(self.lost.get(&0, 0)?.iter().sum())
     }
 }
