@@ -62,9 +62,15 @@ pub struct FlowValue {
     /// Interface of the packet that created the entry.
     pub ifindex: u32,
     /// The agent's poll epoch (`EPOCH`) in which the programs last put this entry's key
-    /// in `CHANGED`; 0 in maps written by builds before that ring, as padding.
+    /// in `CHANGED`, with [`EPOCH_WITH_VALUE`] when that record carried the value; 0 until
+    /// then (and in maps written by builds before that ring, as padding).
     pub epoch: u32,
 }
+
+/// Set in [`FlowValue::epoch`] beside the epoch when the programs named the entry as new
+/// ([`NewEntry`]): a later write in the same epoch names it again. The agent's epochs stay
+/// below it.
+pub const EPOCH_WITH_VALUE: u32 = 1 << 31;
 
 /// An entry of the `CHANGED` ring: a key whose entry changed, and the poll epoch the
 /// programs saw when they put it there.
@@ -76,9 +82,24 @@ pub struct ChangedKey {
     pub _pad: u32,
 }
 
+/// An entry of the `NEW_ENTRIES` ring: an entry no program had named before (a new
+/// connection) and its value as of the record, every earlier write included. Any later
+/// write puts the key in `CHANGED`, so a read that finds only this record for a key has
+/// its value without looking it up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewEntry {
+    pub changed: ChangedKey,
+    pub value: FlowValue,
+}
+
 /// Size of the `CHANGED` ring in bytes (a power of two): with the kernel's 8-byte record
 /// header, about 74,000 keys between two polls.
 pub const CHANGED_RING_BYTES: u32 = 4 << 20;
+
+/// Size of the `NEW_ENTRIES` ring in bytes (a power of two): about 52,000 new connections
+/// between two polls; those beyond go in `CHANGED` as keys.
+pub const NEW_ENTRIES_RING_BYTES: u32 = 8 << 20;
 
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;

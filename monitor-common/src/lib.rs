@@ -20,6 +20,7 @@ pub mod names {
     pub const EPOCH_MAP: &str = "EPOCH";
     pub const CHANGED_MAP: &str = "CHANGED";
     pub const CHANGES_LOST_MAP: &str = "CHANGES_LOST";
+    pub const NEW_ENTRIES_MAP: &str = "NEW_ENTRIES";
     pub const HELLO_EVENTS_MAP: &str = "HELLO_EVENTS";
     pub const HELLO_LOST_MAP: &str = "HELLO_LOST";
     pub const OWNER_EVENTS_MAP: &str = "OWNER_EVENTS";

@@ -9,6 +9,8 @@
 
 mod owner;
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{
@@ -29,7 +31,10 @@ use monitor_common::{
         DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_CAPTURE_MAX, DNS_RING_BYTES, DnsEvent,
         DnsEventHeader, dns_span, flags as dns_flags, is_dns_port,
     },
-    flow::{CHANGED_RING_BYTES, ChangedKey, DirStats, FlowKey, FlowValue, tcp_flags},
+    flow::{
+        CHANGED_RING_BYTES, ChangedKey, DirStats, EPOCH_WITH_VALUE, FlowKey, FlowValue,
+        NEW_ENTRIES_RING_BYTES, NewEntry, tcp_flags,
+    },
     hello::{HELLO_CAPTURE_MAX, HELLO_RING_BYTES, HelloEvent, is_hello},
     parse::{Frame, IPPROTO_TCP, Link, PacketInfo, parse_packet},
     stats, watched,
@@ -72,6 +77,11 @@ static EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 /// those; a full ring counts in `CHANGES_LOST` and the agent reads the whole map.
 #[map(name = "CHANGED")]
 static CHANGED: RingBuf = RingBuf::with_byte_size(CHANGED_RING_BYTES, 0);
+
+/// New entries with their value, each once: the agent need not look up those that
+/// `CHANGED` does not name as well. A full ring leaves them to `CHANGED`.
+#[map(name = "NEW_ENTRIES")]
+static NEW_ENTRIES: RingBuf = RingBuf::with_byte_size(NEW_ENTRIES_RING_BYTES, 0);
 
 /// Changed entries whose key the full `CHANGED` ring could not take. A map of its own, not
 /// a `STATS` slot: maps pinned by builds before it keep their size and are taken over.
@@ -608,6 +618,10 @@ fn stamp(d: *mut DirStats, tcp_flags: u8) {
 /// sees them all, and a later write in the same epoch is read after the next epoch starts
 /// (the agent reads again next poll the keys that carry its current epoch). Two CPUs may
 /// both put the key: the agent reads it once.
+///
+/// An entry no program named before goes in `NEW_ENTRIES` instead, with its value, marked
+/// so that the next write, even in the same epoch, puts it in `CHANGED`: a connection of
+/// one packet costs the agent no lookup.
 #[inline(always)]
 fn mark_changed(key: &FlowKey, value: *mut FlowValue) {
     let Some(current) = EPOCH.get_ptr(0) else {
@@ -615,15 +629,31 @@ fn mark_changed(key: &FlowKey, value: *mut FlowValue) {
     };
     // SAFETY: `current` is the array's value; `value` the flow map's entry, whose epoch
     // only this function writes (a lost race puts the key twice).
-    let epoch = unsafe {
+    let (epoch, new) = unsafe {
         let epoch = current.read_volatile();
         let marked = &raw mut (*value).epoch;
-        if marked.read_volatile() == epoch {
+        let was = marked.read_volatile();
+        if was == epoch {
             return;
         }
-        marked.write_volatile(epoch);
-        epoch
+        let new = was == 0;
+        marked.write_volatile(if new { epoch | EPOCH_WITH_VALUE } else { epoch });
+        (epoch, new)
     };
+    if new && let Some(mut entry) = NEW_ENTRIES.reserve::<NewEntry>(0) {
+        let record = entry.as_mut_ptr();
+        // SAFETY: the reserved entry, the size of a NewEntry; every field is written. The
+        // value is read after its mark is set: a write the copy misses finds the mark, or,
+        // racing this one, puts a record of its own.
+        unsafe {
+            changed_key(&raw mut (*record).changed, key, epoch);
+            compiler_fence(Ordering::SeqCst);
+            // From the entry to the record directly: a copy on the stack would not fit.
+            core::ptr::copy_nonoverlapping(value, &raw mut (*record).value, 1);
+        }
+        entry.submit(0);
+        return;
+    }
     let Some(mut entry) = CHANGED.reserve::<ChangedKey>(0) else {
         if let Some(lost) = CHANGES_LOST.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot; only this CPU writes it while this program runs.
@@ -631,14 +661,23 @@ fn mark_changed(key: &FlowKey, value: *mut FlowValue) {
         }
         return;
     };
-    let changed = entry.as_mut_ptr();
-    // SAFETY: the reserved entry, the size of a ChangedKey; every field is written.
-    unsafe {
-        (*changed).key = *key;
-        (*changed).epoch = epoch;
-        (*changed)._pad = 0;
-    }
+    // SAFETY: the reserved entry, the size of a ChangedKey.
+    unsafe { changed_key(entry.as_mut_ptr(), key, epoch) };
     entry.submit(0);
+}
+
+/// Fills a record's key part.
+///
+/// # Safety
+/// `record` points to a reserved ring entry at least the size of a `ChangedKey`.
+#[inline(always)]
+unsafe fn changed_key(record: *mut ChangedKey, key: &FlowKey, epoch: u32) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        (*record).key = *key;
+        (*record).epoch = epoch;
+        (*record)._pad = 0;
+    }
 }
 
 #[xdp]

@@ -3,9 +3,9 @@
 use std::io;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
-use foldhash::{HashSet, HashSetExt as _};
+use foldhash::{HashMap as FoldMap, HashMapExt as _};
 use monitor_common::{
-    flow::{ChangedKey, DirStats, FlowKey, FlowValue},
+    flow::{ChangedKey, DirStats, EPOCH_WITH_VALUE, FlowKey, FlowValue, NewEntry},
     stats,
 };
 
@@ -52,11 +52,13 @@ pub struct Poller {
     changes: Option<Changes>,
 }
 
-/// What the programs say changed: the `EPOCH` the agent raises before each read, and the
-/// `CHANGED` ring of keys they put there once per entry and epoch.
+/// What the programs say changed: the `EPOCH` the agent raises before each read, the
+/// `CHANGED` ring of keys they put there once per entry and epoch, and the `NEW_ENTRIES`
+/// ring of new entries with their values.
 struct Changes {
     epoch: Array<MapData, u32>,
     ring: RingBuf<MapData>,
+    new_entries: RingBuf<MapData>,
     lost_map: PerCpuArray<MapData, u64>,
     /// The epoch set last.
     current: u32,
@@ -66,10 +68,20 @@ struct Changes {
     /// Keys the ring held under the current epoch: an entry may have been written again
     /// after this read looked, without a new key, so the next read looks again.
     again: Vec<FlowKey>,
-    /// The keys the current read looks up, each once.
-    wanted: HashSet<FlowKey>,
+    /// The keys the current read takes, each once: with the value a new entry's record
+    /// carried when that record is all the ring said of it, else to be looked up.
+    wanted: FoldMap<FlowKey, Option<FlowValue>>,
     /// Whether the current read is of the whole map.
     whole: bool,
+}
+
+/// The programs' maps that name what changed: `EPOCH`, `CHANGED`, `NEW_ENTRIES` and
+/// `CHANGES_LOST`.
+pub struct ChangeMaps {
+    pub epoch: Map,
+    pub changed: Map,
+    pub new_entries: Map,
+    pub lost: Map,
 }
 
 /// How a read covered the map.
@@ -98,23 +110,23 @@ impl Poller {
         }
     }
 
-    /// From now on reads take only what changed, as `epoch`, `changed` and `lost` (the
-    /// programs' `EPOCH`, `CHANGED` and `CHANGES_LOST`) tell, whenever they tell all of
-    /// it. Only for programs that all keep those maps: one that does not (an older
-    /// build's, still attached through a pinned link) changes entries the ring never
-    /// names.
-    pub fn follow_changes(&mut self, epoch: Map, changed: Map, lost: Map) -> Result<(), PollError> {
-        let epoch = Array::<MapData, u32>::try_from(epoch)?;
+    /// From now on reads take only what changed, as the programs' maps tell, whenever
+    /// they tell all of it. Only for programs that all keep those maps: one that does not
+    /// (an older build's, still attached through a pinned link) changes entries the rings
+    /// never name.
+    pub fn follow_changes(&mut self, maps: ChangeMaps) -> Result<(), PollError> {
+        let epoch = Array::<MapData, u32>::try_from(maps.epoch)?;
         // An earlier agent's epochs may mark entries of a pinned map: go on from its last.
         let current = epoch.get(&0, 0)?;
         self.changes = Some(Changes {
             epoch,
-            ring: RingBuf::try_from(changed)?,
-            lost_map: PerCpuArray::try_from(lost)?,
+            ring: RingBuf::try_from(maps.changed)?,
+            new_entries: RingBuf::try_from(maps.new_entries)?,
+            lost_map: PerCpuArray::try_from(maps.lost)?,
             current,
             lost: None,
             again: Vec::new(),
-            wanted: HashSet::new(),
+            wanted: FoldMap::new(),
             whole: true,
         });
         Ok(())
@@ -133,28 +145,41 @@ impl Poller {
         };
         let lost = changes.lost_map.get(&0, 0)?.iter().sum();
         // 0 is the epoch of the entries the programs insert.
-        changes.current = changes.current.wrapping_add(1).max(1);
+        changes.current = (changes.current.wrapping_add(1) & !EPOCH_WITH_VALUE).max(1);
         changes.epoch.set(0, &changes.current, 0)?;
         changes.whole = changes.lost != Some(lost);
         changes.lost = Some(lost);
         changes.wanted.clear();
         let mut again = Vec::new();
+        // Two records of one key (a new entry written again, both rings, or two CPUs
+        // racing): looked up.
         while let Some(item) = changes.ring.next() {
-            let Some(record) = item.get(..size_of::<ChangedKey>()) else {
+            let Some(changed) = read_record::<ChangedKey>(&item) else {
                 continue;
             };
-            // SAFETY: as many bytes as a ChangedKey, plain data.
-            let record: ChangedKey = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
-            if record.epoch == changes.current {
-                again.push(record.key);
+            if changed.epoch == changes.current {
+                again.push(changed.key);
             }
             if !changes.whole {
-                changes.wanted.insert(record.key);
+                changes.wanted.insert(changed.key, None);
+            }
+        }
+        while let Some(item) = changes.new_entries.next() {
+            let Some(entry) = read_record::<NewEntry>(&item) else {
+                continue;
+            };
+            if !changes.whole {
+                changes
+                    .wanted
+                    .entry(entry.changed.key)
+                    .and_modify(|value| *value = None)
+                    .or_insert(Some(entry.value));
             }
         }
         if !changes.whole {
-            changes.wanted.extend(changes.again.drain(..));
-            changes.wanted.extend(also);
+            for key in changes.again.drain(..).chain(also) {
+                changes.wanted.insert(key, None);
+            }
         }
         changes.again = again;
         Ok(if changes.whole {
@@ -180,8 +205,11 @@ impl Poller {
                 let flows = flow_map(&self.flows)?;
                 let mut read = 0;
                 let mut value = FlowValue::default();
-                for key in &changes.wanted {
-                    if bpf::lookup(&flows, Lookup::Read, key, &mut value)
+                for (key, carried) in &changes.wanted {
+                    if let Some(carried) = carried {
+                        each(FlowSnapshot::new(*key, carried));
+                        read += 1;
+                    } else if bpf::lookup(&flows, Lookup::Read, key, &mut value)
                         .map_err(PollError::Lookup)?
                     {
                         each(FlowSnapshot::new(*key, &value));
@@ -255,6 +283,13 @@ impl Poller {
         }
         Ok(out)
     }
+}
+
+/// A ring record as `T`; `None` when shorter (none is written).
+fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
+    let bytes = bytes.get(..size_of::<T>())?;
+    // SAFETY: as many bytes as a T, which the callers' ring records are: plain data.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 /// The flow map as aya checks it: keys and values of the sizes the raw commands take.

@@ -38,7 +38,7 @@ use crate::{
     nat::Nat,
     owners::Owners,
     parse_watch::{self, Change, ParseWatch},
-    poller::{Coverage, FlowSnapshot, PollError, Poller},
+    poller::{ChangeMaps, Coverage, FlowSnapshot, PollError, Poller},
     privileges,
     records::ConnRecords,
     resolve,
@@ -735,11 +735,12 @@ impl Attached {
             watching.push(format!("{iface} ({attached})"));
         }
         if kernel.changes_complete() {
-            poller.follow_changes(
-                kernel.take_map(names::EPOCH_MAP)?,
-                kernel.take_map(names::CHANGED_MAP)?,
-                kernel.take_map(names::CHANGES_LOST_MAP)?,
-            )?;
+            poller.follow_changes(ChangeMaps {
+                epoch: kernel.take_map(names::EPOCH_MAP)?,
+                changed: kernel.take_map(names::CHANGED_MAP)?,
+                new_entries: kernel.take_map(names::NEW_ENTRIES_MAP)?,
+                lost: kernel.take_map(names::CHANGES_LOST_MAP)?,
+            })?;
         } else {
             warn!(
                 "programs of an earlier build stay attached through pinned links: every poll \

@@ -21,7 +21,7 @@ const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 /// (the programs a pinned link keeps attached write DNS messages, hellos and owners to
 /// the ring buffers they were loaded with, and read owners from the socket storage they
 /// were loaded with). Those an earlier build did not have are made and pinned.
-pub const MAPS: [&str; 12] = [
+pub const MAPS: [&str; 13] = [
     names::FLOW_MAP,
     names::STATS_MAP,
     names::WATCHED_MAP,
@@ -29,6 +29,7 @@ pub const MAPS: [&str; 12] = [
     names::EPOCH_MAP,
     names::CHANGED_MAP,
     names::CHANGES_LOST_MAP,
+    names::NEW_ENTRIES_MAP,
     names::HELLO_EVENTS_MAP,
     names::HELLO_LOST_MAP,
     names::OWNERS_MAP,

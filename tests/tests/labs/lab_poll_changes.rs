@@ -127,6 +127,53 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
     drop(agent);
 }
 
+/// New connections come with their counts (`NEW_ENTRIES`): one whose every packet falls
+/// in the poll that creates it must still be read whole, the packets after its first
+/// included. Each client sends a burst of datagrams back to back from a socket of its
+/// own; the agent's counts must reach the map's.
+#[test]
+fn a_new_connection_is_read_whole_when_its_packets_share_one_poll() {
+    const CLIENTS: u16 = 300;
+    const BURST: usize = 4;
+    let lab = Lab::new();
+    for host in [HOST_A, HOST_B] {
+        lab::ns_exec(
+            &lab.gw,
+            &["ip", "addr", "add", &format!("{host}/32"), "dev", "lo"],
+        );
+    }
+    let pins = Pins::new("test-poll-new-entries");
+    let agent = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    sample(&lab.gw, "egress_monitor_poll_entries_read");
+    lab::run_in_ns(&lab.gw, || {
+        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
+        for n in 0..CLIENTS {
+            let client = UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client");
+            // Every other client sends one datagram: a connection its record tells whole.
+            let burst = if n % 2 == 0 { BURST } else { 1 };
+            for _ in 0..burst {
+                client
+                    .send_to(&[0; 100], (HOST_B, PORT))
+                    .expect("send a datagram");
+            }
+        }
+        drop(server);
+    });
+    let truth = counted_between_hosts(&pins);
+    let sent = (usize::from(CLIENTS) / 2 * (BURST + 1)) as u64;
+    assert!(
+        truth >= sent,
+        "the programs counted {truth} packets of the {sent} sent"
+    );
+    let internal = "egress_monitor_packets_total{direction=\"internal\"}";
+    http::eventually(
+        "the agent's internal packets to match the map's",
+        Duration::from_secs(20),
+        || (sample(&lab.gw, internal) as u64 == truth).then_some(()),
+    );
+    drop(agent);
+}
+
 /// Programs that an earlier build left attached through pinned links never name what
 /// they change (its pin directory has no `CHANGED`): every poll reads the whole map.
 #[test]
