@@ -4,9 +4,16 @@
 //! statistics (`run_time_ns` / `run_cnt` of its programs, by ID) over real traffic: a hot
 //! TCP flow (one iperf3 stream), new UDP flows (one datagram each) and new TLS
 //! connections (connect, one ClientHello, close: the first payload the programs copy).
-//! The same runs with
-//! an empty program (`TC_ACT_OK`) attached the same way in the same place give what the
-//! hook and the statistics cost by themselves: the agent's net cost is the difference.
+//! The same runs with an empty program (`TC_ACT_OK`) attached the same way in the same
+//! place give what the hook and the statistics cost by themselves: the agent's net cost
+//! is the difference.
+//!
+//! Then the same runs with the counting floor ([`refprog::flow_count`]) attached the same
+//! way: per packet, a lookup of its addresses and ports in a shared hash map of the
+//! agent's value size and capacity, an insert when absent, three atomic adds and the
+//! clock. That is the least any exact per-connection counter with a timestamp does, for
+//! a known connection's packet and a new one's alike: its net cost, taken as the agent's
+//! is, is the floor under the agent's on the same packets in the same run.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -15,6 +22,8 @@ use std::{
 };
 
 use aya::{programs::TcAttachType, sys::Stats};
+use monitor::kernel::bpf::RawMap;
+use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 use tests::{
     agent::Agent,
     bpf,
@@ -23,7 +32,9 @@ use tests::{
 };
 
 use crate::{
-    Plan, e2e, median, new_flows,
+    Plan, e2e,
+    kernel::VALUE_SIZE,
+    median, new_flows,
     refprog::{self, Kind},
 };
 
@@ -70,12 +81,38 @@ pub struct Row {
     pub empty_ns: f64,
     /// `raw_ns - empty_ns` per round, then the median.
     pub net_ns: f64,
+    /// The counting floor's ns per run, median.
+    pub floor_ns: f64,
+    /// `floor_ns - empty_ns` per round, then the median.
+    pub floor_net_ns: f64,
 }
 
-/// What runs on the hooks: the agent, or the empty program through two links.
+/// What each round hooks, in turn.
+#[derive(Clone, Copy)]
+enum Setup {
+    Agent,
+    Empty,
+    /// [`refprog::flow_count`]: the floor of exact per-connection counting.
+    Floor,
+}
+
+const SETUPS: [Setup; 3] = [Setup::Agent, Setup::Empty, Setup::Floor];
+
+impl Setup {
+    fn label(self) -> &'static str {
+        match self {
+            Setup::Agent => "the agent",
+            Setup::Empty => "an empty program",
+            Setup::Floor => "the counting floor",
+        }
+    }
+}
+
+/// What runs on the hooks: the agent, or a reference program through two links.
 enum Hooked {
     Agent(Agent),
     Empty { _links: [OwnedFd; 2] },
+    Floor { _links: [OwnedFd; 2], map: RawMap },
 }
 
 /// One workload's programs' runs and run time.
@@ -97,23 +134,23 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
     let lab = e2e::wire_lab();
     let empty = refprog::bare(Kind::Tc).expect("load the empty TC program");
-    let empty_id = bpf::prog_id(empty.as_fd());
-    // Per round: [agent, empty] per workload.
-    let mut rounds: Vec<[[Cost; 2]; WORKLOADS.len()]> = Vec::new();
+    // Per round: a cost per setup per workload.
+    let mut rounds: Vec<[[Cost; SETUPS.len()]; WORKLOADS.len()]> = Vec::new();
     for round in 0..plan.wire_rounds {
-        let mut costs = [[Cost::default(); 2]; WORKLOADS.len()];
-        for (which, label) in [(0, "the agent"), (1, "an empty program")] {
-            eprintln!("bench: kernel cost in place, {label}, round {}", round + 1);
-            let (hooked, ids) = if which == 0 {
-                let agent =
-                    Agent::start(&lab.gw, &lab.gw_wan_if, &["--local-net", lab::LOCAL_NET_V4]);
-                let ids = bpf::prog_ids_of(agent.pid());
-                (Hooked::Agent(agent), ids)
-            } else {
-                (attach_empty(&lab, &empty), vec![empty_id])
-            };
+        let mut costs = [[Cost::default(); SETUPS.len()]; WORKLOADS.len()];
+        for setup in SETUPS {
+            eprintln!(
+                "bench: kernel cost in place, {}, round {}",
+                setup.label(),
+                round + 1
+            );
+            let (hooked, ids) = hook(setup, &lab, &empty);
+            let mut counted = 0;
             for (w, &workload) in WORKLOADS.iter().enumerate() {
-                costs[w][which] = run(plan, &lab, workload, &ids);
+                costs[w][setup as usize] = run(plan, &lab, workload, &ids);
+                if let Hooked::Floor { map, .. } = &hooked {
+                    counted = check_counted(plan, workload, map, counted);
+                }
             }
             if let Hooked::Agent(agent) = hooked {
                 agent.stop();
@@ -124,32 +161,99 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     WORKLOADS
         .iter()
         .enumerate()
-        .map(|(w, &workload)| Row {
-            workload,
-            runs: median(rounds.iter().map(|r| r[w][0].runs as f64)),
-            raw_ns: median(rounds.iter().map(|r| r[w][0].ns())),
-            empty_ns: median(rounds.iter().map(|r| r[w][1].ns())),
-            net_ns: median(rounds.iter().map(|r| r[w][0].ns() - r[w][1].ns())),
+        .map(|(w, &workload)| {
+            let ns = |s: Setup| median(rounds.iter().map(|r| r[w][s as usize].ns()));
+            let net = |s: Setup| {
+                median(
+                    rounds
+                        .iter()
+                        .map(|r| r[w][s as usize].ns() - r[w][Setup::Empty as usize].ns()),
+                )
+            };
+            Row {
+                workload,
+                runs: median(
+                    rounds
+                        .iter()
+                        .map(|r| r[w][Setup::Agent as usize].runs as f64),
+                ),
+                raw_ns: ns(Setup::Agent),
+                empty_ns: ns(Setup::Empty),
+                net_ns: net(Setup::Agent),
+                floor_ns: ns(Setup::Floor),
+                floor_net_ns: net(Setup::Floor),
+            }
         })
         .collect()
 }
 
-/// The empty program on the gateway's WAN veth, ingress and egress, through TCX.
-fn attach_empty(lab: &Lab, empty: &OwnedFd) -> Hooked {
-    let prog = empty
+/// Puts `setup` on the gateway's WAN veth; returns it with the IDs of its programs.
+fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
+    match setup {
+        Setup::Agent => {
+            let agent = Agent::start(&lab.gw, &lab.gw_wan_if, &["--local-net", lab::LOCAL_NET_V4]);
+            let ids = bpf::prog_ids_of(agent.pid());
+            (Hooked::Agent(agent), ids)
+        }
+        Setup::Empty => (
+            Hooked::Empty {
+                _links: attach(lab, empty),
+            },
+            vec![bpf::prog_id(empty.as_fd())],
+        ),
+        Setup::Floor => {
+            // A new map each round: the new UDP flows fill a good part of one.
+            let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
+                .expect("load the counting floor");
+            let hooked = Hooked::Floor {
+                _links: attach(lab, &floor),
+                map,
+            };
+            (hooked, vec![bpf::prog_id(floor.as_fd())])
+        }
+    }
+}
+
+/// A reference program on the gateway's WAN veth, ingress and egress, through TCX.
+fn attach(lab: &Lab, prog: &OwnedFd) -> [OwnedFd; 2] {
+    let prog = prog
         .try_clone()
         .expect("duplicate the program's descriptor");
     let dev = std::ffi::CString::new(lab.gw_wan_if.as_str()).expect("interface name");
-    let links = run_in_ns(&lab.gw, move || {
+    run_in_ns(&lab.gw, move || {
         // SAFETY: a valid C string.
         let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
         assert_ne!(ifindex, 0, "no interface {dev:?}");
         [TcAttachType::Ingress, TcAttachType::Egress].map(|direction| {
             monitor::kernel::bpf::attach_tcx(prog.as_fd(), ifindex, direction)
-                .unwrap_or_else(|e| panic!("attach the empty program ({direction:?}): {e}"))
+                .unwrap_or_else(|e| panic!("attach a reference program ({direction:?}): {e}"))
         })
-    });
-    Hooked::Empty { _links: links }
+    })
+}
+
+/// Checks that the counting floor counted `workload`: its map must have gained an entry
+/// for each direction of the hot flow, each new UDP flow and each TLS connection at least,
+/// or the floor measured is of a program that skipped its work. `before`: the entries it
+/// held; returns those it holds.
+fn check_counted(plan: &Plan, workload: Workload, map: &RawMap, before: usize) -> usize {
+    let entries = refprog::read_batched(map).expect("read the counting floor's map");
+    let least = match workload {
+        Workload::HotTcp => 2,
+        Workload::NewUdp => udp_flows(plan) as usize,
+        Workload::NewTls => tls_connections(plan),
+    };
+    assert!(
+        entries >= before + least,
+        "{}: the counting floor's map gained {} entries, fewer than {least}",
+        workload.label(),
+        entries.saturating_sub(before),
+    );
+    entries
+}
+
+/// Flows per run of [`Workload::NewUdp`].
+fn udp_flows(plan: &Plan) -> u64 {
+    new_flows::RATE * u64::from(secs(plan))
 }
 
 /// Runs `workload` and returns what programs `ids` ran meanwhile; checks that they ran
@@ -157,18 +261,16 @@ fn attach_empty(lab: &Lab, empty: &OwnedFd) -> Hooked {
 fn run(plan: &Plan, lab: &Lab, workload: Workload, ids: &[u32]) -> Cost {
     let (runs_before, time_before) = bpf::run_stats(ids);
     let wan_before = lab::counters(&lab.gw, &lab.gw_wan_if);
-    let secs = secs(plan);
     match workload {
         Workload::HotTcp => {
-            e2e::iperf3(lab, secs, &[]);
+            e2e::iperf3(lab, secs(plan), &[]);
         }
         Workload::NewUdp => {
-            let rate = new_flows::RATE;
             traffic::udp_new_flows(
                 &lab.lan,
                 lab::WAN_HOST_V4.into(),
-                rate * u64::from(secs),
-                rate,
+                udp_flows(plan),
+                new_flows::RATE,
                 new_flows::PAYLOAD,
             );
         }

@@ -125,7 +125,8 @@ impl Agent {
     }
 }
 
-const VALUE_SIZE: u32 = std::mem::size_of::<FlowValue>() as u32;
+/// The agent's flow value size: the reference programs' values are as large.
+pub const VALUE_SIZE: u32 = std::mem::size_of::<FlowValue>() as u32;
 
 fn repeat_ns(prog: BorrowedFd<'_>, frame: &[u8], repeat: u32) -> f64 {
     f64::from(monitor::kernel::bpf::test_run(prog, frame, repeat).expect("BPF_PROG_TEST_RUN"))

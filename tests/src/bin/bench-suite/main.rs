@@ -556,25 +556,42 @@ fn in_place_table(plan: &Plan, rows: &[in_place::Row]) -> String {
          to a server on the wan host that accepts and closes them; each sends one \
          ClientHello record (the first payload, which the programs copy to their ring) \
          and closes: the net cost per connection is the net ns per packet times the runs \
-         per test over the connections. {}, the agent then the empty program in each; \
-         medians.\n\n\
-         | workload | runs per test | raw ns per packet | empty program ns per packet | net ns per packet |\n\
-         |---|---|---|---|---|\n",
+         per test over the connections. Counting floor: a reference program assembled by \
+         the benchmark, attached the same way after the empty program, with a shared hash \
+         map (`BPF_MAP_TYPE_HASH`) of the agent's value size ({} bytes) and capacity ({} \
+         entries), new in each round. For each IPv4 frame it makes a 40-byte key of the \
+         addresses and ports (the rest zero), looks it up, inserts it when absent \
+         (`BPF_NOEXIST`) and looks it up again, then makes three atomic 64-bit adds and \
+         stores `bpf_ktime_get_ns()` in the value: the least any exact per-connection \
+         counter with a timestamp does per packet, of a known connection (the hot flow) \
+         or a new one (each new flow's packet is an insert). It keys each direction apart \
+         and does nothing else the agent does (no IPv6, VLAN or option parsing, no \
+         orientation, flags, change ring or payload copy); the suite fails unless its map \
+         gained an entry per flow sent (two for the hot flow). Floor net: its ns per run \
+         less the empty program's, per round, then the median: the least the agent's net \
+         can be on the same packets. {}, the agent, the empty program, then the counting \
+         floor in each; medians.\n\n\
+         | workload | runs per test | raw ns per packet | empty program ns per packet | net ns per packet | counting floor ns per packet | floor net ns per packet |\n\
+         |---|---|---|---|---|---|---|\n",
         in_place::secs(plan),
         new_flows::RATE,
         in_place::secs(plan),
         in_place::tls_connections(plan),
+        kernel::VALUE_SIZE,
+        monitor_common::DEFAULT_FLOW_MAP_SIZE,
         rounds(plan.wire_rounds),
     );
     for row in rows {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             row.workload.label(),
             row.runs,
             row.raw_ns,
             row.empty_ns,
             row.net_ns,
+            row.floor_ns,
+            row.floor_net_ns,
         );
     }
     out

@@ -3,7 +3,9 @@
 //! counter (the least any counting program does), and the floor of per-connection
 //! counting: one lookup of a key the size of the agent's flow key in a per-CPU hash map,
 //! with and without reading the clock, and one insert of such a key; and the same in a
-//! shared (not per-CPU) hash map, whose counters need atomic adds.
+//! shared (not per-CPU) hash map, whose counters need atomic adds. For the in-place part,
+//! all of it in one program: a counter per address and port pair in a shared hash map that
+//! inserts the pairs it does not find.
 
 use std::{
     io,
@@ -285,6 +287,86 @@ pub fn known_flow(kind: Kind, table: Table, map: &RawMap) -> io::Result<OwnedFd>
     prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
     prog.push(insn(0x95, 0, 0, 0, 0));
     load(kind, &prog)
+}
+
+/// Counts every IPv4 frame in a shared hash map of `capacity` entries and values of
+/// `value_size` bytes, keyed by 40 bytes made of its addresses and ports (as on the wire,
+/// the rest zero): looks the key up; when absent inserts it (`BPF_NOEXIST`, a zero value)
+/// and looks it up again; then adds to three 64-bit counters atomically and stores
+/// `bpf_ktime_get_ns()` beside them. The least any exact per-connection counter with a
+/// timestamp does per packet, a new connection's first packet included. Returns the
+/// program and its map.
+pub fn flow_count(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(OwnedFd, RawMap)> {
+    let map = flow_map(Table::Shared, value_size, capacity)?;
+    let fd = map.as_fd().as_raw_fd();
+    // r0 = bpf_map_lookup_elem(map, fp - 40)
+    let lookup = [
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+    ];
+    // Found: r6 = the value; the counts and the clock.
+    let mut count = vec![insn(0xbf, 6, 0, 0, 0)];
+    count.extend(add_counts(Table::Shared));
+    count.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+    count.push(insn(0x7b, 6, 0, 32, 0));
+    // Absent: a zero value below the key, inserted, then looked up again.
+    let value_at = -(FLOW_KEY_SIZE as i16) - 8 * value_size.div_ceil(8) as i16;
+    let mut insert: Vec<Insn> = (value_at / 8..-(FLOW_KEY_SIZE as i16) / 8)
+        .map(|word| insn(0x7a, 10, 0, word * 8, 0))
+        .collect();
+    insert.extend([
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0xbf, 3, 10, 0, 0),
+        insn(0x07, 3, 0, 0, i32::from(value_at)),
+        insn(0xb7, 4, 0, 0, BPF_NOEXIST),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
+    ]);
+    insert.extend(lookup);
+    // if r0 == 0 goto pass (the map is full)
+    insert.push(insn(0x15, 0, 0, count.len() as i16, 0));
+    let mut body = lookup.to_vec();
+    // if r0 != 0 goto found
+    body.push(insn(0x55, 0, 0, insert.len() as i16, 0));
+    body.extend(insert);
+    body.extend(count);
+    let mut prog = frame_key(kind, body.len());
+    prog.extend(body);
+    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
+    prog.push(insn(0x95, 0, 0, 0, 0));
+    Ok((load(kind, &prog)?, map))
+}
+
+/// Writes the key of an Ethernet frame with an IPv4 header of 20 bytes at fp-40: source
+/// address, destination address and the L4 ports at the agent's key offsets, the rest
+/// zero. Jumps past the `then` instructions that follow for a frame too short or not
+/// IPv4.
+fn frame_key(kind: Kind, then: usize) -> Vec<Insn> {
+    let mut key: Vec<Insn> = (-5..0).map(|word| insn(0x7a, 10, 0, word * 8, 0)).collect();
+    for (from, to) in [(26, -40), (30, -24), (34, -8)] {
+        key.push(insn(0x61, 4, 2, from, 0));
+        key.push(insn(0x63, 10, 4, to, 0));
+    }
+    let past = (key.len() + then) as i16;
+    let (data, data_end) = kind.data_offsets();
+    let mut prog = vec![
+        // r2 = data, r3 = data_end; the ports end at byte 38.
+        insn(0x61, 2, 1, data, 0),
+        insn(0x61, 3, 1, data_end, 0),
+        insn(0xbf, 4, 2, 0, 0),
+        insn(0x07, 4, 0, 0, 38),
+        insn(0x2d, 4, 3, past + 2, 0),
+        // if the EtherType (read little-endian) is not IPv4's, pass
+        insn(0x69, 4, 2, 12, 0),
+        insn(0x55, 4, 0, past, 0x0008),
+    ];
+    prog.extend(key);
+    prog
 }
 
 fn create_counter_map() -> io::Result<RawMap> {
