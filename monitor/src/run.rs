@@ -282,25 +282,20 @@ impl Pipeline {
             }
             return finished;
         }
-        let due = table.due(now.mono_ns, |conn| consumers.acts_at(&poll.conn(conn)));
-        let reschedule: foldhash::HashSet<FlowKey> =
-            table.rescheduled().iter().chain(&due).copied().collect();
-        let mut judged = foldhash::HashSet::default();
+        let judging = table.judging(now.mono_ns, |conn| consumers.acts_at(&poll.conn(conn)));
         let mut wakes = Vec::new();
-        for key in table.observed().unwrap_or_default().iter().chain(&due) {
-            let Some(conn) = table.get(key).filter(|_| judged.insert(*key)) else {
-                continue;
-            };
+        for (position, reschedule) in judging {
+            let conn = table.at(position).expect("a position to judge");
             let ctx = poll.conn(conn);
             if table.is_finished(conn, now.mono_ns) {
                 finished.push(conn.key);
-            } else if reschedule.contains(key) {
-                wakes.push((*key, consumers.acts_at(&ctx)));
+            } else if reschedule {
+                wakes.push((position, consumers.acts_at(&ctx)));
             }
             consumers.update(&ctx, now);
         }
-        for (key, at) in wakes {
-            table.wake(key, at);
+        for (position, at) in wakes {
+            table.wake_at(position, at);
         }
         finished
     }

@@ -82,9 +82,9 @@ pub struct ConnTable {
     wakeups: BinaryHeap<Reverse<(u32, u32)>>,
     /// Whether `wakeups` is to be made afresh: a read of the whole map schedules nothing.
     wakeups_stale: bool,
-    /// Connections the last read of what changed made new, closed or older (an earlier
-    /// first packet): the wake-up they had may be too late.
-    rescheduled: Vec<FlowKey>,
+    /// Whether a connection left the table since the last read of what changed: the
+    /// positions it noted may have moved.
+    moved_since_read: bool,
     /// Changes to what [`Self::accounted`] gives, counted: connections added, removed or
     /// with new totals.
     changes: u64,
@@ -97,8 +97,19 @@ pub struct ConnTable {
 enum Unsettled {
     /// After a read of the whole map: any connection.
     All,
-    /// After a read of what changed: the connections it observed, by key.
-    Keys(Vec<FlowKey>),
+    /// After a read of what changed: the connections it observed.
+    Keys(Vec<Observed>),
+}
+
+/// A connection a read of what changed observed.
+#[derive(Clone, Copy, Debug)]
+struct Observed {
+    key: FlowKey,
+    /// Its position then.
+    position: u32,
+    /// Whether the read made it new, closed or older (an earlier first packet): the
+    /// wake-up it had may be too late.
+    reschedule: bool,
 }
 
 /// How many positions of the last read's order an entry is looked for at, before a hash
@@ -117,7 +128,7 @@ impl ConnTable {
             unsettled: Unsettled::Keys(Vec::new()),
             wakeups: BinaryHeap::new(),
             wakeups_stale: true,
-            rescheduled: Vec::new(),
+            moved_since_read: false,
             changes: 0,
             touched: None,
         }
@@ -244,14 +255,14 @@ impl ConnTable {
                     conn.settle();
                 }
             }
-            Unsettled::Keys(keys) => {
-                for key in &keys {
-                    self.settle(key);
+            Unsettled::Keys(observed) => {
+                for seen in &observed {
+                    self.settle(&seen.key);
                 }
             }
         }
         let mut observed = Vec::new();
-        self.rescheduled.clear();
+        self.moved_since_read = false;
         let read = read(&mut |snap| {
             let position = self.conns.position(&snap.key);
             let before = position
@@ -260,37 +271,60 @@ impl ConnTable {
             let Some(position) = self.observe_at(position, snap) else {
                 return;
             };
-            observed.push(snap.key);
             let conn = self.conns.at(position).expect("just observed");
-            if before
-                .is_none_or(|(first, closed)| conn.first_ns() < first || (conn.closed() && !closed))
-            {
-                self.rescheduled.push(snap.key);
-            }
+            observed.push(Observed {
+                key: snap.key,
+                position: position as u32,
+                reschedule: before.is_none_or(|(first, closed)| {
+                    conn.first_ns() < first || (conn.closed() && !closed)
+                }),
+            });
         });
         self.unsettled = Unsettled::Keys(observed);
         self.resumed.clear();
         read
     }
 
-    /// The connections the last read observed, when it read only what changed.
-    pub fn observed(&self) -> Option<&[FlowKey]> {
-        match &self.unsettled {
-            Unsettled::All => None,
-            Unsettled::Keys(keys) => Some(keys),
-        }
+    /// After a read of what changed: the connections to judge now, each once, by
+    /// position (valid until the next removal), with whether each is to be scheduled
+    /// again ([`Self::wake_at`]) unless finished: those the read observed, then those
+    /// whose wake-up time is `now_ns` or earlier. The first such read after one of the
+    /// whole map first schedules every connection, as for [`Self::wake_at`] with the time
+    /// `acts_at` gives. Empty after a read of the whole map.
+    pub fn judging(
+        &mut self,
+        now_ns: u64,
+        acts_at: impl FnMut(&Conn) -> u64,
+    ) -> Vec<(usize, bool)> {
+        let due = self.due(now_ns, acts_at);
+        let Unsettled::Keys(observed) = &self.unsettled else {
+            return Vec::new();
+        };
+        let observed = observed.iter().filter_map(|seen| {
+            let position = if self.moved_since_read {
+                self.conns.position(&seen.key)?
+            } else {
+                seen.position as usize
+            };
+            Some((position, seen.reschedule))
+        });
+        let len = self.conns.len();
+        let mut judged = vec![0u64; len.div_ceil(64)];
+        observed
+            .chain(due.into_iter().map(|position| (position, true)))
+            .filter(|&(position, _)| {
+                let (word, bit) = (position / 64, 1 << (position % 64));
+                let first = position < len && judged[word] & bit == 0;
+                if first {
+                    judged[word] |= bit;
+                }
+                first
+            })
+            .collect()
     }
 
-    /// Of those, the ones to schedule again (see [`Self::wake`]).
-    pub fn rescheduled(&self) -> &[FlowKey] {
-        &self.rescheduled
-    }
-
-    /// After a read of what changed: the keys of the connections whose wake-up time is
-    /// `now_ns` or earlier, each to be scheduled again ([`Self::wake`]) unless finished.
-    /// The first such read after one of the whole map first schedules every connection,
-    /// as for [`Self::wake`] with the time `acts_at` gives.
-    pub fn due(&mut self, now_ns: u64, mut acts_at: impl FnMut(&Conn) -> u64) -> Vec<FlowKey> {
+    /// The positions of the connections whose wake-up time is `now_ns` or earlier.
+    fn due(&mut self, now_ns: u64, mut acts_at: impl FnMut(&Conn) -> u64) -> Vec<usize> {
         if self.wakeups_stale {
             let idle = self.idle_timeout;
             self.wakeups = (self.conns.iter().enumerate())
@@ -303,19 +337,23 @@ impl ConnTable {
             && at <= secs(now_ns)
         {
             self.wakeups.pop();
-            due.extend(self.conns.at(position as usize).map(|c| c.key));
+            due.push(position as usize);
         }
         due
     }
 
-    /// Looks at the connection of `key` again, new packets or not, when it is finished or
-    /// at kernel time `acts_at` if that is sooner.
-    pub fn wake(&mut self, key: FlowKey, acts_at: u64) {
-        if let Some(position) = self.conns.position(&key) {
-            let conn = self.conns.at(position).expect("a position in the table");
+    /// Looks at the connection at `position` again, new packets or not, when it is
+    /// finished or at kernel time `acts_at` if that is sooner.
+    pub fn wake_at(&mut self, position: usize, acts_at: u64) {
+        if let Some(conn) = self.conns.at(position) {
             let at = conn.finish_at(self.idle_timeout).min(acts_at);
             self.wakeups.push(Reverse((secs(at), position as u32)));
         }
+    }
+
+    /// The connection at a position [`Self::judging`] gave.
+    pub fn at(&self, position: usize) -> Option<&Conn> {
+        self.conns.at(position)
     }
 
     /// A connection the table holds under a key that turned out to be part of another
@@ -331,14 +369,22 @@ impl ConnTable {
         let Some(old) = self.remove(gone) else {
             return;
         };
-        if let Some(conn) = self.conns.get_mut(into) {
+        if let Some(position) = self.conns.position(into) {
+            let conn = self
+                .conns
+                .at_mut(position)
+                .expect("a position in the table");
             for (prev, seen) in conn.prev.iter_mut().zip(orient(old.totals())) {
                 prev.pkts += seen.pkts;
                 prev.ip_bytes += seen.ip_bytes;
                 prev.bytes += seen.bytes;
             }
-            if let Unsettled::Keys(keys) = &mut self.unsettled {
-                keys.push(*into);
+            if let Unsettled::Keys(observed) = &mut self.unsettled {
+                observed.push(Observed {
+                    key: *into,
+                    position: position as u32,
+                    reschedule: false,
+                });
             }
         }
     }
@@ -466,6 +512,7 @@ impl ConnTable {
     }
 
     fn remove_at(&mut self, position: usize) -> Conn {
+        self.moved_since_read = true;
         let conn = self.conns.remove_at(position);
         self.changed(conn.uid, conn.key);
         self.moved_to(position);
@@ -896,16 +943,12 @@ mod tests {
                 Ok(())
             });
             read.unwrap();
-            let due = table.due(now, |_| u64::MAX);
-            let looked: HashSet<FlowKey> = table
-                .observed()
-                .unwrap()
+            let judging = table.judging(now, |_| u64::MAX);
+            let looked: HashSet<FlowKey> = judging
                 .iter()
-                .chain(&due)
-                .copied()
+                .map(|&(position, _)| table.at(position).expect("a position").key)
                 .collect();
-            let reschedule: Vec<FlowKey> =
-                table.rescheduled().iter().chain(&due).copied().collect();
+            assert_eq!(looked.len(), judging.len(), "each connection judged once");
             let finished: Vec<FlowKey> = table
                 .iter()
                 .filter(|c| table.is_finished(c, now))
@@ -917,8 +960,10 @@ mod tests {
                     "second {second}: {key:?} finished unseen"
                 );
             }
-            for key in reschedule.into_iter().filter(|k| !finished.contains(k)) {
-                table.wake(key, u64::MAX);
+            for (position, reschedule) in judging {
+                if reschedule && !finished.contains(&table.at(position).expect("a position").key) {
+                    table.wake_at(position, u64::MAX);
+                }
             }
             for key in finished {
                 table.remove(&key);
