@@ -28,11 +28,34 @@ const ROUNDS: u32 = 30;
 const HOST_A: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 1);
 const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 18, 99, 2);
 const PORT: u16 = 9000;
+/// The agent's packets between two local hosts.
+const INTERNAL: &str = "egress_monitor_packets_total{direction=\"internal\"}";
 
 fn sample(ns: &str, name: &str) -> f64 {
     http::eventually(name, Duration::from_secs(30), || {
         http::agent_sample(ns, name)
     })
+}
+
+/// A lab whose gw holds both hosts on its loopback.
+fn lab_with_hosts() -> Lab {
+    let lab = Lab::new();
+    for host in [HOST_A, HOST_B] {
+        lab::ns_exec(
+            &lab.gw,
+            &["ip", "addr", "add", &format!("{host}/32"), "dev", "lo"],
+        );
+    }
+    lab
+}
+
+/// Waits until the agent's internal packets are `truth`, the map's.
+fn wait_for_agent_to_count(lab: &Lab, truth: u64) {
+    http::eventually(
+        "the agent's internal packets to match the map's",
+        Duration::from_secs(20),
+        || (sample(&lab.gw, INTERNAL) as u64 == truth).then_some(()),
+    );
 }
 
 /// Packets the map holds between the two hosts, both ways: what the agent must report.
@@ -50,13 +73,7 @@ fn counted_between_hosts(pins: &Pins) -> u64 {
 
 #[test]
 fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
-    let lab = Lab::new();
-    for host in [HOST_A, HOST_B] {
-        lab::ns_exec(
-            &lab.gw,
-            &["ip", "addr", "add", &format!("{host}/32"), "dev", "lo"],
-        );
-    }
+    let lab = lab_with_hosts();
     let pins = Pins::new("test-poll-changes");
     let agent = flowmap::start_agent(&lab, &pins, ENTRIES, "100ms");
     fill(&pins, ENTRIES);
@@ -93,12 +110,7 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
     });
     let truth = counted_between_hosts(&pins);
     assert!(truth > 0, "the programs counted the test's packets");
-    let internal = "egress_monitor_packets_total{direction=\"internal\"}";
-    http::eventually(
-        "the agent's internal packets to match the map's",
-        Duration::from_secs(20),
-        || (sample(&lab.gw, internal) as u64 == truth).then_some(()),
-    );
+    wait_for_agent_to_count(&lab, truth);
     // Polls after the traffic: nothing new but the scrapes' own connections.
     thread::sleep(Duration::from_millis(500));
     let read = sample(&lab.gw, "egress_monitor_poll_entries_read");
@@ -120,7 +132,7 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
         "the first poll and the one after the fill read it whole"
     );
     assert_eq!(
-        sample(&lab.gw, internal) as u64,
+        sample(&lab.gw, INTERNAL) as u64,
         truth,
         "nothing counted since"
     );
@@ -135,13 +147,7 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
 fn a_new_connection_is_read_whole_when_its_packets_share_one_poll() {
     const CLIENTS: u16 = 300;
     const BURST: usize = 4;
-    let lab = Lab::new();
-    for host in [HOST_A, HOST_B] {
-        lab::ns_exec(
-            &lab.gw,
-            &["ip", "addr", "add", &format!("{host}/32"), "dev", "lo"],
-        );
-    }
+    let lab = lab_with_hosts();
     let pins = Pins::new("test-poll-new-entries");
     let agent = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
     sample(&lab.gw, "egress_monitor_poll_entries_read");
@@ -165,12 +171,7 @@ fn a_new_connection_is_read_whole_when_its_packets_share_one_poll() {
         truth >= sent,
         "the programs counted {truth} packets of the {sent} sent"
     );
-    let internal = "egress_monitor_packets_total{direction=\"internal\"}";
-    http::eventually(
-        "the agent's internal packets to match the map's",
-        Duration::from_secs(20),
-        || (sample(&lab.gw, internal) as u64 == truth).then_some(()),
-    );
+    wait_for_agent_to_count(&lab, truth);
     drop(agent);
 }
 
