@@ -9,7 +9,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
 };
 
 use monitor::kernel::bpf::{self, Insn, RawMap, insn};
@@ -236,19 +236,11 @@ pub fn flow_insert(
         // *(u32 *)(fp - 40) = *(u32 *)(data + 30)
         insn(0x61, 5, 2, 30, 0),
         insn(0x63, 10, 5, -(FLOW_KEY_SIZE as i16), 0),
-        // bpf_map_update_elem(map, fp - 40, fp + value_at, BPF_NOEXIST)
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0xbf, 3, 10, 0, 0),
-        insn(0x07, 3, 0, 0, i32::from(value_at)),
-        insn(0xb7, 4, 0, 0, BPF_NOEXIST),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
-        // pass:
-        insn(0xb7, 0, 0, 0, kind.pass()),
-        insn(0x95, 0, 0, 0, 0),
     ]);
+    prog.extend(insert_key(fd, value_at));
+    // pass:
+    prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
+    prog.push(insn(0x95, 0, 0, 0, 0));
     Ok((load(kind, &prog)?, map))
 }
 
@@ -257,12 +249,7 @@ pub fn flow_insert(
 /// atomic ones in a shared map) and stores `bpf_ktime_get_ns()` beside them: the floor of
 /// counting a packet of a known connection. Returns the program.
 pub fn known_flow(kind: Kind, table: Table, map: &RawMap) -> io::Result<OwnedFd> {
-    let fd = map.as_fd().as_raw_fd();
-    let mut body = vec![insn(0xbf, 6, 0, 0, 0)];
-    body.extend(add_counts(table));
-    // *(u64 *)(r6 + 32) = bpf_ktime_get_ns()
-    body.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
-    body.push(insn(0x7b, 6, 0, 32, 0));
+    let body = count_found(table);
     // The key at fp-40, zero but for the frame's IPv4 destination.
     let mut prog: Vec<Insn> = (-5..0).map(|word| insn(0x7a, 10, 0, word * 8, 0)).collect();
     let (data, data_end) = kind.data_offsets();
@@ -275,14 +262,10 @@ pub fn known_flow(kind: Kind, table: Table, map: &RawMap) -> io::Result<OwnedFd>
         insn(0x2d, 4, 3, 8 + body.len() as i16, 0),
         insn(0x61, 5, 2, 30, 0),
         insn(0x63, 10, 5, -(FLOW_KEY_SIZE as i16), 0),
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        // if r0 == 0 skip the body
-        insn(0x15, 0, 0, body.len() as i16, 0),
     ]);
+    prog.extend(lookup_key(map.as_fd().as_raw_fd()));
+    // if r0 == 0 skip the body
+    prog.push(insn(0x15, 0, 0, body.len() as i16, 0));
     prog.extend(body);
     prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
     prog.push(insn(0x95, 0, 0, 0, 0));
@@ -299,34 +282,14 @@ pub fn known_flow(kind: Kind, table: Table, map: &RawMap) -> io::Result<OwnedFd>
 pub fn flow_count(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(OwnedFd, RawMap)> {
     let map = flow_map(Table::Shared, value_size, capacity)?;
     let fd = map.as_fd().as_raw_fd();
-    // r0 = bpf_map_lookup_elem(map, fp - 40)
-    let lookup = [
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-    ];
-    // Found: r6 = the value; the counts and the clock.
-    let mut count = vec![insn(0xbf, 6, 0, 0, 0)];
-    count.extend(add_counts(Table::Shared));
-    count.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
-    count.push(insn(0x7b, 6, 0, 32, 0));
+    let lookup = lookup_key(fd);
+    let count = count_found(Table::Shared);
     // Absent: a zero value below the key, inserted, then looked up again.
     let value_at = -(FLOW_KEY_SIZE as i16) - 8 * value_size.div_ceil(8) as i16;
     let mut insert: Vec<Insn> = (value_at / 8..-(FLOW_KEY_SIZE as i16) / 8)
         .map(|word| insn(0x7a, 10, 0, word * 8, 0))
         .collect();
-    insert.extend([
-        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, fd),
-        insn(0, 0, 0, 0, 0),
-        insn(0xbf, 2, 10, 0, 0),
-        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
-        insn(0xbf, 3, 10, 0, 0),
-        insn(0x07, 3, 0, 0, i32::from(value_at)),
-        insn(0xb7, 4, 0, 0, BPF_NOEXIST),
-        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
-    ]);
+    insert.extend(insert_key(fd, value_at));
     insert.extend(lookup);
     // if r0 == 0 goto pass (the map is full)
     insert.push(insn(0x15, 0, 0, count.len() as i16, 0));
@@ -340,6 +303,42 @@ pub fn flow_count(kind: Kind, value_size: u32, capacity: u32) -> io::Result<(Own
     prog.push(insn(0xb7, 0, 0, 0, kind.pass()));
     prog.push(insn(0x95, 0, 0, 0, 0));
     Ok((load(kind, &prog)?, map))
+}
+
+/// `r0 = bpf_map_lookup_elem(map, fp - 40)`: the value of the key at fp-40, or 0.
+fn lookup_key(map: RawFd) -> [Insn; 5] {
+    [
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+    ]
+}
+
+/// `bpf_map_update_elem(map, fp - 40, fp + value_at, BPF_NOEXIST)`: inserts the key at
+/// fp-40 with the value at `value_at`.
+fn insert_key(map: RawFd, value_at: i16) -> [Insn; 8] {
+    [
+        insn(0x18, 1, BPF_PSEUDO_MAP_FD, 0, map),
+        insn(0, 0, 0, 0, 0),
+        insn(0xbf, 2, 10, 0, 0),
+        insn(0x07, 2, 0, 0, -(FLOW_KEY_SIZE as i32)),
+        insn(0xbf, 3, 10, 0, 0),
+        insn(0x07, 3, 0, 0, i32::from(value_at)),
+        insn(0xb7, 4, 0, 0, BPF_NOEXIST),
+        insn(0x85, 0, 0, 0, BPF_FUNC_MAP_UPDATE_ELEM),
+    ]
+}
+
+/// With r0 the value found: r6 = r0, a packet added to its three counters, and
+/// `bpf_ktime_get_ns()` stored beside them (`*(u64 *)(r6 + 32)`).
+fn count_found(table: Table) -> Vec<Insn> {
+    let mut insns = vec![insn(0xbf, 6, 0, 0, 0)];
+    insns.extend(add_counts(table));
+    insns.push(insn(0x85, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+    insns.push(insn(0x7b, 6, 0, 32, 0));
+    insns
 }
 
 /// Writes the key of an Ethernet frame with an IPv4 header of 20 bytes at fp-40: source
