@@ -346,7 +346,9 @@ impl Pipeline {
     /// map, or of the entries that changed and those a new translation concerns.
     fn read_map(&mut self) -> Result<Coverage, PollError> {
         self.nat.refresh();
-        let coverage = self.poller.begin(self.nat.take_learned())?;
+        let coverage = self
+            .poller
+            .begin(self.nat.take_learned(), self.table.len())?;
         let (poller, nat) = (&mut self.poller, &mut self.nat);
         let mut entries = 0;
         let read = |observe: &mut dyn FnMut(FlowSnapshot)| {

@@ -15,6 +15,7 @@ use monitor_common::{
     names,
 };
 use tests::{
+    agent::Agent,
     flowmap::{self, Pins, fill},
     http,
     lab::{self, Lab},
@@ -71,12 +72,19 @@ fn counted_between_hosts(pins: &Pins) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
-    let lab = lab_with_hosts();
-    let pins = Pins::new("test-poll-changes");
-    let agent = flowmap::start_agent(&lab, &pins, ENTRIES, "100ms");
-    fill(&pins, ENTRIES);
+/// Polls of each coverage so far.
+fn reads(lab: &Lab, coverage: &str) -> f64 {
+    sample(
+        &lab.gw,
+        &format!("egress_monitor_poll_reads_total{{coverage=\"{coverage}\"}}"),
+    )
+}
+
+/// The agent, polling every 100 ms, once it tracks [`ENTRIES`] idle synthetic
+/// connections the test wrote to its map.
+fn agent_tracking_idle_entries(lab: &Lab, pins: &Pins) -> Agent {
+    let agent = flowmap::start_agent(lab, pins, ENTRIES, "100ms");
+    fill(pins, ENTRIES);
     http::eventually(
         "the agent tracking every synthetic connection",
         Duration::from_secs(60),
@@ -85,10 +93,15 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
             (active as u32 >= ENTRIES).then_some(())
         },
     );
-    let changed_before = sample(
-        &lab.gw,
-        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
-    );
+    agent
+}
+
+#[test]
+fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
+    let lab = lab_with_hosts();
+    let pins = Pins::new("test-poll-changes");
+    let agent = agent_tracking_idle_entries(&lab, &pins);
+    let changed_before = reads(&lab, "changed");
     // Packets of a few connections now and then, across many polls, each poll meeting
     // some mid-burst.
     lab::run_in_ns(&lab.gw, || {
@@ -114,14 +127,8 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
     // Polls after the traffic: nothing new but the scrapes' own connections.
     thread::sleep(Duration::from_millis(500));
     let read = sample(&lab.gw, "egress_monitor_poll_entries_read");
-    let changed = sample(
-        &lab.gw,
-        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
-    ) - changed_before;
-    let whole = sample(
-        &lab.gw,
-        "egress_monitor_poll_reads_total{coverage=\"whole\"}",
-    );
+    let changed = reads(&lab, "changed") - changed_before;
+    let whole = reads(&lab, "whole");
     assert!(
         read < f64::from(ENTRIES) / 100.0,
         "the last poll read {read} entries of {ENTRIES} idle ones"
@@ -142,15 +149,16 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
 /// New connections come with their counts (`NEW_ENTRIES`): one whose every packet falls
 /// in the poll that creates it must still be read whole, the packets after its first
 /// included. Each client sends a burst of datagrams back to back from a socket of its
-/// own; the agent's counts must reach the map's.
+/// own; the agent's counts must reach the map's. The idle entries keep the polls to
+/// what changed, which they must be.
 #[test]
 fn a_new_connection_is_read_whole_when_its_packets_share_one_poll() {
     const CLIENTS: u16 = 300;
     const BURST: usize = 4;
     let lab = lab_with_hosts();
     let pins = Pins::new("test-poll-new-entries");
-    let agent = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
-    sample(&lab.gw, "egress_monitor_poll_entries_read");
+    let agent = agent_tracking_idle_entries(&lab, &pins);
+    let whole_before = reads(&lab, "whole");
     lab::run_in_ns(&lab.gw, || {
         let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
         for n in 0..CLIENTS {
@@ -172,6 +180,48 @@ fn a_new_connection_is_read_whole_when_its_packets_share_one_poll() {
         "the programs counted {truth} packets of the {sent} sent"
     );
     wait_for_agent_to_count(&lab, truth);
+    assert_eq!(
+        reads(&lab, "whole"),
+        whole_before,
+        "every poll since the connections began read only what changed"
+    );
+    drop(agent);
+}
+
+/// When most connections move, looking each up costs more than reading the map whole:
+/// the polls read it whole, and the counts stay exact. 200 connections, every one
+/// sending each 20 ms for a second and a half: each 100 ms poll finds them all changed.
+#[test]
+fn a_poll_reads_the_whole_map_when_most_of_it_changed() {
+    const CLIENTS: u16 = 200;
+    let lab = lab_with_hosts();
+    let pins = Pins::new("test-poll-most-changed");
+    let agent = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
+    sample(&lab.gw, "egress_monitor_poll_entries_read");
+    let whole_before = reads(&lab, "whole");
+    lab::run_in_ns(&lab.gw, || {
+        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
+        let clients: Vec<UdpSocket> = (0..CLIENTS)
+            .map(|_| UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client"))
+            .collect();
+        for _ in 0..75 {
+            for client in &clients {
+                client
+                    .send_to(&[0; 100], (HOST_B, PORT))
+                    .expect("send a datagram");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        drop(server);
+    });
+    let truth = counted_between_hosts(&pins);
+    assert!(truth > 0, "the programs counted the test's packets");
+    wait_for_agent_to_count(&lab, truth);
+    let whole = reads(&lab, "whole") - whole_before;
+    assert!(
+        whole >= 5.0,
+        "only {whole} polls read the map whole while every connection moved"
+    );
     drop(agent);
 }
 
@@ -195,10 +245,7 @@ fn programs_of_a_build_before_the_ring_are_read_whole() {
         )?;
         (whole >= 5.0).then_some(())
     });
-    let changed = sample(
-        &lab.gw,
-        "egress_monitor_poll_reads_total{coverage=\"changed\"}",
-    );
+    let changed = reads(&lab, "changed");
     assert_eq!(
         changed, 0.0,
         "no poll trusted a ring the programs do not write"
