@@ -15,9 +15,15 @@
 //! The monitors, the iperf3 runs and the lab with every wire packet through the hooks
 //! ([`wire_lab`]) serve the parts measured in that lab too.
 
-use std::{thread, time::Duration};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    thread,
+    time::Duration,
+};
 
-use aya::sys::Stats;
+use aya::{programs::TcAttachType, sys::Stats};
+use monitor::kernel::bpf::RawMap;
+use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 use serde_json::Value;
 use tests::{
     agent::Agent,
@@ -28,7 +34,12 @@ use tests::{
     traffic::NEW_FLOW_PORTS,
 };
 
-use crate::{Plan, median};
+use crate::{
+    Plan,
+    kernel::VALUE_SIZE,
+    median,
+    refprog::{self, Kind},
+};
 
 /// UDP payload of the small-packet stream, bytes.
 pub const UDP_PAYLOAD: u32 = 64;
@@ -43,6 +54,9 @@ const MIN_SEEN: f64 = 0.9;
 pub enum Setup {
     None,
     Agent,
+    /// [`refprog::flow_count`] on the agent's hooks: the floor of exact per-connection
+    /// counting, not a monitor.
+    Floor,
     Pmacctd,
     Softflowd,
 }
@@ -54,6 +68,7 @@ impl Setup {
         match self {
             Setup::None => "no monitor",
             Setup::Agent => "this agent (TC ingress + TC egress)",
+            Setup::Floor => "the counting floor (reference program, TC ingress + TC egress)",
             Setup::Pmacctd => "pmacctd, memory plugin (libpcap)",
             Setup::Softflowd => "softflowd (libpcap)",
         }
@@ -151,6 +166,7 @@ pub struct FlowsSeen {
 pub enum Monitor {
     None,
     Agent(Agent),
+    Floor { _links: [OwnedFd; 2], map: RawMap },
     Pmacctd(Pmacctd),
     Softflowd(Softflowd),
 }
@@ -164,6 +180,15 @@ impl Monitor {
                 &lab.gw_wan_if,
                 &["--local-net", lab::LOCAL_NET_V4],
             )),
+            Setup::Floor => {
+                // A new map each time, as the agent's is.
+                let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
+                    .expect("load the counting floor");
+                Monitor::Floor {
+                    _links: attach_on_wan(lab, &floor),
+                    map,
+                }
+            }
             Setup::Pmacctd => Monitor::Pmacctd(Pmacctd::start(&lab.gw, &lab.gw_wan_if)),
             Setup::Softflowd => Monitor::Softflowd(Softflowd::start(&lab.gw, &lab.gw_wan_if)),
         }
@@ -183,7 +208,7 @@ impl Monitor {
 
     pub fn pids(&self) -> Vec<u32> {
         match self {
-            Monitor::None => Vec::new(),
+            Monitor::None | Monitor::Floor { .. } => Vec::new(),
             Monitor::Agent(agent) => vec![agent.pid()],
             Monitor::Pmacctd(p) => p.pids(),
             Monitor::Softflowd(s) => vec![s.pid()],
@@ -202,6 +227,11 @@ impl Monitor {
                     .map(|r| r.u64("orig_pkts") + r.u64("resp_pkts"))
                     .sum(),
             ),
+            // It counts IPv4 frames of every protocol, which only TCP crosses in the
+            // throughput runs.
+            Monitor::Floor { map, .. } => {
+                Some(refprog::packets_counted(&map).expect("read the counting floor's map"))
+            }
             Monitor::Pmacctd(p) => {
                 let packets = p.packets(proto.name());
                 p.stop();
@@ -219,6 +249,10 @@ impl Monitor {
     pub fn stop_flows(self, lab: &Lab) -> Option<FlowsSeen> {
         match self {
             Monitor::None => None,
+            Monitor::Floor { map, .. } => Some(FlowsSeen {
+                flows: refprog::read_batched(&map).expect("read the counting floor's map") as u64,
+                conn_log: None,
+            }),
             Monitor::Agent(agent) => {
                 let metric = |name: &str| {
                     http::agent_sample(&lab.gw, name)
@@ -273,7 +307,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     }
     serve_iperf3(&lab);
 
-    let rounds = interleaved(plan.runs, "end to end", |setup| {
+    let rounds = interleaved(plan.runs, "end to end", &SETUPS, |setup| {
         one_setup(plan, &lab, setup)
     });
 
@@ -343,11 +377,16 @@ fn one_setup(plan: &Plan, lab: &Lab, setup: Setup) -> Round {
 /// runs iperf3's server and drops UDP datagrams to [`NEW_FLOW_PORTS`] in its input
 /// (nftables): new flows get no answer, not even an ICMP error.
 /// `rounds` rounds, each running every setup in turn: one entry per round, one result per
-/// setup in [`SETUPS`] order.
-pub fn interleaved<R>(rounds: u32, part: &str, mut run: impl FnMut(Setup) -> R) -> Vec<Vec<R>> {
+/// setup in `setups` order.
+pub fn interleaved<R>(
+    rounds: u32,
+    part: &str,
+    setups: &[Setup],
+    mut run: impl FnMut(Setup) -> R,
+) -> Vec<Vec<R>> {
     (1..=rounds)
         .map(|round| {
-            SETUPS
+            setups
                 .iter()
                 .map(|&setup| {
                     eprintln!("bench: {part}, {}, round {round}", setup.label());
@@ -356,6 +395,23 @@ pub fn interleaved<R>(rounds: u32, part: &str, mut run: impl FnMut(Setup) -> R) 
                 .collect()
         })
         .collect()
+}
+
+/// A reference program on the gateway's WAN veth, ingress and egress, through TCX.
+pub fn attach_on_wan(lab: &Lab, prog: &OwnedFd) -> [OwnedFd; 2] {
+    let prog = prog
+        .try_clone()
+        .expect("duplicate the program's descriptor");
+    let dev = std::ffi::CString::new(lab.gw_wan_if.as_str()).expect("interface name");
+    lab::run_in_ns(&lab.gw, move || {
+        // SAFETY: a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+        assert_ne!(ifindex, 0, "no interface {dev:?}");
+        [TcAttachType::Ingress, TcAttachType::Egress].map(|direction| {
+            monitor::kernel::bpf::attach_tcx(prog.as_fd(), ifindex, direction)
+                .unwrap_or_else(|e| panic!("attach a reference program ({direction:?}): {e}"))
+        })
+    })
 }
 
 pub fn wire_lab() -> Lab {

@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use aya::{programs::TcAttachType, sys::Stats};
+use aya::sys::Stats;
 use monitor::kernel::bpf::RawMap;
 use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 use tests::{
@@ -197,7 +197,7 @@ fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
         }
         Setup::Empty => (
             Hooked::Empty {
-                _links: attach(lab, empty),
+                _links: e2e::attach_on_wan(lab, empty),
             },
             vec![bpf::prog_id(empty.as_fd())],
         ),
@@ -206,29 +206,12 @@ fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
             let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
                 .expect("load the counting floor");
             let hooked = Hooked::Floor {
-                _links: attach(lab, &floor),
+                _links: e2e::attach_on_wan(lab, &floor),
                 map,
             };
             (hooked, vec![bpf::prog_id(floor.as_fd())])
         }
     }
-}
-
-/// A reference program on the gateway's WAN veth, ingress and egress, through TCX.
-fn attach(lab: &Lab, prog: &OwnedFd) -> [OwnedFd; 2] {
-    let prog = prog
-        .try_clone()
-        .expect("duplicate the program's descriptor");
-    let dev = std::ffi::CString::new(lab.gw_wan_if.as_str()).expect("interface name");
-    run_in_ns(&lab.gw, move || {
-        // SAFETY: a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
-        assert_ne!(ifindex, 0, "no interface {dev:?}");
-        [TcAttachType::Ingress, TcAttachType::Egress].map(|direction| {
-            monitor::kernel::bpf::attach_tcx(prog.as_fd(), ifindex, direction)
-                .unwrap_or_else(|e| panic!("attach a reference program ({direction:?}): {e}"))
-        })
-    })
 }
 
 /// Checks that the counting floor counted `workload`: its map must have gained an entry

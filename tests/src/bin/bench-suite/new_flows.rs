@@ -76,7 +76,7 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     // Costs every BPF program two clock reads per run while it is held.
     let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
     let lab = e2e::wire_lab();
-    let rounds = e2e::interleaved(plan.wire_rounds, "new UDP flows", |setup| {
+    let rounds = e2e::interleaved(plan.wire_rounds, "new UDP flows", &SETUPS, |setup| {
         one_setup(plan, &lab, setup)
     });
     SETUPS

@@ -9,6 +9,7 @@
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,9 +18,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData};
-use monitor::poller::Poller;
-use monitor_common::{flow::FlowValue, names};
+use aya::maps::{HashMap, Map, MapData};
+use monitor::{
+    kernel::bpf::{self, Lookup, RawMap},
+    poller::Poller,
+};
+use monitor_common::{
+    flow::{FlowKey, FlowValue},
+    names,
+};
 use tests::{
     flowmap::{self, Pins, fill},
     http,
@@ -125,11 +132,14 @@ pub struct ReadRow {
     pub entries: u32,
     pub per_cpu_ms: f64,
     pub shared_ms: f64,
+    /// The shared map read key by key, as the agent reads the entries the rings name.
+    pub by_key_ms: f64,
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` of every entry of a per-CPU and of a shared hash map with the
 /// flow map's key and value sizes and the capacity the poll runs give the agent (twice the
-/// entries), filled alike; the two maps are read in turn, run after run.
+/// entries), filled alike; the two maps are read in turn, run after run, then the shared
+/// one key by key.
 pub fn read_floor(plan: &Plan) -> Vec<ReadRow> {
     let value_size = size_of::<FlowValue>() as u32;
     sizes(plan)
@@ -142,7 +152,7 @@ pub fn read_floor(plan: &Plan) -> Vec<ReadRow> {
                 refprog::fill(&map, entries).expect("fill the map");
                 (map, table)
             });
-            let mut ms = [Vec::new(), Vec::new()];
+            let mut ms = [Vec::new(), Vec::new(), Vec::new()];
             for _ in 0..plan.runs {
                 for ((map, table), ms) in maps.iter().zip(&mut ms) {
                     let started = Instant::now();
@@ -153,15 +163,41 @@ pub fn read_floor(plan: &Plan) -> Vec<ReadRow> {
                         "entries read from the {table:?} map"
                     );
                 }
+                let started = Instant::now();
+                let found = read_by_key(&maps[1].0, entries);
+                ms[2].push(started.elapsed().as_secs_f64() * 1000.0);
+                assert_eq!(found, entries, "entries looked up in the shared map");
             }
-            let [per_cpu, shared] = ms;
+            let [per_cpu, shared, by_key] = ms;
             ReadRow {
                 entries,
                 per_cpu_ms: median(per_cpu),
                 shared_ms: median(shared),
+                by_key_ms: median(by_key),
             }
         })
         .collect()
+}
+
+/// Looks up each of the `entries` keys [`refprog::fill`] wrote, one `BPF_MAP_LOOKUP_ELEM`
+/// each, the way the agent's poller reads an entry its rings name; returns those found.
+fn read_by_key(map: &RawMap, entries: u32) -> u32 {
+    let fd = map
+        .as_fd()
+        .try_clone_to_owned()
+        .expect("duplicate the map's fd");
+    let data = MapData::from_fd(fd).expect("open the map by its fd");
+    let flows = HashMap::<_, FlowKey, FlowValue>::try_from(Map::HashMap(data))
+        .expect("the map as the agent's flow map");
+    let (mut key, mut value) = (FlowKey::default(), FlowValue::default());
+    let mut found = 0;
+    for n in 0..entries {
+        key.addr_a[..4].copy_from_slice(&n.to_le_bytes());
+        if bpf::lookup(&flows, Lookup::Read, &key, &mut value).expect("look a key up") {
+            found += 1;
+        }
+    }
+    found
 }
 
 pub fn measure(plan: &Plan) -> Vec<Row> {
@@ -229,59 +265,75 @@ fn one_run(entries: u32, window: Duration) -> (f64, f64, f64, f64) {
     )
 }
 
-/// Connections of the busy poll run that carry packets: 1% of its million.
-const ACTIVE: u32 = 10_000;
-const BUSY_ENTRIES: u32 = 1_000_000;
 const DISCARD_PORT: u16 = 9;
 
 pub struct BusyRow {
     pub entries: u32,
     pub active: u32,
     pub poll_ms: f64,
+    /// The agent's map reader alone on the same map after the agent stopped: what a
+    /// whole read costs.
+    pub read_ms: f64,
     pub cpu_per_sec: f64,
     /// Map entries the agent read per poll (`poll_entries_read`, sampled at the end).
     pub entries_read: f64,
+    /// Polls of the window that read the whole map, per poll.
+    pub whole_share: f64,
 }
 
-/// The agent on a map of a million synthetic connections (idle since the fill, an hour
-/// from their timeout) while 10k real UDP connections on gw's loopback each carry one
-/// packet per second, spread over the second.
-pub fn measure_busy(plan: &Plan) -> BusyRow {
+/// The cases of the busy part: synthetic idle connections and real active ones. 1% of a
+/// million moving, then every connection of a table of [`ALL_ACTIVE`] moving.
+pub const BUSY_CASES: [(u32, u32); 2] = [(990_000, 10_000), (0, ALL_ACTIVE)];
+
+/// Connections of the case where every one carries packets each second.
+const ALL_ACTIVE: u32 = 50_000;
+
+/// The agent on a map of synthetic connections (idle since the fill, an hour from their
+/// timeout) while real UDP connections on gw's loopback each carry one packet per
+/// second, spread over the second; a case per [`BUSY_CASES`].
+pub fn measure_busy(plan: &Plan) -> Vec<BusyRow> {
     let window = if plan.quick {
         Duration::from_secs(4)
     } else {
         Duration::from_secs(10)
     };
-    let (mut poll_ms, mut cpu, mut read) = (Vec::new(), Vec::new(), Vec::new());
-    for run in 0..plan.runs {
-        eprintln!(
-            "bench: poll with {BUSY_ENTRIES} connections, {ACTIVE} of them active, run {}",
-            run + 1
-        );
-        let (ms, c, r) = busy_run(window);
-        poll_ms.push(ms);
-        cpu.push(c);
-        read.push(r);
-    }
-    BusyRow {
-        entries: BUSY_ENTRIES,
-        active: ACTIVE,
-        poll_ms: median(poll_ms),
-        cpu_per_sec: median(cpu),
-        entries_read: median(read),
-    }
+    BUSY_CASES
+        .iter()
+        .map(|&(entries, active)| {
+            let runs: Vec<BusyRow> = (0..plan.runs)
+                .map(|run| {
+                    eprintln!(
+                        "bench: poll with {} connections, {active} of them active, run {}",
+                        entries + active,
+                        run + 1
+                    );
+                    busy_run(entries, active, window)
+                })
+                .collect();
+            let med = |f: fn(&BusyRow) -> f64| median(runs.iter().map(f));
+            BusyRow {
+                entries: entries + active,
+                active,
+                poll_ms: med(|r| r.poll_ms),
+                read_ms: med(|r| r.read_ms),
+                cpu_per_sec: med(|r| r.cpu_per_sec),
+                entries_read: med(|r| r.entries_read),
+                whole_share: med(|r| r.whole_share),
+            }
+        })
+        .collect()
 }
 
-fn busy_run(window: Duration) -> (f64, f64, f64) {
+fn busy_run(idle: u32, active: u32, window: Duration) -> BusyRow {
     let lab = Lab::new();
     let pins = Pins::new("bench-poll-busy");
-    let agent = flowmap::start_agent(&lab, &pins, BUSY_ENTRIES + ACTIVE, "1s");
+    let agent = flowmap::start_agent(&lab, &pins, idle + active, "1s");
     let pid = agent.pid();
-    fill_and_track(&lab, &pins, BUSY_ENTRIES);
+    fill_and_track(&lab, &pins, idle);
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
-        lab::spawn_in_ns(&lab.gw, move || send_each_second(&stop))
+        lab::spawn_in_ns(&lab.gw, move || send_each_second(active, &stop))
     };
     // Every active connection opened and read once, then the window.
     thread::sleep(Duration::from_secs(3));
@@ -297,17 +349,23 @@ fn busy_run(window: Duration) -> (f64, f64, f64) {
     let delta = |name: &str| metric(&after, name) - metric(&before, name);
     let polls = delta("egress_monitor_poll_duration_seconds_count");
     assert!(polls > 0.0, "no poll in the window");
-    let poll_ms = delta("egress_monitor_poll_duration_seconds_sum") / polls * 1000.0;
-    let entries_read = metric(&after, "egress_monitor_poll_entries_read");
-    (poll_ms, cpu / wall, entries_read)
+    BusyRow {
+        entries: idle + active,
+        active,
+        poll_ms: delta("egress_monitor_poll_duration_seconds_sum") / polls * 1000.0,
+        read_ms: read_alone(&pins, 3),
+        cpu_per_sec: cpu / wall,
+        entries_read: metric(&after, "egress_monitor_poll_entries_read"),
+        whole_share: delta("egress_monitor_poll_reads_total{coverage=\"whole\"}") / polls,
+    }
 }
 
-/// One datagram per second to each of [`ACTIVE`] loopback addresses (127.1.0.0/16), in
+/// One datagram per second to each of `active` loopback addresses (127.1.0.0/16), in
 /// 100 bursts a second; a socket bound to every address takes them, so no ICMP answers.
-fn send_each_second(stop: &AtomicBool) {
+fn send_each_second(active: u32, stop: &AtomicBool) {
     let sink = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, DISCARD_PORT)).expect("bind the sink");
     let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the sender");
-    let per_burst = ACTIVE / 100;
+    let per_burst = active / 100;
     let mut next = Instant::now();
     let mut n = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -316,7 +374,7 @@ fn send_each_second(stop: &AtomicBool) {
             socket
                 .send_to(&[0; 64], (dst, DISCARD_PORT))
                 .expect("send a datagram");
-            n = (n + 1) % ACTIVE;
+            n = (n + 1) % active;
         }
         next += Duration::from_millis(10);
         thread::sleep(next.saturating_duration_since(Instant::now()));

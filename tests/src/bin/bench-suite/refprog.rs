@@ -404,21 +404,43 @@ pub fn fill(map: &RawMap, entries: u32) -> io::Result<()> {
 /// `BPF_MAP_LOOKUP_BATCH`, 256 entries per call (more where a bucket holds more).
 /// Returns the entries read.
 pub fn read_batched(map: &RawMap) -> io::Result<usize> {
+    let mut read = 0;
+    for_each_value(map, |_| read += 1)?;
+    Ok(read)
+}
+
+/// The packets [`flow_count`]'s map counted: the first counter of every entry.
+pub fn packets_counted(map: &RawMap) -> io::Result<u64> {
+    let mut packets = 0;
+    for_each_value(map, |value| {
+        let first: [u8; 8] = value[..8].try_into().expect("a value of 8 bytes or more");
+        packets += u64::from_ne_bytes(first);
+    })?;
+    Ok(packets)
+}
+
+/// Hands every value of a map made by [`flow_map`] to `each`, read as
+/// [`read_batched`] says.
+fn for_each_value(map: &RawMap, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     let stride = map.value_stride();
     let mut size = 256;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
-    let (mut position, mut next, mut read) = (None::<u64>, 0u64, 0);
+    let (mut position, mut next) = (None::<u64>, 0u64);
     loop {
         keys.resize(size * FLOW_KEY_SIZE, 0u8);
         values.resize(size * stride, 0u8);
-        match map.lookup_batch(position.as_ref(), &mut next, &mut keys, &mut values) {
-            Ok((count, false)) => read += count,
-            Ok((count, true)) => return Ok(read + count),
-            Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
-                size *= 2;
-                continue;
-            }
-            Err(err) => return Err(err),
+        let (count, done) =
+            match map.lookup_batch(position.as_ref(), &mut next, &mut keys, &mut values) {
+                Ok(read) => read,
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    size *= 2;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+        values[..count * stride].chunks(stride).for_each(&mut each);
+        if done {
+            return Ok(());
         }
         position = Some(next);
     }

@@ -1,19 +1,29 @@
 //! Throughput with every wire packet through the hooks ([`e2e::wire_lab`]): iperf3 TCP
 //! uploads from the lan host to the wan host, one stream and [`STREAMS`] streams, with no
-//! monitor, the agent, pmacctd and softflowd on the gateway's WAN-facing veth. Each round
-//! runs every setup in turn; a setup's rate is set against the no-monitor run of its own
-//! round, then the median of those ratios is taken.
+//! monitor, the agent, the counting floor ([`refprog::flow_count`](crate::refprog::flow_count)
+//! on the agent's hooks), pmacctd and softflowd on the gateway's WAN-facing veth. Each
+//! round runs every setup in turn; a setup's rate is set against the no-monitor run of its
+//! own round, then the median of those ratios is taken.
 
 use tests::lab::{self, Lab};
 
 use crate::{
     Plan,
-    e2e::{self, Monitor, Proto, SETUPS, Setup},
+    e2e::{self, Monitor, Proto, Setup},
     median,
 };
 
 /// Parallel streams of the second test (iperf3 `-P`).
 pub const STREAMS: u32 = 32;
+
+/// The setups of each round, in turn.
+pub const SETUPS: [Setup; 5] = [
+    Setup::None,
+    Setup::Agent,
+    Setup::Floor,
+    Setup::Pmacctd,
+    Setup::Softflowd,
+];
 
 pub struct Row {
     pub setup: Setup,
@@ -35,9 +45,12 @@ struct Round {
 
 pub fn measure(plan: &Plan) -> Vec<Row> {
     let lab = e2e::wire_lab();
-    let rounds_run = e2e::interleaved(plan.wire_rounds, "throughput, offloads off", |setup| {
-        one_setup(plan, &lab, setup)
-    });
+    let rounds_run = e2e::interleaved(
+        plan.wire_rounds,
+        "throughput, offloads off",
+        &SETUPS,
+        |setup| one_setup(plan, &lab, setup),
+    );
     SETUPS
         .iter()
         .enumerate()
