@@ -96,6 +96,34 @@ fn agent_tracking_idle_entries(lab: &Lab, pins: &Pins) -> Agent {
     agent
 }
 
+/// From `clients` sockets of host A to host B: `rounds` rounds `pause` apart, in which
+/// each client `n` sends a datagram if `sends(n, round)`.
+fn send_rounds(
+    lab: &Lab,
+    clients: u16,
+    rounds: u32,
+    pause: Duration,
+    sends: impl Fn(usize, u32) -> bool + Send + 'static,
+) {
+    lab::run_in_ns(&lab.gw, move || {
+        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
+        let clients: Vec<UdpSocket> = (0..clients)
+            .map(|_| UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client"))
+            .collect();
+        for round in 0..rounds {
+            for (n, client) in clients.iter().enumerate() {
+                if sends(n, round) {
+                    client
+                        .send_to(&[0; 100], (HOST_B, PORT))
+                        .expect("send a datagram");
+                }
+            }
+            thread::sleep(pause);
+        }
+        drop(server);
+    });
+}
+
 #[test]
 fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
     let lab = lab_with_hosts();
@@ -104,23 +132,13 @@ fn a_poll_reads_only_the_entries_that_changed_and_misses_none() {
     let changed_before = reads(&lab, "changed");
     // Packets of a few connections now and then, across many polls, each poll meeting
     // some mid-burst.
-    lab::run_in_ns(&lab.gw, || {
-        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
-        let clients: Vec<UdpSocket> = (0..FLOWS)
-            .map(|_| UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client"))
-            .collect();
-        for round in 0..ROUNDS {
-            for (n, client) in clients.iter().enumerate() {
-                if !(n as u32 + round).is_multiple_of(3) {
-                    client
-                        .send_to(&[0; 100], (HOST_B, PORT))
-                        .expect("send a datagram");
-                }
-            }
-            thread::sleep(Duration::from_millis(30));
-        }
-        drop(server);
-    });
+    send_rounds(
+        &lab,
+        FLOWS,
+        ROUNDS,
+        Duration::from_millis(30),
+        |n, round| !(n as u32 + round).is_multiple_of(3),
+    );
     let truth = counted_between_hosts(&pins);
     assert!(truth > 0, "the programs counted the test's packets");
     wait_for_agent_to_count(&lab, truth);
@@ -199,21 +217,7 @@ fn a_poll_reads_the_whole_map_when_most_of_it_changed() {
     let agent = flowmap::start_agent(&lab, &pins, 1_000, "100ms");
     sample(&lab.gw, "egress_monitor_poll_entries_read");
     let whole_before = reads(&lab, "whole");
-    lab::run_in_ns(&lab.gw, || {
-        let server = UdpSocket::bind(SocketAddr::from((HOST_B, PORT))).expect("bind the server");
-        let clients: Vec<UdpSocket> = (0..CLIENTS)
-            .map(|_| UdpSocket::bind(SocketAddr::from((HOST_A, 0))).expect("bind a client"))
-            .collect();
-        for _ in 0..75 {
-            for client in &clients {
-                client
-                    .send_to(&[0; 100], (HOST_B, PORT))
-                    .expect("send a datagram");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        drop(server);
-    });
+    send_rounds(&lab, CLIENTS, 75, Duration::from_millis(20), |_, _| true);
     let truth = counted_between_hosts(&pins);
     assert!(truth > 0, "the programs counted the test's packets");
     wait_for_agent_to_count(&lab, truth);
