@@ -4,9 +4,8 @@
 //! A `HashMap<K, V>` keeps a slot of key and value for every bucket, and its buckets run
 //! from 1.14 to 2.3 times its length: at a million connections that was most of the
 //! agent's memory. Here the items sit back to back (a growing vector's untouched tail is
-//! never resident) and each bucket holds a `u32` position and 32 bits of its key's hash;
-//! the key is stored once, inside the item. With the hash bits beside it, an index that
-//! grows, or a probe that meets another key's bucket, need not read the item.
+//! never resident) and each bucket holds only a `u32` position; the key is stored once,
+//! inside the item.
 
 use std::hash::{BuildHasher as _, Hash};
 
@@ -22,23 +21,8 @@ pub trait Keyed {
 pub struct DenseMap<T: Keyed> {
     items: Vec<T>,
     /// Positions in `items`, found by the hash of the item's key.
-    index: HashTable<Slot>,
+    index: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
-}
-
-/// A bucket of the index.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    position: u32,
-    hash: u32,
-}
-
-impl Slot {
-    /// The index's hash of the slot: all 64 bits from the 32 kept, spread so that the
-    /// bits the table takes for the bucket and for its control byte both vary.
-    fn table_hash(hash: u32) -> u64 {
-        u64::from(hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    }
 }
 
 impl<T: Keyed> Default for DenseMap<T> {
@@ -58,19 +42,17 @@ impl<T: Keyed + std::fmt::Debug> std::fmt::Debug for DenseMap<T> {
 }
 
 impl<T: Keyed> DenseMap<T> {
-    fn hash(&self, key: &T::Key) -> u32 {
-        key_hash(&self.hasher, key)
+    fn hash(&self, key: &T::Key) -> u64 {
+        self.hasher.hash_one(key)
     }
 
     /// Where the item of `key` sits: an index for [`Self::at`], valid until the next
     /// insert or removal.
     pub fn position(&self, key: &T::Key) -> Option<usize> {
-        let (items, hash) = (&self.items, self.hash(key));
+        let items = &self.items;
         self.index
-            .find(Slot::table_hash(hash), |slot| {
-                slot.hash == hash && items[slot.position as usize].key() == key
-            })
-            .map(|slot| slot.position as usize)
+            .find(self.hash(key), |&i| items[i as usize].key() == key)
+            .map(|&i| i as usize)
     }
 
     pub fn get(&self, key: &T::Key) -> Option<&T> {
@@ -103,7 +85,7 @@ impl<T: Keyed> DenseMap<T> {
         debug_assert!(self.position(item.key()).is_none(), "a key already present");
         let position = self.items.len();
         let hash = self.hash(item.key());
-        index_at(&mut self.index, hash, position);
+        index_at(&mut self.index, &self.items, &self.hasher, hash, position);
         self.items.push(item);
         position
     }
@@ -127,17 +109,17 @@ impl<T: Keyed> DenseMap<T> {
         let hash = self.hash(self.items[position].key());
         let wanted = position as u32;
         self.index
-            .find_entry(Slot::table_hash(hash), |slot| slot.position == wanted)
+            .find_entry(hash, |&i| i == wanted)
             .expect("every item is indexed")
             .remove();
         let last = self.items.len() - 1;
         if position != last {
             let hash = self.hash(self.items[last].key());
             let moved = last as u32;
-            self.index
-                .find_mut(Slot::table_hash(hash), |slot| slot.position == moved)
-                .expect("every item is indexed")
-                .position = wanted;
+            *self
+                .index
+                .find_mut(hash, |&i| i == moved)
+                .expect("every item is indexed") = wanted;
         }
         self.items.swap_remove(position)
     }
@@ -169,8 +151,8 @@ impl<T: Keyed> DenseMap<T> {
     fn reindex(&mut self) {
         self.index.clear();
         for (position, item) in self.items.iter().enumerate() {
-            let hash = key_hash(&self.hasher, item.key());
-            index_at(&mut self.index, hash, position);
+            let hash = self.hasher.hash_one(item.key());
+            index_at(&mut self.index, &self.items, &self.hasher, hash, position);
         }
     }
 
@@ -197,20 +179,20 @@ impl<T: Keyed> DenseMap<T> {
     }
 }
 
-/// The 32 bits of a key's hash the index keeps: foldhash's upper half.
-fn key_hash<K: Hash>(hasher: &foldhash::fast::RandomState, key: &K) -> u32 {
-    (hasher.hash_one(key) >> 32) as u32
-}
-
-/// Indexes `position` under `hash`.
-fn index_at(index: &mut HashTable<Slot>, hash: u32, position: usize) {
-    let slot = Slot {
-        position: u32::try_from(position).expect("fewer than 2^32 items"),
+/// Indexes `position` under `hash`; a growing index hashes again the keys of the `items`
+/// its positions point to.
+fn index_at<T: Keyed>(
+    index: &mut HashTable<u32>,
+    items: &[T],
+    hasher: &foldhash::fast::RandomState,
+    hash: u64,
+    position: usize,
+) {
+    index.insert_unique(
         hash,
-    };
-    index.insert_unique(Slot::table_hash(hash), slot, |slot| {
-        Slot::table_hash(slot.hash)
-    });
+        u32::try_from(position).expect("fewer than 2^32 items"),
+        |&i| hasher.hash_one(items[i as usize].key()),
+    );
 }
 
 impl<T: Keyed> FromIterator<T> for DenseMap<T> {
