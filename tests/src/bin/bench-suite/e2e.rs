@@ -166,7 +166,7 @@ pub struct FlowsSeen {
 pub enum Monitor {
     None,
     Agent(Agent),
-    Floor { _links: [OwnedFd; 2], map: RawMap },
+    Floor(FloorOnWan),
     Pmacctd(Pmacctd),
     Softflowd(Softflowd),
 }
@@ -180,15 +180,7 @@ impl Monitor {
                 &lab.gw_wan_if,
                 &["--local-net", lab::LOCAL_NET_V4],
             )),
-            Setup::Floor => {
-                // A new map each time, as the agent's is.
-                let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
-                    .expect("load the counting floor");
-                Monitor::Floor {
-                    _links: attach_on_wan(lab, &floor),
-                    map,
-                }
-            }
+            Setup::Floor => Monitor::Floor(FloorOnWan::attach(lab)),
             Setup::Pmacctd => Monitor::Pmacctd(Pmacctd::start(&lab.gw, &lab.gw_wan_if)),
             Setup::Softflowd => Monitor::Softflowd(Softflowd::start(&lab.gw, &lab.gw_wan_if)),
         }
@@ -208,7 +200,7 @@ impl Monitor {
 
     pub fn pids(&self) -> Vec<u32> {
         match self {
-            Monitor::None | Monitor::Floor { .. } => Vec::new(),
+            Monitor::None | Monitor::Floor(_) => Vec::new(),
             Monitor::Agent(agent) => vec![agent.pid()],
             Monitor::Pmacctd(p) => p.pids(),
             Monitor::Softflowd(s) => vec![s.pid()],
@@ -229,8 +221,8 @@ impl Monitor {
             ),
             // It counts IPv4 frames of every protocol, which only TCP crosses in the
             // throughput runs.
-            Monitor::Floor { map, .. } => {
-                Some(refprog::packets_counted(&map).expect("read the counting floor's map"))
+            Monitor::Floor(floor) => {
+                Some(refprog::packets_counted(&floor.map).expect("read the counting floor's map"))
             }
             Monitor::Pmacctd(p) => {
                 let packets = p.packets(proto.name());
@@ -249,8 +241,9 @@ impl Monitor {
     pub fn stop_flows(self, lab: &Lab) -> Option<FlowsSeen> {
         match self {
             Monitor::None => None,
-            Monitor::Floor { map, .. } => Some(FlowsSeen {
-                flows: refprog::read_batched(&map).expect("read the counting floor's map") as u64,
+            Monitor::Floor(floor) => Some(FlowsSeen {
+                flows: refprog::read_batched(&floor.map).expect("read the counting floor's map")
+                    as u64,
                 conn_log: None,
             }),
             Monitor::Agent(agent) => {
@@ -395,6 +388,26 @@ pub fn interleaved<R>(
                 .collect()
         })
         .collect()
+}
+
+/// The counting floor ([`refprog::flow_count`]) where the agent hooks: the gateway's WAN
+/// veth, ingress and egress, through TCX; with a new map, as the agent's is.
+pub struct FloorOnWan {
+    _links: [OwnedFd; 2],
+    pub map: RawMap,
+    pub prog_id: u32,
+}
+
+impl FloorOnWan {
+    pub fn attach(lab: &Lab) -> FloorOnWan {
+        let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
+            .expect("load the counting floor");
+        FloorOnWan {
+            _links: attach_on_wan(lab, &floor),
+            map,
+            prog_id: bpf::prog_id(floor.as_fd()),
+        }
+    }
 }
 
 /// A reference program on the gateway's WAN veth, ingress and egress, through TCX.

@@ -23,7 +23,6 @@ use std::{
 
 use aya::sys::Stats;
 use monitor::kernel::bpf::RawMap;
-use monitor_common::DEFAULT_FLOW_MAP_SIZE;
 use tests::{
     agent::Agent,
     bpf,
@@ -32,8 +31,8 @@ use tests::{
 };
 
 use crate::{
-    Plan, e2e,
-    kernel::VALUE_SIZE,
+    Plan,
+    e2e::{self, FloorOnWan},
     median, new_flows,
     refprog::{self, Kind},
 };
@@ -112,7 +111,7 @@ impl Setup {
 enum Hooked {
     Agent(Agent),
     Empty { _links: [OwnedFd; 2] },
-    Floor { _links: [OwnedFd; 2], map: RawMap },
+    Floor(FloorOnWan),
 }
 
 /// One workload's programs' runs and run time.
@@ -148,8 +147,8 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
             let mut counted = 0;
             for (w, &workload) in WORKLOADS.iter().enumerate() {
                 costs[w][setup as usize] = run(plan, &lab, workload, &ids);
-                if let Hooked::Floor { map, .. } = &hooked {
-                    counted = check_counted(plan, workload, map, counted);
+                if let Hooked::Floor(floor) = &hooked {
+                    counted = check_counted(plan, workload, &floor.map, counted);
                 }
             }
             if let Hooked::Agent(agent) = hooked {
@@ -202,14 +201,9 @@ fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
             vec![bpf::prog_id(empty.as_fd())],
         ),
         Setup::Floor => {
-            // A new map each round: the new UDP flows fill a good part of one.
-            let (floor, map) = refprog::flow_count(Kind::Tc, VALUE_SIZE, DEFAULT_FLOW_MAP_SIZE)
-                .expect("load the counting floor");
-            let hooked = Hooked::Floor {
-                _links: e2e::attach_on_wan(lab, &floor),
-                map,
-            };
-            (hooked, vec![bpf::prog_id(floor.as_fd())])
+            let floor = FloorOnWan::attach(lab);
+            let ids = vec![floor.prog_id];
+            (Hooked::Floor(floor), ids)
         }
     }
 }
