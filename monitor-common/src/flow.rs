@@ -41,9 +41,11 @@ pub struct DirStats {
     pub tcp_flags: u8,
     /// 1 when a SYN without ACK was seen: its sender is the originator.
     pub syn_only: u8,
-    /// 1 from a SYN without ACK until this direction's first payload, which the programs
-    /// then offer the agent as a TLS hello (a reused address and port pair arms it
-    /// again); 0 in maps written by builds before it, as padding.
+    /// 1 until this direction's first payload, which the programs then offer the agent
+    /// as a TLS hello: from a SYN without ACK (a reused address and port pair arms it
+    /// again), and, both ways, from the making of a TCP entry by any packet (the agent
+    /// may have taken a finished connection's entry during the next opening of its
+    /// pair); 0 in maps written by builds before it, as padding.
     pub awaiting_hello: u8,
     pub _pad: u8,
     /// The interface whose ingress last found this direction's source routed back through
@@ -129,6 +131,14 @@ impl FlowValue {
         dir: [DirStats::ZERO; 2],
         ifindex: 0,
         epoch: 0,
+    };
+
+    /// A new TCP entry: awaiting its first payload both ways.
+    pub const NEW_TCP: Self = {
+        let mut value = Self::ZERO;
+        value.dir[0].awaiting_hello = 1;
+        value.dir[1].awaiting_hello = 1;
+        value
     };
 }
 

@@ -24,24 +24,26 @@ pub struct HelloEvent {
     pub data: [u8; HELLO_CAPTURE_MAX],
 }
 
-/// TLS record type of a handshake, and the major version every TLS record carries.
+/// TLS record type of a handshake, the major version every TLS record carries, and the
+/// handshake type of a ClientHello (the record's sixth byte): a server's records are not.
 const TLS_HANDSHAKE: u8 = 0x16;
 const TLS_MAJOR: u8 = 0x03;
+const CLIENT_HELLO: u8 = 0x01;
 
 /// QUIC versions whose Initial packets the agent can open: 1 (RFC 9000) and 2 (RFC 9369).
 const QUIC_V1: u32 = 0x0000_0001;
 const QUIC_V2: u32 = 0x6b33_43cf;
 
 /// Whether a connection's first payload, at `offset` in the frame, is one the agent wants:
-/// on TCP a TLS handshake record, on UDP a QUIC long-header Initial packet (whose type
-/// bits differ between versions 1 and 2).
+/// on TCP a TLS handshake record that starts a ClientHello, on UDP a QUIC long-header
+/// Initial packet (whose type bits differ between versions 1 and 2).
 #[inline(always)]
 pub fn is_hello<F: Frame + ?Sized>(f: &F, info: &PacketInfo, offset: u32) -> bool {
     match info.proto {
         IPPROTO_TCP => {
             matches!(
-                f.load::<2>(offset as usize),
-                Some([TLS_HANDSHAKE, TLS_MAJOR])
+                f.load::<6>(offset as usize),
+                Some([TLS_HANDSHAKE, TLS_MAJOR, _, _, _, CLIENT_HELLO])
             )
         }
         IPPROTO_UDP => {

@@ -100,8 +100,9 @@ static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1
 #[map(name = "PARSED")]
 static PARSED: PerCpuArray<PacketInfo> = PerCpuArray::with_max_entries(1, 0);
 
-/// Inserted for a new connection; a static keeps the 100-odd bytes off the 512-byte stack.
+/// Inserted for a new connection; statics keep the 100-odd bytes off the 512-byte stack.
 static ZERO_FLOW: FlowValue = FlowValue::ZERO;
+static NEW_TCP_FLOW: FlowValue = FlowValue::NEW_TCP;
 
 /// The linear part of a packet, read through bounds checks the verifier can follow.
 struct Packet {
@@ -499,7 +500,12 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
             }
             // Another CPU may have inserted the key meanwhile (EEXIST): the lookup below
             // still finds it. Only a full map leaves no entry.
-            let inserted = FLOWS.insert(&key, &ZERO_FLOW, BPF_NOEXIST as u64).is_ok();
+            let new = if info.proto == IPPROTO_TCP {
+                &NEW_TCP_FLOW
+            } else {
+                &ZERO_FLOW
+            };
+            let inserted = FLOWS.insert(&key, new, BPF_NOEXIST as u64).is_ok();
             match FLOWS.get_ptr_mut(&key) {
                 Some(value) => {
                     if inserted {
@@ -540,7 +546,8 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
     // may each see none before theirs.
     let first = unsafe { (&raw const (*d).pkts).read_volatile() } == 0;
     // The one test every other packet pays: whether its direction awaits its first
-    // payload (TCP: since its SYN; UDP: a flow's first datagram, nothing came back yet).
+    // payload (TCP: since its SYN or the entry's making; UDP: a flow's first datagram,
+    // nothing came back yet).
     // SAFETY: fields of the map's entry. Clearing `awaiting_hello` with a plain store of
     // its byte leaves the other bytes of its word to the atomic ORs of other CPUs; two
     // CPUs racing here with a payload each both copy theirs.

@@ -84,6 +84,17 @@ pub struct ChangeMaps {
     pub lost: Map,
 }
 
+/// What [`Poller::take`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Read and removed: the connection's final counts.
+    Final(FlowSnapshot),
+    /// Not in the map.
+    Gone,
+    /// Written since this poll's read began: put back, the connection not finished.
+    Moved,
+}
+
 /// How a read covered the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Coverage {
@@ -274,13 +285,28 @@ impl Poller {
         }
     }
 
-    /// Removes a connection from the map and returns its final counts, read and deleted
-    /// in one step so no packet counted in between is lost. `None` when it is gone.
-    pub fn take(&self, key: &FlowKey) -> Result<Option<FlowSnapshot>, PollError> {
+    /// Removes a connection found finished from the map and returns its final counts,
+    /// read and deleted in one step so no packet counted in between is lost.
+    ///
+    /// With `put_back`, an entry the programs wrote since this poll's read began (a new
+    /// use of its addresses and ports, opening while the agent judged the last one) goes
+    /// back into the map as it was, for the next read: taken, the next packets would make
+    /// a new entry that knows nothing of the opening, and its first payload would not be
+    /// offered as a hello. Only a packet in the moment between the two steps still makes one.
+    pub fn take(&self, key: &FlowKey, put_back: bool) -> Result<Taken, PollError> {
+        let flows = flow_map(&self.flows)?;
         let mut value = FlowValue::default();
-        bpf::lookup(&flow_map(&self.flows)?, Lookup::Take, key, &mut value)
-            .map_err(PollError::Take)
-            .map(|found| found.then(|| FlowSnapshot::new(*key, &value)))
+        if !bpf::lookup(&flows, Lookup::Take, key, &mut value).map_err(PollError::Take)? {
+            return Ok(Taken::Gone);
+        }
+        let moved = self
+            .changes
+            .as_ref()
+            .is_some_and(|changes| value.epoch & !EPOCH_WITH_VALUE == changes.current);
+        if put_back && moved && bpf::insert_new(&flows, key, &value).map_err(PollError::Take)? {
+            return Ok(Taken::Moved);
+        }
+        Ok(Taken::Final(FlowSnapshot::new(*key, &value)))
     }
 
     /// The STATS slots, summed over CPUs.

@@ -38,7 +38,7 @@ use crate::{
     nat::Nat,
     owners::Owners,
     parse_watch::{self, Change, ParseWatch},
-    poller::{ChangeMaps, Coverage, FlowSnapshot, PollError, Poller},
+    poller::{ChangeMaps, Coverage, FlowSnapshot, PollError, Poller, Taken},
     privileges,
     records::ConnRecords,
     resolve,
@@ -217,8 +217,18 @@ impl Pipeline {
         while until.is_none_or(|until| taken < FINISH_AT_LEAST || Instant::now() < until)
             && let Some((key, ending)) = self.finishing.pop()
         {
+            // Queued by an earlier poll and read since with new packets (a new use of its
+            // addresses and ports): its next quiet finishes it.
+            if ending.is_none()
+                && (self.table.get(&key)).is_some_and(|c| !self.table.is_finished(c, now.mono_ns))
+            {
+                continue;
+            }
+            taken += 1;
             let last = match self.nat.take(&self.poller, &key) {
-                Ok(last) => last,
+                Ok(Taken::Final(last)) => Some(last),
+                Ok(Taken::Gone) => None,
+                Ok(Taken::Moved) => continue,
                 Err(err) => {
                     self.finishing.put_back(key, ending);
                     return Err(err);
@@ -234,7 +244,6 @@ impl Pipeline {
                 self.finish(&conn, now, reason);
             }
             self.nat.finished(&key);
-            taken += 1;
         }
         self.consumers.metrics.finishing(self.finishing.len());
         Ok(())

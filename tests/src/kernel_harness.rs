@@ -22,6 +22,7 @@ use monitor::clock::monotonic_ns;
 use monitor_common::{
     dns::{DnsEvent, DnsEventHeader},
     flow::{FlowKey, FlowValue},
+    hello::HelloEvent,
     names, stats, watched,
 };
 
@@ -540,15 +541,26 @@ impl Kernel {
     /// Everything in the DNS ring buffer, taken out as the agent does: each event's
     /// header and copied bytes.
     pub fn dns_events(&mut self) -> Vec<(DnsEventHeader, Vec<u8>)> {
+        self.ring_events(names::DNS_EVENTS_MAP, size_of::<DnsEvent>())
+    }
+
+    /// Everything in the first-payload ring buffer (`HELLO_EVENTS`), as [`Self::dns_events`].
+    pub fn hello_events(&mut self) -> Vec<(DnsEventHeader, Vec<u8>)> {
+        self.ring_events(names::HELLO_EVENTS_MAP, size_of::<HelloEvent>())
+    }
+
+    /// The records of a ring buffer whose records are a `DnsEventHeader` and its bytes.
+    fn ring_events(&mut self, name: &str, size: usize) -> Vec<(DnsEventHeader, Vec<u8>)> {
         let map = self
             .ebpf
-            .map_mut(names::DNS_EVENTS_MAP)
-            .expect("DNS_EVENTS map");
-        let mut ring = RingBuf::try_from(map).expect("DNS_EVENTS is a ring buffer");
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("{name} map"));
+        let mut ring =
+            RingBuf::try_from(map).unwrap_or_else(|e| panic!("{name} as a ring buffer: {e}"));
         let mut events = Vec::new();
         while let Some(item) = ring.next() {
-            assert_eq!(item.len(), size_of::<DnsEvent>(), "event size");
-            // SAFETY: the kernel wrote a DnsEvent; read_unaligned copes with any alignment.
+            assert_eq!(item.len(), size, "{name}: record size");
+            // SAFETY: the kernel wrote a header first; read_unaligned copes with any alignment.
             let header: DnsEventHeader = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             let data = &item[size_of::<DnsEventHeader>()..];
             events.push((header, data[..header.captured_len as usize].to_vec()));

@@ -24,6 +24,8 @@ use aya::{
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+/// `BPF_MAP_UPDATE_ELEM`'s flag: only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -124,18 +126,19 @@ unsafe fn map_elem(
     map: BorrowedFd<'_>,
     key: *const u8,
     value: *mut u8,
+    flags: u64,
 ) -> io::Result<bool> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key as u64,
         value: value as u64,
-        flags: 0,
+        flags,
     };
     // SAFETY: the caller vouches for `key` and `value`.
     match unsafe { bpf(cmd, &mut attr) } {
         Ok(_) => Ok(true),
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => Ok(false),
         Err(err) => Err(err),
     }
 }
@@ -172,6 +175,27 @@ pub fn lookup<T: Borrow<MapData>, K: Pod, V: Pod>(
             hash_map_fd(map),
             std::ptr::from_ref(key).cast(),
             std::ptr::from_mut(value).cast(),
+            0,
+        )
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM` with `BPF_NOEXIST`: inserts `key` with `value` unless the map
+/// holds it already. Returns whether it was inserted.
+pub fn insert_new<T: Borrow<MapData>, K: Pod, V: Pod>(
+    map: &HashMap<T, K, V>,
+    key: &K,
+    value: &V,
+) -> io::Result<bool> {
+    // SAFETY: aya checked that the map's keys and values are `K` and `V`; the kernel only
+    // reads the value.
+    unsafe {
+        map_elem(
+            BPF_MAP_UPDATE_ELEM,
+            hash_map_fd(map),
+            std::ptr::from_ref(key).cast(),
+            std::ptr::from_ref(value).cast_mut().cast(),
+            BPF_NOEXIST,
         )
     }
 }
@@ -459,6 +483,7 @@ impl RawMap {
                 self.fd.as_fd(),
                 key.as_ptr(),
                 value.as_ptr().cast_mut(),
+                0,
             )
         }
         .map(drop)

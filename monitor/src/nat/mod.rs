@@ -22,7 +22,7 @@ pub use ctnetlink::{Entry, Tuple};
 
 use crate::{
     conntable::{ConnTable, Endpoint, flow_key, key_endpoints},
-    poller::{FlowSnapshot, PollError, Poller},
+    poller::{FlowSnapshot, PollError, Poller, Taken},
 };
 
 /// One translated connection: its endpoints as they are, and as translated.
@@ -429,23 +429,25 @@ impl Nat {
 
     /// Removes a finished connection's entries from the map: its final counts, as
     /// [`Poller::take`] gives them, summed over its entries for a translated one. What is
-    /// known of its translation stays until [`Self::finished`].
-    pub fn take(
-        &mut self,
-        poller: &Poller,
-        key: &FlowKey,
-    ) -> Result<Option<FlowSnapshot>, PollError> {
+    /// known of its translation stays until [`Self::finished`]. A connection of one entry
+    /// that moved is put back; one of several is taken whole, its entries' sum being
+    /// right only as long as none of them starts again from nothing.
+    pub fn take(&mut self, poller: &Poller, key: &FlowKey) -> Result<Taken, PollError> {
         let Some(translated) = self.conns.get(key) else {
-            return poller.take(key);
+            return poller.take(key, true);
         };
+        let put_back = translated.entries.len() == 1;
         for kernel_key in &translated.entries {
-            if let (Some(last), Some(binding)) =
-                (poller.take(kernel_key)?, self.bound.get_mut(kernel_key))
-            {
-                binding.last = binding.part(&last);
+            match (
+                poller.take(kernel_key, put_back)?,
+                self.bound.get_mut(kernel_key),
+            ) {
+                (Taken::Moved, _) => return Ok(Taken::Moved),
+                (Taken::Final(last), Some(binding)) => binding.last = binding.part(&last),
+                _ => {}
             }
         }
-        Ok(Some(merged(translated, &self.bound)))
+        Ok(Taken::Final(merged(translated, &self.bound)))
     }
 
     /// Forgets a connection whose record is written.

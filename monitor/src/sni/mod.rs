@@ -182,10 +182,12 @@ mod tests {
     #[test]
     fn tls_records_and_quic_initials_are_hellos() {
         let tcp = packet(IPPROTO_TCP);
-        assert!(is_hello(&[0x16, 0x03, 0x01][..], &tcp, 0));
-        assert!(is_hello(&[0, 0x16, 0x03][..], &tcp, 1));
+        assert!(is_hello(&[0x16, 0x03, 0x01, 0, 72, 0x01][..], &tcp, 0));
+        assert!(is_hello(&[0, 0x16, 0x03, 0x03, 0, 72, 0x01][..], &tcp, 1));
         assert!(!is_hello(&b"GET / HTTP/1.1"[..], &tcp, 0));
-        assert!(!is_hello(&[0x16][..], &tcp, 0));
+        assert!(!is_hello(&[0x16, 0x03, 0x01, 0, 72][..], &tcp, 0));
+        // A ServerHello.
+        assert!(!is_hello(&[0x16, 0x03, 0x03, 0, 72, 0x02][..], &tcp, 0));
         let udp = packet(IPPROTO_UDP);
         assert!(is_hello(&[0xc3, 0, 0, 0, 1, 8][..], &udp, 0));
         assert!(is_hello(&[0xd3, 0x6b, 0x33, 0x43, 0xcf][..], &udp, 0));

@@ -25,7 +25,7 @@ use std::{collections::BTreeMap, net::Ipv6Addr, os::fd::AsFd as _, time::Duratio
 use aya::maps::{HashMap, Map, MapData};
 use monitor::{
     conntable::{ConnTable, Uids},
-    poller::Poller,
+    poller::{Poller, Taken},
 };
 use monitor_common::{
     flow::{FlowKey, FlowValue},
@@ -1265,7 +1265,11 @@ fn poll(table: &mut ConnTable, poller: &mut Poller) -> Vec<FlowKey> {
         .map(|conn| conn.key)
         .collect();
     for key in &finished {
-        table.take(key, poller.take(key).expect("take a finished entry"));
+        let last = match poller.take(key, false).expect("take a finished entry") {
+            Taken::Final(last) => Some(last),
+            Taken::Gone | Taken::Moved => None,
+        };
+        table.take(key, last);
     }
     finished
 }

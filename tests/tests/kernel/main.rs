@@ -5,4 +5,5 @@
 mod kernel;
 mod kernel_dns;
 mod kernel_fuzz;
+mod kernel_hello;
 mod kernel_parallel;

@@ -210,11 +210,17 @@ fn a_flood_of_client_hellos_is_accounted_for_with_bounded_memory() {
     assert_eq!(acceptor.join().expect("the acceptor"), FLOOD);
 
     let metric = |name: &str| agent_sample(&lab.gw, name);
+    let mut last = None;
     let (parsed, unparsed, lost) = eventually("every ClientHello accounted for", LIMIT, || {
         let parsed = metric("egress_monitor_client_hellos_total{result=\"parsed\"}")?;
         let unparsed = metric("egress_monitor_client_hellos_total{result=\"unparsed\"}")?;
         let lost = metric("egress_monitor_hello_events_lost_total")?;
-        (parsed + unparsed + lost == FLOOD as f64).then_some((parsed, unparsed, lost))
+        let sums = (parsed, unparsed, lost);
+        if last != Some(sums) {
+            eprintln!("flood so far: {parsed} parsed, {unparsed} unparsed, {lost} lost");
+            last = Some(sums);
+        }
+        (parsed + unparsed + lost == FLOOD as f64).then_some(sums)
     });
     eprintln!("flood: {parsed} parsed, {unparsed} unparsed, {lost} lost");
     assert_eq!(unparsed, 0.0, "every hello names its server whole");
