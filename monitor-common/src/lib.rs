@@ -16,6 +16,7 @@ pub mod names {
     pub const FLOW_MAP: &str = "FLOWS";
     pub const STATS_MAP: &str = "STATS";
     pub const WATCHED_MAP: &str = "WATCHED";
+    pub const WATCHED_MASK_MAP: &str = "WATCHED_MASK";
     pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
     pub const EPOCH_MAP: &str = "EPOCH";
     pub const CHANGED_MAP: &str = "CHANGED";
@@ -57,6 +58,15 @@ pub mod watched {
     /// of this version know it from the program attached (`tc_*_ip`); those of earlier
     /// agents, whose pinned links a restart keeps, read it here.
     pub const NO_L2: u8 = 2;
+
+    /// An interface's bit in `WATCHED_MASK`, the one value of which has the bits of every
+    /// interface in `WATCHED`: a forwarded packet that came in on an interface whose bit
+    /// is clear (one the agent does not watch, on a gateway watched on its WAN link) is
+    /// counted at egress without a lookup in `WATCHED`.
+    #[inline(always)]
+    pub const fn mask_bit(ifindex: u32) -> u64 {
+        1 << (ifindex % 64)
+    }
 }
 
 /// Capacity of the flow map unless the agent asks for another with `--flow-map-size`.

@@ -56,6 +56,11 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 #[map(name = "WATCHED")]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_IFACES, 0);
 
+/// The bits of the interfaces in `WATCHED` (see [`watched::mask_bit`]), set by the agent
+/// with each interface.
+#[map(name = "WATCHED_MASK")]
+static WATCHED_MASK: Array<u64> = Array::with_max_entries(1, 0);
+
 /// DNS messages (port 53) for the agent; a full buffer counts `stats::DNS_EVENTS_LOST`.
 #[map(name = "DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
@@ -744,7 +749,7 @@ fn count_egress(ctx: &TcContext, no_l2: bool) {
     // SAFETY: the context pointer is valid for the program's run. ingress_ifindex is 0
     // for locally sent packets.
     let came_in = unsafe { (*skb).ingress_ifindex };
-    if (came_in == 0 || watched_bits(came_in) & watched::INGRESS_HOOKED == 0)
+    if (came_in == 0 || !counted_at_ingress(came_in))
         && count_skb(ctx, DIRECTION_EGRESS, no_l2)
         && let Some(info) = PARSED.get_ptr(0)
     {
@@ -752,11 +757,15 @@ fn count_egress(ctx: &TcContext, no_l2: bool) {
     }
 }
 
-/// The interface's `watched` bits; 0 when the agent does not watch it.
+/// Whether a forwarded packet that came in on `ifindex` was counted there: the agent
+/// hooks that interface's ingress. Most came in on one the agent does not watch, whose
+/// bit in `WATCHED_MASK` says so without a lookup in `WATCHED`.
 #[inline(always)]
-fn watched_bits(ifindex: u32) -> u8 {
+fn counted_at_ingress(ifindex: u32) -> bool {
+    let mask = WATCHED_MASK.get(0).copied().unwrap_or(u64::MAX);
     // SAFETY: a plain read of a value the agent wrote.
-    unsafe { WATCHED.get(&ifindex) }.copied().unwrap_or(0)
+    mask & watched::mask_bit(ifindex) != 0
+        && unsafe { WATCHED.get(&ifindex) }.is_some_and(|bits| bits & watched::INGRESS_HOOKED != 0)
 }
 
 /// A TC skb may be a GSO/GRO aggregate: `gso_segs` says how many wire segments it is.

@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use monitor::clock::monotonic_ns;
@@ -381,13 +381,21 @@ impl Kernel {
         }
     }
 
-    /// Sets an interface's `watched` bits, as the agent does.
+    /// Sets an interface's `watched` bits and its bit in `WATCHED_MASK`, as the agent does.
     pub fn mark(&mut self, ifindex: u32, bits: u8) {
         let map = self.ebpf.map_mut(names::WATCHED_MAP).expect("WATCHED map");
         HashMap::<_, u32, u8>::try_from(map)
             .expect("WATCHED is a hash map")
             .insert(&ifindex, &bits, 0)
             .expect("insert into WATCHED");
+        let map = self
+            .ebpf
+            .map_mut(names::WATCHED_MASK_MAP)
+            .expect("WATCHED_MASK map");
+        let mut mask = Array::<_, u64>::try_from(map).expect("WATCHED_MASK is an array");
+        let old = mask.get(&0, 0).expect("read WATCHED_MASK");
+        mask.set(0, &(old | watched::mask_bit(ifindex)), 0)
+            .expect("set WATCHED_MASK");
     }
 
     /// Marks an interface as watched, as the agent does when it hooks its ingress.

@@ -10,7 +10,7 @@ use std::{io, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError},
+    maps::{Array, HashMap, Map, MapData, MapError},
     pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
@@ -83,6 +83,8 @@ pub enum KernelError {
     },
     #[error("marking {iface} as watched failed: {error}")]
     Watch { iface: String, error: MapError },
+    #[error("setting WATCHED_MASK from the pinned WATCHED failed: {0}")]
+    WatchedMask(MapError),
     #[error("the kernel object lacks map {0}")]
     MissingMap(&'static str),
     #[error(
@@ -231,13 +233,15 @@ impl Kernel {
                 name: names::XDP_INGRESS,
                 error,
             })?;
-        Ok(Self {
+        let mut kernel = Self {
             ebpf,
             pins,
             resumed,
             changes_complete: true,
             changes_pinned,
-        })
+        };
+        kernel.mask_watched()?;
+        Ok(kernel)
     }
 
     /// Keeps the owner of every socket that is created, connects or binds, for
@@ -358,14 +362,41 @@ impl Kernel {
         })
     }
 
-    /// Sets the interface's `watched` bits for the programs.
+    /// Sets the interface's `watched` bits for the programs, and its bit in `WATCHED_MASK`.
     fn mark(&mut self, iface: &str, index: u32, bits: u8) -> Result<(), KernelError> {
+        let watch_error = |error| KernelError::Watch {
+            iface: iface.to_owned(),
+            error,
+        };
         self.watched()?
             .insert(&index, &bits, 0)
-            .map_err(|error| KernelError::Watch {
-                iface: iface.to_owned(),
-                error,
-            })
+            .map_err(watch_error)?;
+        self.add_to_mask(watched::mask_bit(index))
+            .map_err(watch_error)
+    }
+
+    /// Gives `WATCHED_MASK` the bits of every interface already in `WATCHED`: a pinned
+    /// `WATCHED` may be an earlier build's, which kept no mask. Before any attach.
+    fn mask_watched(&mut self) -> Result<(), KernelError> {
+        let bits = self
+            .watched()?
+            .keys()
+            .map(|index| index.map(watched::mask_bit))
+            .try_fold(0, |mask, bit| bit.map(|bit| mask | bit))
+            .map_err(KernelError::WatchedMask)?;
+        self.add_to_mask(bits).map_err(KernelError::WatchedMask)
+    }
+
+    fn add_to_mask(&mut self, bits: u64) -> Result<(), MapError> {
+        let map = self
+            .ebpf
+            .map_mut(names::WATCHED_MASK_MAP)
+            .ok_or(MapError::InvalidName {
+                name: names::WATCHED_MASK_MAP.to_owned(),
+            })?;
+        let mut mask = Array::<_, u64>::try_from(map)?;
+        let old = mask.get(&0, 0)?;
+        mask.set(0, &(old | bits), 0)
     }
 
     fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, KernelError> {

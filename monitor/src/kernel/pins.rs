@@ -21,10 +21,11 @@ const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
 /// (the programs a pinned link keeps attached write DNS messages, hellos and owners to
 /// the ring buffers they were loaded with, and read owners from the socket storage they
 /// were loaded with). Those an earlier build did not have are made and pinned.
-pub const MAPS: [&str; 13] = [
+pub const MAPS: [&str; 14] = [
     names::FLOW_MAP,
     names::STATS_MAP,
     names::WATCHED_MAP,
+    names::WATCHED_MASK_MAP,
     names::DNS_EVENTS_MAP,
     names::EPOCH_MAP,
     names::CHANGED_MAP,

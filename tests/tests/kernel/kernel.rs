@@ -31,7 +31,7 @@ use monitor_common::{
     flow::{FlowKey, FlowValue},
     names,
     parse::{MAX_IPV6_EXT, parse_frame},
-    stats,
+    stats, watched,
 };
 use tests::bpf::{K, loopback_ifindex};
 use tests::kernel_harness::{Counts, Hook, Kernel, SLOTS, describe, slot_name, stats_diff};
@@ -1033,6 +1033,10 @@ fn tc_counts_gso_aggregates_per_segment() {
 fn tc_egress_skips_packets_counted_at_a_watched_ingress() {
     const WATCHED_IF: u32 = 7001;
     const OTHER_IF: u32 = 7002;
+    // Shares WATCHED_IF's bit in WATCHED_MASK: looked up, and not found.
+    const SAME_BIT_IF: u32 = WATCHED_IF + 64;
+    // In WATCHED without a hooked ingress.
+    const EGRESS_ONLY_IF: u32 = 7003;
     let frame = Frame::eth()
         .ipv4(A4, B4)
         .tcp(40000, 443, ACK)
@@ -1042,11 +1046,13 @@ fn tc_egress_skips_packets_counted_at_a_watched_ingress() {
     let hook = Hook::TcEgress;
     let mut k = Kernel::load(&[hook]);
     k.watch(WATCHED_IF);
+    k.mark(EGRESS_ONLY_IF, watched::NO_L2);
     run_from(&k, hook, &frame.build(), WATCHED_IF);
     k.assert_flows(&[]);
-    run_from(&k, hook, &frame.build(), OTHER_IF);
-    run_from(&k, hook, &frame.build(), 0);
-    k.assert_flows(&[(key, [one.times(2), NONE])]);
+    for came_in in [OTHER_IF, SAME_BIT_IF, EGRESS_ONLY_IF, 0] {
+        run_from(&k, hook, &frame.build(), came_in);
+    }
+    k.assert_flows(&[(key, [one.times(4), NONE])]);
     k.assert_stats(&[]);
 
     // TC ingress counts whatever arrives: the de-duplication is egress's alone.
