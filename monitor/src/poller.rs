@@ -4,6 +4,7 @@ use std::io;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use foldhash::{HashMap as FoldMap, HashMapExt as _};
+use log::warn;
 use monitor_common::{
     flow::{ChangedKey, DirStats, EPOCH_WITH_VALUE, FlowKey, FlowValue, NewEntry},
     stats,
@@ -293,6 +294,8 @@ impl Poller {
     /// back into the map as it was, for the next read: taken, the next packets would make
     /// a new entry that knows nothing of the opening, and its first payload would not be
     /// offered as a hello. Only a packet in the moment between the two steps still makes one.
+    /// An entry that cannot go back (that packet's new entry holds the key, or took the
+    /// last free slot of a full map) is taken: its counts are final.
     pub fn take(&self, key: &FlowKey, put_back: bool) -> Result<Taken, PollError> {
         let flows = flow_map(&self.flows)?;
         let mut value = FlowValue::default();
@@ -303,8 +306,12 @@ impl Poller {
             .changes
             .as_ref()
             .is_some_and(|changes| value.epoch & !EPOCH_WITH_VALUE == changes.current);
-        if put_back && moved && bpf::insert_new(&flows, key, &value).map_err(PollError::Take)? {
-            return Ok(Taken::Moved);
+        if put_back && moved {
+            match bpf::insert_new(&flows, key, &value) {
+                Ok(true) => return Ok(Taken::Moved),
+                Ok(false) => {}
+                Err(err) => warn!("putting back a connection that moved while taken: {err}"),
+            }
         }
         Ok(Taken::Final(FlowSnapshot::new(*key, &value)))
     }

@@ -181,7 +181,7 @@ pub fn lookup<T: Borrow<MapData>, K: Pod, V: Pod>(
 }
 
 /// `BPF_MAP_UPDATE_ELEM` with `BPF_NOEXIST`: inserts `key` with `value` unless the map
-/// holds it already. Returns whether it was inserted.
+/// holds it already or is full (`E2BIG`). Returns whether it was inserted.
 pub fn insert_new<T: Borrow<MapData>, K: Pod, V: Pod>(
     map: &HashMap<T, K, V>,
     key: &K,
@@ -189,7 +189,7 @@ pub fn insert_new<T: Borrow<MapData>, K: Pod, V: Pod>(
 ) -> io::Result<bool> {
     // SAFETY: aya checked that the map's keys and values are `K` and `V`; the kernel only
     // reads the value.
-    unsafe {
+    let inserted = unsafe {
         map_elem(
             BPF_MAP_UPDATE_ELEM,
             hash_map_fd(map),
@@ -197,6 +197,10 @@ pub fn insert_new<T: Borrow<MapData>, K: Pod, V: Pod>(
             std::ptr::from_ref(value).cast_mut().cast(),
             BPF_NOEXIST,
         )
+    };
+    match inserted {
+        Err(err) if err.raw_os_error() == Some(libc::E2BIG) => Ok(false),
+        other => other,
     }
 }
 
