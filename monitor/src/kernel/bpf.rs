@@ -138,7 +138,7 @@ unsafe fn map_elem(
     // SAFETY: the caller vouches for `key` and `value`.
     match unsafe { bpf(cmd, &mut attr) } {
         Ok(_) => Ok(true),
-        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::EEXIST)) => Ok(false),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(err) => Err(err),
     }
 }
@@ -199,7 +199,7 @@ pub fn insert_new<T: Borrow<MapData>, K: Pod, V: Pod>(
         )
     };
     match inserted {
-        Err(err) if err.raw_os_error() == Some(libc::E2BIG) => Ok(false),
+        Err(err) if matches!(err.raw_os_error(), Some(libc::EEXIST | libc::E2BIG)) => Ok(false),
         other => other,
     }
 }

@@ -83,7 +83,7 @@ pub enum KernelError {
     },
     #[error("marking {iface} as watched failed: {error}")]
     Watch { iface: String, error: MapError },
-    #[error("setting WATCHED_MASK from the pinned WATCHED failed: {0}")]
+    #[error("setting the watched interfaces' bits in WATCHED_MASK failed: {0}")]
     WatchedMask(MapError),
     #[error("the kernel object lacks map {0}")]
     MissingMap(&'static str),
@@ -240,7 +240,9 @@ impl Kernel {
             changes_complete: true,
             changes_pinned,
         };
-        kernel.mask_watched()?;
+        if kernel.pins.is_some() {
+            kernel.mask_watched()?;
+        }
         Ok(kernel)
     }
 
@@ -364,39 +366,39 @@ impl Kernel {
 
     /// Sets the interface's `watched` bits for the programs, and its bit in `WATCHED_MASK`.
     fn mark(&mut self, iface: &str, index: u32, bits: u8) -> Result<(), KernelError> {
-        let watch_error = |error| KernelError::Watch {
-            iface: iface.to_owned(),
-            error,
-        };
         self.watched()?
             .insert(&index, &bits, 0)
-            .map_err(watch_error)?;
+            .map_err(|error| KernelError::Watch {
+                iface: iface.to_owned(),
+                error,
+            })?;
         self.add_to_mask(watched::mask_bit(index))
-            .map_err(watch_error)
     }
 
-    /// Gives `WATCHED_MASK` the bits of every interface already in `WATCHED`: a pinned
-    /// `WATCHED` may be an earlier build's, which kept no mask. Before any attach.
+    /// Gives `WATCHED_MASK` the bits of every interface already in a pinned `WATCHED`: it
+    /// may be an earlier build's, which kept no mask. Before any attach.
     fn mask_watched(&mut self) -> Result<(), KernelError> {
         let bits = self
             .watched()?
             .keys()
-            .map(|index| index.map(watched::mask_bit))
-            .try_fold(0, |mask, bit| bit.map(|bit| mask | bit))
+            .try_fold(0, |mask, index| index.map(|i| mask | watched::mask_bit(i)))
             .map_err(KernelError::WatchedMask)?;
-        self.add_to_mask(bits).map_err(KernelError::WatchedMask)
+        self.add_to_mask(bits)
     }
 
-    fn add_to_mask(&mut self, bits: u64) -> Result<(), MapError> {
+    fn add_to_mask(&mut self, bits: u64) -> Result<(), KernelError> {
+        let mut mask = self.watched_mask()?;
+        let old = mask.get(&0, 0).map_err(KernelError::WatchedMask)?;
+        mask.set(0, &(old | bits), 0)
+            .map_err(KernelError::WatchedMask)
+    }
+
+    fn watched_mask(&mut self) -> Result<Array<&mut MapData, u64>, KernelError> {
         let map = self
             .ebpf
             .map_mut(names::WATCHED_MASK_MAP)
-            .ok_or(MapError::InvalidName {
-                name: names::WATCHED_MASK_MAP.to_owned(),
-            })?;
-        let mut mask = Array::<_, u64>::try_from(map)?;
-        let old = mask.get(&0, 0)?;
-        mask.set(0, &(old | bits), 0)
+            .ok_or(KernelError::MissingMap(names::WATCHED_MASK_MAP))?;
+        Array::try_from(map).map_err(|_| KernelError::MissingMap(names::WATCHED_MASK_MAP))
     }
 
     fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>, KernelError> {
