@@ -2,7 +2,9 @@
 
 /// One connection, whichever way its packets go: endpoint `a` is the smaller of the two
 /// (address, port) pairs, so both directions of a connection share one map entry.
-#[repr(C)]
+/// 8-byte aligned without padding: the same 40 bytes as when it was 2-byte aligned, which
+/// the BPF target copied two bytes at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct FlowKey {
     /// IPv4 addresses sit in the first four bytes, the rest zero.
@@ -16,6 +18,9 @@ pub struct FlowKey {
     pub family: u8,
     pub _pad: [u8; 2],
 }
+
+// The flow map's key size, which maps pinned by earlier builds share.
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// Index into [`FlowValue::dir`].
 pub const DIR_A_TO_B: usize = 0;

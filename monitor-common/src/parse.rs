@@ -38,12 +38,17 @@ const MAX_VLAN_TAGS: usize = 2;
 pub const MAX_IPV6_EXT: usize = 8;
 
 /// What one packet tells about its connection.
+///
+/// The addresses come first in an 8-byte-aligned struct, as in [`FlowKey`]: the BPF target
+/// reads and copies them a word at a time, where it would go a byte at a time in a struct
+/// of smaller alignment.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PacketInfo {
-    pub family: u8,
-    pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    pub family: u8,
+    pub proto: u8,
     pub sport: u16,
     pub dport: u16,
     /// Ethernet header and VLAN tags; 0 on a device without a link-layer header.
@@ -61,7 +66,7 @@ impl PacketInfo {
     /// The connection's map key, and which direction of it this packet travels.
     #[inline(always)]
     pub fn flow_key(&self) -> (FlowKey, usize) {
-        let src_first = endpoint_le(&self.src, self.sport, &self.dst, self.dport);
+        let src_first = endpoint_le(self.src, self.sport, self.dst, self.dport);
         let (a, pa, b, pb, dir) = if src_first {
             (self.src, self.sport, self.dst, self.dport, DIR_A_TO_B)
         } else {
@@ -110,29 +115,26 @@ fn be16(b0: u8, b1: u8) -> u16 {
     ((b0 as u16) << 8) | b1 as u16
 }
 
-#[inline(always)]
-fn be64(a: &[u8; 16], at: usize) -> u64 {
-    let mut v = 0u64;
-    let mut i = 0;
-    while i < 8 {
-        v = (v << 8) | a[at + i] as u64;
-        i += 1;
-    }
-    v
-}
-
 /// (a, pa) <= (b, pb), addresses compared as big-endian numbers, then ports.
 #[inline(always)]
-fn endpoint_le(a: &[u8; 16], pa: u16, b: &[u8; 16], pb: u16) -> bool {
-    let (a_hi, b_hi) = (be64(a, 0), be64(b, 0));
-    if a_hi != b_hi {
-        return a_hi < b_hi;
+fn endpoint_le(a: [u8; 16], pa: u16, b: [u8; 16], pb: u16) -> bool {
+    let (a, b) = (be_words(a), be_words(b));
+    if a[0] != b[0] {
+        return a[0] < b[0];
     }
-    let (a_lo, b_lo) = (be64(a, 8), be64(b, 8));
-    if a_lo != b_lo {
-        return a_lo < b_lo;
+    if a[1] != b[1] {
+        return a[1] < b[1];
     }
     pa <= pb
+}
+
+/// An address as two big-endian numbers, high first: two word loads and byte swaps where
+/// the address is 8-byte aligned, as in [`PacketInfo`].
+#[inline(always)]
+fn be_words(addr: [u8; 16]) -> [u64; 2] {
+    // SAFETY: any 16 bytes are two valid u64s.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(addr) };
+    [u64::from_be(words[0]), u64::from_be(words[1])]
 }
 
 /// Zeek's ICMP "ports": the type, and the counterpart type for request/reply pairs (so a
