@@ -34,6 +34,11 @@ const CLIENT_HELLO: u8 = 0x01;
 const QUIC_V1: u32 = 0x0000_0001;
 const QUIC_V2: u32 = 0x6b33_43cf;
 
+/// The least UDP payload that can carry a client's QUIC Initial: clients pad every such
+/// datagram to 1200 bytes, and servers drop shorter ones (RFC 9000, section 14.1). The
+/// programs look no further into a shorter first datagram.
+pub const QUIC_MIN_INITIAL: u64 = 1200;
+
 /// Whether a connection's first payload, at `offset` in the frame, is one the agent wants:
 /// on TCP a TLS handshake record that starts a ClientHello, on UDP a QUIC long-header
 /// Initial packet (whose type bits differ between versions 1 and 2).

@@ -35,7 +35,7 @@ use monitor_common::{
         CHANGED_RING_BYTES, ChangedKey, DirStats, EPOCH_WITH_VALUE, FlowKey, FlowValue,
         NEW_ENTRIES_RING_BYTES, NewEntry, tcp_flags,
     },
-    hello::{HELLO_CAPTURE_MAX, HELLO_RING_BYTES, HelloEvent, is_hello},
+    hello::{HELLO_CAPTURE_MAX, HELLO_RING_BYTES, HelloEvent, QUIC_MIN_INITIAL, is_hello},
     parse::{Frame, IPPROTO_TCP, Link, PacketInfo, parse_packet},
     stats, watched,
 };
@@ -552,7 +552,7 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
     let first = unsafe { (&raw const (*d).pkts).read_volatile() } == 0;
     // The one test every other packet pays: whether its direction awaits its first
     // payload (TCP: since its SYN or the entry's making; UDP: a flow's first datagram,
-    // nothing came back yet).
+    // nothing came back yet, if long enough for a QUIC Initial).
     // SAFETY: fields of the map's entry. Clearing `awaiting_hello` with a plain store of
     // its byte leaves the other bytes of its word to the atomic ORs of other CPUs; two
     // CPUs racing here with a payload each both copy theirs.
@@ -567,7 +567,8 @@ fn account<C: Copier>(info: &PacketInfo, seen: &Seen, copier: &C) -> Option<u32>
                 armed
             } else {
                 let other = if dir == 0 { 1 } else { 0 };
-                (&raw const (*d).bytes).read_volatile() == 0
+                bytes >= QUIC_MIN_INITIAL
+                    && (&raw const (*d).bytes).read_volatile() == 0
                     && (&raw const (*value).dir[other].pkts).read_volatile() == 0
             }
         };

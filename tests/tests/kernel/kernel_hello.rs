@@ -1,8 +1,9 @@
 //! The first-payload copy of the kernel programs (`HELLO_EVENTS`) on crafted frames through
 //! `BPF_PROG_TEST_RUN`: a connection's ClientHello is handed over once, whether its entry
 //! was made by its SYN or, the agent having taken the entry in between, by a later packet;
-//! a server's handshake record never is. The agent puts back an entry it found finished
-//! when a new use of its port pair wrote to it meanwhile.
+//! a server's handshake record never is, nor a datagram too short to be a QUIC Initial.
+//! The agent puts back an entry it found finished when a new use of its port pair wrote to
+//! it meanwhile.
 
 use monitor::poller::{ChangeMaps, Poller, Taken};
 use monitor_common::names;
@@ -118,6 +119,34 @@ fn a_server_handshake_record_is_not_a_hello() {
 }
 
 /// The agent's poller over the programs' maps, following what they say changed.
+/// A QUIC version 1 Initial's first bytes (long header, type Initial, version 1), then
+/// zeros to `len` bytes.
+fn quic_initial(len: usize) -> Vec<u8> {
+    let mut datagram = vec![0; len];
+    datagram[..5].copy_from_slice(&[0xc3, 0, 0, 0, 1]);
+    datagram
+}
+
+#[test]
+fn a_first_datagram_shorter_than_any_quic_initial_is_not_a_hello() {
+    for hook in Hook::ALL {
+        let mut k = Kernel::load(&[hook]);
+        for (port, len) in [(CLIENT_PORT, 1199), (CLIENT_PORT + 1, 1200)] {
+            let first = Frame::eth()
+                .ipv4(CLIENT, SERVER)
+                .udp(port, TLS_PORT)
+                .payload(&quic_initial(len));
+            k.run(hook, &first.build());
+        }
+        let lengths: Vec<usize> = hellos(&mut k).iter().map(Vec::len).collect();
+        assert_eq!(
+            lengths,
+            [1200],
+            "{hook:?}: clients pad every Initial to 1200 bytes (RFC 9000, 14.1)"
+        );
+    }
+}
+
 fn poller(k: &mut Kernel) -> Poller {
     let mut map = |name| k.ebpf().take_map(name).expect(name);
     let (flows, stats) = (map(names::FLOW_MAP), map(names::STATS_MAP));
