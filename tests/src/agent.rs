@@ -64,6 +64,14 @@ impl Agent {
         Self::launch(cmd, ns, Some(iface), extra)
     }
 
+    /// Like [`start`](Self::start) with another build of the agent, as the benchmark's
+    /// A/B runs of a change do.
+    pub fn start_build(binary: &Path, ns: &str, iface: &str, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]);
+        Self::launch_build(cmd, binary, ns, Some(iface), extra)
+    }
+
     /// Like [`start`](Self::start) with no `--iface`: the agent watches what it chooses by
     /// default (the interface of the default route), as a user's first run does.
     pub fn start_default(ns: &str, extra: &[&str]) -> Agent {
@@ -81,8 +89,17 @@ impl Agent {
         Self::launch(cmd, ns, Some(iface), extra)
     }
 
-    fn launch(mut cmd: Command, ns: &str, iface: Option<&str>, extra: &[&str]) -> Agent {
-        let binary = Self::binary();
+    fn launch(cmd: Command, ns: &str, iface: Option<&str>, extra: &[&str]) -> Agent {
+        Self::launch_build(cmd, &Self::binary(), ns, iface, extra)
+    }
+
+    fn launch_build(
+        mut cmd: Command,
+        binary: &Path,
+        ns: &str,
+        iface: Option<&str>,
+        extra: &[&str],
+    ) -> Agent {
         let n = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("monitor-agent-{}-{n}", std::process::id()));
         // A leftover from an earlier run with the same PID would hold stale records.
@@ -91,7 +108,7 @@ impl Agent {
             .unwrap_or_else(|e| panic!("create agent dir {}: {e}", dir.display()));
         let conn_log = dir.join("conn.log");
 
-        cmd.arg(&binary).arg("run");
+        cmd.arg(binary).arg("run");
         if let Some(iface) = iface {
             cmd.args(["--iface", iface]);
         }

@@ -8,6 +8,10 @@
 //! place give what the hook and the statistics cost by themselves: the agent's net cost
 //! is the difference.
 //!
+//! With `--agent-b`, a second build of the agent runs the same workloads in each round
+//! after the first: the two builds' difference per round, against noise of the size of
+//! the effects a change to the programs makes, is how a change is judged.
+//!
 //! Then the same runs with the counting floor ([`refprog::flow_count`]) attached the same
 //! way: per packet, a lookup of its addresses and ports in a shared hash map of the
 //! agent's value size and capacity, an insert when absent, three atomic adds and the
@@ -18,6 +22,7 @@
 use std::{
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd as _, OwnedFd},
+    path::Path,
     time::Duration,
 };
 
@@ -86,21 +91,32 @@ pub struct Row {
     pub floor_net_ns: f64,
 }
 
+/// One round of an A/B run (`--agent-b`): net ns per packet of each build and of the
+/// counting floor.
+pub struct AbRound {
+    pub agent: f64,
+    pub agent_b: f64,
+    pub floor: f64,
+}
+
 /// What each round hooks, in turn.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Setup {
     Agent,
+    /// The agent build given with `--agent-b`, when given.
+    AgentB,
     Empty,
     /// [`refprog::flow_count`]: the floor of exact per-connection counting.
     Floor,
 }
 
-const SETUPS: [Setup; 3] = [Setup::Agent, Setup::Empty, Setup::Floor];
+const SETUPS: [Setup; 4] = [Setup::Agent, Setup::AgentB, Setup::Empty, Setup::Floor];
 
 impl Setup {
     fn label(self) -> &'static str {
         match self {
             Setup::Agent => "the agent",
+            Setup::AgentB => "agent B",
             Setup::Empty => "an empty program",
             Setup::Floor => "the counting floor",
         }
@@ -127,7 +143,8 @@ impl Cost {
     }
 }
 
-pub fn measure(plan: &Plan) -> Vec<Row> {
+/// The rows of the table, and per workload the A/B rounds (none without `--agent-b`).
+pub fn measure(plan: &Plan) -> (Vec<Row>, Vec<Vec<AbRound>>) {
     // Costs every BPF program two clock reads per run while it is held: the empty
     // program pays them too.
     let _stats = aya::sys::enable_stats(Stats::RunTime).expect("enable bpf run-time stats");
@@ -138,12 +155,15 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
     for round in 0..plan.wire_rounds {
         let mut costs = [[Cost::default(); SETUPS.len()]; WORKLOADS.len()];
         for setup in SETUPS {
+            if setup == Setup::AgentB && plan.agent_b.is_none() {
+                continue;
+            }
             eprintln!(
                 "bench: kernel cost in place, {}, round {}",
                 setup.label(),
                 round + 1
             );
-            let (hooked, ids) = hook(setup, &lab, &empty);
+            let (hooked, ids) = hook(setup, &lab, &empty, plan.agent_b.as_deref());
             let mut counted = 0;
             for (w, &workload) in WORKLOADS.iter().enumerate() {
                 costs[w][setup as usize] = run(plan, &lab, workload, &ids);
@@ -157,18 +177,30 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
         }
         rounds.push(costs);
     }
-    WORKLOADS
+    let net_of = |costs: &[[Cost; SETUPS.len()]; WORKLOADS.len()], w: usize, s: Setup| {
+        costs[w][s as usize].ns() - costs[w][Setup::Empty as usize].ns()
+    };
+    let ab = match plan.agent_b {
+        Some(_) => (0..WORKLOADS.len())
+            .map(|w| {
+                rounds
+                    .iter()
+                    .map(|costs| AbRound {
+                        agent: net_of(costs, w, Setup::Agent),
+                        agent_b: net_of(costs, w, Setup::AgentB),
+                        floor: net_of(costs, w, Setup::Floor),
+                    })
+                    .collect()
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let rows = WORKLOADS
         .iter()
         .enumerate()
         .map(|(w, &workload)| {
             let ns = |s: Setup| median(rounds.iter().map(|r| r[w][s as usize].ns()));
-            let net = |s: Setup| {
-                median(
-                    rounds
-                        .iter()
-                        .map(|r| r[w][s as usize].ns() - r[w][Setup::Empty as usize].ns()),
-                )
-            };
+            let net = |s: Setup| median(rounds.iter().map(|r| net_of(r, w, s)));
             Row {
                 workload,
                 runs: median(
@@ -183,14 +215,26 @@ pub fn measure(plan: &Plan) -> Vec<Row> {
                 floor_net_ns: net(Setup::Floor),
             }
         })
-        .collect()
+        .collect();
+    (rows, ab)
 }
 
 /// Puts `setup` on the gateway's WAN veth; returns it with the IDs of its programs.
-fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd) -> (Hooked, Vec<u32>) {
+fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd, agent_b: Option<&Path>) -> (Hooked, Vec<u32>) {
     match setup {
         Setup::Agent => {
             let agent = Agent::start(&lab.gw, &lab.gw_wan_if, &["--local-net", lab::LOCAL_NET_V4]);
+            let ids = bpf::prog_ids_of(agent.pid());
+            (Hooked::Agent(agent), ids)
+        }
+        Setup::AgentB => {
+            let binary = agent_b.expect("agent B is hooked only when given");
+            let agent = Agent::start_build(
+                binary,
+                &lab.gw,
+                &lab.gw_wan_if,
+                &["--local-net", lab::LOCAL_NET_V4],
+            );
             let ids = bpf::prog_ids_of(agent.pid());
             (Hooked::Agent(agent), ids)
         }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench` (and `bench --quick`): the agent's cost, side by side with what it
 //! is measured against, in one run. Prints a Markdown report; with `--write FILE` it also
-//! replaces the suite's section of that file (BENCHMARKS.md).
+//! replaces the suite's section of that file (BENCHMARKS.md). `--only PART` runs one part;
+//! `--agent-b FILE` has the in-place part run a second agent build in each round too.
 
 mod e2e;
 mod in_place;
@@ -14,7 +15,11 @@ mod poll;
 mod refprog;
 mod throughput;
 
-use std::{fmt::Write as _, path::PathBuf, time::Instant};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use tests::traffic;
 
@@ -29,6 +34,8 @@ pub struct Plan {
     pub new_flows: u32,
     /// Rounds of every setup in the lab with offloads off (the issue measured three).
     pub wire_rounds: u32,
+    /// A second agent build the in-place part runs beside the first in every round.
+    pub agent_b: Option<PathBuf>,
 }
 
 impl Plan {
@@ -40,6 +47,7 @@ impl Plan {
                 repeat: 200_000,
                 new_flows: 5_000,
                 wire_rounds: 1,
+                agent_b: None,
             }
         } else {
             Plan {
@@ -48,6 +56,7 @@ impl Plan {
                 repeat: 1_000_000,
                 new_flows: 20_000,
                 wire_rounds: 3,
+                agent_b: None,
             }
         }
     }
@@ -73,16 +82,29 @@ fn main() {
     let mut quick = false;
     let mut write = None;
     let mut only = None;
+    let mut agent_b = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--write" => write = Some(PathBuf::from(args.next().expect("--write FILE"))),
             "--only" => only = Some(args.next().expect("--only PART")),
-            other => panic!("unknown argument {other} (--quick, --write FILE, --only PART)"),
+            "--agent-b" => agent_b = Some(PathBuf::from(args.next().expect("--agent-b FILE"))),
+            other => panic!(
+                "unknown argument {other} (--quick, --write FILE, --only PART, --agent-b FILE)"
+            ),
         }
     }
-    let plan = Plan::new(quick);
+    if let Some(path) = &agent_b
+        && !path.is_file()
+    {
+        eprintln!("bench-suite: --agent-b {}: no such file", path.display());
+        std::process::exit(2);
+    }
+    let plan = Plan {
+        agent_b,
+        ..Plan::new(quick)
+    };
     let started = Instant::now();
     let mut report = String::new();
     let _ = writeln!(report, "{START}");
@@ -129,8 +151,11 @@ fn main() {
     }
     if runs("in-place") {
         eprintln!("bench: the agent's kernel cost in place");
-        let rows = in_place::measure(&plan);
+        let (rows, ab) = in_place::measure(&plan);
         let _ = writeln!(report, "{}", in_place_table(&plan, &rows));
+        if let Some(agent_b) = &plan.agent_b {
+            let _ = writeln!(report, "{}", in_place_ab_table(agent_b, &ab));
+        }
     }
     if runs("lists") {
         eprintln!("bench: rule lists of 10 and 100,000 entries");
@@ -710,6 +735,39 @@ fn latency_table(row: &latency::Row) -> String {
         row.min_ms,
         row.max_ms,
     )
+}
+
+fn in_place_ab_table(agent_b: &Path, ab: &[Vec<in_place::AbRound>]) -> String {
+    let mut out = format!(
+        "### Kernel cost in place, agent B against the agent\n\n\
+         Agent B: `{}`, run in each round of the table above right after the agent, the \
+         same way. Net ns per packet of each, and of the counting floor, per round; then \
+         the median of B less the agent over the rounds.\n\n\
+         | workload | round | the agent, net | agent B, net | B less the agent | counting floor, net |\n\
+         |---|---|---|---|---|---|\n",
+        agent_b.display()
+    );
+    for (workload, rounds) in in_place::WORKLOADS.iter().zip(ab) {
+        for (i, round) in rounds.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.1} | {:+.1} | {:.1} |",
+                workload.label(),
+                i + 1,
+                round.agent,
+                round.agent_b,
+                round.agent_b - round.agent,
+                round.floor
+            );
+        }
+        let _ = writeln!(
+            out,
+            "| {} | median | | | {:+.1} | |",
+            workload.label(),
+            median(rounds.iter().map(|r| r.agent_b - r.agent))
+        );
+    }
+    out
 }
 
 fn machine() -> String {
