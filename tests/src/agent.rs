@@ -59,9 +59,7 @@ impl Agent {
     /// Starts `monitor run --iface IFACE --conn-log PATH EXTRA...` in namespace `ns` and
     /// returns once it reports being attached.
     pub fn start(ns: &str, iface: &str, extra: &[&str]) -> Agent {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]);
-        Self::launch(cmd, ns, Some(iface), extra)
+        Self::start_build(&Self::binary(), ns, iface, extra)
     }
 
     /// Like [`start`](Self::start) with another build of the agent, as the benchmark's

@@ -118,7 +118,6 @@ fn a_server_handshake_record_is_not_a_hello() {
     }
 }
 
-/// The agent's poller over the programs' maps, following what they say changed.
 /// A QUIC version 1 Initial's first bytes (long header, type Initial, version 1), then
 /// zeros to `len` bytes.
 fn quic_initial(len: usize) -> Vec<u8> {
@@ -147,6 +146,7 @@ fn a_first_datagram_shorter_than_any_quic_initial_is_not_a_hello() {
     }
 }
 
+/// The agent's poller over the programs' maps, following what they say changed.
 fn poller(k: &mut Kernel) -> Poller {
     let mut map = |name| k.ebpf().take_map(name).expect(name);
     let (flows, stats) = (map(names::FLOW_MAP), map(names::STATS_MAP));

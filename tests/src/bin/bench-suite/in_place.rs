@@ -222,15 +222,15 @@ pub fn measure(plan: &Plan) -> (Vec<Row>, Vec<Vec<AbRound>>) {
 /// Puts `setup` on the gateway's WAN veth; returns it with the IDs of its programs.
 fn hook(setup: Setup, lab: &Lab, empty: &OwnedFd, agent_b: Option<&Path>) -> (Hooked, Vec<u32>) {
     match setup {
-        Setup::Agent => {
-            let agent = Agent::start(&lab.gw, &lab.gw_wan_if, &["--local-net", lab::LOCAL_NET_V4]);
-            let ids = bpf::prog_ids_of(agent.pid());
-            (Hooked::Agent(agent), ids)
-        }
-        Setup::AgentB => {
-            let binary = agent_b.expect("agent B is hooked only when given");
+        Setup::Agent | Setup::AgentB => {
+            let binary = match setup {
+                Setup::AgentB => agent_b
+                    .expect("agent B is hooked only when given")
+                    .to_owned(),
+                _ => Agent::binary(),
+            };
             let agent = Agent::start_build(
-                binary,
+                &binary,
                 &lab.gw,
                 &lab.gw_wan_if,
                 &["--local-net", lab::LOCAL_NET_V4],
